@@ -1,0 +1,199 @@
+"""
+nanoGPT's configuration experience with a real parser underneath.
+
+Each script declares its settings as one dataclass whose fields are the defaults (read top to bottom, a comment
+after each). Users override them the way nanoGPT taught them to:
+
+    python train.py config/train_shakespeare_char.py --batch_size=32 --compile=False
+
+Positional arguments are config files made of plain assignments (`n_layer = 6`), applied in order; `--key=value`
+arguments come after and win. Unlike nanoGPT's exec-based configurator, every key and value is checked: an unknown
+key names the closest known ones, a value of the wrong type says which type was expected, and `--help` lists every
+key with its default. Problems are raised as ConfigError so scripts print one line and exit non-zero.
+"""
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import os
+import re
+import sys
+import types
+import typing
+
+
+class UserError(Exception):
+    """
+    An expected mistake (a typo in a config, a missing dataset, a corrupt file): every script prints it as one line
+    that says what to do and exits with code 2, without a traceback. Raise it anywhere below a script's main().
+    """
+
+
+class ConfigError(UserError):
+    """A mistake in a config file or a command-line override, explained for the person who made it."""
+
+
+def _closest(key, known):
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def _unwrap_optional(tp):
+    """`int | None` -> (int, True); `int` -> (int, False)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _type_name(tp):
+    base, optional = _unwrap_optional(tp)
+    name = getattr(base, "__name__", str(base))
+    return f"{name} or None" if optional else name
+
+
+def _parse_string(key, text, tp):
+    """Turn the text after `--key=` into a value of the field's type."""
+    base, optional = _unwrap_optional(tp)
+    if optional and text in ("None", "none", "null"):
+        return None
+    if base is str:
+        return text
+    if base is bool:
+        lowered = text.lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"--{key}={text}: expected a bool (True or False)")
+    if base in (int, float):
+        try:
+            value = ast.literal_eval(text.replace("_", ""))
+        except (ValueError, SyntaxError):
+            value = None
+        if base is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, base) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"--{key}={text}: expected {_type_name(tp)}")
+    raise ConfigError(f"--{key}: fields of type {_type_name(tp)} cannot be set from the command line")
+
+
+def _check_value(key, value, tp, where):
+    """Values from config files are Python objects already; check they fit the declared type."""
+    base, optional = _unwrap_optional(tp)
+    if value is None and optional:
+        return value
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if base is int and isinstance(value, bool):
+        raise ConfigError(f"{where}: {key} = {value!r}: expected int")
+    if isinstance(value, base):
+        return value
+    raise ConfigError(f"{where}: {key} = {value!r}: expected {_type_name(tp)}, got {type(value).__name__}")
+
+
+def _read_config_file(path):
+    """Run a config file of plain assignments and return the names it set (modules and _private names skipped)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    namespace = {}
+    try:
+        exec(compile(source, path, "exec"), namespace)
+    except Exception as e:  # a config file is user code; any error in it is theirs to fix
+        raise ConfigError(f"error in config file {path}: {type(e).__name__}: {e}") from None
+    return {k: v for k, v in namespace.items()
+            if not k.startswith("_") and not isinstance(v, types.ModuleType)}
+
+
+def field_comments(cls):
+    """The trailing `# comment` of each field in a config dataclass's source, used by --help."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    comments = {}
+    for line in source.splitlines():
+        m = re.match(r"\s*(\w+)\s*:[^#]*#\s*(.*)$", line)
+        if m:
+            comments[m.group(1)] = m.group(2).strip()
+    return comments
+
+
+def help_text(cls, prog):
+    lines = [f"usage: python {prog} [config_file.py ...] [--key=value ...]", "", "keys (default):"]
+    comments = field_comments(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        note = f"  # {comments[f.name]}" if f.name in comments else ""
+        lines.append(f"  --{f.name}={default!r} ({_type_name(f.type)}){note}")
+    return "\n".join(lines)
+
+
+def parse(cls, argv, prog=None):
+    """
+    Build a `cls` dataclass from config files and --key=value overrides in argv.
+    Returns (config, sources) where sources maps each changed key to where its value came from.
+    Prints help and exits 0 on --help / -h.
+    """
+    prog = prog or sys.argv[0]
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    values, sources = {}, {}
+    for arg in argv:
+        if arg in ("--help", "-h"):
+            print(help_text(cls, prog))
+            sys.exit(0)
+        if arg.startswith("--"):
+            key, eq, text = arg[2:].partition("=")
+            key = key.replace("-", "_")
+            if key not in hints:
+                raise ConfigError(f"unknown option --{key}{_closest(key, known)}; see --help for every key")
+            if not eq:
+                if _unwrap_optional(hints[key])[0] is not bool:
+                    raise ConfigError(f"--{key} needs a value: --{key}=...")
+                text = "True"
+            values[key] = _parse_string(key, text, hints[key])
+            sources[key] = "command line"
+        elif arg.endswith(".py"):
+            if not os.path.exists(arg):  # config/x.py also works when run from outside the toolkit's folder
+                beside = os.path.join(os.path.dirname(os.path.abspath(sys.argv[0])), arg)
+                arg = beside if os.path.exists(beside) else arg
+            for key, value in _read_config_file(arg).items():
+                if key not in hints:
+                    raise ConfigError(f"{arg}: unknown key {key!r}{_closest(key, known)}")
+                values[key] = _check_value(key, value, hints[key], arg)
+                sources[key] = arg
+        else:
+            raise ConfigError(f"unexpected argument {arg!r}: give config files (*.py) and --key=value options")
+    return cls(**values), sources
+
+
+def describe(cfg, sources):
+    """The resolved config as printed at start-up: every key, with where non-default values came from."""
+    lines = []
+    for f in dataclasses.fields(cfg):
+        origin = f"  <- {sources[f.name]}" if f.name in sources else ""
+        lines.append(f"  {f.name} = {getattr(cfg, f.name)!r}{origin}")
+    return "\n".join(lines)
+
+
+def run(main, cls, validate=None, argv=None):
+    """
+    The entry point of every script: parse argv into `cls`, check it with validate(cfg) -> [problems] (all of them
+    reported at once), then call main(cfg, sources). Any UserError becomes one line on stderr and exit code 2.
+    """
+    try:
+        cfg, sources = parse(cls, sys.argv[1:] if argv is None else argv)
+        problems = validate(cfg) if validate else []
+        if problems:
+            raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+        return main(cfg, sources)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,134 @@
+"""
+How this process was launched, which device and precision it uses, and the one init/cleanup pair for distributed runs.
+
+The same script runs unchanged as
+    python train.py ...                               one process
+    torchrun --standalone --nproc_per_node=8 ...      torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT
+    srun python train.py ...                          Slurm sets SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS, ...
+    srun torchrun ...                                 torchrun's variables win over Slurm's
+An interactive `salloc` shell (or an sbatch script's own shell) with one task runs as a single process.
+"""
+
+import os
+import re
+from dataclasses import dataclass
+
+from configurator import UserError
+
+
+@dataclass(frozen=True)
+class Launch:
+    mode: str  # "single", "torchrun" or "slurm"
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    master_addr: str | None = None
+    master_port: int | None = None
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+    @property
+    def is_master(self):
+        return self.rank == 0
+
+
+def expand_nodelist(nodelist):
+    """
+    Slurm's compressed host list to host names, in order, as `scontrol show hostnames` would print them:
+    'node[03-05,07],gpu1' -> ['node03', 'node04', 'node05', 'node07', 'gpu1']. Zero padding is kept.
+    """
+    hosts = []
+    # split on commas that are not inside brackets
+    for item in re.findall(r"[^,\[]+(?:\[[^\]]*\][^,\[]*)*", nodelist):
+        parts = re.split(r"(\[[^\]]*\])", item)
+        expanded = [""]
+        for part in parts:
+            if part.startswith("["):
+                choices = []
+                for rng in part[1:-1].split(","):
+                    lo, _, hi = rng.partition("-")
+                    if not hi:
+                        choices.append(lo)
+                    else:
+                        width = len(lo)
+                        choices.extend(str(i).zfill(width) for i in range(int(lo), int(hi) + 1))
+                expanded = [e + c for e in expanded for c in choices]
+            elif part:
+                expanded = [e + part for e in expanded]
+        hosts.extend(expanded)
+    return hosts
+
+
+def detect_launch(env=None):
+    """Work out rank, world size and rendezvous address from the environment the launcher left."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun (also `srun torchrun ...`: torchrun sets these)
+        return Launch("torchrun", int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]),
+                      env.get("MASTER_ADDR"), int(env["MASTER_PORT"]) if "MASTER_PORT" in env else None)
+    # Inside an allocation SLURM_NTASKS is set even in the batch script's own shell; only srun sets SLURM_STEP_ID
+    # for the tasks it launches. A one-task step (or salloc shell) is just one process.
+    ntasks = int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", 1)))
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env and ntasks > 1:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "localhost"
+        addr = env.get("MASTER_ADDR") or expand_nodelist(nodelist)[0]
+        # a port every task of the job derives alike, spread over 20000-29999 so concurrent jobs rarely collide
+        port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else 20000 + int(env.get("SLURM_JOB_ID", 0)) % 10000
+        return Launch("slurm", int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), ntasks, addr, port)
+    return Launch("single")
+
+
+def pick_device(requested):
+    """'auto' -> cuda, then mps, then cpu; anything else as given."""
+    import torch
+
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(requested, device_type):
+    """'auto' -> bfloat16 on GPUs that have it, float16 on older GPUs, float32 on CPU and MPS."""
+    import torch
+
+    if requested != "auto":
+        return requested
+    if device_type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"
+
+
+def init_distributed(launch, device):
+    """
+    Join the process group when there is more than one process: nccl on CUDA, gloo on CPU. Each rank pins its own
+    GPU (cuda:local_rank; a single process keeps an explicit 'cuda:N'). Returns the device this process should use.
+    """
+    import torch
+    import torch.distributed as dist
+
+    device_type = device.split(":")[0]
+    if device_type == "cuda" and (launch.distributed or device == "cuda"):
+        n_gpus = torch.cuda.device_count()
+        if launch.local_rank >= n_gpus:
+            raise UserError(f"local rank {launch.local_rank} has no GPU: this node has {n_gpus}; launch at most "
+                            f"{n_gpus} processes per node (--nproc_per_node / --ntasks-per-node)")
+        torch.cuda.set_device(launch.local_rank)
+        device = f"cuda:{launch.local_rank}"
+    if launch.distributed:
+        os.environ.setdefault("MASTER_ADDR", launch.master_addr or "localhost")
+        os.environ.setdefault("MASTER_PORT", str(launch.master_port or 29500))
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        kwargs = {"device_id": torch.device(device)} if device_type == "cuda" else {}
+        dist.init_process_group(backend=backend, rank=launch.rank, world_size=launch.world_size, **kwargs)
+    return device
+
+
+def cleanup_distributed():
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

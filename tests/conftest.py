@@ -1,0 +1,65 @@
+"""
+Shared test helpers. Outside data comes from ../shared (override with GPT_SHARED_DIR) when it is there; every test
+that uses it falls back to text it writes itself.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.environ.get("GPT_SHARED_DIR", os.path.join(REPO, "..", "shared"))
+sys.path.insert(0, REPO)
+
+# tiktoken reads its GPT-2 BPE files from here instead of downloading them
+_cache = os.environ.get("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "tiktoken_cache"))
+if os.path.isdir(_cache):
+    os.environ["TIKTOKEN_CACHE_DIR"] = os.path.abspath(_cache)
+
+
+def gpt2_bpe_available():
+    try:
+        import tiktoken
+        tiktoken.get_encoding("gpt2")
+        return True
+    except Exception:
+        return False
+
+
+def generated_text(n_chars=200_000, seed=0):
+    """Shakespeare-flavoured text with real structure (speakers, repeated words) so a model can learn from it."""
+    import random
+    rng = random.Random(seed)
+    names = ["ROMEO", "JULIET", "NURSE", "FRIAR", "MERCUTIO", "TYBALT"]
+    words = ("the of and to my thou thee love night day sweet death fair heart light moon stars sword blood "
+             "name rose kiss what is in that shall not be with have this for you but").split()
+    out, size = [], 0
+    while size < n_chars:
+        line = f"{rng.choice(names)}:\n" + " ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) + ".\n\n"
+        out.append(line.capitalize() if rng.random() < 0.1 else line)
+        size += len(line)
+    return "".join(out)[:n_chars]
+
+
+@pytest.fixture
+def shakespeare_path(tmp_path):
+    """tiny Shakespeare from ../shared/data when present, else generated text of similar character."""
+    path = os.path.join(SHARED, "data", "tinyshakespeare.txt")
+    if os.path.exists(path):
+        return os.path.abspath(path)
+    path = tmp_path / "generated.txt"
+    path.write_text(generated_text())
+    return str(path)
+
+
+def run_script(script, *args, cwd, check=True, timeout=600):
+    """Run one of the toolkit's scripts the way a user does, from `cwd`; returns the CompletedProcess."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(map(str, args))} exited {proc.returncode}:\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc

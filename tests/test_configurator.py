@@ -1,0 +1,65 @@
+from dataclasses import dataclass
+
+import pytest
+
+from configurator import ConfigError, help_text, parse
+
+
+@dataclass
+class Cfg:
+    batch_size: int = 12  # sequences per step
+    learning_rate: float = 6e-4
+    compile: bool | None = None
+    out_dir: str = "out"
+    decay_lr: bool = True
+
+
+def test_overrides_and_types():
+    cfg, sources = parse(Cfg, ["--batch_size=32", "--learning_rate=1e-3", "--compile=False", "--out_dir=x",
+                               "--decay_lr"])
+    assert cfg == Cfg(batch_size=32, learning_rate=1e-3, compile=False, out_dir="x", decay_lr=True)
+    assert sources["batch_size"] == "command line"
+    assert parse(Cfg, ["--learning_rate=1"])[0].learning_rate == 1.0
+    assert parse(Cfg, ["--compile=None"])[0].compile is None
+
+
+def test_config_file(tmp_path):
+    path = tmp_path / "c.py"
+    path.write_text("import math\nbatch_size = 4\nlearning_rate = 2 * 1e-3\n_private = 1\n")
+    cfg, sources = parse(Cfg, [str(path), "--batch_size=8"])
+    assert cfg.batch_size == 8 and cfg.learning_rate == 2e-3 and sources["learning_rate"] == str(path)
+
+
+def test_unknown_key_suggests():
+    with pytest.raises(ConfigError, match=r"unknown option --batch_sise \(did you mean 'batch_size'\?\)"):
+        parse(Cfg, ["--batch_sise=3"])
+
+
+def test_unknown_key_in_file(tmp_path):
+    path = tmp_path / "c.py"
+    path.write_text("learning_rat = 1e-3\n")
+    with pytest.raises(ConfigError, match="unknown key 'learning_rat'.*'learning_rate'"):
+        parse(Cfg, [str(path)])
+
+
+def test_wrong_types():
+    with pytest.raises(ConfigError, match="expected int"):
+        parse(Cfg, ["--batch_size=1.5"])
+    with pytest.raises(ConfigError, match="expected a bool"):
+        parse(Cfg, ["--decay_lr=maybe"])
+    with pytest.raises(ConfigError, match="needs a value"):
+        parse(Cfg, ["--batch_size"])
+
+
+def test_wrong_type_in_file(tmp_path):
+    path = tmp_path / "c.py"
+    path.write_text("batch_size = '12'\n")
+    with pytest.raises(ConfigError, match="expected int, got str"):
+        parse(Cfg, [str(path)])
+
+
+def test_help_lists_every_key():
+    text = help_text(Cfg, "train.py")
+    for key in ("batch_size", "learning_rate", "compile", "out_dir", "decay_lr"):
+        assert f"--{key}=" in text
+    assert "sequences per step" in text

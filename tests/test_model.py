@@ -1,0 +1,106 @@
+import math
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig, peak_flops_for
+
+
+def tiny(**overrides):
+    args = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50, dropout=0.0)
+    args.update(overrides)
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**args))
+
+
+def test_shapes_and_padding():
+    model = tiny()
+    assert model.config.padded_vocab_size == 64
+    assert model.lm_head.weight.shape == (64, 32)
+    idx = torch.randint(0, 50, (3, 16))
+    logits, loss = model(idx, idx)
+    assert logits.shape == (3, 16, 50)  # the real vocabulary only: padding ids cannot be sampled
+    assert loss.ndim == 0
+    logits, loss = model(idx)
+    assert logits.shape == (3, 1, 50) and loss is None
+
+
+def test_causality():
+    """Changing token t never changes the logits at positions before t."""
+    model = tiny().eval()
+    idx = torch.randint(0, 50, (2, 16))
+    logits, _ = model(idx, idx)
+    for t in (0, 5, 15):
+        changed = idx.clone()
+        changed[:, t] = (changed[:, t] + 1) % 50
+        new_logits, _ = model(changed, changed)
+        assert torch.allclose(logits[:, :t], new_logits[:, :t], atol=1e-6)
+        assert not torch.allclose(logits[:, t], new_logits[:, t])
+
+
+def test_initial_loss_is_uniform():
+    for vocab in (65, 1000):
+        model = tiny(vocab_size=vocab, n_layer=4).eval()
+        idx = torch.randint(0, vocab, (8, 16))
+        _, loss = model(idx, torch.randint(0, vocab, (8, 16)))
+        assert abs(loss.item() - math.log(vocab)) < 0.1, (vocab, loss.item())
+
+
+def test_weight_tying():
+    model = tiny()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    n_unique = sum(p.numel() for p in model.parameters())  # parameters() yields the shared tensor once
+    assert model.get_num_params(non_embedding=False) == n_unique
+
+
+def test_residual_projection_init():
+    model = tiny(n_layer=8, n_embd=256, n_head=4)
+    std = model.transformer.h[0].attn.c_proj.weight.std().item()
+    assert abs(std - 0.02 / math.sqrt(16)) < 0.001
+    assert abs(model.transformer.h[0].mlp.c_fc.weight.std().item() - 0.02) < 0.001
+
+
+def test_overfit_one_batch():
+    model = tiny()
+    opt = model.configure_optimizers(weight_decay=0.0, learning_rate=3e-3, betas=(0.9, 0.95))
+    idx = torch.randint(0, 50, (4, 16))
+    for _ in range(300):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05
+
+
+def test_optimizer_decays_only_matrices():
+    model = tiny()
+    opt = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and all(p.dim() < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_no_bias():
+    names = [name for name, _ in tiny(bias=False).named_parameters()]
+    assert names and not any(name.endswith("bias") for name in names)
+    assert any(name.endswith("bias") for name, _ in tiny(bias=True).named_parameters())
+
+
+def test_padding_ids_never_generated():
+    model = tiny().eval()
+    with torch.no_grad():  # make the padding rows of the output layer overwhelmingly likely
+        model.lm_head.weight[50:] = 100.0
+    out = model.generate(torch.zeros(2, 1, dtype=torch.long), 20, temperature=1.0)
+    assert out.max().item() < 50
+
+
+def test_mfu_uses_the_given_peak():
+    model = tiny()
+    assert model.estimate_mfu(1000.0, None) is None
+    assert model.estimate_mfu(1000.0, 1e12) == pytest.approx(model.flops_per_token() * 1000.0 / 1e12)
+    assert peak_flops_for("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops_for("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops_for("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops_for("Some Unknown GPU") is None

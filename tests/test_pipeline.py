@@ -1,0 +1,90 @@
+"""prepare -> train -> sample through the real command lines, as the README runs them."""
+
+import json
+import os
+
+import pytest
+
+from conftest import gpt2_bpe_available, run_script
+
+TINY = ["--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=32",
+        "--batch_size=8", "--dropout=0.0", "--eval_iters=5", "--log_interval=10", "--warmup_iters=5"]
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_char_pipeline(tmp_path, shakespeare_path):
+    run_script("prepare.py", "shakespeare_char", f"--source={shakespeare_path}", cwd=tmp_path)
+    meta = json.loads((tmp_path / "data/shakespeare_char/meta.json").read_text())
+    assert meta["tokenizer"]["type"] == "char" and meta["vocab_size"] == len(meta["tokenizer"]["chars"])
+    assert sum(s["tokens"] for split in meta["shards"].values() for s in split) == meta["source"]["characters"]
+
+    out = run_script("train.py", "config/train_shakespeare_char.py", *TINY, "--max_iters=80",
+                     "--lr_decay_iters=80", "--eval_interval=40", "--out_dir=out", "--data_root=data",
+                     cwd=tmp_path)
+    assert "error" not in out.stderr.lower()
+    evals = [r for r in read_log(tmp_path / "out") if "val_loss" in r]
+    assert [r["step"] for r in evals] == [0, 40, 80]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5  # it learned something
+    assert (tmp_path / "out/ckpt.pt").exists()
+
+    sample = run_script("sample.py", "--out_dir=out", "--start=ROMEO:", "--num_samples=2", "--max_new_tokens=50",
+                        "--device=cpu", cwd=tmp_path)
+    texts = [t for t in sample.stdout.split("---------------") if t.strip()]
+    assert len(texts) == 2 and all(t.strip().startswith("ROMEO:") and len(t.strip()) >= 50 for t in texts)
+
+    resumed = run_script("train.py", "config/train_shakespeare_char.py", *TINY, "--max_iters=100",
+                         "--lr_decay_iters=100", "--eval_interval=40", "--out_dir=out", "--init_from=resume",
+                         cwd=tmp_path)
+    assert "resumed from out/ckpt.pt at step 80" in resumed.stdout
+    assert max(r["step"] for r in read_log(tmp_path / "out")) == 100
+
+
+@pytest.mark.skipif(not gpt2_bpe_available(), reason="GPT-2 BPE files not available offline")
+def test_bpe_pipeline(tmp_path, shakespeare_path):
+    run_script("prepare.py", "shakespeare", f"--source={shakespeare_path}", cwd=tmp_path)
+    meta = json.loads((tmp_path / "data/shakespeare/meta.json").read_text())
+    assert meta["tokenizer"] == {"type": "tiktoken", "encoding": "gpt2"} and meta["eot_id"] == 50256
+    run_script("train.py", "--dataset=shakespeare", *TINY, "--max_iters=10", "--eval_interval=10",
+               "--out_dir=out", cwd=tmp_path)
+    sample = run_script("sample.py", "--out_dir=out", "--start=Hello", "--num_samples=1", "--max_new_tokens=10",
+                        "--device=cpu", cwd=tmp_path)
+    assert sample.stdout.startswith("Hello")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch_sise=4"], "unknown option --batch_sise (did you mean 'batch_size'"),
+    (["--n_layer=two"], "--n_layer=two: expected int"),
+    (["--n_embd=100", "--n_head=3", "--dropout=1.5"], "n_embd=100 is not divisible by n_head=3"),
+    (["--dataset=no_such_data"], "python prepare.py no_such_data"),
+])
+def test_train_bad_input(tmp_path, args, message):
+    proc = run_script("train.py", "--device=cpu", *args, cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    if "--dropout=1.5" in args:  # every cross-field problem is reported at once
+        assert "dropout=1.5" in proc.stderr
+
+
+def test_config_file_typo(tmp_path):
+    (tmp_path / "my.py").write_text("learning_rat = 1e-3\n")
+    proc = run_script("train.py", "my.py", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "unknown key 'learning_rat'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sample_without_checkpoint(tmp_path):
+    proc = run_script("sample.py", "--out_dir=nowhere", "--device=cpu", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "no checkpoint at nowhere/ckpt.pt" in proc.stderr
+
+
+def test_prepare_bad_source(tmp_path):
+    proc = run_script("prepare.py", "mytext", "--source=missing/*.txt", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "no such file" in proc.stderr
+    (tmp_path / "empty.txt").write_text("  \n")
+    proc = run_script("prepare.py", "mytext", "--source=empty.txt", "--tokenizer=char", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "holds no text" in proc.stderr
+    assert not (tmp_path / "data/mytext/meta.json").exists()

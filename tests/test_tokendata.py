@@ -1,0 +1,100 @@
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from tokendata import BatchSampler, Dataset, Shard, TokenFileError, read_header, read_tokens, write_tokens
+
+
+def test_header_round_trip(tmp_path):
+    path = str(tmp_path / "t.bin")
+    tokens = np.arange(1000) % 65535
+    write_tokens(path, tokens)
+    raw = np.fromfile(path, dtype="<i4", count=3)
+    assert list(raw) == [20240520, 1, 1000]  # llm.c's header: magic, version, count
+    assert os.path.getsize(path) == 1024 + 2 * 1000
+    assert np.array_equal(read_tokens(path), tokens)
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+
+
+def test_uint32_and_overflow(tmp_path):
+    path = str(tmp_path / "big.bin")
+    tokens = np.array([0, 70000, 100257])
+    with pytest.raises(TokenFileError, match="does not fit uint16"):
+        write_tokens(path, tokens)
+    assert not os.path.exists(path)
+    write_tokens(path, tokens, np.dtype("<u4"))
+    assert list(np.fromfile(path, dtype="<i4", count=2)) == [20240801, 7]
+    assert read_header(path)[0] == np.dtype("<u4")
+    assert np.array_equal(read_tokens(path), tokens)
+
+
+def test_bad_header_refused(tmp_path):
+    path = tmp_path / "bad.bin"
+    path.write_bytes(np.zeros(256 + 10, dtype="<i4").tobytes())
+    with pytest.raises(TokenFileError, match="magic 0"):
+        read_tokens(str(path))
+
+
+def test_truncated_file_refused(tmp_path):
+    path = str(tmp_path / "t.bin")
+    write_tokens(path, np.arange(500))
+    with open(path, "r+b") as f:
+        f.truncate(1024 + 700)
+    with pytest.raises(TokenFileError, match="truncated"):
+        read_tokens(path)
+    with open(path, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(TokenFileError, match="shorter than"):
+        read_tokens(path)
+
+
+def test_nanogpt_layout(tmp_path):
+    """nanoGPT's headerless train.bin / val.bin with a char meta.pkl load as a dataset."""
+    chars = sorted(set("hello world"))
+    np.arange(300, dtype=np.uint16).__mod__(len(chars)).astype(np.uint16).tofile(tmp_path / "train.bin")
+    np.arange(100, dtype=np.uint16).__mod__(len(chars)).astype(np.uint16).tofile(tmp_path / "val.bin")
+    with open(tmp_path / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)),
+                     "stoi": {c: i for i, c in enumerate(chars)}}, f)
+    data = Dataset(str(tmp_path))
+    assert data.meta["vocab_size"] == len(chars)
+    assert data.meta["tokenizer"] == {"type": "char", "chars": "".join(chars), "eot": False}
+    shard, = data.shards("train")
+    assert shard.num_tokens == 300 and shard.offset == 0
+    assert list(shard.read(10, 5)) == [i % len(chars) for i in range(10, 15)]
+
+
+def test_missing_dataset_message(tmp_path):
+    with pytest.raises(Exception, match="python prepare.py nothing_here"):
+        Dataset(str(tmp_path / "nothing_here"))
+
+
+def test_sampler_deterministic_and_proportional(tmp_path):
+    paths = []
+    for i, n in enumerate((1000, 3000)):
+        paths.append(str(tmp_path / f"s{i}.bin"))
+        write_tokens(paths[-1], np.full(n, i))
+    shards = [Shard(p) for p in paths]
+    a = BatchSampler(shards, block_size=8, batch_size=4, seed=[1, 0, 0])
+    b = BatchSampler(shards, block_size=8, batch_size=4, seed=[1, 0, 0])
+    for _ in range(5):
+        (xa, ya), (xb, yb) = a.next_batch(), b.next_batch()
+        assert np.array_equal(xa, xb) and np.array_equal(ya, yb)
+    state = a.state_dict()
+    expected = a.next_batch()
+    b.load_state_dict(state)
+    assert np.array_equal(b.next_batch()[0], expected[0])
+    # the second shard has 3x the windows of the first: about 3/4 of the rows come from it
+    big = BatchSampler(shards, block_size=8, batch_size=4000, seed=0).next_batch()[0]
+    share = (big[:, 0] == 1).mean()
+    assert abs(share - 2992 / 3984) < 0.03
+
+
+def test_targets_are_inputs_shifted(tmp_path):
+    path = str(tmp_path / "s.bin")
+    write_tokens(path, np.arange(500))
+    x, y = BatchSampler([Shard(path)], block_size=16, batch_size=3, seed=0).next_batch()
+    assert x.dtype == np.int64 and x.shape == (3, 16)
+    assert np.array_equal(x[:, 1:], y[:, :-1]) and np.array_equal(y, x + 1)

@@ -1,0 +1,31 @@
+import pytest
+
+from conftest import gpt2_bpe_available
+from tokenizer import CharTokenizer, TiktokenTokenizer, tokenizer_from_meta
+
+
+def test_char_round_trip():
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
+    tok = CharTokenizer.from_text(text)
+    assert tok.vocab_size == len(set(text))
+    assert tok.chars == "".join(sorted(set(text)))
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    again = tokenizer_from_meta({"tokenizer": tok.meta()})
+    assert again.encode(text) == ids
+
+
+def test_char_out_of_vocabulary():
+    tok = CharTokenizer.from_text("abc")
+    with pytest.raises(Exception, match="outside this model's 3-character vocabulary: 'z'"):
+        tok.encode("abz")
+
+
+@pytest.mark.skipif(not gpt2_bpe_available(), reason="GPT-2 BPE files not available offline")
+def test_gpt2_round_trip():
+    tok = TiktokenTokenizer("gpt2")
+    assert tok.vocab_size == 50257 and tok.eot_id == 50256
+    ids = tok.encode("Hello world<|endoftext|>")
+    assert ids[:2] == [15496, 995]  # GPT-2's ids for "Hello" and " world"
+    assert 50256 not in ids  # special tokens in text are plain text
+    assert tok.decode(ids) == "Hello world<|endoftext|>"

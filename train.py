@@ -1,0 +1,353 @@
+"""
+Train a GPT on a prepared dataset. One process, or many under torchrun or Slurm's srun, with the same command:
+
+    python train.py config/train_shakespeare_char.py --device=cpu --compile=False
+    torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py
+    srun python train.py config/gpt2_124m.py            (inside an sbatch job; see slurm/)
+
+Settings are the TrainConfig fields below; `python train.py --help` lists them.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import configurator
+from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, unwrap_model
+from configurator import UserError
+from distributed import cleanup_distributed, detect_launch, init_distributed, pick_device, pick_dtype
+from model import GPT, GPTConfig, peak_flops_for
+from tokendata import BatchSampler, Dataset
+
+
+@dataclass
+class TrainConfig:
+    # I/O
+    out_dir: str = "out"  # checkpoints (ckpt.pt) and log.jsonl go here
+    init_from: str = "scratch"  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+    eval_interval: int = 2000  # steps between val-loss evaluations (and checkpoints)
+    eval_iters: int = 200  # batches per split in each evaluation
+    eval_only: bool = False  # evaluate once and exit
+    log_interval: int = 1  # steps between log lines
+    always_save_checkpoint: bool = True  # save at every eval, not only when val loss improves
+    seed: int = 1337
+    # wandb
+    wandb_log: bool = False
+    wandb_project: str = "gpt"
+    wandb_run_name: str = "run"
+    # data
+    dataset: str = "openwebtext"  # a folder under data_root (or a path to a prepared dataset)
+    data_root: str = "data"
+    batch_size: int = 12  # sequences per micro-step per process
+    block_size: int = 1024  # tokens per sequence
+    total_batch_size: int = 0  # tokens per optimizer step over all processes; 0: use gradient_accumulation_steps
+    gradient_accumulation_steps: int = 1  # micro-steps per optimizer step, summed over all processes (as nanoGPT)
+    # model
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0  # 0 for pretraining, try 0.1+ for fine-tuning
+    bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2
+    # AdamW
+    learning_rate: float = 6e-4  # peak learning rate
+    max_iters: int = 600000  # optimizer steps in all
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # clip gradients at this global norm; 0 disables
+    # learning-rate schedule: linear warmup, cosine decay to min_lr, then constant
+    decay_lr: bool = True
+    warmup_iters: int = 2000
+    lr_decay_iters: int = 600000  # about max_iters, as in the Chinchilla paper
+    min_lr: float = 6e-5  # about learning_rate / 10
+    # system
+    device: str = "auto"  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
+    dtype: str = "auto"  # 'auto' (bfloat16 where supported, else float16 on CUDA, float32 elsewhere), 'float32', 'bfloat16', 'float16'
+    compile: bool | None = None  # torch.compile the model; None: on for CUDA only
+    peak_flops: float = 0.0  # the device's peak FLOP/s for MFU; 0: look the GPU up in model.PEAK_FLOPS_BF16
+
+
+def validate(cfg):
+    """Every cross-field problem of a TrainConfig, all at once, before any work."""
+    problems = []
+    if cfg.n_embd % cfg.n_head:
+        problems.append(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
+    for key in ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "eval_interval", "eval_iters",
+                "log_interval", "gradient_accumulation_steps"):
+        if getattr(cfg, key) < 1:
+            problems.append(f"{key}={getattr(cfg, key)} must be at least 1")
+    if not 0.0 <= cfg.dropout < 1.0:
+        problems.append(f"dropout={cfg.dropout} must be in [0, 1)")
+    if cfg.init_from not in ("scratch", "resume"):
+        problems.append(f"init_from={cfg.init_from!r}: expected 'scratch' or 'resume'")
+    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        problems.append(f"dtype={cfg.dtype!r}: expected auto, float32, bfloat16 or float16")
+    if cfg.decay_lr and cfg.lr_decay_iters < cfg.warmup_iters:
+        problems.append(f"lr_decay_iters={cfg.lr_decay_iters} is shorter than warmup_iters={cfg.warmup_iters}")
+    if cfg.min_lr > cfg.learning_rate:
+        problems.append(f"min_lr={cfg.min_lr} is above learning_rate={cfg.learning_rate}")
+    if cfg.total_batch_size < 0 or cfg.max_iters < 0:
+        problems.append("total_batch_size and max_iters cannot be negative")
+    return problems
+
+
+def lr_at(step, cfg):
+    """Learning rate at an optimizer step: linear warmup from 0, cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    if step < cfg.warmup_iters:
+        return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
+    if step >= cfg.lr_decay_iters:
+        return cfg.min_lr
+    progress = (step - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0
+    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
+
+
+def micro_steps_per_rank(cfg, world_size):
+    """Gradient-accumulation micro-steps of each process per optimizer step, and the arithmetic behind it."""
+    tokens_per_micro = cfg.batch_size * cfg.block_size * world_size
+    if cfg.total_batch_size:
+        if cfg.total_batch_size % tokens_per_micro:
+            raise UserError(f"total_batch_size={cfg.total_batch_size:,} tokens is not a multiple of batch_size "
+                            f"{cfg.batch_size} x block_size {cfg.block_size} x {world_size} processes = "
+                            f"{tokens_per_micro:,}; change one of them")
+        steps = cfg.total_batch_size // tokens_per_micro
+    else:
+        if cfg.gradient_accumulation_steps % world_size:
+            raise UserError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not divisible by the "
+                            f"{world_size} processes; use a multiple of {world_size} or set total_batch_size")
+        steps = cfg.gradient_accumulation_steps // world_size
+    explain = (f"{cfg.batch_size} sequences x {cfg.block_size} tokens x {world_size} processes x {steps} micro-steps"
+               f" = {tokens_per_micro * steps:,} tokens per optimizer step")
+    return steps, explain
+
+
+@torch.no_grad()
+def estimate_loss(model, batches, autocast):
+    """Mean loss of `model` over (x, y) batches, in eval mode."""
+    model.eval()
+    losses = []
+    for x, y in batches:
+        with autocast:
+            _, loss = model(x, y)
+        losses.append(loss.float())
+    model.train()
+    return torch.stack(losses).mean()
+
+
+class EvalBatches:
+    """The same eval_iters batches of a split at every evaluation: a generator reseeded each time, drawing apart
+    from the training sampler, so evaluating never changes which batches training sees."""
+
+    def __init__(self, shards, cfg, rank, to_device):
+        self.shards, self.cfg, self.rank, self.to_device = shards, cfg, rank, to_device
+
+    def __iter__(self):
+        sampler = BatchSampler(self.shards, self.cfg.block_size, self.cfg.batch_size, seed=[self.cfg.seed, 1, self.rank])
+        for _ in range(self.cfg.eval_iters):
+            yield self.to_device(*sampler.next_batch())
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def main(cfg, sources):
+    launch = detect_launch()
+    device = init_distributed(launch, pick_device(cfg.device))
+    say = print if launch.is_master else (lambda *a, **k: None)
+    try:
+        return train(cfg, sources, launch, device, say)
+    finally:
+        cleanup_distributed()
+
+
+def train(cfg, sources, launch, device, say):
+    device_type = device.split(":")[0]
+    dtype = pick_dtype(cfg.dtype, device_type)
+    grad_accum, batch_explain = micro_steps_per_rank(cfg, launch.world_size)
+    data_dir = cfg.dataset if os.path.isdir(cfg.dataset) else os.path.join(cfg.data_root, cfg.dataset)
+    data = Dataset(data_dir)
+    train_shards, val_shards = data.shards("train"), data.shards("val")
+
+    checkpoint = None
+    if cfg.init_from == "resume":
+        checkpoint = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
+
+    say(f"launch: {launch.mode}, {launch.world_size} process(es); device {device}, {dtype}")
+    say("config:\n" + configurator.describe(cfg, sources))
+    say(f"batch: {batch_explain}")
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any float32 matmuls left outside autocast
+        torch.backends.cudnn.allow_tf32 = True
+    if checkpoint is not None:
+        model = model_from_checkpoint(checkpoint, dropout=cfg.dropout)
+        model_args = dataclasses.asdict(model.config)
+    else:
+        model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
+                          bias=cfg.bias, vocab_size=data.meta["vocab_size"], dropout=cfg.dropout)
+        model = GPT(GPTConfig(**model_args))
+    model.to(device)
+    say(f"model: {model.get_num_params() / 1e6:.2f}M parameters, vocab {model.config.vocab_size} "
+        f"(padded to {model.config.padded_vocab_size})")
+
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2))
+    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+    autocast = torch.autocast(device_type=device_type, dtype=getattr(torch, dtype), enabled=(dtype != "float32"))
+
+    step, best_val_loss = 0, float("inf")
+    sampler = BatchSampler(train_shards, cfg.block_size, cfg.batch_size, seed=[cfg.seed, 0, launch.rank])
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint.get("scaler") or {})
+        step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
+        ranks = checkpoint.get("rank_state") or []
+        if launch.rank < len(ranks):
+            sampler.load_state_dict(ranks[launch.rank]["sampler"])
+            set_rng_state(ranks[launch.rank]["rng"])
+        say(f"resumed from {cfg.out_dir}/ckpt.pt at step {step} (best val loss {best_val_loss:.4f})")
+        checkpoint = None  # free the memory
+    else:
+        torch.manual_seed(cfg.seed + launch.rank)  # dropout differs between ranks
+
+    use_compile = cfg.compile if cfg.compile is not None else device_type == "cuda"
+    say(f"compile: {'on' if use_compile else 'off'}"
+        f"{'' if cfg.compile is not None else ' (default: on for CUDA only)'}")
+    raw_model = model
+    if use_compile:
+        model = torch.compile(model)
+    if launch.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[launch.local_rank] if device_type == "cuda" else None)
+
+    def to_device(x, y):
+        x, y = torch.from_numpy(x), torch.from_numpy(y)
+        if device_type == "cuda":  # pinned host memory lets the copy overlap with compute
+            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x.to(device), y.to(device)
+
+    eval_sets = {"train": EvalBatches(train_shards, cfg, launch.rank, to_device),
+                 "val": EvalBatches(val_shards, cfg, launch.rank, to_device)}
+
+    peak = cfg.peak_flops or (peak_flops_for(torch.cuda.get_device_name(device)) if device_type == "cuda" else None)
+    tokens_per_step = cfg.batch_size * cfg.block_size * grad_accum * launch.world_size
+    log_file = None
+    if launch.is_master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        log_file = open(os.path.join(cfg.out_dir, "log.jsonl"), "a", encoding="utf-8")
+    wandb_run = start_wandb(cfg) if cfg.wandb_log and launch.is_master else None
+
+    def log(record):
+        if log_file:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+        if wandb_run:
+            wandb_run.log(record, step=record["step"])
+
+    def save(step, best_val_loss):
+        save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), {
+            "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "model_args": model_args, "step": step, "best_val_loss": best_val_loss,
+            "config": dataclasses.asdict(cfg), "meta": {k: data.meta[k] for k in ("tokenizer", "vocab_size", "eot_id")},
+            "rank_state": [{"sampler": sampler.state_dict(), "rng": rng_state()}],
+        })
+
+    x, y = to_device(*sampler.next_batch())
+    t_last, steps_since_log = time.time(), 0
+    while True:
+        if step % cfg.eval_interval == 0 or step == cfg.max_iters or cfg.eval_only:
+            losses = {split: reduce_mean(estimate_loss(model, batches, autocast), launch).item()
+                      for split, batches in eval_sets.items()}
+            say(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            log({"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
+                 "tokens": step * tokens_per_step})
+            if losses["val"] < best_val_loss or cfg.always_save_checkpoint:
+                best_val_loss = min(best_val_loss, losses["val"])
+                if step > 0 and launch.is_master:
+                    save(step, best_val_loss)
+                    say(f"saved checkpoint to {cfg.out_dir}/ckpt.pt")
+            t_last = time.time()  # evaluation time is not training time
+        if step >= cfg.max_iters or cfg.eval_only:
+            break
+
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(grad_accum):
+            # DDP all-reduces gradients only on the last micro-step; no_sync must cover forward and backward
+            sync = model.no_sync() if launch.distributed and micro < grad_accum - 1 else nullcontext()
+            with sync:
+                with autocast:
+                    _, loss = model(x, y)
+                    loss = loss / grad_accum  # gradients of the mean over micro-steps
+                x, y = to_device(*sampler.next_batch())  # fetch the next batch while the GPU works
+                scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        steps_since_log += 1
+
+        if step % cfg.log_interval == 0:
+            loss_value = reduce_mean(loss_sum, launch).item()  # the true mean over micro-steps and ranks
+            dt = (time.time() - t_last) / steps_since_log
+            tokens_per_sec = tokens_per_step / dt
+            mfu = raw_model.estimate_mfu(tokens_per_sec / launch.world_size, peak)
+            say(f"step {step} | loss {loss_value:.4f} | lr {lr:.2e} | norm {grad_norm.item():.3f} | "
+                f"{dt * 1000:.1f} ms | {tokens_per_sec:,.0f} tok/s | mfu {f'{mfu:.1%}' if mfu else '-'}")
+            log({"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(), "ms": dt * 1000,
+                 "tokens_per_sec": tokens_per_sec, "mfu": mfu, "tokens": step * tokens_per_step})
+            t_last, steps_since_log = time.time(), 0
+
+    if log_file:
+        log_file.close()
+    if wandb_run:
+        wandb_run.finish()
+    return best_val_loss
+
+
+def reduce_mean(value, launch):
+    """The mean of a scalar tensor over all ranks (the value itself in a single process)."""
+    if launch.distributed:
+        import torch.distributed as dist
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= launch.world_size
+    return value
+
+
+def start_wandb(cfg):
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("wandb_log=True but wandb is not installed: pip install wandb") from None
+    return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=dataclasses.asdict(cfg))
+
+
+if __name__ == "__main__":
+    configurator.run(main, TrainConfig, validate)
