@@ -11,6 +11,9 @@ Writes are whole-or-not-at-all: a temporary file in the same folder, fsync'ed, r
 """
 
 import os
+import re
+import shutil
+import zlib
 
 import torch
 
@@ -50,9 +53,25 @@ def unwrap_model(model):
             return model
 
 
+def _tensor_crc32(obj, crc=0):
+    """CRC-32 over every tensor in a nested dict/list, in order: torch.load does not notice flipped bytes in tensor
+    data (only a truncated archive), so checkpoints carry this to detect silent corruption."""
+    if isinstance(obj, torch.Tensor):
+        data = obj.detach().cpu().contiguous().reshape(-1)
+        return zlib.crc32(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"", crc)
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            crc = _tensor_crc32(value, zlib.crc32(str(key).encode(), crc))
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            crc = _tensor_crc32(value, crc)
+    return crc
+
+
 def save_checkpoint(path, checkpoint):
     """Write `checkpoint` to `path` atomically: either the old file or the complete new one is there, never half."""
     checkpoint = {"format": CHECKPOINT_FORMAT, **checkpoint}
+    checkpoint["crc32"] = _tensor_crc32({k: v for k, v in checkpoint.items() if k != "crc32"})
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
@@ -74,20 +93,75 @@ def save_checkpoint(path, checkpoint):
             os.close(fd)
 
 
+STEP_CHECKPOINT = re.compile(r"ckpt_(\d+)\.pt$")
+
+
+def step_checkpoints(out_dir):
+    """(step, path) of the numbered checkpoints ckpt_<step>.pt in out_dir, oldest first."""
+    found = []
+    for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
+        m = STEP_CHECKPOINT.match(name)
+        if m:
+            found.append((int(m.group(1)), os.path.join(out_dir, name)))
+    return sorted(found)
+
+
+def save_training_checkpoint(out_dir, checkpoint, step, keep_last_n, keep_every):
+    """
+    Save `checkpoint` as out_dir/ckpt.pt (always the latest complete one) and as ckpt_<step>.pt (a hard link: no
+    extra space). Numbered checkpoints beyond the newest `keep_last_n` are deleted, except milestones whose step is a
+    multiple of `keep_every`, which are kept for good.
+    """
+    latest = os.path.join(out_dir, "ckpt.pt")
+    save_checkpoint(latest, checkpoint)
+    numbered = os.path.join(out_dir, f"ckpt_{step:08d}.pt")
+    tmp = numbered + ".tmplink"
+    try:
+        os.link(latest, tmp)
+    except OSError:  # no hard links on this file system: a copy
+        shutil.copyfile(latest, tmp)
+    os.replace(tmp, numbered)
+    rolling = [(s, p) for s, p in step_checkpoints(out_dir) if not (keep_every and s % keep_every == 0)]
+    for _, path in rolling[:max(len(rolling) - keep_last_n, 0)]:
+        os.remove(path)
+
+
 def load_checkpoint(path, map_location="cpu"):
-    """Read a checkpoint written by save_checkpoint (or an older nanoGPT ckpt.pt), with clear errors when it is not one."""
+    """
+    Read a checkpoint written by save_checkpoint (or an older nanoGPT ckpt.pt) from a file or an out_dir. A truncated
+    or corrupted file is refused with a message that names the newest other checkpoint to fall back to.
+    """
     if os.path.isdir(path) or not path.endswith(".pt"):  # an out_dir
         path = os.path.join(path, "ckpt.pt")
     if not os.path.exists(path):
         raise CheckpointError(f"no checkpoint at {path}; train one first (python train.py ...) or check --out_dir")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+        problem = None
     except Exception as e:  # torch raises many types for a truncated or garbled zip archive
-        raise CheckpointError(f"{path} is truncated or corrupt and cannot be loaded ({type(e).__name__}: {e})") from None
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "model_args" not in checkpoint:
+        checkpoint, problem = None, f"is truncated or corrupt and cannot be loaded ({type(e).__name__})"
+    if checkpoint is not None and (not isinstance(checkpoint, dict) or "model" not in checkpoint
+                                   or "model_args" not in checkpoint):
         raise CheckpointError(f"{path} is not a GPT checkpoint (no model weights and model_args in it)")
+    if checkpoint is not None and "crc32" in checkpoint:
+        stored = checkpoint.pop("crc32")
+        if _tensor_crc32(checkpoint) != stored:
+            problem = "is corrupt: its tensors do not match the checksum written with them"
+    if problem:
+        raise CheckpointError(f"{path} {problem}{_fallback_hint(path)}")
     checkpoint["model"] = clean_state_dict(checkpoint["model"])
     return checkpoint
+
+
+def _fallback_hint(bad_path):
+    """Where to go instead of a bad checkpoint: the newest numbered one that is not the same file."""
+    bad = os.stat(bad_path)
+    for step, path in reversed(step_checkpoints(os.path.dirname(os.path.abspath(bad_path)))):
+        st = os.stat(path)
+        if (st.st_ino, st.st_dev) != (bad.st_ino, bad.st_dev):
+            return (f"; the previous checkpoint {path} (step {step}) may be intact: "
+                    f"cp {path} {bad_path} and resume from it")
+    return "; no earlier checkpoint to fall back to"
 
 
 def model_from_checkpoint(checkpoint, **overrides):

@@ -163,10 +163,14 @@ class BatchSampler:
     Random (x, y) batches of `batch_size` windows of `block_size + 1` tokens from a list of shards. Every valid
     window start in every shard is equally likely, so shards are drawn in proportion to their size. All randomness
     comes from one numpy Generator whose state is saved in checkpoints, so a resumed run draws the same batches.
+    Under DDP every rank draws the same global batch of batch_size x world_size windows from the same seed and reads
+    only its own slice: ranks see different data, and the data of a step does not depend on how many processes share
+    it (2 ranks x 1 micro-step read exactly what 1 rank x 2 micro-steps reads).
     """
 
-    def __init__(self, shards, block_size, batch_size, seed):
+    def __init__(self, shards, block_size, batch_size, seed, rank=0, world_size=1):
         self.shards, self.block_size, self.batch_size = shards, block_size, batch_size
+        self.rank, self.world_size = rank, world_size
         starts = [max(s.num_tokens - block_size, 0) for s in shards]
         if sum(starts) == 0:
             longest = max(s.num_tokens for s in shards)
@@ -177,7 +181,8 @@ class BatchSampler:
 
     def next_batch(self):
         """Two int64 arrays of shape (batch_size, block_size): inputs and the targets one position later."""
-        picks = self.rng.integers(0, self.cum_starts[-1], size=self.batch_size)
+        picks = self.rng.integers(0, self.cum_starts[-1], size=self.batch_size * self.world_size)
+        picks = picks[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
         shard_idx = np.searchsorted(self.cum_starts, picks, side="right")
         offsets = picks - np.concatenate(([0], self.cum_starts[:-1]))[shard_idx]
         rows = np.stack([self.shards[s].read(int(o), self.block_size + 1) for s, o in zip(shard_idx, offsets)])

@@ -3,9 +3,10 @@ Train a GPT on a prepared dataset. One process, or many under torchrun or Slurm'
 
     python train.py config/train_shakespeare_char.py --device=cpu --compile=False
     torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py
-    srun python train.py config/gpt2_124m.py            (inside an sbatch job; see slurm/)
+    srun python train.py config/gpt2_124m.py            (inside an sbatch job; see slurm/train.sbatch)
 
-Settings are the TrainConfig fields below; `python train.py --help` lists them.
+Settings are the TrainConfig fields below; `python train.py --help` lists them. A run can be stopped at any step
+boundary (SIGTERM, SIGUSR1, max_runtime) and resumed exactly: the checkpoint holds everything the next step needs.
 """
 
 import dataclasses
@@ -13,35 +14,44 @@ import json
 import math
 import os
 import random
-import sys
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed
 
 import configurator
-from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, unwrap_model
+from checkpoint import load_checkpoint, model_from_checkpoint, save_training_checkpoint
 from configurator import UserError
 from distributed import cleanup_distributed, detect_launch, init_distributed, pick_device, pick_dtype
 from model import GPT, GPTConfig, peak_flops_for
 from tokendata import BatchSampler, Dataset
 
+# exit code after saving on SIGTERM/SIGUSR1 or max_runtime: "not finished, run me again" (slurm/train.sbatch requeues)
+EXIT_REQUEUE = 3
+
 
 @dataclass
 class TrainConfig:
     # I/O
-    out_dir: str = "out"  # checkpoints (ckpt.pt) and log.jsonl go here
-    init_from: str = "scratch"  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+    out_dir: str = "out"  # checkpoints, log.jsonl and loss.png go here
+    init_from: str = "scratch"  # 'scratch', 'resume' (from out_dir/ckpt.pt) or 'auto' (resume when a checkpoint exists)
     eval_interval: int = 2000  # steps between val-loss evaluations (and checkpoints)
     eval_iters: int = 200  # batches per split in each evaluation
     eval_only: bool = False  # evaluate once and exit
     log_interval: int = 1  # steps between log lines
     always_save_checkpoint: bool = True  # save at every eval, not only when val loss improves
+    keep_last_n: int = 2  # numbered checkpoints ckpt_<step>.pt kept besides ckpt.pt (the latest)
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this, for good; 0: none
+    max_runtime: str = ""  # save and exit (code 3) after this wall time, e.g. '3:55:00'; empty: no limit
+    max_bad_steps: int = 10  # consecutive steps with a non-finite loss or gradient before the run stops
+    plot: bool = True  # redraw out_dir/loss.png (train and val loss against tokens) at every eval
     seed: int = 1337
     # wandb
-    wandb_log: bool = False
+    wandb_log: bool = False  # WANDB_MODE=offline works without network
     wandb_project: str = "gpt"
     wandb_run_name: str = "run"
     # data
@@ -76,28 +86,52 @@ class TrainConfig:
     peak_flops: float = 0.0  # the device's peak FLOP/s for MFU; 0: look the GPU up in model.PEAK_FLOPS_BF16
 
 
+# what must match between a checkpoint and the run that resumes it; everything else may change (and is reported)
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")
+
+
 def validate(cfg):
     """Every cross-field problem of a TrainConfig, all at once, before any work."""
     problems = []
     if cfg.n_embd % cfg.n_head:
         problems.append(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
     for key in ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "eval_interval", "eval_iters",
-                "log_interval", "gradient_accumulation_steps"):
+                "log_interval", "gradient_accumulation_steps", "max_bad_steps"):
         if getattr(cfg, key) < 1:
             problems.append(f"{key}={getattr(cfg, key)} must be at least 1")
     if not 0.0 <= cfg.dropout < 1.0:
         problems.append(f"dropout={cfg.dropout} must be in [0, 1)")
-    if cfg.init_from not in ("scratch", "resume"):
-        problems.append(f"init_from={cfg.init_from!r}: expected 'scratch' or 'resume'")
+    if cfg.init_from not in ("scratch", "resume", "auto"):
+        problems.append(f"init_from={cfg.init_from!r}: expected 'scratch', 'resume' or 'auto'")
     if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
         problems.append(f"dtype={cfg.dtype!r}: expected auto, float32, bfloat16 or float16")
     if cfg.decay_lr and cfg.lr_decay_iters < cfg.warmup_iters:
         problems.append(f"lr_decay_iters={cfg.lr_decay_iters} is shorter than warmup_iters={cfg.warmup_iters}")
     if cfg.min_lr > cfg.learning_rate:
         problems.append(f"min_lr={cfg.min_lr} is above learning_rate={cfg.learning_rate}")
-    if cfg.total_batch_size < 0 or cfg.max_iters < 0:
-        problems.append("total_batch_size and max_iters cannot be negative")
+    for key in ("total_batch_size", "max_iters", "keep_last_n", "keep_every"):
+        if getattr(cfg, key) < 0:
+            problems.append(f"{key}={getattr(cfg, key)} cannot be negative")
+    try:
+        parse_duration(cfg.max_runtime)
+    except ValueError as e:
+        problems.append(str(e))
     return problems
+
+
+def parse_duration(text):
+    """'3:55:00' / '55:00' / '90' (seconds) / '1-00:00:00' (Slurm's days-hours) -> seconds; '' -> None."""
+    if not text:
+        return None
+    days, _, clock = text.rpartition("-")
+    try:
+        parts = [float(p) for p in clock.split(":")]
+        if len(parts) > 3 or any(p < 0 for p in parts):
+            raise ValueError
+        seconds = sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
+        return seconds + (int(days) * 86400 if days else 0)
+    except ValueError:
+        raise ValueError(f"max_runtime={text!r}: expected [days-]hours:minutes:seconds such as 3:55:00") from None
 
 
 def lr_at(step, cfg):
@@ -146,14 +180,15 @@ def estimate_loss(model, batches, autocast):
 
 
 class EvalBatches:
-    """The same eval_iters batches of a split at every evaluation: a generator reseeded each time, drawing apart
-    from the training sampler, so evaluating never changes which batches training sees."""
+    """The same eval_iters batches of a split at every evaluation: a generator reseeded each time, apart from the
+    training sampler, so evaluating (or changing eval_interval) never changes which batches training sees."""
 
-    def __init__(self, shards, cfg, rank, to_device):
-        self.shards, self.cfg, self.rank, self.to_device = shards, cfg, rank, to_device
+    def __init__(self, shards, cfg, launch, to_device):
+        self.shards, self.cfg, self.launch, self.to_device = shards, cfg, launch, to_device
 
     def __iter__(self):
-        sampler = BatchSampler(self.shards, self.cfg.block_size, self.cfg.batch_size, seed=[self.cfg.seed, 1, self.rank])
+        sampler = BatchSampler(self.shards, self.cfg.block_size, self.cfg.batch_size, seed=[self.cfg.seed, 1],
+                               rank=self.launch.rank, world_size=self.launch.world_size)
         for _ in range(self.cfg.eval_iters):
             yield self.to_device(*sampler.next_batch())
 
@@ -171,31 +206,153 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class StopFlag:
+    """
+    SIGTERM (what Slurm and torchrun send before killing) and SIGUSR1 (Slurm's --signal=USR1@120) only set a flag:
+    the training loop notices it at the next step boundary, on every rank at once, then saves and exits.
+    """
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+            if sig is not None:
+                signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+
+def reduce_mean(value, launch):
+    """The mean of a scalar tensor over all ranks (the value itself in a single process)."""
+    if launch.distributed:
+        import torch.distributed as dist
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= launch.world_size
+    return value
+
+
+def any_rank(flag, launch, device):
+    """True on every rank when `flag` is true on any rank."""
+    if not launch.distributed:
+        return flag
+    import torch.distributed as dist
+    t = torch.tensor(float(flag), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather_to_master(obj, launch):
+    """A list of every rank's `obj` on rank 0 (None elsewhere); [obj] in a single process."""
+    if not launch.distributed:
+        return [obj]
+    import torch.distributed as dist
+    out = [None] * launch.world_size if launch.is_master else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def check_resume(checkpoint, cfg, data_meta, say):
+    """Refuse to resume into a different model or dataset; report the settings that changed."""
+    old = checkpoint.get("config") or {}
+    problems = [f"{k}: checkpoint {old[k]!r}, now {getattr(cfg, k)!r}"
+                for k in SHAPE_KEYS if k in old and old[k] != getattr(cfg, k)]
+    if old.get("dataset") not in (None, cfg.dataset):
+        problems.append(f"dataset: checkpoint {old['dataset']!r}, now {cfg.dataset!r}")
+    old_meta = checkpoint.get("meta") or {}
+    if old_meta.get("tokenizer") not in (None, data_meta.get("tokenizer")):
+        problems.append("the dataset's tokenizer differs from the one the checkpoint was trained with")
+    if problems:
+        raise UserError("cannot resume: the checkpoint was trained with a different model or data (" +
+                        "; ".join(problems) + "); use another out_dir or init_from=scratch")
+    changed = [f"{k} {old[k]!r} -> {getattr(cfg, k)!r}" for k in old
+               if hasattr(cfg, k) and k not in ("init_from",) and old[k] != getattr(cfg, k)]
+    if changed:
+        say("resuming with changed settings: " + ", ".join(changed))
+
+
+def trim_log(path, step):
+    """Drop log records past `step` (written after the checkpoint being resumed), so no step appears twice."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
+def plot_losses(log_path, png_path):
+    """Train and val loss against tokens seen, from log.jsonl, to png_path (atomically)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, val = [], []
+    with open(log_path, encoding="utf-8") as f:
+        for line in f:
+            r = json.loads(line)
+            if "loss" in r:
+                train.append((r["tokens"], r["loss"]))
+            if "val_loss" in r:
+                val.append((r["tokens"], r["val_loss"]))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    if train:
+        ax.plot(*zip(*train), label="train (per step)", alpha=0.6, linewidth=0.8)
+    if val:
+        ax.plot(*zip(*val), "o-", label="val", markersize=3)
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    tmp = png_path + ".tmp.png"
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, png_path)
+
+
+def start_wandb(cfg, run_id):
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("wandb_log=True but wandb is not installed: pip install wandb") from None
+    # the same run id after a resume continues the same wandb run
+    return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=dataclasses.asdict(cfg),
+                      id=run_id, resume="allow")
+
+
 def main(cfg, sources):
     launch = detect_launch()
     device = init_distributed(launch, pick_device(cfg.device))
-    say = print if launch.is_master else (lambda *a, **k: None)
     try:
-        return train(cfg, sources, launch, device, say)
+        return train(cfg, sources, launch, device)
     finally:
         cleanup_distributed()
 
 
-def train(cfg, sources, launch, device, say):
+def train(cfg, sources, launch, device):
+    t_start = time.time()
+    say = print if launch.is_master else (lambda *a, **k: None)
+    stop = StopFlag()
+    max_runtime = parse_duration(cfg.max_runtime)
     device_type = device.split(":")[0]
     dtype = pick_dtype(cfg.dtype, device_type)
     grad_accum, batch_explain = micro_steps_per_rank(cfg, launch.world_size)
     data_dir = cfg.dataset if os.path.isdir(cfg.dataset) else os.path.join(cfg.data_root, cfg.dataset)
     data = Dataset(data_dir)
     train_shards, val_shards = data.shards("train"), data.shards("val")
+    meta = {k: data.meta.get(k) for k in ("tokenizer", "vocab_size", "eot_id")}
 
-    checkpoint = None
-    if cfg.init_from == "resume":
-        checkpoint = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    resume = cfg.init_from == "resume" or (cfg.init_from == "auto" and os.path.exists(ckpt_path))
+    checkpoint = load_checkpoint(ckpt_path) if resume else None
 
     say(f"launch: {launch.mode}, {launch.world_size} process(es); device {device}, {dtype}")
     say("config:\n" + configurator.describe(cfg, sources))
     say(f"batch: {batch_explain}")
+    if checkpoint is not None:
+        check_resume(checkpoint, cfg, data.meta, say)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     if device_type == "cuda":
@@ -203,11 +360,10 @@ def train(cfg, sources, launch, device, say):
         torch.backends.cudnn.allow_tf32 = True
     if checkpoint is not None:
         model = model_from_checkpoint(checkpoint, dropout=cfg.dropout)
-        model_args = dataclasses.asdict(model.config)
     else:
-        model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                          bias=cfg.bias, vocab_size=data.meta["vocab_size"], dropout=cfg.dropout)
-        model = GPT(GPTConfig(**model_args))
+        model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
+                              bias=cfg.bias, vocab_size=data.meta["vocab_size"], dropout=cfg.dropout))
+    model_args = dataclasses.asdict(model.config)
     model.to(device)
     say(f"model: {model.get_num_params() / 1e6:.2f}M parameters, vocab {model.config.vocab_size} "
         f"(padded to {model.config.padded_vocab_size})")
@@ -216,24 +372,28 @@ def train(cfg, sources, launch, device, say):
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     autocast = torch.autocast(device_type=device_type, dtype=getattr(torch, dtype), enabled=(dtype != "float32"))
 
-    step, best_val_loss = 0, float("inf")
-    sampler = BatchSampler(train_shards, cfg.block_size, cfg.batch_size, seed=[cfg.seed, 0, launch.rank])
+    step, best_val_loss, wandb_id = 0, float("inf"), None
+    sampler = BatchSampler(train_shards, cfg.block_size, cfg.batch_size, seed=[cfg.seed, 0],
+                           rank=launch.rank, world_size=launch.world_size)
+    torch.manual_seed(cfg.seed + launch.rank)  # dropout masks differ between ranks
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint.get("scaler") or {})
         step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
-        ranks = checkpoint.get("rank_state") or []
-        if launch.rank < len(ranks):
-            sampler.load_state_dict(ranks[launch.rank]["sampler"])
-            set_rng_state(ranks[launch.rank]["rng"])
-        say(f"resumed from {cfg.out_dir}/ckpt.pt at step {step} (best val loss {best_val_loss:.4f})")
+        wandb_id = checkpoint.get("wandb_run_id")
+        sampler.load_state_dict(checkpoint["sampler"])  # the same on every rank: they draw one global batch
+        ranks = checkpoint.get("rng") or []
+        if launch.rank < len(ranks) and len(ranks) == launch.world_size:
+            set_rng_state(ranks[launch.rank])
+        else:
+            say(f"note: the checkpoint holds RNG states of {len(ranks)} rank(s), this run has {launch.world_size}; "
+                "dropout masks will differ from an uninterrupted run")
+        say(f"resumed from {ckpt_path} at step {step} (best val loss {best_val_loss:.4f})")
         checkpoint = None  # free the memory
-    else:
-        torch.manual_seed(cfg.seed + launch.rank)  # dropout differs between ranks
+    last_eval = step if resume else None  # a resumed step was evaluated before its checkpoint was saved
 
     use_compile = cfg.compile if cfg.compile is not None else device_type == "cuda"
-    say(f"compile: {'on' if use_compile else 'off'}"
-        f"{'' if cfg.compile is not None else ' (default: on for CUDA only)'}")
+    say(f"compile: {'on' if use_compile else 'off'}{'' if cfg.compile is not None else ' (default: on for CUDA only)'}")
     raw_model = model
     if use_compile:
         model = torch.compile(model)
@@ -247,16 +407,25 @@ def train(cfg, sources, launch, device, say):
             return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
         return x.to(device), y.to(device)
 
-    eval_sets = {"train": EvalBatches(train_shards, cfg, launch.rank, to_device),
-                 "val": EvalBatches(val_shards, cfg, launch.rank, to_device)}
-
+    eval_sets = {"train": EvalBatches(train_shards, cfg, launch, to_device),
+                 "val": EvalBatches(val_shards, cfg, launch, to_device)}
     peak = cfg.peak_flops or (peak_flops_for(torch.cuda.get_device_name(device)) if device_type == "cuda" else None)
     tokens_per_step = cfg.batch_size * cfg.block_size * grad_accum * launch.world_size
-    log_file = None
+
+    # only rank 0 touches the file system; the other ranks never wait on a write they do not need
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    log_file, wandb_run = None, None
     if launch.is_master:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        log_file = open(os.path.join(cfg.out_dir, "log.jsonl"), "a", encoding="utf-8")
-    wandb_run = start_wandb(cfg) if cfg.wandb_log and launch.is_master else None
+        if resume:
+            trim_log(log_path, step)
+        elif os.path.exists(log_path):
+            os.remove(log_path)  # a run from scratch starts a new log
+        log_file = open(log_path, "a", encoding="utf-8")
+        if cfg.wandb_log:
+            wandb_run = start_wandb(cfg, wandb_id)
+            wandb_id = wandb_run.id
+    plot = cfg.plot and launch.is_master and matplotlib_available(say)
 
     def log(record):
         if log_file:
@@ -265,30 +434,48 @@ def train(cfg, sources, launch, device, say):
         if wandb_run:
             wandb_run.log(record, step=record["step"])
 
-    def save(step, best_val_loss):
-        save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), {
-            "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "model_args": model_args, "step": step, "best_val_loss": best_val_loss,
-            "config": dataclasses.asdict(cfg), "meta": {k: data.meta[k] for k in ("tokenizer", "vocab_size", "eot_id")},
-            "rank_state": [{"sampler": sampler.state_dict(), "rng": rng_state()}],
-        })
+    def save(sampler_state, reason):
+        """Every rank takes part (the RNG states are gathered); rank 0 writes."""
+        rngs = gather_to_master(rng_state(), launch)
+        if launch.is_master:
+            save_training_checkpoint(cfg.out_dir, {
+                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "model_args": model_args, "step": step, "best_val_loss": best_val_loss,
+                "config": dataclasses.asdict(cfg), "meta": meta, "sampler": sampler_state, "rng": rngs,
+                "wandb_run_id": wandb_id,
+            }, step, cfg.keep_last_n, cfg.keep_every)
+            say(f"saved checkpoint {ckpt_path} at step {step} ({reason})")
 
+    # the state that reproduces the batch fetched ahead is what a checkpoint must hold, not the state after it
+    next_state = sampler.state_dict()
     x, y = to_device(*sampler.next_batch())
-    t_last, steps_since_log = time.time(), 0
+    t_last, steps_since_log, bad_steps = time.time(), 0, 0
+    exit_code = 0
     while True:
-        if step % cfg.eval_interval == 0 or step == cfg.max_iters or cfg.eval_only:
+        due = step % cfg.eval_interval == 0 or step == cfg.max_iters
+        if cfg.eval_only or (due and step != last_eval):
+            last_eval = step
             losses = {split: reduce_mean(estimate_loss(model, batches, autocast), launch).item()
                       for split, batches in eval_sets.items()}
             say(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             log({"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
-                 "tokens": step * tokens_per_step})
-            if losses["val"] < best_val_loss or cfg.always_save_checkpoint:
-                best_val_loss = min(best_val_loss, losses["val"])
-                if step > 0 and launch.is_master:
-                    save(step, best_val_loss)
-                    say(f"saved checkpoint to {cfg.out_dir}/ckpt.pt")
+                 "tokens": step * tokens_per_step, "elapsed": time.time() - t_start})
+            improved = losses["val"] < best_val_loss
+            best_val_loss = min(best_val_loss, losses["val"])
+            if step > 0 and not cfg.eval_only and (improved or cfg.always_save_checkpoint):
+                save(next_state, "val loss improved" if improved else "always_save_checkpoint")
+            if plot:
+                plot_losses(log_path, os.path.join(cfg.out_dir, "loss.png"))
             t_last = time.time()  # evaluation time is not training time
         if step >= cfg.max_iters or cfg.eval_only:
+            break
+        out_of_time = max_runtime is not None and time.time() - t_start > max_runtime
+        if any_rank(stop.signal is not None or out_of_time, launch, device):
+            save(next_state, f"stopping on {stop.signal or 'max_runtime'}")
+            if launch.distributed:  # no rank exits before rank 0 has written: launchers kill the rest on first exit
+                torch.distributed.barrier()
+            say(f"exiting with code {EXIT_REQUEUE}: run the same command again (or requeue) to resume")
+            exit_code = EXIT_REQUEUE
             break
 
         lr = lr_at(step, cfg)
@@ -302,11 +489,26 @@ def train(cfg, sources, launch, device, say):
                 with autocast:
                     _, loss = model(x, y)
                     loss = loss / grad_accum  # gradients of the mean over micro-steps
+                next_state = sampler.state_dict()
                 x, y = to_device(*sampler.next_batch())  # fetch the next batch while the GPU works
                 scaler.scale(loss).backward()
             loss_sum += loss.detach()
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
+        # gradients are all-reduced, so every rank sees the same norm and takes the same decision
+        if not torch.isfinite(grad_norm):
+            bad_steps += 1
+            optimizer.zero_grad(set_to_none=True)
+            scaler.update()  # fp16: lowers the loss scale, which is the usual cause
+            what = f"loss {loss_sum.item()}, gradient norm {grad_norm.item()}"
+            say(f"step {step}: non-finite {what}; step skipped ({bad_steps} in a row)")
+            log({"step": step, "skipped": True, "bad_steps": bad_steps})
+            if bad_steps >= cfg.max_bad_steps:
+                raise UserError(f"stopping: {bad_steps} steps in a row up to step {step} had a non-finite loss or "
+                                f"gradient ({what}); nothing was saved from them. Lower learning_rate or resume "
+                                "from the last checkpoint")
+            continue
+        bad_steps = 0
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -321,32 +523,27 @@ def train(cfg, sources, launch, device, say):
             say(f"step {step} | loss {loss_value:.4f} | lr {lr:.2e} | norm {grad_norm.item():.3f} | "
                 f"{dt * 1000:.1f} ms | {tokens_per_sec:,.0f} tok/s | mfu {f'{mfu:.1%}' if mfu else '-'}")
             log({"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(), "ms": dt * 1000,
-                 "tokens_per_sec": tokens_per_sec, "mfu": mfu, "tokens": step * tokens_per_step})
+                 "tokens_per_sec": tokens_per_sec, "mfu": mfu, "tokens": step * tokens_per_step,
+                 "elapsed": time.time() - t_start})
             t_last, steps_since_log = time.time(), 0
 
     if log_file:
         log_file.close()
     if wandb_run:
         wandb_run.finish()
+    if exit_code:
+        cleanup_distributed()
+        raise SystemExit(exit_code)
     return best_val_loss
 
 
-def reduce_mean(value, launch):
-    """The mean of a scalar tensor over all ranks (the value itself in a single process)."""
-    if launch.distributed:
-        import torch.distributed as dist
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= launch.world_size
-    return value
-
-
-def start_wandb(cfg):
+def matplotlib_available(say):
     try:
-        import wandb
+        import matplotlib  # noqa: F401
+        return True
     except ImportError:
-        raise UserError("wandb_log=True but wandb is not installed: pip install wandb") from None
-    return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=dataclasses.asdict(cfg))
+        say("plot: off (matplotlib is not installed: pip install matplotlib)")
+        return False
 
 
 if __name__ == "__main__":

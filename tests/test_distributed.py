@@ -1,0 +1,123 @@
+"""Launch detection, gradient accumulation and DDP equivalence (CPU, gloo)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, run_script
+from distributed import detect_launch, expand_nodelist
+
+
+@pytest.mark.parametrize("nodelist, hosts", [
+    ("node01", ["node01"]),
+    ("node[03-05,07]", ["node03", "node04", "node05", "node07"]),
+    ("gpu[8-10]", ["gpu8", "gpu9", "gpu10"]),
+    ("a[1-2],b7,c[009-011]", ["a1", "a2", "b7", "c009", "c010", "c011"]),
+    ("rack[1-2]-n[1-2]", ["rack1-n1", "rack1-n2", "rack2-n1", "rack2-n2"]),
+    ("localhost", ["localhost"]),
+])
+def test_expand_nodelist(nodelist, hosts):
+    assert expand_nodelist(nodelist) == hosts
+
+
+def test_single_process():
+    assert detect_launch({}).mode == "single" and not detect_launch({}).distributed
+
+
+def test_torchrun():
+    env = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
+    launch = detect_launch(env)
+    assert (launch.mode, launch.rank, launch.local_rank, launch.world_size) == ("torchrun", 3, 1, 8)
+    assert (launch.master_addr, launch.master_port) == ("10.0.0.1", 29500)
+
+
+def slurm_env(**extra):
+    env = {"SLURM_JOB_ID": "4242", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8",
+           "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "8", "SLURM_JOB_NODELIST": "node[03-05,07]"}
+    env.update(extra)
+    return env
+
+
+def test_srun():
+    launch = detect_launch(slurm_env())
+    assert (launch.mode, launch.rank, launch.local_rank, launch.world_size) == ("slurm", 5, 1, 8)
+    assert launch.master_addr == "node03"
+    assert launch.master_port == 20000 + 4242  # derived from the job id: the same on every task
+    assert detect_launch(slurm_env(MASTER_PORT="12345", MASTER_ADDR="head")).master_port == 12345
+    assert detect_launch(slurm_env(MASTER_ADDR="head")).master_addr == "head"
+
+
+def test_srun_torchrun_is_torchrun():
+    """torchrun started by srun: torchrun's own variables describe the process, not Slurm's task ids."""
+    env = slurm_env(SLURM_STEP_NUM_TASKS="2", SLURM_NTASKS="2", SLURM_PROCID="1",
+                    RANK="9", LOCAL_RANK="1", WORLD_SIZE="16", MASTER_ADDR="node03", MASTER_PORT="29400")
+    launch = detect_launch(env)
+    assert (launch.mode, launch.rank, launch.world_size) == ("torchrun", 9, 16)
+
+
+def test_salloc_and_batch_shell_run_single():
+    # an interactive salloc shell, or the batch script's own shell: allocation variables but no srun step
+    env = slurm_env()
+    del env["SLURM_STEP_ID"], env["SLURM_STEP_NUM_TASKS"]
+    assert detect_launch(env).mode == "single"
+    # a one-task srun step is one process
+    assert detect_launch(slurm_env(SLURM_STEP_NUM_TASKS="1", SLURM_NTASKS="1", SLURM_PROCID="0")).mode == "single"
+
+
+def prepare_tiny(tmp_path, shakespeare_path):
+    run_script("prepare.py", "shakespeare_char", f"--source={shakespeare_path}", cwd=tmp_path)
+
+
+COMMON = ["--dataset=shakespeare_char", "--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2",
+          "--n_embd=32", "--block_size=32", "--dropout=0.0", "--max_iters=10", "--eval_interval=1000",
+          "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--lr_decay_iters=10", "--plot=False"]
+
+
+def train_losses(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def test_gradient_accumulation_equals_big_batch(tmp_path, shakespeare_path):
+    prepare_tiny(tmp_path, shakespeare_path)
+    run_script("train.py", *COMMON, "--batch_size=8", "--out_dir=big", cwd=tmp_path)
+    run_script("train.py", *COMMON, "--batch_size=2", "--gradient_accumulation_steps=4", "--out_dir=accum",
+               cwd=tmp_path)
+    big, accum = train_losses(tmp_path / "big"), train_losses(tmp_path / "accum")
+    assert sorted(big) == list(range(1, 11))
+    for step in big:
+        assert abs(big[step] - accum[step]) < 1e-5, (step, big[step], accum[step])
+
+
+def run_torchrun(tmp_path, *args, nproc=2):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={nproc}", os.path.join(REPO, "train.py"), *args],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_two_ranks_equal_one_rank_with_accumulation(tmp_path, shakespeare_path):
+    prepare_tiny(tmp_path, shakespeare_path)
+    run_script("train.py", *COMMON, "--batch_size=4", "--gradient_accumulation_steps=2", "--out_dir=one",
+               cwd=tmp_path)
+    out = run_torchrun(tmp_path, *COMMON, "--batch_size=4", "--gradient_accumulation_steps=2", "--out_dir=two")
+    assert "launch: torchrun, 2 process(es)" in out.stdout
+    assert "4 sequences x 32 tokens x 2 processes x 1 micro-steps" in out.stdout
+    one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    assert sorted(two) == list(range(1, 11))
+    for step in one:
+        assert abs(one[step] - two[step]) < 1e-5, (step, one[step], two[step])
+
+
+def test_total_batch_size_must_divide(tmp_path, shakespeare_path):
+    prepare_tiny(tmp_path, shakespeare_path)
+    proc = run_script("train.py", *COMMON, "--batch_size=4", "--total_batch_size=1000", cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert "total_batch_size=1,000 tokens is not a multiple of batch_size 4 x block_size 32 x 1 processes = 128" \
+        in proc.stderr
