@@ -121,9 +121,10 @@ def save_training_checkpoint(out_dir, checkpoint, step, keep_last_n, keep_every)
     except OSError:  # no hard links on this file system: a copy
         shutil.copyfile(latest, tmp)
     os.replace(tmp, numbered)
-    rolling = [(s, p) for s, p in step_checkpoints(out_dir) if not (keep_every and s % keep_every == 0)]
-    for _, path in rolling[:max(len(rolling) - keep_last_n, 0)]:
-        os.remove(path)
+    numbered_all = step_checkpoints(out_dir)
+    for s, path in numbered_all[:max(len(numbered_all) - keep_last_n, 0)]:
+        if not (keep_every and s % keep_every == 0):
+            os.remove(path)
 
 
 def load_checkpoint(path, map_location="cpu"):

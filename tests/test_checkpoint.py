@@ -1,0 +1,190 @@
+"""Exact resume, atomic and rolling checkpoints, corruption, preemption signals and bad steps."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_training_checkpoint
+from conftest import REPO, run_script
+from test_distributed import run_torchrun, train_losses
+
+ARGS = ["--dataset=shakespeare_char", "--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=32",
+        "--block_size=32", "--batch_size=4", "--dropout=0.0", "--eval_iters=2", "--log_interval=1",
+        "--warmup_iters=5", "--lr_decay_iters=40", "--plot=False"]
+
+
+@pytest.fixture
+def data_dir(tmp_path, shakespeare_path):
+    run_script("prepare.py", "shakespeare_char", f"--source={shakespeare_path}", cwd=tmp_path)
+    return tmp_path
+
+
+def log_records(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_exact_resume(data_dir):
+    """40 steps straight equal 17 steps, then a resume to 40, bit for bit; eval cadence does not matter."""
+    run_script("train.py", *ARGS, "--max_iters=40", "--eval_interval=1000", "--out_dir=straight", cwd=data_dir)
+    run_script("train.py", *ARGS, "--max_iters=17", "--eval_interval=5", "--out_dir=split", cwd=data_dir)
+    out = run_script("train.py", *ARGS, "--max_iters=40", "--eval_interval=7", "--out_dir=split",
+                     "--init_from=resume", cwd=data_dir)
+    assert "resumed from split/ckpt.pt at step 17" in out.stdout
+    assert "max_iters 17 -> 40" in out.stdout and "eval_interval 5 -> 7" in out.stdout
+    straight, split = train_losses(data_dir / "straight"), train_losses(data_dir / "split")
+    assert sorted(split) == list(range(1, 41))
+    assert all(straight[s] == split[s] for s in range(1, 41)), [(s, straight[s], split[s]) for s in range(18, 41)]
+    steps = [r["step"] for r in log_records(data_dir / "split") if "loss" in r]
+    assert steps == list(range(1, 41))  # continued without duplicates
+
+
+def test_exact_resume_two_ranks(data_dir):
+    args = [*ARGS, "--gradient_accumulation_steps=2", "--dropout=0.1"]  # dropout: each rank's RNG must be restored
+    run_torchrun(data_dir, *args, "--max_iters=30", "--eval_interval=1000", "--out_dir=straight")
+    run_torchrun(data_dir, *args, "--max_iters=13", "--eval_interval=1000", "--out_dir=split")
+    run_torchrun(data_dir, *args, "--max_iters=30", "--eval_interval=1000", "--out_dir=split", "--init_from=resume")
+    straight, split = train_losses(data_dir / "straight"), train_losses(data_dir / "split")
+    assert all(straight[s] == split[s] for s in range(1, 31))
+
+
+def test_resume_refuses_other_model(data_dir):
+    run_script("train.py", *ARGS, "--max_iters=3", "--eval_interval=3", "--out_dir=out", cwd=data_dir)
+    proc = run_script("train.py", *ARGS, "--max_iters=6", "--n_layer=3", "--out_dir=out", "--init_from=resume",
+                      cwd=data_dir, check=False)
+    assert proc.returncode == 2 and "cannot resume" in proc.stderr and "n_layer: checkpoint 2, now 3" in proc.stderr
+
+
+def test_auto_resume(data_dir):
+    out = run_script("train.py", *ARGS, "--max_iters=3", "--eval_interval=3", "--out_dir=out", "--init_from=auto",
+                     cwd=data_dir)
+    assert "resumed" not in out.stdout
+    out = run_script("train.py", *ARGS, "--max_iters=5", "--eval_interval=5", "--out_dir=out", "--init_from=auto",
+                     cwd=data_dir)
+    assert "resumed from out/ckpt.pt at step 3" in out.stdout
+
+
+def big_checkpoint(value):
+    return {"model": {"w": torch.full((4_000_000,), float(value))}, "model_args": {}, "step": value}
+
+
+def test_kill_during_save_keeps_previous(tmp_path):
+    """kill -9 at random moments while a checkpoint is being written: the previous one always loads."""
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(str(path), big_checkpoint(0))
+    writer = ("import sys; sys.path.insert(0, sys.argv[1]); import torch; from checkpoint import save_checkpoint\n"
+              "for i in range(1, 10**6):\n"
+              "    save_checkpoint(sys.argv[2], {'model': {'w': torch.full((4_000_000,), float(i))}, "
+              "'model_args': {}, 'step': i})\n"
+              "    print(i, flush=True)\n")
+    seen = set()
+    for delay in (0.0, 0.01, 0.02, 0.04, 0.07, 0.1, 0.15):  # a 16 MB save with fsync takes about this long
+        proc = subprocess.Popen([sys.executable, "-c", writer, REPO, str(path)], stdout=subprocess.PIPE, text=True)
+        proc.stdout.readline()  # one save has completed; the next one is being written now
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        ckpt = load_checkpoint(str(path))
+        assert torch.equal(ckpt["model"]["w"], torch.full((4_000_000,), float(ckpt["step"])))
+        seen.add(ckpt["step"])
+    assert len(seen) > 1
+
+
+def test_rolling_and_milestone_checkpoints(tmp_path):
+    for step in range(100, 1100, 100):
+        save_training_checkpoint(str(tmp_path), big_checkpoint(step) | {"step": step}, step, keep_last_n=2,
+                                 keep_every=500)
+    names = sorted(n for n in os.listdir(tmp_path) if n.endswith(".pt"))
+    assert names == ["ckpt.pt", "ckpt_00000500.pt", "ckpt_00000900.pt", "ckpt_00001000.pt"]
+    assert load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 1000
+
+
+def test_corrupt_checkpoint_detected(tmp_path):
+    for step in (100, 200):
+        save_training_checkpoint(str(tmp_path), big_checkpoint(step), step, keep_last_n=5, keep_every=0)
+    os.unlink(tmp_path / "ckpt_00000200.pt")  # keep the 100 one as the fallback; ckpt.pt is step 200
+    data = bytearray((tmp_path / "ckpt.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside the tensor data: torch.load alone does not notice
+    (tmp_path / "ckpt.pt").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"is corrupt.*ckpt_00000100.pt \(step 100\) may be intact"):
+        load_checkpoint(str(tmp_path))
+    (tmp_path / "ckpt.pt").write_bytes(bytes(data[:len(data) // 3]))
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(str(tmp_path))
+
+
+def test_prefixes_stripped(tmp_path):
+    save_checkpoint(str(tmp_path / "ckpt.pt"), {"model": {"_orig_mod.module.lm_head.weight": torch.ones(1),
+                                                          "module.wte": torch.ones(1)}, "model_args": {}})
+    assert set(load_checkpoint(str(tmp_path))["model"]) == {"lm_head.weight", "wte"}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_signal_saves_and_resumes(data_dir, sig):
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), *ARGS, "--max_iters=100000", "--lr_decay_iters=100000",
+           "--eval_interval=100000", "--out_dir=out"]
+    proc = subprocess.Popen(cmd, cwd=data_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 5 |"):
+            break
+    proc.send_signal(sig)
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=60) == 3, rest
+    assert f"stopping on {sig.name}" in rest
+    saved = torch.load(data_dir / "out/ckpt.pt", weights_only=False)["step"]
+    assert saved >= 5
+    out = run_script("train.py", *ARGS, "--max_iters=20", "--lr_decay_iters=100000", "--eval_interval=100000",
+                     "--out_dir=out", "--init_from=resume", cwd=data_dir)
+    assert f"resumed from out/ckpt.pt at step {saved}" in out.stdout
+
+
+def test_max_runtime(data_dir):
+    proc = run_script("train.py", *ARGS, "--max_iters=100000", "--eval_interval=100000", "--max_runtime=0:00:03",
+                      "--out_dir=out", cwd=data_dir, check=False)
+    assert proc.returncode == 3 and "stopping on max_runtime" in proc.stdout
+    assert load_checkpoint(str(data_dir / "out"))["step"] > 0
+
+
+def test_bad_steps_skipped_then_stop(data_dir, monkeypatch, capsys):
+    """A NaN loss never reaches the weights; enough of them in a row stop the run without saving."""
+    import configurator
+    import model as model_module
+    import train
+
+    real_forward = model_module.GPT.forward
+    calls = {"n": 0}
+
+    def flaky_forward(self, idx, targets=None):
+        logits, loss = real_forward(self, idx, targets)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] in (3, 4) or calls["n"] >= 8:  # two bad steps, then a lasting failure from step 7
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(model_module.GPT, "forward", flaky_forward)
+    monkeypatch.chdir(data_dir)
+    cfg, sources = configurator.parse(train.TrainConfig, [*ARGS, "--max_iters=30", "--eval_interval=100",
+                                                          "--max_bad_steps=3", "--out_dir=out"])
+    with pytest.raises(configurator.UserError, match="3 steps in a row up to step 5 had a non-finite loss"):
+        train.main(cfg, sources)
+    printed = capsys.readouterr().out
+    assert "step 2: non-finite loss nan" in printed and "step 3 | loss" in printed  # skipped, then went on
+    records = log_records(data_dir / "out")
+    assert [r["step"] for r in records if r.get("skipped")] == [2, 2, 5, 5, 5]
+    assert all(r["loss"] == r["loss"] for r in records if "loss" in r)  # no NaN was ever logged as a step
+    assert not os.path.exists(data_dir / "out/ckpt.pt")
+
+
+def test_loss_plot_written(data_dir):
+    run_script("train.py", *ARGS, "--max_iters=4", "--eval_interval=2", "--plot=True", "--out_dir=out",
+               cwd=data_dir)
+    png = data_dir / "out/loss.png"
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
