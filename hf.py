@@ -378,7 +378,7 @@ def save_hf_gpt2(model, meta, hf_dir):
                             "choose a new --hf_dir, or move them away")
     tensors = to_hf_state_dict(model)  # refuses what GPT-2 cannot express before anything is written
     eot_id = meta.get("eot_id")
-    tmp = f"{hf_dir}.tmp{os.getpid()}"
+    tmp = f"{os.path.abspath(hf_dir)}.tmp{os.getpid()}"  # a sibling: the final rename stays on one file system
     os.makedirs(tmp)
     try:
         write_tokenizer(meta, tmp, model.config.block_size)
@@ -388,7 +388,7 @@ def save_hf_gpt2(model, meta, hf_dir):
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         written = sorted(os.listdir(tmp))
         if os.path.exists(hf_dir):  # swap: the old export stays whole until the new one is in place
-            old = f"{hf_dir}.old{os.getpid()}"
+            old = f"{os.path.abspath(hf_dir)}.old{os.getpid()}"
             os.replace(hf_dir, old)
             os.replace(tmp, hf_dir)
             shutil.rmtree(old)
