@@ -96,9 +96,9 @@ def from_hf_state_dict(hf_state, config, where="the weights"):
     missing = sorted(set(layout) - set(state) - {"lm_head.weight"})
     extra = sorted(set(state) - set(layout))
     if missing or extra:
-        raise UserError(f"{where} do not fit a GPT-2 of this config: "
-                        f"{'missing ' + ', '.join(missing[:5]) if missing else ''}"
-                        f"{'; ' if missing and extra else ''}{'unexpected ' + ', '.join(extra[:5]) if extra else ''}")
+        problems = [f"{what} {', '.join(keys[:5])}"
+                    for what, keys in (("missing", missing), ("unexpected", extra)) if keys]
+        raise UserError(f"{where} do not fit a GPT-2 of this config: {'; '.join(problems)}")
     for key in list(state):
         if key.endswith(CONV1D_WEIGHTS):
             state[key] = state[key].t()
@@ -112,8 +112,8 @@ def from_hf_state_dict(hf_state, config, where="the weights"):
 def config_from_hf(hf, where="config.json"):
     """The GPTConfig of a GPT2Config (as a dict); every feature GPT-2 allows but this GPT lacks is reported at once.
     Missing keys take GPT2Config's defaults."""
-    n_embd = hf.get("n_embd", 768)
-    problems = []
+    n_embd, n_head = hf.get("n_embd", 768), hf.get("n_head", 12)
+    problems = [f"n_embd={n_embd} is not divisible by n_head={n_head}"] if n_embd % n_head else []
     if hf.get("model_type") != "gpt2":
         problems.append(f"model_type is {hf.get('model_type')!r}, not 'gpt2'")
     if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -131,7 +131,7 @@ def config_from_hf(hf, where="config.json"):
     if problems:
         raise UserError(f"{where}: not a GPT-2 this GPT can load: {'; '.join(problems)}")
     return GPTConfig(block_size=hf.get("n_positions", 1024), vocab_size=hf.get("vocab_size", 50257),
-                     n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=n_embd, bias=True)
+                     n_layer=hf.get("n_layer", 12), n_head=n_head, n_embd=n_embd, bias=True)
 
 
 def hf_config(config, eot_id):

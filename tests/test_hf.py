@@ -4,6 +4,7 @@ and transformers itself is the reference for everything we export.
 """
 
 import dataclasses
+import json
 import os
 
 import pytest
@@ -83,6 +84,13 @@ def test_import_refusals(tmp_path):
     random_hf_gpt2(activation_function="relu", tie_word_embeddings=False).save_pretrained(tmp_path / "relu")
     with pytest.raises(UserError, match="activation_function 'relu'.*untied lm_head"):  # every problem at once
         load_hf_gpt2(str(tmp_path / "relu"))
+    config = json.loads((tmp_path / "ok" / "config.json").read_text())
+    (tmp_path / "ok" / "config.json").write_text(json.dumps({**config, "n_head": 3}))
+    with pytest.raises(UserError, match="n_embd=32 is not divisible by n_head=3"):
+        load_hf_gpt2(str(tmp_path / "ok"))
+    (tmp_path / "ok" / "config.json").write_text(json.dumps({**config, "n_layer": 3}))
+    with pytest.raises(UserError, match="do not fit a GPT-2 of this config: missing transformer.h.2"):
+        load_hf_gpt2(str(tmp_path / "ok"))
     os.remove(tmp_path / "ok" / "model.safetensors")
     with pytest.raises(UserError, match="has no weights"):
         load_hf_gpt2(str(tmp_path / "ok"))
@@ -163,7 +171,8 @@ def test_gpt2_tokenizer_export(tmp_path, shakespeare_path):
     ids = ours.encode(text)
     assert hf_tokenizer(text).input_ids == ids
     assert hf_tokenizer.decode(ids) == text
-    assert hf_tokenizer.eos_token_id == 50256 and AutoModelForCausalLM.from_pretrained(tmp_path / "hf").config.eos_token_id == 50256
+    assert hf_tokenizer.eos_token_id == 50256
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf").config.eos_token_id == 50256
     # merges.txt is byte for byte GPT-2's vocab.bpe, where tiktoken's cache holds that file
     cache = os.environ.get("TIKTOKEN_CACHE_DIR", "")
     files = [os.path.join(cache, name) for name in os.listdir(cache)] if os.path.isdir(cache) else []
