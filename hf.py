@@ -241,7 +241,7 @@ def hf_tokenizer_meta(name_or_path):
     The tokenizer meta (as in a dataset's meta.json) of a Hugging Face GPT-2: GPT-2 BPE for OpenAI's models; for a
     folder, read from its tokenizer files: GPT-2 BPE, or the char-level tokenizer export.py writes.
     """
-    if name_or_path in GPT2_NAMES:
+    if name_or_path in GPT2_NAMES and not os.path.isdir(name_or_path):  # a local folder wins, as in resolve()
         return GPT2_TOKENIZER_META
     folder = resolve(name_or_path)
     vocab_size = read_config(folder).get("vocab_size", 50257)
