@@ -210,6 +210,13 @@ class GPT(nn.Module):
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
 
+    @classmethod
+    def from_pretrained(cls, name_or_path, **overrides):
+        """GPT-2 weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face folder; overrides: dropout,
+        block_size (crops the context). The format lives in hf.py, imported only when this is used."""
+        from hf import load_hf_gpt2
+        return load_hf_gpt2(name_or_path, **overrides)
+
 
 # Dense bf16 tensor-core peak FLOP/s by GPU, from the vendors' data sheets (no sparsity). Matched against
 # torch.cuda.get_device_name(); the first matching substring wins, so more specific names come first.

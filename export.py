@@ -1,0 +1,49 @@
+"""
+Hand a trained model to the Hugging Face ecosystem (transformers, lm-evaluation-harness, vLLM, the Hub):
+
+    python export.py --out_dir=out-shakespeare-char --hf_dir=hf-shakespeare-char
+
+writes a GPT2LMHeadModel folder: config.json, model.safetensors, generation_config.json and the tokenizer (GPT-2's
+for GPT-2 BPE models, a one-token-per-character tokenizer.json for char-level ones). Then, with no code of ours:
+
+    transformers.pipeline("text-generation", model="hf-shakespeare-char")("ROMEO:")
+
+The weight mapping lives in hf.py.
+"""
+
+import os
+from dataclasses import dataclass
+
+import configurator
+from checkpoint import load_checkpoint, model_from_checkpoint
+from configurator import UserError
+from hf import save_hf_gpt2
+
+
+@dataclass
+class ExportConfig:
+    out_dir: str = "out"  # the folder holding ckpt.pt
+    hf_dir: str = ""  # the Hugging Face folder to write; empty: <out_dir>-hf
+
+
+def main(cfg, sources):
+    hf_dir = cfg.hf_dir or os.path.normpath(cfg.out_dir) + "-hf"
+    checkpoint = load_checkpoint(cfg.out_dir)
+    meta = checkpoint.get("meta")
+    if not meta or "tokenizer" not in meta:
+        raise UserError(f"{cfg.out_dir}/ckpt.pt does not say which tokenizer it was trained with (an old nanoGPT "
+                        "checkpoint?); without it the exported model could not read or write text")
+    model = model_from_checkpoint(checkpoint)
+    del checkpoint
+    files = save_hf_gpt2(model, meta, hf_dir)
+    c = model.config
+    kind = "GPT-2 BPE" if meta["tokenizer"]["type"] == "tiktoken" else f"char-level, {c.vocab_size} tokens"
+    print(f"wrote {hf_dir}: GPT-2 with n_layer={c.n_layer}, n_head={c.n_head}, n_embd={c.n_embd}, "
+          f"context {c.block_size}, vocab {c.vocab_size} ({kind}){'' if c.bias else ', zero biases for bias=False'}")
+    print(f"files: {', '.join(files)}")
+    print(f"load it: transformers.AutoModelForCausalLM.from_pretrained({hf_dir!r}), "
+          f"AutoTokenizer.from_pretrained({hf_dir!r})")
+
+
+if __name__ == "__main__":
+    configurator.run(main, ExportConfig)

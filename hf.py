@@ -1,0 +1,400 @@
+"""
+The Hugging Face GPT-2 format, both ways: GPT-2 weights in (from the Hub or a local folder) to start or fine-tune
+from, and trained models out as a folder that transformers loads with no extra code.
+
+A Hugging Face GPT-2 is a `GPT2LMHeadModel`: config.json (GPT2Config), model.safetensors (or the older
+pytorch_model.bin) and tokenizer files. Our module names are the same, so the weights are a key-for-key copy except:
+- the four projections are transformers' Conv1D, which stores its matrix as (in, out): the transpose of nn.Linear;
+- our token embedding has padded rows (vocab_size rounded up to a multiple of 64, see GPTConfig); the file has the
+  real vocabulary only, so rows are added on import (never used: logits are cut to the real vocabulary) and dropped
+  on export;
+- lm_head is tied to wte in both; the file usually leaves lm_head out and transformers ties it back;
+- GPT-2 always has biases. A bias=False model is exported with zero biases, which computes exactly the same function
+  (a LayerNorm or Linear without bias is one whose bias is zero); it comes back from an import as bias=True.
+Older files name the keys without the "transformer." prefix and carry the causal-mask buffers (attn.bias,
+attn.masked_bias); both layouts are read.
+
+transformers itself is never imported here (it takes seconds): config.json is plain JSON, the weights go through
+safetensors, the Hub download through huggingface_hub (transformers' own downloader), tokenizer files through
+tokenizers. The tests check the results against transformers.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+
+import torch
+
+from configurator import UserError
+from model import GPT, GPTConfig
+
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's four GPT-2s on the Hub
+EOT = "<|endoftext|>"
+GPT2_TOKENIZER_META = {"tokenizer": {"type": "tiktoken", "encoding": "gpt2"}, "vocab_size": 50257, "eot_id": 50256}
+# weights transformers keeps in Conv1D layout (in, out); nn.Linear keeps (out, in)
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# causal-mask buffers older transformers versions saved with the weights; not weights at all
+MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
+# GPTConfig fields a GPT2Config can express; any other field (a future architecture option) blocks the export
+GPT2_FIELDS = {"block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias"}
+# every file an export writes: a re-export may replace a folder holding only these
+TOKENIZER_FILES = {"tiktoken": ("vocab.json", "merges.txt", "tokenizer_config.json"),
+                   "char": ("tokenizer.json", "tokenizer_config.json")}
+EXPORT_FILES = {"config.json", "generation_config.json", "model.safetensors", *sum(TOKENIZER_FILES.values(), ())}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# weights and config, both ways
+
+def _layout(config):
+    """{key: shape} of our state dict for `config` with biases: what a GPT-2 file holds, before the Conv1D
+    transposes and vocabulary cut. Built on the meta device, so it costs no memory even for gpt2-xl."""
+    with torch.device("meta"):
+        model = GPT(dataclasses.replace(config, bias=True))
+    return {key: value.shape for key, value in model.state_dict().items()}
+
+
+def to_hf_state_dict(model):
+    """GPT2LMHeadModel's state dict for our model: Conv1D layout, real vocabulary rows, zero biases where ours has
+    none, no lm_head (tied). UserError when the model has something GPT-2 cannot express."""
+    cfg = model.config
+    unknown = [f"{f.name}={getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)
+               if f.name not in GPT2_FIELDS and getattr(cfg, f.name) != f.default]
+    state = model.state_dict()
+    layout = _layout(cfg)
+    extra = sorted(set(state) - set(layout))
+    if unknown or extra:
+        raise UserError(f"GPT-2 cannot express this model ({', '.join(unknown + extra[:5])}): transformers' "
+                        "GPT2LMHeadModel has no such option or weights, so there is no faithful export")
+    hf = {}
+    for key, shape in layout.items():
+        if key == "lm_head.weight":
+            continue
+        value = state[key] if key in state else torch.zeros(shape)  # bias=False: a zero bias is no bias
+        if key == "transformer.wte.weight":
+            value = value[:cfg.vocab_size]
+        if key.endswith(CONV1D_WEIGHTS):
+            value = value.t()
+        hf[key] = value.detach().to("cpu", torch.float32).contiguous()
+    return hf
+
+
+def from_hf_state_dict(hf_state, config, where="the weights"):
+    """Our state dict from GPT2LMHeadModel weights in either key layout; `config` is the GPTConfig they are for."""
+    state = {}
+    for key, value in hf_state.items():
+        if key.endswith(MASK_BUFFERS):
+            continue
+        key = key.removeprefix("transformer.")
+        state[key if key == "lm_head.weight" else "transformer." + key] = value.to(torch.float32)
+    wte, lm_head = state.get("transformer.wte.weight"), state.pop("lm_head.weight", None)
+    if lm_head is not None and wte is not None and not torch.equal(lm_head, wte):
+        raise UserError(f"{where}: lm_head differs from the token embedding (untied); this GPT ties them, "
+                        "as GPT-2 does, and cannot load an untied model")
+    layout = _layout(config)
+    missing = sorted(set(layout) - set(state) - {"lm_head.weight"})
+    extra = sorted(set(state) - set(layout))
+    if missing or extra:
+        problems = [f"{what} {', '.join(keys[:5])}"
+                    for what, keys in (("missing", missing), ("unexpected", extra)) if keys]
+        raise UserError(f"{where} do not fit a GPT-2 of this config: {'; '.join(problems)}")
+    for key in list(state):
+        if key.endswith(CONV1D_WEIGHTS):
+            state[key] = state[key].t()
+        elif key == "transformer.wte.weight":  # padded rows: zero, never looked up, their logits cut off
+            pad = config.padded_vocab_size - state[key].size(0)
+            state[key] = torch.cat([state[key], state[key].new_zeros(pad, state[key].size(1))])
+    state["lm_head.weight"] = state["transformer.wte.weight"]
+    return state
+
+
+def config_from_hf(hf, where="config.json"):
+    """The GPTConfig of a GPT2Config (as a dict); every feature GPT-2 allows but this GPT lacks is reported at once.
+    Missing keys take GPT2Config's defaults."""
+    n_embd, n_head = hf.get("n_embd", 768), hf.get("n_head", 12)
+    problems = [f"n_embd={n_embd} is not divisible by n_head={n_head}"] if n_embd % n_head else []
+    if hf.get("model_type") != "gpt2":
+        problems.append(f"model_type is {hf.get('model_type')!r}, not 'gpt2'")
+    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        problems.append(f"activation_function {hf['activation_function']!r} (this GPT uses GPT-2's tanh GELU)")
+    if hf.get("n_inner") not in (None, 4 * n_embd):
+        problems.append(f"n_inner={hf['n_inner']} (this GPT's MLP is 4 * n_embd = {4 * n_embd})")
+    if hf.get("layer_norm_epsilon", 1e-5) != 1e-5:
+        problems.append(f"layer_norm_epsilon={hf['layer_norm_epsilon']} (this GPT uses 1e-5)")
+    if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx", False):
+        problems.append("attention scaling other than 1/sqrt(head size)")
+    if hf.get("add_cross_attention", False):
+        problems.append("cross-attention")
+    if not hf.get("tie_word_embeddings", True):
+        problems.append("untied lm_head (tie_word_embeddings=false)")
+    if problems:
+        raise UserError(f"{where}: not a GPT-2 this GPT can load: {'; '.join(problems)}")
+    return GPTConfig(block_size=hf.get("n_positions", 1024), vocab_size=hf.get("vocab_size", 50257),
+                     n_layer=hf.get("n_layer", 12), n_head=n_head, n_embd=n_embd, bias=True)
+
+
+def hf_config(config, eot_id):
+    """config.json for our GPTConfig: a GPT2Config with the real sizes and vocabulary."""
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,  # 4 * n_embd
+        "activation_function": "gelu_new",  # the tanh approximation, as ours
+        "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "scale_attn_weights": True,
+        "tie_word_embeddings": True,
+        "bos_token_id": eot_id,
+        "eos_token_id": eot_id,
+        "torch_dtype": "float32",
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# import
+
+def resolve(name_or_path):
+    """A local folder holding the model: the path itself, or the Hub's files downloaded into transformers' cache."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if name_or_path not in GPT2_NAMES and "/" not in name_or_path:
+        raise UserError(f"{name_or_path!r} is neither a folder nor one of {', '.join(GPT2_NAMES)} (or a Hub "
+                        "repository such as user/model)")
+    import huggingface_hub
+    weights = ["model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
+    small = ["config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"]
+    try:
+        folder = huggingface_hub.snapshot_download(name_or_path, allow_patterns=small + weights)
+        if not any(os.path.exists(os.path.join(folder, f)) for f in weights[:2]):  # an old repository: .bin only
+            folder = huggingface_hub.snapshot_download(name_or_path, allow_patterns=small + ["pytorch_model.bin"])
+    except Exception as e:  # offline, unknown repository, gated, ...: many types
+        raise UserError(f"could not download {name_or_path} from the Hugging Face Hub ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); go online, or give a local folder with "
+                        "config.json and model.safetensors") from None
+    return folder
+
+
+def read_weights(folder):
+    """The state dict in a Hugging Face folder: model.safetensors, its shards, or pytorch_model.bin."""
+    single = os.path.join(folder, "model.safetensors")
+    index = os.path.join(folder, "model.safetensors.index.json")
+    legacy = os.path.join(folder, "pytorch_model.bin")
+    try:
+        if os.path.exists(single) or os.path.exists(index):
+            from safetensors.torch import load_file
+            if os.path.exists(single):
+                return load_file(single)
+            with open(index, encoding="utf-8") as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            return {k: v for shard in shards for k, v in load_file(os.path.join(folder, shard)).items()}
+        if os.path.exists(legacy):
+            return torch.load(legacy, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or garbled file raises many types
+        raise UserError(f"{folder}: the weights are truncated or corrupt ({type(e).__name__}: {e})") from None
+    raise UserError(f"{folder} has no weights (model.safetensors or pytorch_model.bin)")
+
+
+def read_config(folder):
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError:
+        raise UserError(f"{folder} has no config.json: not a Hugging Face model folder") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e})") from None
+
+
+def load_hf_gpt2(name_or_path, dropout=0.0, block_size=None):
+    """
+    A GPT (float32, CPU) with the weights of a Hugging Face GPT-2: one of gpt2, gpt2-medium, gpt2-large, gpt2-xl
+    (downloaded once into the Hugging Face cache), a Hub repository, or a local folder. dropout is for fine-tuning;
+    a smaller block_size crops the position table (GPT-2's 1024 is often more than fine-tuning needs).
+    """
+    folder = resolve(name_or_path)
+    config = config_from_hf(read_config(folder), where=f"{name_or_path}/config.json")
+    config.dropout = dropout
+    state = from_hf_state_dict(read_weights(folder), config, where=f"{name_or_path}'s weights")
+    model = GPT(config)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{name_or_path}'s weights do not fit its config.json: {e}") from None
+    if block_size is not None and block_size != config.block_size:
+        if block_size > config.block_size:
+            raise UserError(f"block_size={block_size} exceeds {name_or_path}'s context of {config.block_size} "
+                            f"tokens; use --block_size={config.block_size} or less")
+        model.crop_block_size(block_size)
+    return model
+
+
+def hf_tokenizer_meta(name_or_path):
+    """
+    The tokenizer meta (as in a dataset's meta.json) of a Hugging Face GPT-2: GPT-2 BPE for OpenAI's models; for a
+    folder, read from its tokenizer files: GPT-2 BPE, or the char-level tokenizer export.py writes.
+    """
+    if name_or_path in GPT2_NAMES and not os.path.isdir(name_or_path):  # a local folder wins, as in resolve()
+        return GPT2_TOKENIZER_META
+    folder = resolve(name_or_path)
+    vocab_size = read_config(folder).get("vocab_size", 50257)
+    path = os.path.join(folder, "tokenizer.json")
+    spec = {}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            spec = json.load(f)["model"]
+    if spec.get("type") == "WordLevel":  # ours: one token per character, then maybe <|endoftext|>
+        tokens = [t for t, _ in sorted(spec["vocab"].items(), key=lambda item: item[1])]
+        eot = tokens[-1:] == [EOT]
+        chars = tokens[:-1] if eot else tokens
+        if all(len(t) == 1 for t in chars) and len(tokens) == vocab_size:
+            return {"tokenizer": {"type": "char", "chars": "".join(chars), "eot": eot}, "vocab_size": vocab_size,
+                    "eot_id": len(chars) if eot else None}
+    elif vocab_size == 50257 and spec.get("type", "BPE") == "BPE":
+        return GPT2_TOKENIZER_META
+    raise UserError(f"cannot tell which tokenizer {name_or_path} uses: this toolkit knows GPT-2 BPE (50257 tokens) "
+                    "and the character-level tokenizer export.py writes")
+
+
+def check_dataset_tokenizer(name_or_path, data_meta):
+    """UserError unless a dataset was tokenized the way the pretrained model `name_or_path` expects."""
+    want = hf_tokenizer_meta(name_or_path)
+    if data_meta["tokenizer"] != want["tokenizer"] or data_meta["vocab_size"] != want["vocab_size"]:
+        what = "GPT-2 BPE" if want["tokenizer"]["type"] == "tiktoken" else "its character-level vocabulary"
+        raise UserError(f"{name_or_path} reads {what}, but the dataset was tokenized with "
+                        f"{data_meta['tokenizer']['type']} ({data_meta['vocab_size']} tokens); prepare the "
+                        "dataset with the model's tokenizer (python prepare.py NAME --tokenizer=gpt2 for GPT-2)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# export
+
+def bytes_to_unicode():
+    """GPT-2's byte-to-character table for vocab.json and merges.txt: printable Latin-1 bytes stand for themselves,
+    the other 68 bytes (controls, space, ...) take the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, n = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + n)
+            n += 1
+    return table
+
+
+def gpt2_bpe_files():
+    """
+    (vocab.json, merges.txt) contents of GPT-2's tokenizer, made from tiktoken's GPT-2 encoding (which downloads
+    or finds its files as usual). tiktoken keeps only each token's rank; token 256 + i is the result of merge i,
+    and its two halves are what byte-pair merging of the token's bytes gives using only earlier merges.
+    """
+    from tokenizer import TiktokenTokenizer
+    enc = TiktokenTokenizer("gpt2").enc
+    ranks = {enc.decode_single_token_bytes(i): i for i in range(enc.n_vocab) if i != enc.eot_token}
+    to_text = bytes_to_unicode()
+
+    def text(token):
+        return "".join(to_text[b] for b in token)
+
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) == 1:
+            continue
+        parts = [token[i:i + 1] for i in range(len(token))]
+        while len(parts) > 2:
+            pair_ranks = [ranks.get(a + b, rank) for a, b in zip(parts, parts[1:])]
+            i = min(range(len(pair_ranks)), key=pair_ranks.__getitem__)
+            if pair_ranks[i] >= rank:
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) != 2:
+            raise UserError(f"tiktoken's GPT-2 token {rank} cannot be split into a merge; its BPE files look damaged")
+        merges.append(f"{text(parts[0])} {text(parts[1])}")
+    vocab = {text(token): rank for token, rank in ranks.items()}
+    vocab[EOT] = enc.eot_token
+    return json.dumps(vocab), "#version: 0.2\n" + "\n".join(merges) + "\n"
+
+
+def write_tokenizer(meta, folder, max_length):
+    """Tokenizer files transformers' AutoTokenizer loads: GPT-2's for GPT-2 BPE, a tokenizers-library
+    tokenizer.json with one token per character for char-level models."""
+    spec = meta["tokenizer"]
+    kind = spec["type"]
+    common = {"model_max_length": max_length, "clean_up_tokenization_spaces": False}  # decode text exactly
+    if kind == "tiktoken":
+        if spec.get("encoding") != "gpt2":
+            raise UserError(f"no Hugging Face tokenizer for the tiktoken encoding {spec.get('encoding')!r}: "
+                            "export writes GPT-2 BPE and char-level tokenizers only")
+        vocab, merges = gpt2_bpe_files()
+        _write_text(folder, "vocab.json", vocab)
+        _write_text(folder, "merges.txt", merges)
+        config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": EOT, "eos_token": EOT, "unk_token": EOT,
+                  "add_prefix_space": False, **common}
+    elif kind == "char":
+        from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+        chars, eot = spec["chars"], spec.get("eot", False)
+        vocab = {ch: i for i, ch in enumerate(chars)}
+        if eot:
+            vocab[EOT] = len(chars)
+        tok = Tokenizer(models.WordLevel(vocab, unk_token=None))
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character alone
+        tok.decoder = decoders.Fuse()  # join the characters back with nothing between them
+        if eot:
+            tok.add_special_tokens([EOT])
+        tok.save(os.path.join(folder, "tokenizer.json"))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", **common}
+        if eot:
+            config.update(bos_token=EOT, eos_token=EOT)
+    else:
+        raise UserError(f"no Hugging Face tokenizer for tokenizer type {kind!r}")
+    _write_text(folder, "tokenizer_config.json", json.dumps(config, indent=2))
+
+
+def _write_text(folder, name, text):
+    with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def save_hf_gpt2(model, meta, hf_dir):
+    """
+    Write `model` (with the tokenizer in `meta`) as a Hugging Face GPT2LMHeadModel folder. Everything goes into a
+    temporary sibling folder first and is renamed into place at the end, so a failed export never leaves a folder
+    that looks complete. An existing hf_dir is replaced only when it holds nothing but files an export writes.
+    Returns the file names written.
+    """
+    hf_dir = os.path.normpath(hf_dir)
+    if os.path.exists(hf_dir):
+        foreign = sorted(set(os.listdir(hf_dir)) - EXPORT_FILES) if os.path.isdir(hf_dir) else [hf_dir]
+        if foreign:
+            raise UserError(f"{hf_dir} exists and holds files an export does not write ({', '.join(foreign[:5])}); "
+                            "choose a new --hf_dir, or move them away")
+    tensors = to_hf_state_dict(model)  # refuses what GPT-2 cannot express before anything is written
+    eot_id = meta.get("eot_id")
+    tmp = f"{os.path.abspath(hf_dir)}.tmp{os.getpid()}"  # a sibling: the final rename stays on one file system
+    os.makedirs(tmp)
+    try:
+        write_tokenizer(meta, tmp, model.config.block_size)
+        _write_text(tmp, "config.json", json.dumps(hf_config(model.config, eot_id), indent=2))
+        _write_text(tmp, "generation_config.json", json.dumps({"bos_token_id": eot_id, "eos_token_id": eot_id}))
+        from safetensors.torch import save_file
+        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        written = sorted(os.listdir(tmp))
+        if os.path.exists(hf_dir):  # swap: the old export stays whole until the new one is in place
+            old = f"{os.path.abspath(hf_dir)}.old{os.getpid()}"
+            os.replace(hf_dir, old)
+            os.replace(tmp, hf_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, hf_dir)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+    return written

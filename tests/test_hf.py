@@ -1,0 +1,241 @@
+"""
+Hugging Face in and out (issue 7), offline: tiny random GPT2LMHeadModels built here stand in for the Hub's GPT-2s,
+and transformers itself is the reference for everything we export.
+"""
+
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+from checkpoint import save_checkpoint
+from configurator import UserError, parse
+from conftest import generated_text, gpt2_bpe_available, run_script
+from hf import GPT2_TOKENIZER_META, check_dataset_tokenizer, hf_tokenizer_meta, load_hf_gpt2, save_hf_gpt2
+from model import GPT, GPTConfig
+from tokenizer import CharTokenizer, TiktokenTokenizer
+
+transformers.logging.set_verbosity_error()  # loading bars and advice about generation settings
+
+
+def random_hf_gpt2(**config):
+    """A GPT2LMHeadModel with every parameter random, biases and LayerNorms included, so no mapping slip hides."""
+    args = dict(n_layer=2, n_head=2, n_embd=32, n_positions=16, vocab_size=50)
+    args.update(config)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(**args, bos_token_id=0, eos_token_id=0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if ".ln_" in name and name.endswith("weight") else 0.0, 0.2)  # LayerNorm gains near 1
+    return model.eval()
+
+
+def our_logits(model, idx):
+    logits, _ = model.eval()(idx, idx)  # with targets: logits at every position
+    return logits
+
+
+def hf_logits(model, idx):
+    with torch.no_grad():
+        return model.eval()(idx).logits
+
+
+@pytest.mark.parametrize("config, overrides", [
+    (dict(), dict()),
+    (dict(n_embd=48, n_head=3, vocab_size=100), dict()),  # n_embd not a multiple of 64, vocab padded to 128
+    (dict(n_embd=40, n_head=5, n_layer=3, activation_function="gelu_pytorch_tanh"), dict()),
+    (dict(n_positions=32), dict(block_size=12)),  # the position table cropped
+])
+def test_import_matches_transformers(tmp_path, config, overrides):
+    hf_model = random_hf_gpt2(**config)
+    hf_model.save_pretrained(tmp_path)
+    ours = GPT.from_pretrained(str(tmp_path), **overrides)
+    T = overrides.get("block_size", hf_model.config.n_positions)
+    assert ours.config.block_size == T and ours.transformer.wpe.weight.shape[0] == T
+    idx = torch.randint(0, hf_model.config.vocab_size, (3, T))
+    expected = hf_logits(hf_model, idx)
+    assert (our_logits(ours, idx) - expected).abs().max().item() < 1e-4
+    assert expected.abs().max().item() > 1.0  # the weights are not so small that any mapping would pass
+
+
+def test_import_legacy_layout(tmp_path):
+    """The Hub's GPT-2 files: pytorch_model.bin, keys without 'transformer.', causal-mask buffers among them."""
+    hf_model = random_hf_gpt2()
+    hf_model.config.save_pretrained(tmp_path)
+    state = {k.removeprefix("transformer."): v for k, v in hf_model.state_dict().items() if k != "lm_head.weight"}
+    for i in range(hf_model.config.n_layer):
+        state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(16, 16)).view(1, 1, 16, 16)
+        state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    ours = load_hf_gpt2(str(tmp_path), dropout=0.1)
+    assert ours.config.dropout == 0.1
+    idx = torch.randint(0, 50, (2, 16))
+    assert (our_logits(ours, idx) - hf_logits(hf_model, idx)).abs().max().item() < 1e-4
+
+
+def test_import_refusals(tmp_path):
+    random_hf_gpt2().save_pretrained(tmp_path / "ok")
+    with pytest.raises(UserError, match="exceeds .* context of 16 tokens"):
+        load_hf_gpt2(str(tmp_path / "ok"), block_size=32)
+    random_hf_gpt2(activation_function="relu", tie_word_embeddings=False).save_pretrained(tmp_path / "relu")
+    with pytest.raises(UserError, match="activation_function 'relu'.*untied lm_head"):  # every problem at once
+        load_hf_gpt2(str(tmp_path / "relu"))
+    config = json.loads((tmp_path / "ok" / "config.json").read_text())
+    (tmp_path / "ok" / "config.json").write_text(json.dumps({**config, "n_head": 3}))
+    with pytest.raises(UserError, match="n_embd=32 is not divisible by n_head=3"):
+        load_hf_gpt2(str(tmp_path / "ok"))
+    (tmp_path / "ok" / "config.json").write_text(json.dumps({**config, "n_layer": 3}))
+    with pytest.raises(UserError, match="do not fit a GPT-2 of this config: missing transformer.h.2"):
+        load_hf_gpt2(str(tmp_path / "ok"))
+    os.remove(tmp_path / "ok" / "model.safetensors")
+    with pytest.raises(UserError, match="has no weights"):
+        load_hf_gpt2(str(tmp_path / "ok"))
+    with pytest.raises(UserError, match="neither a folder nor one of gpt2"):
+        load_hf_gpt2("gpt3")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_import_export_round_trip(tmp_path, bias):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50, bias=bias))
+    meta = {"tokenizer": CharTokenizer(chr(32 + i) for i in range(50)).meta(), "vocab_size": 50, "eot_id": None}
+    save_hf_gpt2(model, meta, tmp_path / "hf")
+    back = load_hf_gpt2(str(tmp_path / "hf"))
+    original, loaded = model.state_dict(), back.state_dict()
+    for key, value in original.items():  # padded vocabulary rows are not weights: they are never used
+        rows = slice(0, 50) if key in ("transformer.wte.weight", "lm_head.weight") else slice(None)
+        assert torch.equal(value[rows], loaded[key][rows]), key
+    extra = set(loaded) - set(original)
+    assert bool(extra) != bias and all(not loaded[k].any() for k in extra)  # bias=False: zero biases
+    assert hf_tokenizer_meta(str(tmp_path / "hf")) == meta
+
+
+def test_trained_model_exported_by_command_line(tmp_path):
+    """A char model trained a few steps, saved as train.py saves it, exported by export.py: transformers' model,
+    tokenizer and pipeline agree with ours."""
+    text = generated_text(20_000)
+    tokenizer = CharTokenizer.from_text(text)
+    data = torch.tensor(tokenizer.encode(text))
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=48, block_size=32, vocab_size=tokenizer.vocab_size, bias=False)
+    torch.manual_seed(0)
+    model = GPT(config)  # bias=False, as config/train_shakespeare_char.py trains
+    optimizer = model.configure_optimizers(weight_decay=0.1, learning_rate=3e-3, betas=(0.9, 0.99))
+    losses = []
+    for _ in range(20):
+        starts = torch.randint(0, len(data) - 33, (8,))
+        batch = torch.stack([data[i:i + 33] for i in starts])
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5  # it learned: the weights are no longer the initial ones
+    meta = {"tokenizer": tokenizer.meta(), "vocab_size": tokenizer.vocab_size, "eot_id": None}
+    save_checkpoint(str(tmp_path / "out" / "ckpt.pt"),
+                    {"model": model.state_dict(), "model_args": dataclasses.asdict(config), "meta": meta})
+
+    out = run_script("export.py", "--out_dir=out", "--hf_dir=hf", cwd=tmp_path)
+    assert "zero biases for bias=False" in out.stdout
+
+    ours = model.eval()
+    hf_dir = str(tmp_path / "hf")
+    hf_model = AutoModelForCausalLM.from_pretrained(hf_dir)
+    assert hf_model.config.vocab_size == ours.config.vocab_size  # no padded rows
+    idx = torch.randint(0, ours.config.vocab_size, (2, 32))
+    assert (our_logits(ours, idx) - hf_logits(hf_model, idx)).abs().max().item() < 1e-4
+
+    hf_tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    text = "ROMEO:\nthe night  the day . love\n"
+    assert hf_tokenizer(text).input_ids == tokenizer.encode(text)
+    assert hf_tokenizer.decode(tokenizer.encode(text)) == text
+    assert hf_tokenizer_meta(hf_dir) == meta  # so --init_from=hf fine-tunes on the same data
+
+    generate = transformers.pipeline("text-generation", model=hf_dir)
+    text = generate("ROMEO:", max_new_tokens=20, do_sample=False)[0]["generated_text"]
+    assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 20
+
+
+@pytest.mark.skipif(not gpt2_bpe_available(), reason="GPT-2 BPE files not available offline")
+def test_gpt2_tokenizer_export(tmp_path, shakespeare_path):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=50257))
+    save_hf_gpt2(model, GPT2_TOKENIZER_META, tmp_path / "hf")
+    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ours = TiktokenTokenizer("gpt2")
+    with open(shakespeare_path, encoding="utf-8") as f:
+        text = f.read()[:50_000] + " Hello  world\n\n\t héllo 你好 🤖 it's 1234567 . , don't"
+    ids = ours.encode(text)
+    assert hf_tokenizer(text).input_ids == ids
+    assert hf_tokenizer.decode(ids) == text
+    assert hf_tokenizer.eos_token_id == 50256
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf").config.eos_token_id == 50256
+    # merges.txt is byte for byte GPT-2's vocab.bpe, where tiktoken's cache holds that file
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR", "")
+    files = [os.path.join(cache, name) for name in os.listdir(cache)] if os.path.isdir(cache) else []
+    for original in [open(path, "rb").read() for path in files]:
+        if original.startswith(b"#version: 0.2"):
+            assert (tmp_path / "hf" / "merges.txt").read_bytes() == original
+    text = transformers.pipeline("text-generation", model=str(tmp_path / "hf"))(
+        "Hello", max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    assert text.startswith("Hello") and len(text) > len("Hello")
+
+
+def test_export_refusals_leave_nothing_behind(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20))
+    meta = {"tokenizer": CharTokenizer("abcdefghijklmnopqrst").meta(), "vocab_size": 20, "eot_id": None}
+    bad_meta = {"tokenizer": {"type": "tiktoken", "encoding": "cl100k_base"}, "vocab_size": 20, "eot_id": None}
+    with pytest.raises(UserError, match="no Hugging Face tokenizer for the tiktoken encoding 'cl100k_base'"):
+        save_hf_gpt2(model, bad_meta, tmp_path / "hf")
+    assert os.listdir(tmp_path) == []  # no folder that looks complete, no temporary one either
+
+    save_hf_gpt2(model, meta, tmp_path / "hf")
+    first = (tmp_path / "hf" / "model.safetensors").read_bytes()
+    with pytest.raises(UserError, match="no Hugging Face tokenizer"):  # a failed re-export keeps the old one whole
+        save_hf_gpt2(model, bad_meta, tmp_path / "hf")
+    assert (tmp_path / "hf" / "model.safetensors").read_bytes() == first
+    assert sorted(os.listdir(tmp_path)) == ["hf"]
+    with torch.no_grad():
+        model.transformer.ln_f.weight.fill_(2.0)
+    save_hf_gpt2(model, meta, tmp_path / "hf")  # re-exporting replaces a previous export
+    assert load_hf_gpt2(str(tmp_path / "hf")).transformer.ln_f.weight.eq(2.0).all()
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="holds files an export does not write \\(notes.txt\\)"):
+        save_hf_gpt2(model, meta, tmp_path / "mine")
+    assert os.listdir(tmp_path / "mine") == ["notes.txt"]
+
+
+def test_export_refuses_what_gpt2_cannot_express():
+    from dataclasses import dataclass
+
+    @dataclass
+    class FutureConfig(GPTConfig):
+        rotary: bool = False  # a stand-in for an architecture option GPT2Config has no field for
+
+    model = GPT(FutureConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20, rotary=True))
+    with pytest.raises(UserError, match="GPT-2 cannot express this model \\(rotary=True\\)"):
+        save_hf_gpt2(model, GPT2_TOKENIZER_META, "never-written")
+    assert not os.path.exists("never-written")
+
+
+def test_export_command_line_errors(tmp_path):
+    proc = run_script("export.py", "--out_dir=nowhere", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "no checkpoint at nowhere/ckpt.pt" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_finetune_config_and_tokenizer_check():
+    from train import TrainConfig
+    cfg, _ = parse(TrainConfig, [os.path.join(os.path.dirname(__file__), "..", "config", "finetune_shakespeare.py")])
+    assert cfg.init_from == "gpt2" and cfg.dataset == "shakespeare"
+    assert hf_tokenizer_meta("gpt2-xl") == GPT2_TOKENIZER_META  # known without a download
+    check_dataset_tokenizer("gpt2", GPT2_TOKENIZER_META)
+    char_meta = {"tokenizer": {"type": "char", "chars": "abc", "eot": False}, "vocab_size": 3, "eot_id": None}
+    with pytest.raises(UserError, match="gpt2 reads GPT-2 BPE, but the dataset was tokenized with char"):
+        check_dataset_tokenizer("gpt2", char_meta)
