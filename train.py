@@ -27,6 +27,7 @@ import configurator
 from checkpoint import load_checkpoint, model_from_checkpoint, save_training_checkpoint
 from configurator import UserError
 from distributed import cleanup_distributed, detect_launch, init_distributed, pick_device, pick_dtype
+from hf import GPT2_NAMES, check_dataset_tokenizer, load_hf_gpt2
 from model import GPT, GPTConfig, peak_flops_for
 from tokendata import BatchSampler, Dataset
 
@@ -38,7 +39,7 @@ EXIT_REQUEUE = 3
 class TrainConfig:
     # I/O
     out_dir: str = "out"  # checkpoints, log.jsonl and loss.png go here
-    init_from: str = "scratch"  # 'scratch', 'resume' (from out_dir/ckpt.pt) or 'auto' (resume when a checkpoint exists)
+    init_from: str = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt), 'auto' (resume if there is one), or GPT-2 weights to fine-tune: gpt2[-medium|-large|-xl] or a Hugging Face folder
     eval_interval: int = 2000  # steps between val-loss evaluations (and checkpoints)
     eval_iters: int = 200  # batches per split in each evaluation
     eval_only: bool = False  # evaluate once and exit
@@ -101,8 +102,9 @@ def validate(cfg):
             problems.append(f"{key}={getattr(cfg, key)} must be at least 1")
     if not 0.0 <= cfg.dropout < 1.0:
         problems.append(f"dropout={cfg.dropout} must be in [0, 1)")
-    if cfg.init_from not in ("scratch", "resume", "auto"):
-        problems.append(f"init_from={cfg.init_from!r}: expected 'scratch', 'resume' or 'auto'")
+    if cfg.init_from not in ("scratch", "resume", "auto", *GPT2_NAMES) and not os.path.isdir(cfg.init_from):
+        problems.append(f"init_from={cfg.init_from!r}: expected 'scratch', 'resume', 'auto', "
+                        f"{', '.join(GPT2_NAMES)} or a Hugging Face GPT-2 folder")
     if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
         problems.append(f"dtype={cfg.dtype!r}: expected auto, float32, bfloat16 or float16")
     if cfg.decay_lr and cfg.lr_decay_iters < cfg.warmup_iters:
@@ -347,6 +349,9 @@ def train(cfg, sources, launch, device):
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     resume = cfg.init_from == "resume" or (cfg.init_from == "auto" and os.path.exists(ckpt_path))
     checkpoint = load_checkpoint(ckpt_path) if resume else None
+    pretrained = cfg.init_from if cfg.init_from not in ("scratch", "resume", "auto") else None
+    if pretrained:
+        check_dataset_tokenizer(pretrained, data.meta)  # before downloading the weights
 
     say(f"launch: {launch.mode}, {launch.world_size} process(es); device {device}, {dtype}")
     say("config:\n" + configurator.describe(cfg, sources))
@@ -360,6 +365,9 @@ def train(cfg, sources, launch, device):
         torch.backends.cudnn.allow_tf32 = True
     if checkpoint is not None:
         model = model_from_checkpoint(checkpoint, dropout=cfg.dropout)
+    elif pretrained:
+        model = load_hf_gpt2(pretrained, dropout=cfg.dropout, block_size=cfg.block_size)
+        say(f"initialised from {pretrained} (n_layer, n_head, n_embd and bias come from it)")
     else:
         model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
                               bias=cfg.bias, vocab_size=data.meta["vocab_size"], dropout=cfg.dropout))

@@ -239,3 +239,20 @@ def test_finetune_config_and_tokenizer_check():
     char_meta = {"tokenizer": {"type": "char", "chars": "abc", "eot": False}, "vocab_size": 3, "eot_id": None}
     with pytest.raises(UserError, match="gpt2 reads GPT-2 BPE, but the dataset was tokenized with char"):
         check_dataset_tokenizer("gpt2", char_meta)
+
+
+@pytest.mark.skipif(not gpt2_bpe_available(), reason="GPT-2 BPE files not available offline")
+def test_train_finetunes_from_hf_folder(tmp_path, shakespeare_path):
+    """train.py --init_from=<Hugging Face folder> starts from those weights (GPT-2 BPE data, cropped block)."""
+    hf_model = random_hf_gpt2(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257)
+    hf_model.save_pretrained(tmp_path / "hf-tiny")
+    run_script("prepare.py", "shakespeare", f"--source={shakespeare_path}", cwd=tmp_path)
+    out = run_script("train.py", "--dataset=shakespeare", "--init_from=hf-tiny", "--device=cpu", "--compile=False",
+                     "--block_size=32", "--batch_size=4", "--max_iters=4", "--eval_interval=4", "--eval_iters=2",
+                     "--warmup_iters=1", "--out_dir=out", "--plot=False", cwd=tmp_path)
+    assert "initialised from hf-tiny" in out.stdout
+    ckpt = torch.load(tmp_path / "out/ckpt.pt", weights_only=False)
+    assert ckpt["model_args"]["n_layer"] == 2 and ckpt["model_args"]["block_size"] == 32
+    start = hf_model.state_dict()["transformer.h.0.mlp.c_fc.weight"].t()
+    moved = (ckpt["model"]["transformer.h.0.mlp.c_fc.weight"] - start).abs().max().item()
+    assert 0 < moved < 0.05  # fine-tuned from the imported weights, not trained from a fresh init
