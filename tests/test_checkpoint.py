@@ -188,3 +188,17 @@ def test_loss_plot_written(data_dir):
                cwd=data_dir)
     png = data_dir / "out/loss.png"
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_wandb_offline_resumes_same_run(data_dir):
+    pytest.importorskip("wandb")
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(data_dir))
+    common = [sys.executable, os.path.join(REPO, "train.py"), *ARGS, "--wandb_log=True", "--eval_interval=3",
+              "--out_dir=out"]
+    for extra in (["--max_iters=3"], ["--max_iters=6", "--init_from=resume"]):
+        proc = subprocess.run(common + extra, cwd=data_dir, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = sorted(os.listdir(data_dir / "wandb"))
+    run_ids = {name.rsplit("-", 1)[1] for name in runs if name.startswith("offline-run-")}
+    assert len(run_ids) == 1, runs  # both runs logged to one wandb run
+    assert torch.load(data_dir / "out/ckpt.pt", weights_only=False)["wandb_run_id"] in run_ids
