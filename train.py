@@ -254,6 +254,52 @@ def gather_to_master(obj, launch):
     return out
 
 
+class Prefetcher:
+    """
+    Training batches one ahead: `batch` is the batch to compute on; advance() reads the following one and sends it to
+    the device, which overlaps with the compute already queued. The state to checkpoint is the sampler's state before
+    the batch in hand, so a resumed run starts with exactly that batch.
+    """
+
+    def __init__(self, sampler, to_device):
+        self.sampler, self.to_device = sampler, to_device
+        self.advance()
+
+    def advance(self):
+        self._state = self.sampler.state_dict()
+        self.batch = self.to_device(*self.sampler.next_batch())
+
+    def state_dict(self):
+        return self._state
+
+
+def accumulate_gradients(model, batches, grad_accum, autocast, scaler, optimizer, grad_clip, distributed):
+    """
+    One optimizer step over grad_accum micro-batches drawn from `batches`. Returns (summed micro-step losses, global
+    gradient norm, whether the step was taken): a step whose gradient norm is not finite is not applied.
+    """
+    loss_sum = None
+    for micro in range(grad_accum):
+        # DDP all-reduces gradients only on the last micro-step; no_sync must cover forward and backward
+        sync = model.no_sync() if distributed and micro < grad_accum - 1 else nullcontext()
+        with sync:
+            with autocast:
+                _, loss = model(*batches.batch)
+                loss = loss / grad_accum  # gradients of the mean over micro-steps
+            batches.advance()  # read the next batch while the device runs the forward pass
+            scaler.scale(loss).backward()
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+    scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
+    if not torch.isfinite(grad_norm):
+        return loss_sum, grad_norm, False
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm, True
+
+
 def check_resume(checkpoint, cfg, data_meta, say):
     """Refuse to resume into a different model or dataset; report the settings that changed."""
     old = checkpoint.get("config") or {}
@@ -454,9 +500,7 @@ def train(cfg, sources, launch, device):
             }, step, cfg.keep_last_n, cfg.keep_every)
             say(f"saved checkpoint {ckpt_path} at step {step} ({reason})")
 
-    # the state that reproduces the batch fetched ahead is what a checkpoint must hold, not the state after it
-    next_state = sampler.state_dict()
-    x, y = to_device(*sampler.next_batch())
+    batches = Prefetcher(sampler, to_device)
     t_last, steps_since_log, bad_steps = time.time(), 0, 0
     exit_code = 0
     while True:
@@ -471,7 +515,7 @@ def train(cfg, sources, launch, device):
             improved = losses["val"] < best_val_loss
             best_val_loss = min(best_val_loss, losses["val"])
             if step > 0 and not cfg.eval_only and (improved or cfg.always_save_checkpoint):
-                save(next_state, "val loss improved" if improved else "always_save_checkpoint")
+                save(batches.state_dict(), "val loss improved" if improved else "always_save_checkpoint")
             if plot:
                 plot_losses(log_path, os.path.join(cfg.out_dir, "loss.png"))
             t_last = time.time()  # evaluation time is not training time
@@ -479,7 +523,7 @@ def train(cfg, sources, launch, device):
             break
         out_of_time = max_runtime is not None and time.time() - t_start > max_runtime
         if any_rank(stop.signal is not None or out_of_time, launch, device):
-            save(next_state, f"stopping on {stop.signal or 'max_runtime'}")
+            save(batches.state_dict(), f"stopping on {stop.signal or 'max_runtime'}")
             if launch.distributed:  # no rank exits before rank 0 has written: launchers kill the rest on first exit
                 torch.distributed.barrier()
             say(f"exiting with code {EXIT_REQUEUE}: run the same command again (or requeue) to resume")
@@ -489,22 +533,9 @@ def train(cfg, sources, launch, device):
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(grad_accum):
-            # DDP all-reduces gradients only on the last micro-step; no_sync must cover forward and backward
-            sync = model.no_sync() if launch.distributed and micro < grad_accum - 1 else nullcontext()
-            with sync:
-                with autocast:
-                    _, loss = model(x, y)
-                    loss = loss / grad_accum  # gradients of the mean over micro-steps
-                next_state = sampler.state_dict()
-                x, y = to_device(*sampler.next_batch())  # fetch the next batch while the GPU works
-                scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
-        # gradients are all-reduced, so every rank sees the same norm and takes the same decision
-        if not torch.isfinite(grad_norm):
+        loss_sum, grad_norm, finite = accumulate_gradients(model, batches, grad_accum, autocast, scaler, optimizer,
+                                                           cfg.grad_clip, launch.distributed)
+        if not finite:  # every rank sees the same all-reduced norm and takes the same decision
             bad_steps += 1
             optimizer.zero_grad(set_to_none=True)
             scaler.update()  # fp16: lowers the loss scale, which is the usual cause
@@ -517,9 +548,6 @@ def train(cfg, sources, launch, device):
                                 "from the last checkpoint")
             continue
         bad_steps = 0
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
         step += 1
         steps_since_log += 1
 
