@@ -254,6 +254,18 @@ def gather_to_master(obj, launch):
     return out
 
 
+def dataset_dir(cfg):
+    return cfg.dataset if os.path.isdir(cfg.dataset) else os.path.join(cfg.data_root, cfg.dataset)
+
+
+def to_device(x, y, device):
+    """numpy (x, y) batch -> tensors on `device`; on CUDA through pinned memory, so the copy overlaps with compute."""
+    x, y = torch.from_numpy(x), torch.from_numpy(y)
+    if device.startswith("cuda"):
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
 class Prefetcher:
     """
     Training batches one ahead: `batch` is the batch to compute on; advance() reads the following one and sends it to
@@ -387,8 +399,7 @@ def train(cfg, sources, launch, device):
     device_type = device.split(":")[0]
     dtype = pick_dtype(cfg.dtype, device_type)
     grad_accum, batch_explain = micro_steps_per_rank(cfg, launch.world_size)
-    data_dir = cfg.dataset if os.path.isdir(cfg.dataset) else os.path.join(cfg.data_root, cfg.dataset)
-    data = Dataset(data_dir)
+    data = Dataset(dataset_dir(cfg))
     train_shards, val_shards = data.shards("train"), data.shards("val")
     meta = {k: data.meta.get(k) for k in ("tokenizer", "vocab_size", "eot_id")}
 
@@ -455,14 +466,11 @@ def train(cfg, sources, launch, device):
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[launch.local_rank] if device_type == "cuda" else None)
 
-    def to_device(x, y):
-        x, y = torch.from_numpy(x), torch.from_numpy(y)
-        if device_type == "cuda":  # pinned host memory lets the copy overlap with compute
-            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-        return x.to(device), y.to(device)
+    def batch_to_device(x, y):
+        return to_device(x, y, device)
 
-    eval_sets = {"train": EvalBatches(train_shards, cfg, launch, to_device),
-                 "val": EvalBatches(val_shards, cfg, launch, to_device)}
+    eval_sets = {"train": EvalBatches(train_shards, cfg, launch, batch_to_device),
+                 "val": EvalBatches(val_shards, cfg, launch, batch_to_device)}
     peak = cfg.peak_flops or (peak_flops_for(torch.cuda.get_device_name(device)) if device_type == "cuda" else None)
     tokens_per_step = cfg.batch_size * cfg.block_size * grad_accum * launch.world_size
 
@@ -500,7 +508,7 @@ def train(cfg, sources, launch, device):
             }, step, cfg.keep_last_n, cfg.keep_every)
             say(f"saved checkpoint {ckpt_path} at step {step} ({reason})")
 
-    batches = Prefetcher(sampler, to_device)
+    batches = Prefetcher(sampler, batch_to_device)
     t_last, steps_since_log, bad_steps = time.time(), 0, 0
     exit_code = 0
     while True:
