@@ -366,16 +366,20 @@ def started(iterator):
     return iterator if first is None else chain([first], iterator)
 
 
+SAFE_CUT = re.compile(r"(?<=[^\W_])\s")  # a whitespace character after a letter or digit
+
+
 def safe_cut(text, start):
     """
-    The first index at or after `start` just past a newline that a non-space character follows, or -1. The GPT-2
-    pre-tokenizer (cl100k's too) always ends a pre-token there and BPE never merges across pre-tokens, so encoding
-    the text on both sides of the cut apart gives exactly the tokens of encoding it whole.
+    The first index at or after `start` where a whitespace character follows a letter or digit, or -1. Encoding the
+    text on both sides of such a cut apart gives exactly the tokens of encoding it whole: the GPT-2 pre-tokenizer
+    (cl100k's and o200k's too) always ends a pre-token of letters or digits before whitespace, scans on from there
+    without looking back, and BPE never merges across pre-tokens. Cutting after whitespace would not be safe: at the
+    very end of a text, trailing whitespace is one pre-token ('a\n\n' encodes as [a, \n\n], 'a\n\nb' as
+    [a, \n, \n, b]).
     """
-    cut = text.find("\n", start)
-    while cut != -1 and cut + 1 < len(text) and text[cut + 1].isspace():
-        cut = text.find("\n", cut + 1)
-    return -1 if cut == -1 or cut + 1 >= len(text) else cut + 1
+    match = SAFE_CUT.search(text, start)
+    return -1 if match is None else match.start()
 
 
 def pieces_of(segments, size=PIECE_CHARS):

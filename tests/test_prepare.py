@@ -289,3 +289,27 @@ def test_undecodable_bytes_replaced_on_request(tmp_path):
                "--num_proc=1", cwd=tmp_path)
     meta = json.loads((tmp_path / "data/bad/meta.json").read_text())
     assert "\ufffd" in meta["tokenizer"]["chars"]
+
+
+@needs_bpe
+@pytest.mark.parametrize("encoding", ["gpt2", "cl100k_base"])
+def test_safe_cuts_keep_bpe_tokens(encoding):
+    """Cutting a text at every point safe_cut allows and encoding the parts apart gives the tokens of the whole, on
+    text full of the hard cases: lines starting with one or more spaces, tabs, blank lines, CRLF, digits, quotes."""
+    import tiktoken
+    from prepare import safe_cut
+    try:
+        enc = tiktoken.get_encoding(encoding)
+    except Exception:
+        pytest.skip(f"{encoding} BPE files not available offline")
+    rng = random.Random(0)
+    starts = [" ", "  ", "\t", "", "", " =", " 12", "'s", " '", "\u00a0", " e\u0301t\u00e9", "\r\n", "\n", "_"]
+    words = ["word", "The", "don't", "42", "3.14", "!!", "\u00e9t\u00e9", "\u4e2d\u6587", " ", "  ", "x_1", "1234567"]
+    text = "".join(rng.choice(starts) + " ".join(rng.choice(words) for _ in range(rng.randint(0, 6))) +
+                   rng.choice(["\n", "\n", "\r\n", " \n", "\n\n"]) for _ in range(3000))
+    cuts, pos = [0], 0
+    while (pos := safe_cut(text, pos + 1)) != -1:
+        cuts.append(pos)
+    assert len(cuts) > 1000
+    parts = [enc.encode_ordinary(text[a:b]) for a, b in zip(cuts, cuts[1:] + [len(text)])]
+    assert [t for p in parts for t in p] == enc.encode_ordinary(text)
