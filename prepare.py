@@ -238,7 +238,8 @@ def jsonl_documents(path, field, errors):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {lineno}: not JSON ({e.msg}); each line must be one JSON object") from None
+                raise UserError(f"{path} line {lineno}: not JSON ({e.msg}); each line must be one JSON "
+                                "object") from None
             yield text_of(row, field, f"{path} line {lineno}")
 
 
@@ -288,8 +289,9 @@ def hf_documents(name, config, hf_split, split, field, join_rows):
         rows = iter(datasets.load_dataset(name, config or None, split=hf_split, streaming=True))
         first = next(rows, None)
     except Exception as e:  # offline this is any of several connection or hub errors
-        raise UserError(f"could not load {where} ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
-                        "offline? download its files where you are online and point --source at them") from None
+        reason = (str(e).splitlines() or [""])[0][:200]
+        raise UserError(f"could not load {where} ({type(e).__name__}: {reason}); offline? download its files where "
+                        "you are online and point --source at them") from None
     if first is None:
         return
 
@@ -383,8 +385,8 @@ def safe_cut(text, start):
 
 
 def pieces_of(segments, size=PIECE_CHARS):
-    """One document's text in pieces of about `size` characters cut at safe points (a line longer than that stays
-    whole)."""
+    """One document's text in pieces of about `size` characters, cut at safe points (text with none, such as one
+    enormous word, stays whole)."""
     buf = ""
     for text in segments:
         buf += text
@@ -419,11 +421,12 @@ def encode_pieces(tokenizer, task, dtype):
     returns (tokens, tokens per piece, bytes of text). An id that does not fit `dtype` is an error, never wrapped.
     """
     arrays, lengths, nbytes = [], [], 0
-    eot = np.array([tokenizer.eot_id if tokenizer.eot_id is not None else 0], dtype=np.int64)
     for text, eot_before in task:
         ids = tokenizer.encode_array(text)
         if eot_before:
-            ids = np.concatenate([eot.astype(ids.dtype), ids])
+            if tokenizer.eot_id is None:
+                raise ValueError("documents to separate, but the tokenizer has no end-of-text id")
+            ids = np.concatenate([np.array([tokenizer.eot_id], dtype=ids.dtype), ids])
         arrays.append(ids)
         lengths.append(len(ids))
         nbytes += len(text.encode("utf-8"))
@@ -760,7 +763,8 @@ def main(cfg, sources):
     print(f"tokenizer {tokenizer_name} (vocab {tokenizer.vocab_size}, {dtype.name} tokens), {num_proc} process(es), "
           f"shards of {cfg.shard_size:,} tokens")
     t_tokenize = time.time()
-    total_bytes = sum(map(os.path.getsize, local_files)) if local_files and not skip else None
+    all_text = local_files and all(file_kind(f) == "text" for f in local_files)  # else file sizes are not text sizes
+    total_bytes = sum(map(os.path.getsize, local_files)) if all_text and not skip else None
     docs_per_split, stats = tokenize_into_shards(stream, skip, tokenizer, writers, save, cfg, num_proc, total_bytes)
     t_tokenize = time.time() - t_tokenize
 

@@ -89,7 +89,7 @@ def machine_ceiling(path, mb, world):
     return max(t for _, t in times) - min(t for t, _ in times)
 
 
-def word_pool(rng):
+def word_pool():
     """Words (punctuation attached, as in running text) and how often each occurs."""
     path = os.path.join(SHARED, "data", "tinyshakespeare.txt")
     if os.path.exists(path):
@@ -105,7 +105,7 @@ def word_pool(rng):
 def build_corpus(path, mb, seed=0):
     """A .jsonl of documents of 200 to 6,000 words in lines of 5 to 20 words, mb megabytes of text in all."""
     rng = np.random.default_rng(seed)
-    words, p = word_pool(rng)
+    words, p = word_pool()
     size = 0
     with open(path, "w", encoding="utf-8") as f:
         while size < mb * 1e6:
