@@ -2,59 +2,130 @@
 Turn a text corpus into token shards that train.py reads:
 
     python prepare.py shakespeare_char                  tiny Shakespeare, one id per character
-    python prepare.py shakespeare                       tiny Shakespeare, GPT-2 BPE (tiktoken)
+    python prepare.py openwebtext                       OpenWebText, GPT-2 BPE (nanoGPT's GPT-2 reproduction)
+    python prepare.py tinystories --tokenizer=char      TinyStories, one id per character (+ end-of-text)
     python prepare.py mytext --source="notes/*.txt" --tokenizer=char
+    python prepare.py --list                            every recipe
 
 Writes data/<name>/train_000000.bin ..., val_000000.bin ... (the llm.c token-file format, see tokendata.py) and
 meta.json, which is written last: a folder without meta.json is an unfinished preparation.
+
+How it scales (issue 3): documents are streamed, never held whole; worker processes (--num_proc) tokenize pieces of
+about a megabyte in order, so the shards are byte-identical whatever the number of workers; each shard is filled to
+exactly --shard_size tokens and written whole under a temporary name, then renamed. After every finished shard,
+resume.json records how far the stream got, so a killed run picks up from there when run again with the same command.
 """
 
 import glob
+import hashlib
 import json
+import multiprocessing
 import os
+import re
 import time
 import urllib.request
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import asdict, dataclass
 
+import numpy as np
 from tqdm import tqdm
 
 import configurator
 from configurator import UserError
-from tokendata import token_dtype, write_tokens
-from tokenizer import CharTokenizer, TiktokenTokenizer
+from tokendata import TokenFileError, read_header, read_tokens, token_dtype, write_tokens
+from tokenizer import CharTokenizer, make_tokenizer, tokenizer_from_meta
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+PIECE_CHARS = 1 << 18  # documents longer than this are cut into pieces of about this size (see safe_cut)
+TASK_CHARS = 1 << 20  # characters sent to a worker at once: large enough that inter-process traffic is noise
+STATE_VERSION = 1  # of resume.json; a different version is never resumed from
 
-# name -> (one-line description, default tokenizer, URL of the canonical source)
+
+@dataclass(frozen=True)
+class Recipe:
+    description: str
+    tokenizer: str  # the default --tokenizer
+    url: str = ""  # a plain-text download: one document
+    hf: str = ""  # or a Hugging Face dataset, streamed
+    hf_config: str = ""
+    # (dataset split, what becomes of it): 'train', 'val', 'test'; 'random': train, with a random val_fraction of its
+    # documents (seeded) set aside as val; 'first_shard': llm.c's fineweb rule, the first shard_size tokens are val
+    splits: tuple = ()
+    val_fraction: float = 0.1
+    join_rows: bool = False  # the rows of a split are the lines of one text (wikitext), not separate documents
+
+
+WIKITEXT = (("train", "train"), ("validation", "val"), ("test", "test"))
 RECIPES = {
-    "shakespeare_char": ("tiny Shakespeare (1.1 MB), character-level", "char", TINY_SHAKESPEARE_URL),
-    "shakespeare": ("tiny Shakespeare (1.1 MB), GPT-2 BPE", "gpt2", TINY_SHAKESPEARE_URL),
+    "shakespeare_char": Recipe("tiny Shakespeare (1.1 MB), character-level", "char", url=TINY_SHAKESPEARE_URL),
+    "shakespeare": Recipe("tiny Shakespeare (1.1 MB), GPT-2 BPE", "gpt2", url=TINY_SHAKESPEARE_URL),
+    "openwebtext": Recipe("OpenWebText (8M web pages, 9B GPT-2 tokens), nanoGPT's GPT-2 reproduction corpus; "
+                          "0.05% of pages as val", "gpt2", hf="Skylion007/openwebtext",
+                          splits=(("train", "random"),), val_fraction=0.0005),
+    "tinystories": Recipe("TinyStories (2.1M short stories, 0.5B GPT-2 tokens); its own validation split; "
+                          "--tokenizer=char works too", "gpt2", hf="roneneldan/TinyStories",
+                          splits=(("train", "train"), ("validation", "val"))),
+    "wikitext2": Recipe("WikiText-2 raw (2M words of Wikipedia); its validation and test splits kept apart",
+                        "gpt2", hf="Salesforce/wikitext", hf_config="wikitext-2-raw-v1", splits=WIKITEXT,
+                        join_rows=True),
+    "wikitext103": Recipe("WikiText-103 raw (103M words of Wikipedia); its validation and test splits kept apart",
+                          "gpt2", hf="Salesforce/wikitext", hf_config="wikitext-103-raw-v1", splits=WIKITEXT,
+                          join_rows=True),
+    "fineweb_edu": Recipe("FineWeb-Edu, a sample (--hf_config, default sample-10BT), streamed; shard 0 is val "
+                          "(llm.c's rule)", "gpt2", hf="HuggingFaceFW/fineweb-edu", hf_config="sample-10BT",
+                          splits=(("train", "first_shard"),)),
 }
+HF_SPLIT_NAMES = {"train": "train", "validation": "val", "valid": "val", "val": "val", "test": "test"}
 
 
 @dataclass
 class PrepareConfig:
-    name: str = ""  # the dataset: a recipe (see --list) or any name for your own --source
-    source: str = ""  # a .txt file, a folder of them or a glob; empty: the recipe's canonical download
+    name: str = ""  # the dataset: a recipe (see --list) or any name for your own --source or --hf
+    source: str = ""  # local .txt / .jsonl / .parquet: a file, a folder or a glob; empty: the recipe's download
+    val_source: str = ""  # local files that are the val split; empty: val is carved out of source
+    test_source: str = ""  # local files that are a test split (optional)
+    hf: str = ""  # any Hugging Face dataset by name (owner/name), streamed
+    hf_config: str = ""  # its configuration, e.g. sample-100BT for fineweb_edu; empty: the recipe's
+    split: str = "train"  # with --hf: the dataset's splits to read, comma-separated (validation/test kept apart)
+    text_field: str = "text"  # the field holding the text in .jsonl, .parquet and Hugging Face rows
     tokenizer: str = ""  # 'char' or a tiktoken encoding such as 'gpt2'; empty: the recipe's default (gpt2 otherwise)
-    val_fraction: float = 0.1  # the last part of the text becomes the val split
+    val_fraction: float | None = None  # share of the text that becomes val when no val split is given; None: recipe's
+    seed: int = 2357  # picks the random val documents (nanoGPT's seed for openwebtext)
     shard_size: int = 100_000_000  # tokens per shard file
+    num_proc: int = 0  # tokenizer worker processes; 0: one per CPU core
+    decode_errors: str = "strict"  # undecodable bytes: 'strict' stops with the file and offset, 'replace' uses U+FFFD
     out_root: str = "data"  # datasets land in out_root/<name>/
     list: bool = False  # print the recipes and exit
 
 
 def validate(cfg):
     problems = []
-    if not cfg.list and not cfg.name:
+    if cfg.list:
+        return problems
+    if not cfg.name:
         problems.append("name a dataset: python prepare.py shakespeare_char (see --list)")
-    if not cfg.list and cfg.name and cfg.name not in RECIPES and not cfg.source:
-        problems.append(f"{cfg.name!r} is not a recipe (see --list); for your own text give --source=PATH")
-    if not 0.0 < cfg.val_fraction < 1.0:
+    elif cfg.name not in RECIPES and not cfg.source and not cfg.hf:
+        problems.append(f"{cfg.name!r} is not a recipe (see --list); for your own text give --source=PATH "
+                        "or --hf=owner/name")
+    if cfg.source and cfg.hf:
+        problems.append("give --source (local files) or --hf (a Hugging Face dataset), not both")
+    if (cfg.val_source or cfg.test_source) and not cfg.source:
+        problems.append("--val_source and --test_source go with --source")
+    if cfg.split != "train" and not cfg.hf:
+        problems.append("--split goes with --hf; for local files use --val_source / --test_source")
+    if cfg.val_fraction is not None and not 0.0 < cfg.val_fraction < 1.0:
         problems.append(f"val_fraction={cfg.val_fraction} must be between 0 and 1")
     if cfg.shard_size < 1:
         problems.append(f"shard_size={cfg.shard_size} must be at least 1")
+    if cfg.num_proc < 0:
+        problems.append(f"num_proc={cfg.num_proc} must be 0 (all cores) or more")
+    if cfg.decode_errors not in ("strict", "replace"):
+        problems.append(f"decode_errors={cfg.decode_errors!r} must be 'strict' or 'replace'")
     return problems
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading: every source becomes a stream of documents, each an iterable of text segments, tagged with its split.
 
 def download(url, path):
     """Fetch url to path (atomically); a clear error offline."""
@@ -75,114 +146,660 @@ def download(url, path):
 
 
 def source_files(source):
-    """The text files a --source names: one file, every .txt under a folder, or a glob; sorted for determinism."""
+    """The files a --source names: one file, the .txt/.jsonl/.parquet files under a folder, or a glob; sorted."""
     if os.path.isdir(source):
-        files = sorted(glob.glob(os.path.join(source, "**", "*.txt"), recursive=True))
+        files = sorted(f for ext in ("txt", "jsonl", "parquet")
+                       for f in glob.glob(os.path.join(source, "**", f"*.{ext}"), recursive=True))
     elif os.path.isfile(source):
         files = [source]
     else:
         files = sorted(f for f in glob.glob(source, recursive=True) if os.path.isfile(f))
     if not files:
-        raise UserError(f"--source={source}: no such file, or no .txt files there")
+        raise UserError(f"--source={source}: no such file, or no .txt/.jsonl/.parquet files there")
     return files
 
 
-def read_text(files):
-    texts = []
-    for path in tqdm(files, desc="read", unit="file", disable=len(files) < 2):
-        with open(path, "rb") as f:
-            raw = f.read()
+def file_kind(path):
+    """'jsonl', 'parquet' or 'text' (anything else, e.g. .txt or wikitext's .raw) by the file's name."""
+    ext = os.path.splitext(path)[1].lower()
+    return {".jsonl": "jsonl", ".parquet": "parquet"}.get(ext, "text")
+
+
+def decode(data, path, offset, errors):
+    try:
+        return data.decode("utf-8", errors)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: byte {offset + e.start:,} ({data[e.start:e.start + 4]!r}) is not UTF-8; convert "
+                        "the file to UTF-8, or pass --decode_errors=replace") from None
+
+
+def text_blocks(path, start, end, errors, block=1 << 20):
+    """The text of bytes [start, end) of a file, decoded a block at a time; each block ends before the last character
+    that starts in it, so no character is ever cut in two."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        pos, carry = start, b""
+        while pos < end:
+            data = carry + f.read(min(block, end - pos))
+            offset = pos - len(carry)
+            pos = offset + len(data)
+            cut = len(data)
+            if pos < end:  # keep the last character (maybe incomplete) for the next block
+                for i in range(len(data) - 1, max(len(data) - 5, -1), -1):
+                    if data[i] & 0xC0 != 0x80:
+                        cut = i
+                        break
+            carry = data[cut:]
+            yield decode(data[:cut], path, offset, errors)
+        if carry:
+            yield decode(carry, path, pos - len(carry), errors)
+
+
+def char_start(path, pos):
+    """pos, moved forward past UTF-8 continuation bytes to where a character starts."""
+    with open(path, "rb") as f:
+        f.seek(pos)
+        for b in f.read(4):
+            if b & 0xC0 != 0x80:
+                break
+            pos += 1
+    return pos
+
+
+def text_documents(files, split, val_fraction, errors):
+    """
+    Plain-text files, each one document. With val_fraction, nanoGPT's split: the first (1 - val_fraction) of the
+    bytes of all files together are train, the rest val; the file where the cut falls becomes two documents.
+    (nanoGPT cuts by characters; for ASCII text, tiny Shakespeare included, that is the same place.)
+    """
+    total = sum(os.path.getsize(f) for f in files)
+    boundary = int(total * (1 - val_fraction)) if val_fraction else total
+    pos = 0
+    for path in files:
+        size = os.path.getsize(path)
+        cut = min(max(boundary - pos, 0), size)
+        if 0 < cut < size:
+            cut = char_start(path, cut)
+        if cut > 0:
+            yield split, text_blocks(path, 0, cut, errors)
+        if cut < size:
+            yield "val", text_blocks(path, cut, size, errors)
+        pos += size
+
+
+def jsonl_documents(path, field, errors):
+    with open(path, "rb") as f:
+        offset = 0
+        for lineno, raw in enumerate(f, 1):
+            line = decode(raw, path, offset, errors).strip()
+            offset += len(raw)
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path} line {lineno}: not JSON ({e.msg}); each line must be one JSON "
+                                "object") from None
+            yield text_of(row, field, f"{path} line {lineno}")
+
+
+def parquet_documents(path, field):
+    import pyarrow.parquet as pq
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow's errors for a broken file are of several types
+        raise UserError(f"{path}: cannot read as parquet ({e})") from None
+    if field not in parquet.schema_arrow.names:
+        raise UserError(f"{path} has no column {field!r} (it has: {', '.join(parquet.schema_arrow.names)}); "
+                        "choose one with --text_field")
+    for batch in parquet.iter_batches(batch_size=1024, columns=[field]):
+        for text in batch.column(0).to_pylist():
+            if text is not None and not isinstance(text, str):
+                raise UserError(f"{path}: column {field!r} holds {type(text).__name__}, not text")
+            yield text or ""
+
+
+def text_of(row, field, where):
+    if not isinstance(row, dict) or field not in row:
+        fields = ", ".join(map(repr, row)) if isinstance(row, dict) else type(row).__name__
+        raise UserError(f"{where}: no {field!r} field (it has: {fields}); choose the field with --text_field")
+    text = row[field]
+    if text is not None and not isinstance(text, str):
+        raise UserError(f"{where}: field {field!r} holds {type(text).__name__}, not text")
+    return text or ""
+
+
+def local_documents(files, split, cfg):
+    """Documents of local files of any kind: a text file is one document, a .jsonl line or parquet row is one."""
+    for path in files:
+        kind = file_kind(path)
+        if kind == "text":
+            yield from text_documents([path], split, None, cfg.decode_errors)
+        else:
+            rows = jsonl_documents(path, cfg.text_field, cfg.decode_errors) if kind == "jsonl" else \
+                parquet_documents(path, cfg.text_field)
+            yield from ((split, (text,)) for text in rows if text)
+
+
+def hf_documents(name, config, hf_split, split, field, join_rows):
+    """A Hugging Face dataset split, streamed (nothing but the current rows in memory, no full download first)."""
+    where = f"Hugging Face dataset {name}{f' ({config})' if config else ''}, split {hf_split!r}"
+    try:
+        import datasets
+        rows = iter(datasets.load_dataset(name, config or None, split=hf_split, streaming=True))
+        first = next(rows, None)
+    except Exception as e:  # offline this is any of several connection or hub errors
+        reason = (str(e).splitlines() or [""])[0][:200]
+        raise UserError(f"could not load {where} ({type(e).__name__}: {reason}); offline? download its files where "
+                        "you are online and point --source at them") from None
+    if first is None:
+        return
+
+    def texts():
+        yield text_of(first, field, where)
         try:
-            texts.append(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise UserError(f"{path}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 4]!r}); "
-                            "convert it to UTF-8 first") from None
-    text = "\n\n".join(texts)  # files are joined with a blank line: they are separate documents
-    if not text.strip():
-        raise UserError(f"the source ({', '.join(files[:3])}{' ...' if len(files) > 3 else ''}) holds no text")
-    return text
+            for i, row in enumerate(rows, 1):
+                yield text_of(row, field, f"{where}, row {i}")
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"reading {where} failed ({type(e).__name__}: {e}); run the same command again to "
+                            "resume from the last finished shard") from None
+
+    if join_rows:  # wikitext: each row is one line of the text, newline included
+        yield split, texts()
+    else:
+        yield from ((split, (text,)) for text in texts() if text)
 
 
-def chunks(text, size=1 << 20):
-    """Pieces of about `size` characters, cut just after a newline that a non-space character follows: BPE never
-    merges across such a point, so encoding piece by piece gives exactly the tokens of encoding the whole."""
-    start = 0
-    while start < len(text):
-        end = start + size
-        if end < len(text):
-            cut = text.find("\n", end)
-            while cut != -1 and cut + 1 < len(text) and text[cut + 1].isspace():
-                cut = text.find("\n", cut + 1)
-            end = len(text) if cut == -1 else cut + 1
-        yield text[start:end]
-        start = end
+def assign_random_val(documents, val_fraction, seed):
+    """Documents tagged 'random' go to val with probability val_fraction (seeded: the same ones every run), and the
+    very first of them always, so val is never empty; the rest to train."""
+    rng = np.random.default_rng(seed)
+    first = True
+    for split, segments in documents:
+        if split == "random":
+            split = "val" if first or rng.random() < val_fraction else "train"
+            first = False
+        yield split, segments
 
 
-def encode(tokenizer, text, desc):
-    ids = []
-    with tqdm(total=len(text), unit="char", unit_scale=True, desc=f"encode {desc}") as bar:
-        for piece in chunks(text):
-            ids.extend(tokenizer.encode(piece))
-            bar.update(len(piece))
-    return ids
+def documents(cfg, recipe, val_fraction):
+    """(split, segments) for every document of the dataset, in a fixed order. split is 'train', 'val', 'test' or
+    'first_shard' (the fineweb rule: the first shard_size tokens go to val)."""
+    if cfg.source:
+        files = source_files(cfg.source)
+        if cfg.val_source or cfg.test_source:
+            docs = local_documents(files, "train", cfg)
+            for split, more in (("val", cfg.val_source), ("test", cfg.test_source)):
+                if more:
+                    docs = chain(docs, local_documents(source_files(more), split, cfg))
+        elif all(file_kind(f) == "text" for f in files):
+            docs = text_documents(files, "train", val_fraction, cfg.decode_errors)
+        else:  # one stream of documents: the recipe's rule for that (openwebtext, fineweb_edu), else a random val
+            rule = recipe.splits[0][1] if recipe and len(recipe.splits) == 1 else "random"
+            docs = local_documents(files, rule, cfg)
+    else:
+        if cfg.hf:
+            hf_splits = [s.strip() for s in cfg.split.split(",") if s.strip()]
+            targets = [HF_SPLIT_NAMES.get(s, "train") for s in hf_splits]
+            if "val" not in targets:
+                targets = ["random" if t == "train" else t for t in targets]
+            name, config, join_rows = cfg.hf, cfg.hf_config, False
+            pairs = list(zip(hf_splits, targets))
+        else:
+            name, config, join_rows = recipe.hf, cfg.hf_config or recipe.hf_config, recipe.join_rows
+            pairs = list(recipe.splits)
+        docs = (doc for hf_split, split in pairs
+                for doc in hf_documents(name, config, hf_split, split, cfg.text_field, join_rows))
+    return assign_random_val(docs, val_fraction, cfg.seed)
 
 
-def write_split(out_dir, split, ids, shard_size, dtype):
-    shards = []
-    for i, start in enumerate(range(0, max(len(ids), 1), shard_size)):
-        name = f"{split}_{i:06d}.bin"
-        piece = ids[start:start + shard_size]
-        write_tokens(os.path.join(out_dir, name), piece, dtype)
-        shards.append({"file": name, "tokens": len(piece)})
-    return shards
+def chain(*iterables):
+    for it in iterables:
+        yield from it
+
+
+def started(iterator):
+    """The iterator with its first item already fetched, so that an unreachable or empty source fails here, before
+    any worker starts."""
+    iterator = iter(iterator)
+    first = next(iterator, None)
+    return iterator if first is None else chain([first], iterator)
+
+
+SAFE_CUT = re.compile(r"(?<=[^\W_])\s")  # a whitespace character after a letter or digit
+
+
+def safe_cut(text, start):
+    """
+    The first index at or after `start` where a whitespace character follows a letter or digit, or -1. Encoding the
+    text on both sides of such a cut apart gives exactly the tokens of encoding it whole: the GPT-2 pre-tokenizer
+    (cl100k's and o200k's too) always ends a pre-token of letters or digits before whitespace, scans on from there
+    without looking back, and BPE never merges across pre-tokens. Cutting after whitespace would not be safe: at the
+    very end of a text, trailing whitespace is one pre-token ('a\n\n' encodes as [a, \n\n], 'a\n\nb' as
+    [a, \n, \n, b]).
+    """
+    match = SAFE_CUT.search(text, start)
+    return -1 if match is None else match.start()
+
+
+def pieces_of(segments, size=PIECE_CHARS):
+    """One document's text in pieces of about `size` characters, cut at safe points (text with none, such as one
+    enormous word, stays whole)."""
+    buf = ""
+    for text in segments:
+        buf += text
+        while len(buf) > size and (cut := safe_cut(buf, size)) != -1:
+            yield buf[:cut]
+            buf = buf[cut:]
+    if buf:
+        yield buf
+
+
+def pieces(docs):
+    """(split, text, starts_a_document) for every piece of every document."""
+    for split, segments in docs:
+        for i, text in enumerate(pieces_of(segments)):
+            yield split, text, i == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizing, in worker processes. Each worker builds its tokenizer once, in init_worker.
+
+_worker = {}  # this process's tokenizer and token dtype
+
+
+def init_worker(tokenizer_meta, dtype):
+    _worker["tokenizer"] = tokenizer_from_meta({"tokenizer": tokenizer_meta}) if tokenizer_meta else None
+    _worker["dtype"] = np.dtype(dtype) if dtype else None
+
+
+def encode_pieces(tokenizer, task, dtype):
+    """
+    The tokens of a task's pieces, concatenated, with the end-of-text id in front of each piece marked for it;
+    returns (tokens, tokens per piece, bytes of text). An id that does not fit `dtype` is an error, never wrapped.
+    """
+    arrays, lengths, nbytes = [], [], 0
+    for text, eot_before in task:
+        ids = tokenizer.encode_array(text)
+        if eot_before:
+            if tokenizer.eot_id is None:
+                raise ValueError("documents to separate, but the tokenizer has no end-of-text id")
+            ids = np.concatenate([np.array([tokenizer.eot_id], dtype=ids.dtype), ids])
+        arrays.append(ids)
+        lengths.append(len(ids))
+        nbytes += len(text.encode("utf-8"))
+    tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+    limit = np.iinfo(dtype).max
+    if tokens.size and int(tokens.max()) > limit:
+        raise UserError(f"token id {int(tokens.max())} does not fit {dtype.name} (max {limit}); the tokenizer "
+                        f"produced an id outside its {tokenizer.vocab_size}-token vocabulary")
+    return tokens.astype(dtype), lengths, nbytes
+
+
+def encode_task(task):
+    return encode_pieces(_worker["tokenizer"], task, _worker["dtype"])
+
+
+def chars_of_task(task):
+    chars = set()
+    for text, _ in task:
+        chars.update(text)
+    return chars
+
+
+def num_cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class Workers:
+    """fn over tasks in `num_proc` processes, results in task order, at most a few tasks in flight (memory stays
+    bounded however long the stream). num_proc=1 runs in this process. Processes are spawned, not forked, on every
+    platform, so Linux runs exercise what macOS and Windows do."""
+
+    def __init__(self, num_proc, init_args):
+        self.num_proc = num_proc
+        if num_proc == 1:
+            init_worker(*init_args)
+            self.pool = None
+        else:
+            self.pool = multiprocessing.get_context("spawn").Pool(num_proc, init_worker, init_args)
+
+    def map(self, fn, tasks):
+        if self.pool is None:
+            yield from ((task, fn(task)) for task in tasks)
+            return
+        in_flight = deque()
+        for task in tasks:
+            in_flight.append((task, self.pool.apply_async(fn, (task,))))
+            if len(in_flight) > 2 * self.num_proc:
+                task, result = in_flight.popleft()
+                yield task, result.get()
+        while in_flight:
+            task, result = in_flight.popleft()
+            yield task, result.get()
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+def char_vocabulary(docs, workers):
+    """Character vocabulary, found in a parallel first pass: the union of each task's characters, sorted (so the ids
+    do not depend on the workers). Documents get an end-of-text id when some split holds more than one."""
+    counts, chars = {}, set()
+
+    def tasks():
+        task, size = [], 0
+        for split, text, new_doc in pieces(docs):
+            counts[split] = counts.get(split, 0) + new_doc
+            task.append((text, False))
+            size += len(text)
+            if size >= TASK_CHARS:
+                yield task
+                task, size = [], 0
+        if task:
+            yield task
+
+    with tqdm(desc="vocabulary", unit="char", unit_scale=True) as bar:
+        for task, found in workers.map(chars_of_task, tasks()):
+            chars |= found
+            bar.update(sum(len(text) for text, _ in task))
+    if not "".join(sorted(chars)).strip():
+        return None
+    return CharTokenizer(sorted(chars), eot=max(counts.values(), default=0) > 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing: shards of exactly shard_size tokens, each written whole; resume.json after each one.
+
+class ShardWriter:
+    """The shards of one split: tokens fill a buffer of shard_size, written out (atomically) each time it is full."""
+
+    def __init__(self, out_dir, split, shard_size, dtype, shards=(), partial=None):
+        self.out_dir, self.split, self.shard_size, self.dtype = out_dir, split, shard_size, dtype
+        self.shards = list(shards)  # finished: {"file", "tokens", "sha256"}
+        self.buf = np.empty(shard_size, dtype=dtype)  # pages are only touched (resident) as tokens arrive
+        self.n = 0
+        if partial is not None:
+            self.buf[:len(partial)] = partial
+            self.n = len(partial)
+
+    @property
+    def num_tokens(self):
+        return sum(s["tokens"] for s in self.shards) + self.n
+
+    def append(self, tokens):
+        while len(tokens):
+            take = min(len(tokens), self.shard_size - self.n)
+            self.buf[self.n:self.n + take] = tokens[:take]
+            self.n += take
+            tokens = tokens[take:]
+            if self.n == self.shard_size:
+                self._write()
+
+    def close(self):
+        """Write the last, partly filled shard (or one empty shard for a split that got no tokens)."""
+        if self.n or not self.shards:
+            self._write()
+
+    def _write(self):
+        name = f"{self.split}_{len(self.shards):06d}.bin"
+        tokens = self.buf[:self.n]
+        write_tokens(os.path.join(self.out_dir, name), tokens, self.dtype)
+        self.shards.append({"file": name, "tokens": self.n, "sha256": hashlib.sha256(tokens).hexdigest()})
+        self.n = 0
+
+
+def shard_intact(out_dir, shard, dtype):
+    """Whether a shard a previous run finished is still exactly what it wrote (header, size and checksum)."""
+    path = os.path.join(out_dir, shard["file"])
+    try:
+        file_dtype, count, offset = read_header(path)
+    except TokenFileError:
+        return False
+    if file_dtype != dtype or count != shard["tokens"]:
+        return False
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest() == shard["sha256"]
+
+
+def fingerprint(cfg, recipe, val_fraction):
+    """What a resumed run must share with the interrupted one: every setting that changes the tokens, and the size
+    and modification time of each local source file."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("num_proc", "list")}
+    files = []
+    for source in (cfg.source, cfg.val_source, cfg.test_source):
+        if source:
+            files += [[os.path.abspath(f), os.path.getsize(f), os.path.getmtime(f)] for f in source_files(source)]
+    return {"version": STATE_VERSION, "settings": settings, "val_fraction": val_fraction, "files": files,
+            "recipe": asdict(recipe) if recipe else None}
+
+
+def load_resume_state(out_dir, expected_fingerprint):
+    """The state a killed run left, if it belongs to this same preparation and its finished shards are intact;
+    else None (and the reason printed)."""
+    path = os.path.join(out_dir, "resume.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        print(f"{path} is unreadable: starting over")
+        return None
+    if state.get("fingerprint") != json.loads(json.dumps(expected_fingerprint)):
+        print(f"{path} is from a preparation with other settings or source files: starting over")
+        return None
+    dtype = np.dtype(state["token_dtype"])
+    for split in state["splits"].values():
+        for shard in split["shards"]:
+            if not shard_intact(out_dir, shard, dtype):
+                print(f"{shard['file']} is not the shard the interrupted run wrote: starting over")
+                return None
+        if split["partial"] and not os.path.exists(os.path.join(out_dir, split["partial"])):
+            print(f"{split['partial']} is missing: starting over")
+            return None
+    return state
+
+
+def save_resume_state(out_dir, fp, tokenizer, dtype, next_piece, writers):
+    """resume.json: the stream position after the last finished shard, with every split's finished shards and its
+    tokens not yet in a shard (in a side file, named by position, so the json and its files change together)."""
+    old = set(glob.glob(os.path.join(out_dir, "resume-*.part")))
+    splits = {}
+    for split, w in writers.items():
+        partial = None
+        if w.n:
+            partial = f"resume-{split}-{next_piece}.part"
+            write_tokens(os.path.join(out_dir, partial), w.buf[:w.n], dtype)
+        splits[split] = {"shards": w.shards, "partial": partial}
+    state = {"fingerprint": fp, "tokenizer": tokenizer.meta(), "token_dtype": dtype.name, "next_piece": next_piece,
+             "splits": splits}
+    write_json(os.path.join(out_dir, "resume.json"), state)
+    for path in old - {os.path.join(out_dir, s["partial"]) for s in splits.values() if s["partial"]}:
+        os.remove(path)
+
+
+def write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, ensure_ascii=False)
+    os.replace(tmp, path)
+
+
+def clear_outputs(out_dir):
+    """Remove what earlier preparations wrote here (shards, meta.json, resume state); downloads stay."""
+    for name in os.listdir(out_dir):
+        if re.fullmatch(r"(train|val|test)_\d{6}\.bin|meta\.json|resume\.json|resume-.*\.part|.*\.tmp\d*", name):
+            os.remove(os.path.join(out_dir, name))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def start_or_resume(cfg, out_dir, fp, tokenizer_name, docs, num_proc):
+    """(tokenizer, writers, index of the first piece still to tokenize): from resume.json when a killed run of this
+    same preparation left one, else from scratch (a char vocabulary takes a first pass over the text)."""
+    state = load_resume_state(out_dir, fp)
+    if state is None:
+        clear_outputs(out_dir)
+        if tokenizer_name == "char":
+            stream = docs()
+            workers = Workers(num_proc, (None, None))
+            try:
+                tokenizer = char_vocabulary(stream, workers)
+            finally:
+                workers.close()
+            if tokenizer is None:
+                raise UserError(f"the source ({cfg.source or cfg.hf or cfg.name}) holds no text")
+        else:
+            tokenizer = make_tokenizer(tokenizer_name)
+        dtype = token_dtype(tokenizer.vocab_size)
+        return tokenizer, {s: ShardWriter(out_dir, s, cfg.shard_size, dtype) for s in ("train", "val")}, 0
+    tokenizer = tokenizer_from_meta(state)
+    dtype = token_dtype(tokenizer.vocab_size)
+    writers = {}
+    for split, s in state["splits"].items():
+        partial = read_tokens(os.path.join(out_dir, s["partial"])) if s["partial"] else None
+        writers[split] = ShardWriter(out_dir, split, cfg.shard_size, dtype, s["shards"], partial)
+    if state["next_piece"]:
+        print(f"resuming: {sum(len(w.shards) for w in writers.values())} finished shard(s) kept and verified, "
+              f"tokenizing again from piece {state['next_piece']:,} of the stream")
+    return tokenizer, writers, state["next_piece"]
+
+
+def tokenize_into_shards(stream, skip, tokenizer, writers, save, cfg, num_proc, total_bytes):
+    """
+    Tokenize the pieces of the stream after the first `skip` in worker processes and append their tokens, in stream
+    order, to the writer of their split; `save(next_piece)` after each finished shard. An end-of-text token goes in
+    front of every document but the first of its split. Returns counts for meta.json and the summary.
+    """
+    docs_per_split, stats = {}, {"characters": 0, "text": False, "bytes": 0, "tokens": 0}
+    order = deque()  # (piece index, split) of the pieces sent to workers, in order
+
+    def tasks():
+        task, size = [], 0
+        for index, (split, text, new_doc) in enumerate(pieces(stream)):
+            eot_before = new_doc and docs_per_split.get(split, 0) > 0
+            docs_per_split[split] = docs_per_split.get(split, 0) + new_doc
+            stats["characters"] += len(text)
+            stats["text"] = stats["text"] or not text.isspace()
+            if index < skip:  # done before the interruption; read again only to count documents
+                continue
+            order.append((index, split))
+            task.append((text, eot_before))
+            size += len(text)
+            if size >= TASK_CHARS:
+                yield task
+                task, size = [], 0
+        if task:
+            yield task
+
+    def append(split, tokens):
+        if split == "first_shard":  # llm.c's fineweb rule: the first shard_size tokens are val, the rest train
+            take = max(0, min(len(tokens), cfg.shard_size - writers["val"].num_tokens))
+            writers["val"].append(tokens[:take])
+            split, tokens = "train", tokens[take:]
+        if split not in writers:
+            writers[split] = ShardWriter(writers["train"].out_dir, split, cfg.shard_size, writers["train"].dtype)
+        writers[split].append(tokens)
+
+    workers = Workers(num_proc, (tokenizer.meta(), writers["train"].dtype.name))
+    try:
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize") as bar:
+            for _, (tokens, lengths, nbytes) in workers.map(encode_task, tasks()):
+                start = 0
+                for length in lengths:
+                    index, split = order.popleft()
+                    finished = sum(len(w.shards) for w in writers.values())
+                    append(split, tokens[start:start + length])
+                    start += length
+                    if sum(len(w.shards) for w in writers.values()) > finished:
+                        save(index + 1)
+                stats["bytes"] += nbytes
+                stats["tokens"] += len(tokens)
+                bar.update(nbytes)
+                bar.set_postfix(docs=f"{sum(docs_per_split.values()):,}", tokens=f"{stats['tokens']:,}",
+                                refresh=False)
+    finally:
+        workers.close()
+    return docs_per_split, stats
 
 
 def main(cfg, sources):
     if cfg.list:
-        for name, (description, _, _) in RECIPES.items():
-            print(f"{name:20s} {description}")
+        for name, recipe in RECIPES.items():
+            print(f"{name:18s} {recipe.description}")
         return
     t0 = time.time()
+    recipe = RECIPES.get(cfg.name) if not cfg.hf else None
+    val_fraction = cfg.val_fraction if cfg.val_fraction is not None else (recipe.val_fraction if recipe else 0.1)
+    tokenizer_name = cfg.tokenizer or (recipe.tokenizer if recipe else "gpt2")
+    num_proc = cfg.num_proc or num_cores()
     out_dir = os.path.join(cfg.out_root, cfg.name)
     os.makedirs(out_dir, exist_ok=True)
-    meta_path = os.path.join(out_dir, "meta.json")
-    if os.path.exists(meta_path):
-        os.remove(meta_path)  # the folder is unfinished until the new meta.json is written
-    _, default_tokenizer, url = RECIPES.get(cfg.name, ("", "gpt2", None))
-    source = cfg.source
-    if not source:
-        source = os.path.join(out_dir, "input.txt")
-        if not os.path.exists(source):
-            download(url, source)
-    files = source_files(source)
-    text = read_text(files)
+    if os.path.exists(os.path.join(out_dir, "meta.json")):
+        os.remove(os.path.join(out_dir, "meta.json"))  # the folder is unfinished until the new meta.json is written
+    user_source = bool(cfg.source)
+    if not cfg.source and recipe and recipe.url:
+        cfg.source = os.path.join(out_dir, "input.txt")
+        if not os.path.exists(cfg.source):
+            download(recipe.url, cfg.source)
+    local_files = [f for s in (cfg.source, cfg.val_source, cfg.test_source) if s for f in source_files(s)]
+    docs = lambda: started(documents(cfg, recipe, val_fraction))  # noqa: E731 (read twice for a char vocabulary)
 
-    n_train = int(len(text) * (1 - cfg.val_fraction))
-    splits = {"train": text[:n_train], "val": text[n_train:]}
-    tokenizer_name = cfg.tokenizer or default_tokenizer
-    tokenizer = CharTokenizer.from_text(text) if tokenizer_name == "char" else TiktokenTokenizer(tokenizer_name)
-    dtype = token_dtype(tokenizer.vocab_size)
+    fp = fingerprint(cfg, recipe, val_fraction)
+    tokenizer, writers, skip = start_or_resume(cfg, out_dir, fp, tokenizer_name, docs, num_proc)
+    dtype = writers["train"].dtype
+    stream = docs()  # a source that cannot be reached fails here, before any worker starts
+    save = lambda next_piece: save_resume_state(out_dir, fp, tokenizer, dtype, next_piece, writers)  # noqa: E731
+    save(skip)
+    print(f"tokenizer {tokenizer_name} (vocab {tokenizer.vocab_size}, {dtype.name} tokens), {num_proc} process(es), "
+          f"shards of {cfg.shard_size:,} tokens")
+    t_tokenize = time.time()
+    all_text = local_files and all(file_kind(f) == "text" for f in local_files)  # else file sizes are not text sizes
+    total_bytes = sum(map(os.path.getsize, local_files)) if all_text and not skip else None
+    docs_per_split, stats = tokenize_into_shards(stream, skip, tokenizer, writers, save, cfg, num_proc, total_bytes)
+    t_tokenize = time.time() - t_tokenize
 
-    shard_meta = {}
-    for split, split_text in splits.items():
-        ids = encode(tokenizer, split_text, split)
-        shard_meta[split] = write_split(out_dir, split, ids, cfg.shard_size, dtype)
-        print(f"{split}: {len(ids):,} tokens in {len(shard_meta[split])} shard(s)")
+    if not stats["text"]:
+        raise UserError(f"the source ({cfg.source or cfg.hf or cfg.name}) holds no text")
+    for split in ("train", "val"):
+        if writers[split].num_tokens == 0:
+            raise UserError(f"the {split} split came out empty; give it documents (--val_source) or change "
+                            f"--val_fraction (now {val_fraction})")
+    for w in writers.values():
+        w.close()
     meta = {
         "tokenizer": tokenizer.meta(),
         "vocab_size": tokenizer.vocab_size,
         "eot_id": tokenizer.eot_id,
         "token_dtype": dtype.name,
-        "shards": shard_meta,
-        "source": {"recipe": cfg.name if cfg.name in RECIPES else None, "url": None if cfg.source else url,
-                   "files": [os.path.abspath(f) for f in files[:100]], "num_files": len(files),
-                   "characters": len(text)},
+        "shards": {split: w.shards for split, w in writers.items()},
+        "source": {"recipe": cfg.name if recipe else None, "url": None if user_source else recipe.url or None,
+                   "hf": None if local_files else {"name": cfg.hf or recipe.hf,
+                                                   "config": cfg.hf_config or (recipe.hf_config if recipe else "")},
+                   "files": [os.path.abspath(f) for f in local_files[:100]], "num_files": len(local_files),
+                   "characters": stats["characters"], "documents": docs_per_split},
+        "prepare": {"val_fraction": val_fraction, "seed": cfg.seed, "shard_size": cfg.shard_size},
     }
-    tmp = meta_path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=1, ensure_ascii=False)
-    os.replace(tmp, meta_path)
-    print(f"vocab size {tokenizer.vocab_size}; wrote {out_dir} in {time.time() - t0:.1f} s")
+    write_json(os.path.join(out_dir, "meta.json"), meta)
+    for name in os.listdir(out_dir):  # finished: nothing left to resume
+        if name == "resume.json" or name.startswith("resume-"):
+            os.remove(os.path.join(out_dir, name))
+
+    for split, w in writers.items():
+        print(f"{split}: {w.num_tokens:,} tokens in {len(w.shards)} shard(s)")
+    rate = stats["bytes"] / 1e6 / max(t_tokenize, 1e-9)
+    print(f"vocab size {tokenizer.vocab_size}; wrote {out_dir} in {time.time() - t0:.1f} s "
+          f"(tokenizing: {stats['bytes'] / 1e6:,.1f} MB in {t_tokenize:.1f} s, {rate:.2f} MB/s, "
+          f"{stats['tokens'] / max(t_tokenize, 1e-9) / 1e6:.2f}M tokens/s)")
 
 
 def parse_args(argv):

@@ -50,7 +50,7 @@ def write_tokens(path, tokens, dtype=np.dtype("<u2")):
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(header.tobytes())
-        f.write(tokens.astype(dtype, copy=False).tobytes())
+        f.write(memoryview(np.ascontiguousarray(tokens.astype(dtype, copy=False))))  # no copy of a 100M-token shard
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -138,10 +138,13 @@ class Dataset:
 
 
 def _nanogpt_layout(data_dir):
-    """meta and splits of a nanoGPT data folder: train.bin / val.bin (headerless uint16) and an optional meta.pkl."""
-    splits = {s: [p] for s in ("train", "val") if os.path.exists(p := os.path.join(data_dir, f"{s}.bin"))}
-    splits.update({s: sorted(glob.glob(os.path.join(data_dir, f"{s}_*.bin"))) for s in ("train", "val")
-                   if s not in splits and glob.glob(os.path.join(data_dir, f"{s}_*.bin"))})
+    """meta and splits of a folder without meta.json: nanoGPT's train.bin / val.bin (headerless uint16) with an
+    optional meta.pkl, or llm.c's and modded-nanogpt's headered shards (fineweb_train_000001.bin, ...)."""
+    splits = {}
+    for split in ("train", "val"):
+        paths = sorted(glob.glob(os.path.join(data_dir, f"*{split}*.bin")))
+        if paths:
+            splits[split] = paths
     if not splits:
         raise UserError(f"{data_dir} holds no prepared data (no meta.json, no train.bin/val.bin); "
                         f"run: python prepare.py {os.path.basename(os.path.normpath(data_dir))}")
@@ -152,7 +155,7 @@ def _nanogpt_layout(data_dir):
         chars = "".join(old["itos"][i] for i in range(len(old["itos"])))
         meta = {"tokenizer": {"type": "char", "chars": chars, "eot": False},
                 "vocab_size": old["vocab_size"], "eot_id": None}
-    else:  # nanoGPT's BPE datasets (openwebtext, shakespeare) carry no meta: GPT-2 BPE
+    else:  # nanoGPT's BPE datasets (openwebtext, shakespeare) and llm.c's GPT-2 shards carry no meta: GPT-2 BPE
         meta = {"tokenizer": {"type": "tiktoken", "encoding": "gpt2"}, "vocab_size": 50257, "eot_id": 50256}
     meta["source"] = {"layout": "nanoGPT", "folder": data_dir}
     return meta, splits

@@ -5,6 +5,8 @@ Two kinds: character level (the vocabulary is the sorted set of characters of th
 (GPT-2 BPE by default). `tokenizer_from_meta` rebuilds exactly the tokenizer a dataset or checkpoint was made with.
 """
 
+import numpy as np
+
 from configurator import UserError
 
 
@@ -18,6 +20,7 @@ class CharTokenizer:
         self.stoi = {ch: i for i, ch in enumerate(self.chars)}
         self.eot_id = len(self.chars) if eot else None
         self.vocab_size = len(self.chars) + (1 if eot else 0)
+        self._table = None  # code point -> id, built on first encode_array
 
     @classmethod
     def from_text(cls, text, eot=False):
@@ -30,6 +33,17 @@ class CharTokenizer:
             unknown = sorted({ch for ch in text if ch not in self.stoi})
             raise UserError(f"text has characters outside this model's {len(self.chars)}-character vocabulary: "
                             f"{''.join(unknown)!r}; use only characters the training data contained") from e
+
+    def encode_array(self, text):
+        """encode() as a numpy array, through a code-point lookup table: ~50x faster, what prepare.py uses."""
+        if self._table is None:
+            self._table = np.full(max(map(ord, self.chars), default=0) + 1, -1, dtype=np.int64)
+            self._table[[ord(ch) for ch in self.chars]] = np.arange(len(self.chars))
+        points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+        ids = self._table[np.minimum(points, len(self._table) - 1)]
+        if len(points) and (points.max() >= len(self._table) or ids.min() < 0):
+            self.encode(text)  # raises, naming the unknown characters
+        return ids
 
     def decode(self, ids):
         # the end-of-text id (and padded vocab ids a model should never produce) decode to nothing
@@ -59,6 +73,12 @@ class TiktokenTokenizer:
 
     def encode(self, text):
         return self.enc.encode_ordinary(text)
+
+    def encode_array(self, text):
+        """encode() as a numpy array: tiktoken's own numpy encoder where it has one (no list of Python ints)."""
+        if hasattr(self.enc, "encode_to_numpy"):  # tiktoken >= 0.8; with nothing allowed, the same as encode_ordinary
+            return self.enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=()).astype(np.int64)
+        return np.array(self.enc.encode_ordinary(text), dtype=np.int64)
 
     def encode_batch(self, texts, num_threads=1):
         return self.enc.encode_ordinary_batch(texts, num_threads=num_threads)

@@ -1,0 +1,315 @@
+"""prepare.py at scale (issue 3), through its command line: exact tokens, determinism across worker counts, resume
+after a kill, every source format, uint32 vocabularies, and each bad input the issue names."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO, gpt2_bpe_available, run_script
+from tokendata import read_tokens
+
+needs_bpe = pytest.mark.skipif(not gpt2_bpe_available(), reason="GPT-2 BPE files not available offline")
+
+
+def stories(n, seed=0, long_every=0):
+    """n generated documents of a few lines each (every long_every-th one ~300k characters, so it is cut in pieces)."""
+    rng = random.Random(seed)
+    words = ("once upon a time there was little girl named lily she loved to play in the park with her dog "
+             "one day saw big red ball and said mom can I have it happy sad tree sun café naïve").split()
+    docs = []
+    for i in range(n):
+        lines = 300 * 60 if long_every and i % long_every == long_every - 1 else rng.randint(1, 8)
+        docs.append("\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(3, 15))).capitalize() + "."
+                              for _ in range(lines)))
+    return docs
+
+
+def write_jsonl(path, docs, field="text"):
+    with open(path, "w", encoding="utf-8") as f:
+        for i, doc in enumerate(docs):
+            f.write(json.dumps({"id": i, field: doc}) + "\n")
+
+
+def split_tokens(data_dir, split):
+    meta = json.loads((data_dir / "meta.json").read_text())
+    return np.concatenate([read_tokens(str(data_dir / s["file"])) for s in meta["shards"][split]])
+
+
+def shard_bytes(data_dir):
+    return {p.name: p.read_bytes() for p in sorted(data_dir.iterdir()) if p.suffix == ".bin"}
+
+
+def test_shakespeare_char_tokens_unchanged(tmp_path, shakespeare_path):
+    """The first 90% of characters are train, the rest val, one id per sorted character: nanoGPT's shakespeare_char,
+    whatever the shard size and worker count."""
+    run_script("prepare.py", "shakespeare_char", f"--source={shakespeare_path}", "--shard_size=300000",
+               "--num_proc=2", cwd=tmp_path)
+    text = open(shakespeare_path, encoding="utf-8").read()
+    chars = sorted(set(text))
+    stoi = {c: i for i, c in enumerate(chars)}
+    n = int(len(text) * 0.9)
+    data = tmp_path / "data/shakespeare_char"
+    meta = json.loads((data / "meta.json").read_text())
+    assert meta["tokenizer"] == {"type": "char", "chars": "".join(chars), "eot": False}
+    assert [s["tokens"] for s in meta["shards"]["train"]][:-1] == [300000] * (n // 300000)
+    assert split_tokens(data, "train").tolist() == [stoi[c] for c in text[:n]]
+    assert split_tokens(data, "val").tolist() == [stoi[c] for c in text[n:]]
+    assert not [p for p in os.listdir(data) if "resume" in p or ".tmp" in p]
+
+
+@needs_bpe
+def test_shakespeare_bpe_tokens_unchanged(tmp_path, shakespeare_path):
+    """Text cut into pieces for the workers encodes to exactly the tokens of the whole text."""
+    import tiktoken
+    run_script("prepare.py", "shakespeare", f"--source={shakespeare_path}", "--num_proc=2", cwd=tmp_path)
+    enc = tiktoken.get_encoding("gpt2")
+    text = open(shakespeare_path, encoding="utf-8").read()
+    n = int(len(text) * 0.9)
+    assert split_tokens(tmp_path / "data/shakespeare", "train").tolist() == enc.encode_ordinary(text[:n])
+    assert split_tokens(tmp_path / "data/shakespeare", "val").tolist() == enc.encode_ordinary(text[n:])
+
+
+def test_same_bytes_whatever_num_proc(tmp_path):
+    """Many documents (one long enough to be cut in pieces), small shards: 1 and 3 workers write identical files,
+    and the documents come back in order, split between train and val, separated by the end-of-text id."""
+    docs = stories(3000, long_every=2000)
+    write_jsonl(tmp_path / "docs.jsonl", docs)
+    for n in (1, 3):
+        run_script("prepare.py", "docs", "--source=docs.jsonl", "--tokenizer=char", "--shard_size=50000",
+                   "--val_fraction=0.05", f"--num_proc={n}", f"--out_root=out{n}", cwd=tmp_path)
+    one, three = tmp_path / "out1/docs", tmp_path / "out3/docs"
+    assert shard_bytes(one) == shard_bytes(three) and len(shard_bytes(one)) > 10
+    assert (one / "meta.json").read_text() == (three / "meta.json").read_text()
+
+    meta = json.loads((one / "meta.json").read_text())
+    chars, eot = meta["tokenizer"]["chars"], meta["eot_id"]
+    assert meta["tokenizer"]["eot"] and eot == len(chars) == meta["vocab_size"] - 1
+    decoded = {split: "".join(chars[i] if i != eot else "\0" for i in split_tokens(one, split)).split("\0")
+               for split in ("train", "val")}
+    assert decoded["train"][0] == docs[1]  # document 0 always goes to val
+    assert sorted(decoded["train"] + decoded["val"]) == sorted(docs)
+    assert decoded["train"] == [d for d in docs if d in set(decoded["train"])]  # stream order kept
+    assert 0.02 < len(decoded["val"]) / len(docs) < 0.08
+    assert meta["source"]["documents"] == {"val": len(decoded["val"]), "train": len(decoded["train"])}
+
+
+def test_resume_after_kill_gives_same_bytes(tmp_path):
+    """Kill a run (the whole process group, as Ctrl-C or the OOM killer would) once it has finished shards; running
+    the same command again keeps those, redoes the rest, and writes exactly what an uninterrupted run writes."""
+    docs = stories(2500, seed=1)
+    write_jsonl(tmp_path / "docs.jsonl", docs)
+    tokenizer = "gpt2" if gpt2_bpe_available() else "char"
+    args = ["docs", "--source=docs.jsonl", f"--tokenizer={tokenizer}", "--shard_size=20000", "--num_proc=2"]
+    run_script("prepare.py", *args[:-1], "--num_proc=1", "--out_root=clean", cwd=tmp_path)
+
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "prepare.py"), *args], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    state_path = tmp_path / "data/docs/resume.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if len(json.loads(state_path.read_text())["splits"]["train"]["shards"]) >= 2:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "data/docs/meta.json").exists(), "the run finished before it could be killed"
+    kept = json.loads(state_path.read_text())["splits"]["train"]["shards"]
+    kept_mtimes = {s["file"]: os.path.getmtime(tmp_path / "data/docs" / s["file"]) for s in kept}
+
+    resumed = run_script("prepare.py", *args, cwd=tmp_path)
+    assert "resuming: " in resumed.stdout
+    assert shard_bytes(tmp_path / "data/docs") == shard_bytes(tmp_path / "clean/docs")
+    assert (tmp_path / "data/docs/meta.json").read_text() == (tmp_path / "clean/docs/meta.json").read_text()
+    assert {f: os.path.getmtime(tmp_path / "data/docs" / f) for f in kept_mtimes} == kept_mtimes  # not rewritten
+    assert not [p for p in os.listdir(tmp_path / "data/docs") if "resume" in p or ".tmp" in p]
+
+
+def test_uint32_vocabulary(tmp_path):
+    """A character vocabulary past 65,535 ids gets uint32 shards (llm.c's version-7 header) and loses nothing."""
+    points = [p for p in range(0x100, 0x100 + 70_500) if not 0xD800 <= p < 0xE000]
+    rng = random.Random(0)
+    text = "".join(map(chr, points)) + "".join(chr(rng.choice(points)) for _ in range(20_000))
+    (tmp_path / "wide.txt").write_text(text, encoding="utf-8")
+    run_script("prepare.py", "wide", "--source=wide.txt", "--tokenizer=char", "--num_proc=1", cwd=tmp_path)
+    data = tmp_path / "data/wide"
+    meta = json.loads((data / "meta.json").read_text())
+    assert meta["vocab_size"] == len(points) > 65_536 and meta["token_dtype"] == "uint32"
+    assert list(np.fromfile(data / "train_000000.bin", dtype="<i4", count=2)) == [20240801, 7]
+    chars = meta["tokenizer"]["chars"]
+    tokens = np.concatenate([split_tokens(data, "train"), split_tokens(data, "val")])
+    assert tokens.max() > 65_535 and "".join(chars[i] for i in tokens) == text
+
+
+def test_overflowing_ids_refused():
+    """An id that does not fit the shard's dtype stops the run; it is never wrapped around."""
+    from configurator import UserError
+    from prepare import encode_pieces
+
+    class Wide:
+        vocab_size, eot_id = 70_001, 70_000
+
+        def encode_array(self, text):
+            return np.array([ord(c) - ord("a") + 69_990 for c in text])
+
+    tokens, lengths, _ = encode_pieces(Wide(), [("abc", False), ("d", True)], np.dtype("<u4"))
+    assert tokens.tolist() == [69_990, 69_991, 69_992, 70_000, 69_993] and lengths == [3, 2]
+    with pytest.raises(UserError, match="does not fit uint16"):
+        encode_pieces(Wide(), [("abc", False)], np.dtype("<u2"))
+
+
+def test_jsonl_parquet_and_glob_sources_agree(tmp_path):
+    """The same documents as one .jsonl, as parquet (other text field), and as a glob of two .jsonl files give the
+    same shards."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    docs = stories(200, seed=2)
+    write_jsonl(tmp_path / "all.jsonl", docs)
+    pq.write_table(pa.table({"story": docs, "n": list(range(len(docs)))}), tmp_path / "all.parquet",
+                   row_group_size=64)
+    os.makedirs(tmp_path / "parts")
+    write_jsonl(tmp_path / "parts/a.jsonl", docs[:120])
+    write_jsonl(tmp_path / "parts/b.jsonl", docs[120:])
+    common = ["--tokenizer=char", "--num_proc=1", "--val_fraction=0.1"]
+    run_script("prepare.py", "a", "--source=all.jsonl", *common, cwd=tmp_path)
+    run_script("prepare.py", "b", "--source=all.parquet", "--text_field=story", *common, cwd=tmp_path)
+    run_script("prepare.py", "c", "--source=parts/*.jsonl", *common, cwd=tmp_path)
+    a = shard_bytes(tmp_path / "data/a")
+    assert a == shard_bytes(tmp_path / "data/b") == shard_bytes(tmp_path / "data/c")
+    meta = json.loads((tmp_path / "data/c/meta.json").read_text())
+    assert meta["source"]["num_files"] == 2 and sum(meta["source"]["documents"].values()) == len(docs)
+
+
+def test_text_files_are_documents(tmp_path):
+    """Each .txt file of a folder is a document: end-of-text between files, the last 10% of bytes are val."""
+    os.makedirs(tmp_path / "books")
+    texts = ["first book\nabc\n", "second book\n" * 20, "third\n" * 10]
+    for i, t in enumerate(texts):
+        (tmp_path / f"books/{i}.txt").write_text(t)
+    run_script("prepare.py", "books", "--source=books", "--tokenizer=char", "--num_proc=1", cwd=tmp_path)
+    data = tmp_path / "data/books"
+    meta = json.loads((data / "meta.json").read_text())
+    chars, eot = meta["tokenizer"]["chars"], meta["eot_id"]
+    decode = lambda ids: "".join(chars[i] if i != eot else "|" for i in ids)  # noqa: E731
+    joined = "".join(texts)
+    n = int(len(joined) * 0.9)
+    assert decode(split_tokens(data, "train")) == "|".join(texts)[:n + 2]  # two separators before the cut
+    assert decode(split_tokens(data, "val")) == joined[n:]
+
+
+def test_char_tinystories_with_own_splits(tmp_path):
+    """TinyStories-style: a char vocabulary from a first pass over every split, val and test from their own files."""
+    train, valid, test = stories(300, seed=3), stories(30, seed=4) + ["Zebra ü!"], stories(20, seed=5)
+    write_jsonl(tmp_path / "train.jsonl", train)
+    write_jsonl(tmp_path / "valid.jsonl", valid)
+    write_jsonl(tmp_path / "test.jsonl", test)
+    run_script("prepare.py", "tinystories", "--tokenizer=char", "--source=train.jsonl", "--val_source=valid.jsonl",
+               "--test_source=test.jsonl", "--num_proc=2", cwd=tmp_path)
+    data = tmp_path / "data/tinystories"
+    meta = json.loads((data / "meta.json").read_text())
+    chars = "".join(sorted(set("".join(train + valid + test))))
+    assert meta["tokenizer"] == {"type": "char", "chars": chars, "eot": True} and meta["eot_id"] == len(chars)
+    for split, docs in (("train", train), ("val", valid), ("test", test)):
+        ids = split_tokens(data, split)
+        assert "".join(chars[i] if i < len(chars) else "\0" for i in ids) == "\0".join(docs)
+
+
+def test_fineweb_rule_first_shard_is_val(tmp_path):
+    """fineweb_edu (llm.c's rule): the first shard_size tokens of the stream are val, everything after is train."""
+    docs = stories(100, seed=6)
+    write_jsonl(tmp_path / "fw.jsonl", docs)
+    run_script("prepare.py", "fineweb_edu", "--source=fw.jsonl", "--tokenizer=char", "--shard_size=1000",
+               "--num_proc=1", cwd=tmp_path)
+    data = tmp_path / "data/fineweb_edu"
+    meta = json.loads((data / "meta.json").read_text())
+    assert [s["tokens"] for s in meta["shards"]["val"]] == [1000]
+    chars, eot = meta["tokenizer"]["chars"], meta["eot_id"]
+    ids = np.concatenate([split_tokens(data, "val"), split_tokens(data, "train")])
+    assert "".join(chars[i] if i != eot else "\0" for i in ids) == "\0".join(docs)
+
+
+def test_list_names_every_recipe(tmp_path):
+    out = run_script("prepare.py", "--list", cwd=tmp_path).stdout
+    for name in ("shakespeare_char", "openwebtext", "tinystories", "wikitext2", "wikitext103", "fineweb_edu"):
+        assert any(line.startswith(name + " ") and len(line) > 40 for line in out.splitlines())
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "undecodable", "no_field", "not_json", "parquet_column",
+                                  "hf_offline", "val_fraction"])
+def test_bad_input(tmp_path, case):
+    """One line that says what is wrong and what to do, exit code 2, no traceback, no meta.json."""
+    (tmp_path / "bad.txt").write_bytes(b"fine text\n" * 100 + b"caf\xe9\n")
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "rows.jsonl").write_text('{"text": "a"}\n{"body": "b"}\n')
+    (tmp_path / "junk.jsonl").write_text('{"text": "a"}\n{"text": \n')
+    args, message = {
+        "missing": (["--source=missing/*.txt"], "no such file"),
+        "empty": (["--source=empty.txt", "--tokenizer=char"], "holds no text"),
+        "undecodable": (["--source=bad.txt", "--tokenizer=char"],
+                        "bad.txt: byte 1,003 (b'\\xe9\\n') is not UTF-8; convert the file to UTF-8, or pass "
+                        "--decode_errors=replace"),
+        "no_field": (["--source=rows.jsonl", "--tokenizer=char"],
+                     "rows.jsonl line 2: no 'text' field (it has: 'body'); choose the field with --text_field"),
+        "not_json": (["--source=junk.jsonl", "--tokenizer=char"], "junk.jsonl line 2: not JSON"),
+        "parquet_column": (["--source=t.parquet", "--tokenizer=char"], "has no column 'text' (it has: story)"),
+        "hf_offline": (["--hf=nobody/no_such_dataset", "--tokenizer=char"], "point --source at them"),
+        "val_fraction": (["--source=bad.txt", "--val_fraction=1.5", "--shard_size=0"],
+                         "shard_size=0 must be at least 1"),
+    }[case]
+    if case == "parquet_column":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.table({"story": ["x"]}), tmp_path / "t.parquet")
+    if case == "hf_offline":  # offline, the hub client retries for ~25 s before giving up; offline mode fails at once
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        proc = run_script("prepare.py", "mine", *args, "--num_proc=1", cwd=tmp_path, check=False)
+    finally:
+        os.environ.pop("HF_HUB_OFFLINE", None)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()[-1]) > 20
+    assert not (tmp_path / "data/mine/meta.json").exists()
+    if case == "val_fraction":  # every problem at once
+        assert "val_fraction=1.5 must be between 0 and 1" in proc.stderr
+
+
+def test_undecodable_bytes_replaced_on_request(tmp_path):
+    (tmp_path / "bad.txt").write_bytes(b"fine text\n" * 100 + b"caf\xe9\n")
+    run_script("prepare.py", "bad", "--source=bad.txt", "--tokenizer=char", "--decode_errors=replace",
+               "--num_proc=1", cwd=tmp_path)
+    meta = json.loads((tmp_path / "data/bad/meta.json").read_text())
+    assert "\ufffd" in meta["tokenizer"]["chars"]
+
+
+@needs_bpe
+@pytest.mark.parametrize("encoding", ["gpt2", "cl100k_base"])
+def test_safe_cuts_keep_bpe_tokens(encoding):
+    """Cutting a text at every point safe_cut allows and encoding the parts apart gives the tokens of the whole, on
+    text full of the hard cases: lines starting with one or more spaces, tabs, blank lines, CRLF, digits, quotes."""
+    import tiktoken
+    from prepare import safe_cut
+    try:
+        enc = tiktoken.get_encoding(encoding)
+    except Exception:
+        pytest.skip(f"{encoding} BPE files not available offline")
+    rng = random.Random(0)
+    starts = [" ", "  ", "\t", "", "", " =", " 12", "'s", " '", "\u00a0", " e\u0301t\u00e9", "\r\n", "\n", "_"]
+    words = ["word", "The", "don't", "42", "3.14", "!!", "\u00e9t\u00e9", "\u4e2d\u6587", " ", "  ", "x_1", "1234567"]
+    text = "".join(rng.choice(starts) + " ".join(rng.choice(words) for _ in range(rng.randint(0, 6))) +
+                   rng.choice(["\n", "\n", "\r\n", " \n", "\n\n"]) for _ in range(3000))
+    cuts, pos = [0], 0
+    while (pos := safe_cut(text, pos + 1)) != -1:
+        cuts.append(pos)
+    assert len(cuts) > 1000
+    parts = [enc.encode_ordinary(text[a:b]) for a, b in zip(cuts, cuts[1:] + [len(text)])]
+    assert [t for p in parts for t in p] == enc.encode_ordinary(text)
