@@ -14,15 +14,17 @@ def tiny(**overrides):
 
 
 def test_shapes_and_padding():
-    model = tiny()
-    assert model.config.padded_vocab_size == 64
-    assert model.lm_head.weight.shape == (64, 32)
-    idx = torch.randint(0, 50, (3, 16))
+    model = tiny(vocab_size=1100)
+    assert model.config.padded_vocab_size == 1152
+    assert model.lm_head.weight.shape == (1152, 32)
+    idx = torch.randint(0, 1100, (3, 16))
     logits, loss = model(idx, idx)
-    assert logits.shape == (3, 16, 50)  # the real vocabulary only: padding ids cannot be sampled
+    assert logits.shape == (3, 16, 1100)  # the real vocabulary only: padding ids cannot be sampled
     assert loss.ndim == 0
     logits, loss = model(idx)
-    assert logits.shape == (3, 1, 50) and loss is None
+    assert logits.shape == (3, 1, 1100) and loss is None
+    assert tiny(vocab_size=65).lm_head.weight.shape == (65, 32)  # small vocabularies are not padded
+    assert GPTConfig(vocab_size=50257).padded_vocab_size == 50304
 
 
 def test_causality():
@@ -89,11 +91,11 @@ def test_no_bias():
 
 
 def test_padding_ids_never_generated():
-    model = tiny().eval()
+    model = tiny(vocab_size=1100).eval()
     with torch.no_grad():  # make the padding rows of the output layer overwhelmingly likely
-        model.lm_head.weight[50:] = 100.0
+        model.lm_head.weight[1100:] = 100.0
     out = model.generate(torch.zeros(2, 1, dtype=torch.long), 20, temperature=1.0)
-    assert out.max().item() < 50
+    assert out.max().item() < 1100
 
 
 def test_mfu_uses_the_given_peak():
