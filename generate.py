@@ -168,9 +168,9 @@ def beam_search(model, prompt, max_new_tokens, num_beams, length_penalty=1.0, ea
     """
     The num_beams most likely continuations of `prompt`, as (score, tokens) pairs, best first. A hypothesis's score
     is its summed log-probability over its length ** length_penalty (the length counts a stop token; > 0 favours
-    longer outputs, 0 is the plain sum). Each step keeps the num_beams best live continuations among the
-    2 * num_beams best candidates, so those ending in a stop token never crowd out the live ones; a hypothesis that
-    ends is set aside. Search ends at max_new_tokens, or once num_beams hypotheses have ended when early_stopping,
+    longer outputs, 0 is the plain sum). Each step ranks the 2 * num_beams best candidates: those ending (a stop
+    token or string) among the top num_beams are set aside as hypotheses, and the num_beams best of the rest live
+    on, so endings never crowd out the live beams. Search ends at max_new_tokens, or once num_beams hypotheses have ended when early_stopping,
     or else once no live beam can still beat the worst of them.
     """
     decoder = Decoder(model, [prompt], max_new_tokens, use_cache)
@@ -182,14 +182,13 @@ def beam_search(model, prompt, max_new_tokens, num_beams, length_penalty=1.0, ea
         candidates = (torch.tensor(sums, device=logp.device)[:, None] + logp).view(-1)
         top_sums, top_idx = torch.topk(candidates, min(2 * num_beams, candidates.numel()))
         rows, live, live_sums = [], [], []
-        for total, index in zip(top_sums.tolist(), top_idx.tolist()):
+        for rank, (total, index) in enumerate(zip(top_sums.tolist(), top_idx.tolist())):
             row, token = divmod(index, V)
             length = len(beams[row]) + 1
-            if token in stop.ids:
-                finished.append((total / length ** length_penalty, beams[row]))
-            elif stop.in_text(beams[row] + [token]):
-                finished.append((total / length ** length_penalty, beams[row] + [token]))
-            elif len(live) < num_beams:
+            ends = token in stop.ids or stop.in_text(beams[row] + [token])
+            if ends and rank < num_beams:  # below the top num_beams an ending is not a contender (so 1 beam is greedy)
+                finished.append((total / length ** length_penalty, beams[row] + ([] if token in stop.ids else [token])))
+            elif not ends and len(live) < num_beams:
                 rows.append(row)
                 live.append(beams[row] + [token])
                 live_sums.append(total)
