@@ -46,14 +46,24 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.dropout = config.dropout
 
-    def forward(self, x):
+    def forward(self, x, cache=None, layer=0, mask=None):
+        """
+        Without a cache: causal attention over x. With a KVCache (decoding), this call's keys and values are stored
+        in cache layer `layer` and the queries attend to every position stored so far, as `mask` (B, 1, T, S)
+        allows; mask None means every stored position is visible.
+        """
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        # flash / memory-efficient kernels on GPU; softmax(q k^T / sqrt(hs)) v with a causal mask everywhere
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        if cache is None:
+            # flash / memory-efficient kernels on GPU; softmax(q k^T / sqrt(hs)) v with a causal mask everywhere
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                               is_causal=True)
+        else:
+            k, v = cache.store(layer, k, v)  # (B, nh, S, hs): every position so far, this call's last
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -81,10 +91,65 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, cache=None, layer=0, mask=None):
+        x = x + self.attn(self.ln_1(x), cache, layer, mask)
         x = x + self.mlp(self.ln_2(x))
         return x
+
+
+class KVCache:
+    """
+    The keys and values of every layer for a batch of sequences being decoded, so each new token costs one
+    position's work instead of a forward pass over the whole context. Storage for max_len positions is allocated
+    on the first store (in the dtype autocast gives the keys) and filled left to right; `length` positions are
+    filled in every layer.
+
+    Rows of different lengths share one cache by left padding: row b's first pad[b] positions are padding, never
+    attended to, and its real tokens take position ids 0, 1, ... from there.
+    """
+
+    def __init__(self, n_layer, max_len, pad):
+        self.n_layer, self.max_len = n_layer, max_len
+        self.pad = pad  # (B,) left-padding positions per row
+        self.padded = bool(pad.any())  # decided once: unpadded batches skip the attention mask
+        self.k = self.v = None  # (n_layer, B, nh, max_len, hs) once allocated
+        self.length = 0
+
+    def store(self, layer, k, v):
+        """Write k, v (B, nh, T, hs) after the `length` stored positions; return the layer's keys and values so far."""
+        if self.k is None:
+            B, nh, _, hs = k.shape
+            self.k = k.new_zeros(self.n_layer, B, nh, self.max_len, hs)
+            self.v = torch.zeros_like(self.k)
+        end = self.length + k.size(2)
+        assert end <= self.max_len, f"KV cache of {self.max_len} positions cannot take {end}"
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def reorder(self, rows):
+        """Keep the rows listed in `rows` (a LongTensor), in that order, e.g. the surviving beams of a beam search."""
+        self.pad = self.pad[rows]
+        if self.k is not None:
+            self.k, self.v = self.k[:, rows], self.v[:, rows]
+
+    def positions_and_mask(self, T):
+        """
+        Position ids (B, T) of the next T tokens, and the attention mask (B, 1, T, length + T) for them: a query
+        sees the positions up to its own, minus the row's padding. Padding queries see only themselves, so they stay
+        finite (an all-masked softmax row would be NaN, and NaN keys poison even the rows that mask them out).
+        """
+        device = self.pad.device
+        slots = torch.arange(self.length, self.length + T, device=device)  # (T,)
+        pos = (slots[None, :] - self.pad[:, None]).clamp(min=0)  # (B, T)
+        if not self.padded and T == 1:
+            return pos, None  # one new token with no padding sees everything stored
+        keys = torch.arange(self.length + T, device=device)  # (S,)
+        causal = keys[None, :] <= slots[:, None]  # (T, S)
+        real = keys[None, :] >= self.pad[:, None]  # (B, S)
+        own = keys[None, :] == slots[:, None]  # (T, S)
+        mask = causal[None] & (real[:, None, :] | own[None])  # (B, T, S)
+        return pos, mask[:, None]
 
 
 class GPT(nn.Module):
@@ -134,19 +199,27 @@ class GPT(nn.Module):
             n_params -= self.transformer.wpe.weight.numel()
         return n_params
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, cache=None):
         """
         idx: (B, T) token ids. Returns (logits, loss). With targets (B, T) the loss is the mean cross-entropy over
         the real vocabulary (padding ids excluded), and logits cover every position; without targets only the last
         position's logits are computed (all generation needs). Logits are over the real vocabulary only, so padding
         ids can never be sampled.
+        With a KVCache (see new_cache), idx continues the sequences stored there: positions and the attention mask
+        come from the cache, and idx's keys and values are added to it.
         """
         B, T = idx.size()
-        assert T <= self.config.block_size, f"sequence of {T} tokens exceeds block_size {self.config.block_size}"
-        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
+        if cache is None:
+            assert T <= self.config.block_size, f"sequence of {T} tokens exceeds block_size {self.config.block_size}"
+            pos, mask = torch.arange(0, T, dtype=torch.long, device=idx.device), None  # (T,)
+        else:
+            # positions stay below block_size because the cache holds at most block_size (see new_cache)
+            pos, mask = cache.positions_and_mask(T)  # (B, T), (B, 1, T, S) or None
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache, i, mask)
+        if cache is not None:
+            cache.length += T
         x = self.transformer.ln_f(x)
         V = self.config.vocab_size
         if targets is not None:
@@ -156,6 +229,11 @@ class GPT(nn.Module):
             logits = self.lm_head(x[:, [-1], :])[..., :V]  # (B, 1, V)
             loss = None
         return logits, loss
+
+    def new_cache(self, max_len, pad):
+        """An empty KVCache for len(pad) rows of up to max_len (<= block_size) positions, pad[b] of them left padding."""
+        assert max_len <= self.config.block_size
+        return KVCache(self.config.n_layer, max_len, pad)
 
     def crop_block_size(self, block_size):
         """Shorten the context (e.g. to fine-tune GPT-2's 1024 at 256) by cropping the position table."""
@@ -189,28 +267,6 @@ class GPT(nn.Module):
         if not peak_flops:
             return None
         return self.flops_per_token() * tokens_per_second / peak_flops
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """
-        Extend idx (B, T) by max_new_tokens tokens, feeding predictions back in; the context is cropped to the last
-        block_size tokens. temperature 0 is greedy. Use in eval() mode.
-        """
-        for _ in range(max_new_tokens):
-            idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
-            logits, _ = self(idx_cond)
-            logits = logits[:, -1, :]
-            if temperature == 0:
-                idx_next = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float("inf")
-                probs = F.softmax(logits, dim=-1)
-                idx_next = torch.multinomial(probs, num_samples=1)
-            idx = torch.cat((idx, idx_next), dim=1)
-        return idx
 
     @classmethod
     def from_pretrained(cls, name_or_path, **overrides):

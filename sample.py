@@ -1,46 +1,82 @@
 """
-Generate text from a trained model:
+Generate text from a trained model or from GPT-2:
 
     python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3 --max_new_tokens=200
-    python sample.py --start=FILE:prompt.txt
+    python sample.py --init_from=gpt2 --start=FILE:prompt.txt --temperature=0 --stream
+    python sample.py --init_from=gpt2 --start="The meaning of life is" --num_beams=4 --num_samples=2
 
-The prompt is encoded, and the samples decoded, with the tokenizer the checkpoint was trained with.
+Decoding runs on a KV cache (generate.py): greedy (--temperature=0), temperature with top-k and top-p, or beam
+search (--num_beams). The prompt is encoded, and the samples decoded, with the model's own tokenizer. Samples go to
+stdout; everything else to stderr, so `> out.txt` keeps just the text.
 """
 
+import json
+import sys
+import time
 from dataclasses import dataclass
 
 import torch
 
 import configurator
-from checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import UserError
-from tokenizer import tokenizer_from_meta
 from distributed import pick_device, pick_dtype
+from generate import Stop, beam_search, generate
+from inference import load_model
 
 
 @dataclass
 class SampleConfig:
+    init_from: str = "resume"  # 'resume' (out_dir's checkpoint), or gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a Hugging Face GPT-2 folder
     out_dir: str = "out"  # the folder holding ckpt.pt
     start: str = "\n"  # the prompt, or FILE:path to read it from a file
-    num_samples: int = 3  # samples to draw
-    max_new_tokens: int = 500  # tokens generated per sample
+    num_samples: int = 3  # samples, generated as one batch (with beam search: the best hypotheses)
+    max_new_tokens: int = 500  # tokens generated per sample, at most
     temperature: float = 0.8  # 1.0 samples the model's distribution; lower is more conservative; 0 is greedy
     top_k: int = 200  # sample only from the k most likely tokens; 0 disables
-    seed: int = 1337
+    top_p: float = 1.0  # sample only from the most likely tokens holding this much probability; 1.0 disables
+    num_beams: int = 1  # beam search with this many beams (deterministic; sampling settings unused); 1: sampling
+    length_penalty: float = 1.0  # beam search: scores are log-probability / length**length_penalty; > 0 favours long
+    early_stopping: bool = True  # beam search: end once num_beams hypotheses have ended, not at max_new_tokens
+    stop: str = ""  # a string that ends a sample, or a JSON list of strings and token ids: '["\n\n", 50256]'
+    stream: bool = False  # print the sample as it is generated (one sample, no beam search)
+    verbose: bool = False  # report the generation speed at the end
+    seed: int = 1337  # the same seed on the same device gives the same samples
     device: str = "auto"  # 'auto', 'cpu', 'cuda', 'mps'
     dtype: str = "auto"  # 'auto', 'float32', 'bfloat16', 'float16'
 
 
+def parse_stop(stop):
+    """--stop as (strings, token ids): a JSON list of strings and ints, or one plain string."""
+    if not stop.startswith("["):
+        return ([stop] if stop else []), []
+    try:
+        items = json.loads(stop)
+    except json.JSONDecodeError as e:
+        raise UserError(f"--stop={stop}: not a JSON list ({e.msg}); e.g. --stop='[\"\\n\\n\", 50256]'") from None
+    if not all(isinstance(i, (str, int)) and not isinstance(i, bool) for i in items):
+        raise UserError(f"--stop={stop}: the list may hold only strings and token ids")
+    return [i for i in items if isinstance(i, str)], [i for i in items if isinstance(i, int)]
+
+
 def validate(cfg):
     problems = []
-    if cfg.max_new_tokens < 1:
-        problems.append(f"max_new_tokens={cfg.max_new_tokens} must be at least 1")
-    if cfg.num_samples < 1:
-        problems.append(f"num_samples={cfg.num_samples} must be at least 1")
+    for key in ("max_new_tokens", "num_samples", "num_beams"):
+        if getattr(cfg, key) < 1:
+            problems.append(f"{key}={getattr(cfg, key)} must be at least 1")
     if cfg.temperature < 0:
         problems.append(f"temperature={cfg.temperature} cannot be negative")
     if cfg.top_k < 0:
         problems.append(f"top_k={cfg.top_k} cannot be negative")
+    if not 0.0 < cfg.top_p <= 1.0:
+        problems.append(f"top_p={cfg.top_p} must be in (0, 1]")
+    if cfg.num_beams > 1 and cfg.num_samples > cfg.num_beams:
+        problems.append(f"num_samples={cfg.num_samples} is more than num_beams={cfg.num_beams} hypotheses")
+    if cfg.stream and (cfg.num_samples > 1 or cfg.num_beams > 1):
+        problems.append("stream=True prints one sample as it grows: use num_samples=1 and num_beams=1")
+    try:
+        parse_stop(cfg.stop)
+    except UserError as e:
+        problems.append(str(e))
     return problems
 
 
@@ -54,15 +90,33 @@ def read_prompt(start):
     return start
 
 
+class Streamer:
+    """Prints row 0's text as it grows, holding back what could still become a stop string or half a character."""
+
+    def __init__(self, decode, stop):
+        self.decode, self.stop, self.printed = decode, stop, 0
+        self.hold = max((len(s) for s in stop.strings), default=1) - 1
+
+    def __call__(self, new):
+        text = self.decode(new[0])
+        cut = self.stop.cut(text)
+        if cut != text:  # the stop string is complete: the sample is final
+            ready = len(cut)
+        else:
+            ready = len(text) - self.hold - (1 if text.endswith("\ufffd") else 0)  # a multi-byte char split by BPE
+        if ready > self.printed:
+            print(text[self.printed:ready], end="", flush=True)
+            self.printed = ready
+
+    def finish(self, text):
+        print(text[self.printed:], flush=True)
+
+
 def main(cfg, sources):
     device = pick_device(cfg.device)
     device_type = device.split(":")[0]
     dtype = pick_dtype(cfg.dtype, device_type)
-    checkpoint = load_checkpoint(cfg.out_dir)
-    model = model_from_checkpoint(checkpoint, dropout=0.0)
-    tokenizer = tokenizer_from_meta(checkpoint["meta"])
-    model.eval().to(device)
-    del checkpoint
+    model, tokenizer, _ = load_model(cfg.init_from, cfg.out_dir, device)
 
     prompt = read_prompt(cfg.start)
     ids = tokenizer.encode(prompt)
@@ -70,15 +124,50 @@ def main(cfg, sources):
         if tokenizer.eot_id is None:
             raise UserError("the prompt is empty and this tokenizer has no end-of-text token to start from; "
                             "give --start=\"some text\"")
-        ids = [tokenizer.eot_id]
-    torch.manual_seed(cfg.seed)
-    x = torch.tensor(ids, dtype=torch.long, device=device)[None, :].repeat(cfg.num_samples, 1)
+        ids = [tokenizer.eot_id]  # GPT-2 starts documents after end-of-text
+    strings, stop_ids = parse_stop(cfg.stop)
+    if tokenizer.eot_id is not None:
+        stop_ids.append(tokenizer.eot_id)  # a sample ends where its document would
+    stop = Stop(stop_ids, strings, tokenizer.decode)
+
+    if cfg.num_beams > 1:
+        how = (f"beam search, {cfg.num_beams} beams, length penalty {cfg.length_penalty}, "
+               f"{'early stopping' if cfg.early_stopping else 'no early stopping'}")
+    elif cfg.temperature == 0:
+        how = "greedy"
+    else:
+        how = f"sampling at temperature {cfg.temperature}, top_k {cfg.top_k or 'off'}, top_p {cfg.top_p}"
+    print(f"{cfg.init_from if cfg.init_from != 'resume' else cfg.out_dir}: {len(ids)}-token prompt, {how}, on "
+          f"{device} in {dtype}", file=sys.stderr)
+
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
     autocast = torch.autocast(device_type=device_type, dtype=getattr(torch, dtype), enabled=(dtype != "float32"))
+    streamer = Streamer(tokenizer.decode, stop) if cfg.stream else None
+    if streamer:
+        print(prompt, end="", flush=True)
+    t0 = time.time()
     with autocast:
-        y = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None)
-    for row in y.tolist():
-        print(tokenizer.decode(row))
-        print("---------------")
+        if cfg.num_beams > 1:
+            hypotheses = beam_search(model, ids, cfg.max_new_tokens, cfg.num_beams, cfg.length_penalty,
+                                     cfg.early_stopping, stop)
+            samples = [tokens for _, tokens in hypotheses[:cfg.num_samples]]
+        else:
+            samples = generate(model, [ids] * cfg.num_samples, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
+                               cfg.top_p, stop, generator, on_step=streamer)
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.time() - t0
+
+    if streamer:
+        streamer.finish(stop.cut(tokenizer.decode(samples[0])))
+    else:
+        for tokens in samples:
+            print(prompt + stop.cut(tokenizer.decode(tokens)))
+            print("---------------")
+    if cfg.verbose:
+        n = sum(len(tokens) for tokens in samples)
+        print(f"{n} new tokens in {seconds:.2f} s: {n / seconds:,.1f} tokens/s "
+              f"({len(samples)} sample(s), prefill included)", file=sys.stderr)
 
 
 if __name__ == "__main__":

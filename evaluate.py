@@ -1,0 +1,292 @@
+"""
+Evaluate a trained model or GPT-2, in numbers that compare with published ones:
+
+    python evaluate.py --out_dir=out --text=notes.txt                      # perplexity of a text file
+    python evaluate.py --init_from=gpt2 --dataset=openwebtext --split=val  # perplexity of a prepared split
+    python evaluate.py --init_from=gpt2 --task=hellaswag                   # HellaSwag accuracy
+    python evaluate.py --out_dir=out --task=val_loss                       # the val loss train.py reported
+    torchrun --standalone --nproc_per_node=8 evaluate.py --init_from=gpt2-xl --task=hellaswag
+
+Tasks:
+- perplexity: strided sliding windows (as in Hugging Face's "Perplexity of fixed-length models" guide): a window of
+  block_size tokens moves `stride` tokens at a time and only the predictions no earlier window made are scored, so
+  every token is scored once, with block_size - stride tokens of context or more once the first window is full.
+  With an end-of-text token (GPT-2) a text file is scored from its first token, given end-of-text; otherwise from
+  its second. Prints tokens scored, mean NLL, perplexity and bits per byte (NLL over the UTF-8 bytes of the scored
+  text, comparable across tokenizers).
+- hellaswag: the 10,042 validation items (Zellers et al. 2019); each ending is scored by its mean token loss after
+  the context, as in the GPT-2 and GPT-3 reports (acc_norm); the summed loss is reported too (acc).
+- val_loss: train.py's own estimate (the same eval_iters batches, from the same seed) for a checkpoint, from the
+  settings it was trained with. Launched on as many processes as the training run it matches it exactly.
+Work is spread over the ranks of a torchrun/srun launch. The last line printed is JSON, for scripts.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+import configurator
+from configurator import UserError
+from distributed import cleanup_distributed, detect_launch, init_distributed, pick_device, pick_dtype
+from inference import load_model
+from tokendata import Dataset
+
+HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+
+
+@dataclass
+class EvalConfig:
+    init_from: str = "resume"  # 'resume' (out_dir's checkpoint), or gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a Hugging Face GPT-2 folder
+    out_dir: str = "out"  # the folder holding ckpt.pt
+    task: str = "perplexity"  # 'perplexity', 'hellaswag' or 'val_loss'
+    text: str = ""  # perplexity: a UTF-8 text file to score
+    dataset: str = ""  # perplexity: a prepared dataset to score instead; val_loss: '' means the checkpoint's own
+    data_root: str = "data"  # where prepared datasets live (and the HellaSwag download goes)
+    split: str = "val"  # the split of --dataset (perplexity, val_loss)
+    block_size: int = 0  # perplexity: window length in tokens; 0: the model's block_size
+    stride: int = 0  # perplexity: tokens each window moves on; 0: half the window
+    batch_size: int = 8  # windows (perplexity) or items (hellaswag) per forward pass
+    source: str = ""  # hellaswag: the validation jsonl; '' downloads it into data_root/hellaswag/
+    max_items: int = 0  # hellaswag: score the first N items only; 0: all
+    device: str = "auto"  # 'auto', 'cpu', 'cuda', 'mps'
+    dtype: str = "auto"  # 'auto', 'float32', 'bfloat16', 'float16'
+
+
+def validate(cfg):
+    problems = []
+    if cfg.task not in ("perplexity", "hellaswag", "val_loss"):
+        problems.append(f"task={cfg.task!r}: expected perplexity, hellaswag or val_loss")
+    if cfg.task == "perplexity" and bool(cfg.text) == bool(cfg.dataset):
+        problems.append("perplexity needs one of --text=FILE or --dataset=NAME")
+    for key in ("block_size", "stride", "max_items"):
+        if getattr(cfg, key) < 0:
+            problems.append(f"{key}={getattr(cfg, key)} cannot be negative")
+    if cfg.block_size and cfg.stride > cfg.block_size:
+        problems.append(f"stride={cfg.stride} is longer than the window block_size={cfg.block_size}: tokens "
+                        "between windows would never be scored")
+    if cfg.batch_size < 1:
+        problems.append(f"batch_size={cfg.batch_size} must be at least 1")
+    return problems
+
+
+def token_nll(model, x, y):
+    """Negative log-likelihood (B, T) of targets y given inputs x (B, T), 0 where y is -1, in float32."""
+    logits, _ = model(x, y)
+    nll = F.cross_entropy(logits.float().transpose(1, 2), y.clamp(min=0), reduction="none")  # (B, T)
+    return nll * (y >= 0)
+
+
+def windows(n_tokens, window, stride):
+    """
+    The strided windows over n_tokens tokens, as (begin, end, scored): inputs tokens[begin:end] predict
+    tokens[begin+1:end+1], of which the last `scored` count. Every token but the first is scored exactly once.
+    """
+    plan, next_target, begin = [], 1, 0
+    while next_target < n_tokens:
+        end = min(begin + window, n_tokens - 1)
+        plan.append((begin, end, end + 1 - next_target))
+        next_target = end + 1
+        begin += stride
+    return plan
+
+
+@torch.no_grad()
+def strided_nll(model, tokens, window, stride, batch_size, device, autocast, launch, progress=False):
+    """(summed NLL in nats, tokens scored) of a token sequence (1-D numpy array) over all ranks."""
+    plan = windows(len(tokens), window, stride)[launch.rank::launch.world_size]
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # NLL sum, tokens scored
+    batches = range(0, len(plan), batch_size)
+    for i in tqdm(batches, desc="perplexity", unit="batch", disable=not progress, file=sys.stderr):
+        chunk = plan[i:i + batch_size]
+        T = max(end - begin for begin, end, _ in chunk)
+        x = np.zeros((len(chunk), T), dtype=np.int64)
+        y = np.full((len(chunk), T), -1, dtype=np.int64)  # right padding, and predictions an earlier window made
+        for row, (begin, end, scored) in enumerate(chunk):
+            x[row, :end - begin] = tokens[begin:end]
+            y[row, end - begin - scored:end - begin] = tokens[end + 1 - scored:end + 1]
+        with autocast:
+            nll = token_nll(model, torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
+        total += torch.stack([nll.double().sum(), torch.tensor(float((y >= 0).sum()), device=device)])
+    all_reduce(total, launch)
+    return total[0].item(), int(total[1].item())
+
+
+def perplexity(cfg, model, tokenizer, device, autocast, launch, say):
+    if cfg.text:
+        try:
+            with open(cfg.text, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read --text={cfg.text}: {getattr(e, 'strerror', None) or e}") from None
+        ids = tokenizer.encode(text)
+        if tokenizer.eot_id is not None:
+            ids = [tokenizer.eot_id] + ids  # GPT-2's start of a document: its first token is scored too
+        tokens, what = np.array(ids, dtype=np.int64), cfg.text
+    else:
+        data = open_dataset(cfg.dataset, cfg.data_root, tokenizer)
+        tokens = np.concatenate([s.read(0, s.num_tokens) for s in data.shards(cfg.split)]).astype(np.int64)
+        what = f"{data.data_dir} ({cfg.split})"
+    if len(tokens) < 2:
+        raise UserError(f"{what} has {len(tokens)} token(s): nothing to score")
+    window = cfg.block_size or model.config.block_size
+    if window > model.config.block_size:
+        raise UserError(f"block_size={window} is longer than the model's context of {model.config.block_size}")
+    stride = cfg.stride or max(1, window // 2)
+    if stride > window:
+        raise UserError(f"stride={stride} is longer than the window of {window} tokens")
+    say(f"{what}: {len(tokens):,} tokens, windows of {window} moving {stride} at a time")
+    nll, count = strided_nll(model, tokens, window, stride, cfg.batch_size, device, autocast, launch,
+                             progress=launch.is_master)
+    scored = [t for t in tokens[1:].tolist() if t != tokenizer.eot_id]
+    n_bytes = len(tokenizer.decode(scored).encode("utf-8"))
+    mean = nll / count
+    result = {"task": "perplexity", "source": what, "tokens": count, "window": window, "stride": stride,
+              "nll": mean, "perplexity": math.exp(mean), "bits_per_byte": nll / math.log(2) / max(n_bytes, 1)}
+    say(f"tokens scored {count:,} | mean NLL {mean:.4f} | perplexity {result['perplexity']:.3f} | "
+        f"bits per byte {result['bits_per_byte']:.4f}")
+    return result
+
+
+def open_dataset(name, data_root, tokenizer):
+    data = Dataset(name if os.path.isdir(name) else os.path.join(data_root, name))
+    if data.meta.get("tokenizer") != tokenizer.meta():
+        raise UserError(f"{data.data_dir} was tokenized with {data.meta.get('tokenizer')} but the model with "
+                        f"{tokenizer.meta()}; evaluate on data prepared with the model's tokenizer")
+    return data
+
+
+def hellaswag_items(path):
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                items.append((item["ctx"], item["endings"], int(item["label"])))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                raise UserError(f"{path}:{n} is not a HellaSwag item (a JSON object with ctx, endings, label)") from None
+    return items
+
+
+def hellaswag_path(cfg):
+    if cfg.source:
+        if not os.path.exists(cfg.source):
+            raise UserError(f"--source={cfg.source} does not exist")
+        return cfg.source
+    path = os.path.join(cfg.data_root, "hellaswag", "hellaswag_val.jsonl")
+    if not os.path.exists(path):
+        from prepare import download
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        download(HELLASWAG_URL, path)
+    return path
+
+
+@torch.no_grad()
+def hellaswag_scores(model, tokenizer, items, device, autocast):
+    """For each (context, endings, label): (summed NLL, mean NLL) of every ending given the context."""
+    rows, spans = [], []
+    for context, endings, _ in items:
+        ctx = tokenizer.encode(context)
+        for ending in endings:
+            end = tokenizer.encode(" " + ending)  # the space joins the ending to the context, as GPT-2 saw text
+            seq = (ctx + end)[-(model.config.block_size + 1):]  # keep the ending; crop the context on the left
+            rows.append(seq)
+            spans.append(len(end))
+    T = max(len(r) for r in rows) - 1
+    x = torch.zeros(len(rows), T, dtype=torch.long)
+    y = torch.full((len(rows), T), -1, dtype=torch.long)
+    for i, (seq, n) in enumerate(zip(rows, spans)):
+        x[i, :len(seq) - 1] = torch.tensor(seq[:-1])
+        y[i, len(seq) - 1 - n:len(seq) - 1] = torch.tensor(seq[-n:])  # only the ending's tokens count
+    with autocast:
+        nll = token_nll(model, x.to(device), y.to(device)).sum(dim=1).cpu()
+    n = torch.tensor(spans, dtype=torch.float32)
+    return nll.view(len(items), -1), (nll / n).view(len(items), -1)
+
+
+def hellaswag(cfg, model, tokenizer, device, autocast, launch, say):
+    items = hellaswag_items(hellaswag_path(cfg))
+    if cfg.max_items:
+        items = items[:cfg.max_items]
+    mine = items[launch.rank::launch.world_size]
+    counts = torch.zeros(3, dtype=torch.float64, device=device)  # correct by sum, correct by mean, items
+    for i in tqdm(range(0, len(mine), cfg.batch_size), desc="hellaswag", unit="batch", disable=not launch.is_master,
+                  file=sys.stderr):
+        chunk = mine[i:i + cfg.batch_size]
+        total, mean = hellaswag_scores(model, tokenizer, chunk, device, autocast)
+        labels = torch.tensor([label for _, _, label in chunk])
+        counts += torch.tensor([(total.argmin(1) == labels).sum().item(), (mean.argmin(1) == labels).sum().item(),
+                                len(chunk)], dtype=torch.float64, device=device)
+    all_reduce(counts, launch)
+    acc, acc_norm, n = counts[0].item() / counts[2].item(), counts[1].item() / counts[2].item(), int(counts[2].item())
+    say(f"hellaswag: {n:,} items | acc_norm (mean token loss) {acc_norm:.4f} | acc (summed loss) {acc:.4f}")
+    return {"task": "hellaswag", "items": n, "acc_norm": acc_norm, "acc": acc}
+
+
+def val_loss(cfg, model, tokenizer, train_config, device, autocast, launch, say):
+    """train.py's estimate_loss over its EvalBatches, with the checkpoint's training settings."""
+    from train import EvalBatches, TrainConfig, estimate_loss, reduce_mean
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    tc = TrainConfig(**{k: v for k, v in (train_config or {}).items() if k in fields})
+    if cfg.dataset:
+        tc = dataclasses.replace(tc, dataset=cfg.dataset, data_root=cfg.data_root)
+    if tc.block_size > model.config.block_size:
+        raise UserError(f"block_size={tc.block_size} of the training settings is longer than the model's "
+                        f"{model.config.block_size}")
+    data = open_dataset(tc.dataset, tc.data_root, tokenizer)
+    to_device = lambda x, y: (torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
+    batches = EvalBatches(data.shards(cfg.split), tc, launch.rank, to_device)
+    say(f"{data.data_dir} ({cfg.split}): {tc.eval_iters} batches of {tc.batch_size} x {tc.block_size} tokens, "
+        f"seed {tc.seed}, on {launch.world_size} process(es)")
+    loss = reduce_mean(estimate_loss(model, batches, autocast), launch).item()
+    model.eval()  # estimate_loss hands the model back in train mode
+    say(f"{cfg.split} loss {loss:.4f}")
+    return {"task": "val_loss", "split": cfg.split, "loss": loss, "dataset": data.data_dir,
+            "eval_iters": tc.eval_iters, "batch_size": tc.batch_size, "block_size": tc.block_size,
+            "processes": launch.world_size}
+
+
+def all_reduce(tensor, launch):
+    if launch.distributed:
+        import torch.distributed as dist
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
+def main(cfg, sources):
+    launch = detect_launch()
+    device = init_distributed(launch, pick_device(cfg.device))
+    try:
+        return evaluate(cfg, launch, device)
+    finally:
+        cleanup_distributed()
+
+
+def evaluate(cfg, launch, device):
+    say = (lambda *a, **k: print(*a, **k, flush=True)) if launch.is_master else (lambda *a, **k: None)
+    device_type = device.split(":")[0]
+    dtype = pick_dtype(cfg.dtype, device_type)
+    model, tokenizer, train_config = load_model(cfg.init_from, cfg.out_dir, device)
+    autocast = torch.autocast(device_type=device_type, dtype=getattr(torch, dtype), enabled=(dtype != "float32"))
+    say(f"{cfg.init_from if cfg.init_from != 'resume' else cfg.out_dir}: {model.get_num_params() / 1e6:.2f}M "
+        f"parameters on {device} in {dtype}, {launch.world_size} process(es)")
+    if cfg.task == "perplexity":
+        result = perplexity(cfg, model, tokenizer, device, autocast, launch, say)
+    elif cfg.task == "hellaswag":
+        result = hellaswag(cfg, model, tokenizer, device, autocast, launch, say)
+    else:
+        result = val_loss(cfg, model, tokenizer, train_config, device, autocast, launch, say)
+    say(json.dumps({**result, "model": cfg.init_from if cfg.init_from != "resume" else cfg.out_dir}))
+    return result
+
+
+if __name__ == "__main__":
+    configurator.run(main, EvalConfig, validate)

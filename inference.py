@@ -1,0 +1,42 @@
+"""
+What sample.py and evaluate.py share: the model to run (a training checkpoint or GPT-2 weights) with its tokenizer.
+
+Both use the plain, uncompiled model: generation and evaluation change shapes at every step or batch, which would
+make torch.compile recompile again and again for no gain.
+"""
+
+from checkpoint import load_checkpoint, model_from_checkpoint
+from configurator import UserError
+from tokenizer import tokenizer_from_meta
+
+# what OpenAI's GPT-2 checkpoints were trained with
+GPT2_META = {"tokenizer": {"type": "tiktoken", "encoding": "gpt2"}, "vocab_size": 50257, "eot_id": 50256}
+
+
+def load_model(init_from, out_dir, device):
+    """
+    (model in eval mode on `device`, tokenizer, the training config dict or None) for init_from 'resume' (the
+    checkpoint in out_dir) or GPT-2 weights (gpt2, gpt2-medium, gpt2-large, gpt2-xl or a local Hugging Face folder).
+    """
+    if init_from == "resume":
+        checkpoint = load_checkpoint(out_dir)
+        model = model_from_checkpoint(checkpoint, dropout=0.0)
+        meta, train_config = checkpoint["meta"], checkpoint.get("config")
+    else:
+        model, meta = load_gpt2(init_from)
+        train_config = None
+    return model.eval().to(device), tokenizer_from_meta(meta), train_config
+
+
+def load_gpt2(name_or_path):
+    """GPT-2 weights through hf.py (issue 7), imported only here so everything else works without it."""
+    try:
+        from hf import load_hf_gpt2
+    except ModuleNotFoundError as e:
+        if e.name != "hf":
+            raise
+        raise UserError(f"--init_from={name_or_path} needs hf.py (the Hugging Face GPT-2 import), which this "
+                        "checkout does not have; use a training checkpoint: --init_from=resume --out_dir=...") from None
+    loaded = load_hf_gpt2(name_or_path)
+    # hf.py may hand back the tokenizer's meta with the model; GPT-2's own BPE otherwise
+    return loaded if isinstance(loaded, tuple) else (loaded, GPT2_META)

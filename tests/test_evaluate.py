@@ -1,0 +1,160 @@
+"""evaluate.py: strided perplexity against by-hand computations, HellaSwag scoring, train.py's val loss, bad input."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from conftest import REPO, generated_text, run_script
+from distributed import Launch
+from evaluate import strided_nll, windows
+from model import GPT, GPTConfig
+from test_sample import CHARS, out_dir, tiny_model  # noqa: F401 (out_dir is a fixture: a tiny char checkpoint)
+
+SINGLE = Launch("single")
+
+
+def tiny(block_size=16):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size, vocab_size=50)).eval()
+
+
+def nll_of(model, context, target):
+    logits, _ = model(torch.tensor([context]))
+    return -F.log_softmax(logits[0, -1], dim=-1)[target].item()
+
+
+def evaluate_json(proc):
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_windows_score_every_token_once():
+    assert windows(7, 4, 2) == [(0, 4, 4), (2, 6, 2)]
+    assert windows(7, 4, 4) == [(0, 4, 4), (4, 6, 2)]
+    assert windows(2, 4, 2) == [(0, 1, 1)]
+    for n, window, stride in [(100, 16, 8), (101, 16, 5), (50, 16, 16), (17, 16, 1), (300, 32, 7)]:
+        targets = []
+        for begin, end, scored in windows(n, window, stride):
+            assert 0 < end - begin <= window and 0 < scored <= end - begin
+            if end - begin == window:  # a full window leaves at least window - stride tokens of context
+                assert end - begin - scored >= window - stride or begin == 0
+            targets += range(end + 1 - scored, end + 1)
+        assert targets == list(range(1, n))
+
+
+def test_stride_equal_to_window_is_the_non_overlapping_computation():
+    model, tokens = tiny(), np.random.default_rng(0).integers(0, 50, 70)
+    nll, count = strided_nll(model, tokens, 16, 16, 3, "cpu", torch.autocast("cpu", enabled=False), SINGLE)
+    expected = 0.0
+    for i in range(0, 69, 16):  # chunks of 17 tokens sharing one token: 16 predictions each (the last 5)
+        end = min(i + 16, 69)
+        x, y = torch.tensor(tokens[i:end])[None], torch.tensor(tokens[i + 1:end + 1])[None]
+        _, loss = model(x, y)
+        expected += loss.item() * y.numel()
+    assert count == 69
+    assert nll == pytest.approx(expected, rel=1e-5)
+
+
+def test_strided_nll_by_hand():
+    """Seven tokens, windows of 4 moving 2: the first window scores tokens 1-4, the second 5-6 from token 2 on."""
+    model, t = tiny(), [5, 17, 3, 42, 8, 23, 11]
+    by_hand = sum(nll_of(model, t[:j], t[j]) for j in (1, 2, 3, 4)) + sum(nll_of(model, t[2:j], t[j]) for j in (5, 6))
+    nll, count = strided_nll(model, np.array(t), 4, 2, 2, "cpu", torch.autocast("cpu", enabled=False), SINGLE)
+    assert count == 6 and nll == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_perplexity_of_a_text_file(out_dir):  # noqa: F811
+    text = "ROMEO:\nBut soft, what light through yonder window breaks?\n" * 3
+    (out_dir / "verse.txt").write_text(text)
+    proc = run_script("evaluate.py", "--out_dir=out", "--text=verse.txt", "--stride=10", "--batch_size=3",
+                      "--device=cpu", cwd=out_dir)
+    result = evaluate_json(proc)
+    ids = np.array([CHARS.index(c) for c in text])  # no end-of-text: scored from the second character
+    nll, count = strided_nll(tiny_model(), ids, 32, 10, 4, "cpu", torch.autocast("cpu", enabled=False), SINGLE)
+    assert result["tokens"] == count == len(text) - 1 and (result["window"], result["stride"]) == (32, 10)
+    assert result["nll"] == pytest.approx(nll / count, rel=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+    assert result["bits_per_byte"] == pytest.approx(nll / math.log(2) / (len(text) - 1), rel=1e-5)
+    assert f"perplexity {result['perplexity']:.3f}" in proc.stdout
+
+
+def test_hellaswag_items_written_here(out_dir):  # noqa: F811
+    items = [{"ctx": "ROMEO: What light", "endings": ["is yonder", "breaks", "ZZZZ QQQ", "is the east."], "label": 3},
+             {"ctx": "JULIET:", "endings": ["Ay me!", "Oh", "Romeo, Romeo", "xx"], "label": 0},
+             {"ctx": "Good night", "endings": ["good night", "parting is", "such sweet sorrow", "!"], "label": 2}]
+    (out_dir / "hs.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
+    result = evaluate_json(run_script("evaluate.py", "--out_dir=out", "--task=hellaswag", "--source=hs.jsonl",
+                                      "--batch_size=2", "--device=cpu", cwd=out_dir))
+    model, encode = tiny_model(), (lambda s: [CHARS.index(c) for c in s])
+    by_mean = by_sum = 0
+    for item in items:  # each ending on its own, token by token
+        ctx = encode(item["ctx"])
+        losses = []
+        for ending in item["endings"]:
+            end = encode(" " + ending)
+            losses.append([nll_of(model, (ctx + end)[:len(ctx) + j], end[j]) for j in range(len(end))])
+        by_mean += min(range(4), key=lambda k: sum(losses[k]) / len(losses[k])) == item["label"]
+        by_sum += min(range(4), key=lambda k: sum(losses[k])) == item["label"]
+    assert result["items"] == 3
+    assert result["acc_norm"] == pytest.approx(by_mean / 3) and result["acc"] == pytest.approx(by_sum / 3)
+
+
+def test_val_loss_is_the_number_train_py_reported(tmp_path):
+    (tmp_path / "text.txt").write_text(generated_text(40_000))
+    run_script("prepare.py", "shakespeare_char", "--source=text.txt", cwd=tmp_path)
+    run_script("train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--n_layer=2",
+               "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--dropout=0.0", "--eval_iters=3",
+               "--max_iters=10", "--eval_interval=10", "--warmup_iters=2", "--lr_decay_iters=10",
+               "--out_dir=out", cwd=tmp_path)
+    with open(tmp_path / "out" / "log.jsonl") as f:
+        reported = [json.loads(line) for line in f if "val_loss" in line][-1]
+    assert reported["step"] == 10
+    result = evaluate_json(run_script("evaluate.py", "--out_dir=out", "--task=val_loss", "--device=cpu",
+                                      cwd=tmp_path))
+    assert result["loss"] == pytest.approx(reported["val_loss"], abs=1e-6)
+    assert (result["eval_iters"], result["batch_size"], result["block_size"]) == (3, 4, 32)
+
+    # and strided perplexity over the prepared split runs on the same data
+    ppl = evaluate_json(run_script("evaluate.py", "--out_dir=out", "--dataset=shakespeare_char",
+                                   "--block_size=32", "--stride=32", "--batch_size=64", "--device=cpu",
+                                   cwd=tmp_path))
+    meta = json.loads((tmp_path / "data/shakespeare_char/meta.json").read_text())
+    assert ppl["tokens"] == sum(s["tokens"] for s in meta["shards"]["val"]) - 1
+
+
+def test_ranks_split_the_work(out_dir):  # noqa: F811
+    """Two gloo processes under torchrun report what one process does."""
+    (out_dir / "verse.txt").write_text("Parting is such sweet sorrow, that I shall say good night till it be morrow.\n" * 4)
+    args = ["--out_dir=out", "--text=verse.txt", "--stride=8", "--batch_size=2", "--device=cpu"]
+    single = evaluate_json(run_script("evaluate.py", *args, cwd=out_dir))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE"))}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           os.path.join(REPO, "evaluate.py"), *args], cwd=out_dir, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    both = evaluate_json(proc)
+    assert both["tokens"] == single["tokens"] and both["nll"] == pytest.approx(single["nll"], rel=1e-5)
+    assert "2 process(es)" in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task=ppl", "--batch_size=0"], "task='ppl': expected perplexity, hellaswag or val_loss"),
+    (["--text=a.txt", "--dataset=b", "--block_size=8", "--stride=9"], "stride=9 is longer than the window"),
+    (["--text=nowhere.txt"], "cannot read --text=nowhere.txt"),
+    (["--text=verse.txt", "--out_dir=nowhere"], "no checkpoint at nowhere/ckpt.pt"),
+    (["--task=hellaswag", "--source=missing.jsonl"], "--source=missing.jsonl does not exist"),
+    (["--dataset=no_such_data"], "python prepare.py no_such_data"),
+])
+def test_bad_input(out_dir, args, message):  # noqa: F811
+    (out_dir / "verse.txt").write_text("ROMEO:\n")
+    proc = run_script("evaluate.py", "--out_dir=out", "--device=cpu", *args, cwd=out_dir, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    if "--batch_size=0" in args or "--stride=9" in args:  # every problem at once
+        assert "batch_size=0 must be at least 1" in proc.stderr or "needs one of --text=FILE or" in proc.stderr

@@ -1,0 +1,109 @@
+"""sample.py through its real command line, on a tiny char-level checkpoint the test writes itself."""
+
+import sys
+import types
+
+import pytest
+import torch
+
+from checkpoint import save_checkpoint
+from conftest import REPO, run_script
+from generate import generate
+from model import GPT, GPTConfig
+
+CHARS = "\n !,.:?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+TINY_ARGS = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=len(CHARS), dropout=0.0)
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY_ARGS)).eval()
+    with torch.no_grad():  # large position embeddings: varied greedy text from an untrained model
+        model.transformer.wpe.weight.normal_(0.0, 1.0)
+    return model
+
+
+@pytest.fixture
+def out_dir(tmp_path):
+    meta = {"tokenizer": {"type": "char", "chars": CHARS, "eot": False}, "vocab_size": len(CHARS), "eot_id": None}
+    save_checkpoint(str(tmp_path / "out" / "ckpt.pt"),
+                    {"model": tiny_model().state_dict(), "model_args": TINY_ARGS, "meta": meta})
+    return tmp_path
+
+
+def sample(out_dir, *args, check=True):
+    return run_script("sample.py", "--out_dir=out", "--device=cpu", *args, cwd=out_dir, check=check)
+
+
+def decode(ids):
+    return "".join(CHARS[i] for i in ids)
+
+
+def samples_of(stdout):
+    return [s.strip("\n") for s in stdout.split("---------------")[:-1]]
+
+
+def test_greedy_stop_and_stream(out_dir):
+    prompt = "ROMEO:"
+    expected = decode(generate(tiny_model(), [[CHARS.index(c) for c in prompt]], 60, temperature=0)[0])
+    out = sample(out_dir, f"--start={prompt}", "--temperature=0", "--max_new_tokens=60", "--num_samples=2",
+                 "--verbose")
+    assert samples_of(out.stdout) == [prompt + expected] * 2  # the script decodes what generate.py generates
+    assert "tokens/s" in out.stderr
+
+    stop = expected[10:12]
+    cut = prompt + expected[:expected.index(stop)]
+    out = sample(out_dir, f"--start={prompt}", "--temperature=0", "--max_new_tokens=60", "--num_samples=1",
+                 f"--stop={stop}")
+    assert samples_of(out.stdout) == [cut]
+    streamed = sample(out_dir, f"--start={prompt}", "--temperature=0", "--max_new_tokens=60", "--num_samples=1",
+                      f"--stop={stop}", "--stream")
+    assert streamed.stdout == cut + "\n"
+
+
+def test_seed_reproduces_and_beams(out_dir, tmp_path):
+    (tmp_path / "prompt.txt").write_text("JULIET:\n")
+    args = ["--start=FILE:prompt.txt", "--max_new_tokens=30", "--num_samples=3", "--temperature=1.0"]
+    first, again = sample(out_dir, *args, "--seed=5"), sample(out_dir, *args, "--seed=5")
+    assert first.stdout == again.stdout and len(set(samples_of(first.stdout))) > 1
+    beams = sample(out_dir, "--start=A", "--max_new_tokens=10", "--num_beams=3", "--num_samples=2",
+                   "--stop=[\"\\n\\n\", 1]")
+    texts = samples_of(beams.stdout)
+    assert len(texts) == 2 and texts[0] != texts[1] and all(t.startswith("A") for t in texts)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--start="], "the prompt is empty and this tokenizer has no end-of-text token"),
+    (["--start=ROMEO#"], "characters outside this model's"),
+    (["--max_new_tokens=0", "--top_p=0", "--stop=[\"a\", 1.5]", "--stream", "--num_samples=2"],
+     "max_new_tokens=0 must be at least 1"),
+    (["--out_dir=nowhere"], "no checkpoint at nowhere/ckpt.pt"),
+    (["--start=FILE:missing.txt"], "cannot read the prompt file missing.txt"),
+])
+def test_bad_input(out_dir, args, message):
+    proc = sample(out_dir, *args, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    if "--top_p=0" in args:  # every problem at once
+        for problem in ("top_p=0.0 must be in (0, 1]", "may hold only strings and token ids",
+                        "stream=True prints one sample"):
+            assert problem in proc.stderr
+
+
+def test_gpt2_weights_come_from_hf_py(monkeypatch):
+    """--init_from=gpt2... goes through hf.load_hf_gpt2 (issue 7), with a clear error where hf.py is missing."""
+    import inference
+    from configurator import UserError
+    import os
+
+    if not os.path.exists(os.path.join(REPO, "hf.py")):
+        monkeypatch.setitem(sys.modules, "hf", None)  # importing it fails as it would without the file
+        with pytest.raises(UserError, match="needs hf.py"):
+            inference.load_model("gpt2", "out", "cpu")
+    calls = []
+    fake = types.ModuleType("hf")
+    fake.load_hf_gpt2 = lambda name, **overrides: calls.append(name) or tiny_model()
+    monkeypatch.setitem(sys.modules, "hf", fake)
+    model, tokenizer, train_config = inference.load_model("gpt2-medium", "out", "cpu")
+    assert calls == ["gpt2-medium"] and train_config is None and not model.training
+    assert tokenizer.eot_id == 50256  # GPT-2's BPE when hf.py returns only the model
