@@ -234,7 +234,7 @@ def hellaswag(cfg, model, tokenizer, device, autocast, launch, say):
 
 def val_loss(cfg, model, tokenizer, train_config, device, autocast, launch, say):
     """train.py's estimate_loss over its EvalBatches, with the checkpoint's training settings."""
-    from train import EvalBatches, TrainConfig, estimate_loss, reduce_mean
+    from train import EvalBatches, TrainConfig, estimate_loss, reduce_mean, to_device
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     tc = TrainConfig(**{k: v for k, v in (train_config or {}).items() if k in fields})
     if cfg.dataset:
@@ -243,8 +243,7 @@ def val_loss(cfg, model, tokenizer, train_config, device, autocast, launch, say)
         raise UserError(f"block_size={tc.block_size} of the training settings is longer than the model's "
                         f"{model.config.block_size}")
     data = open_dataset(tc.dataset, tc.data_root, tokenizer)
-    to_device = lambda x, y: (torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
-    batches = EvalBatches(data.shards(cfg.split), tc, launch.rank, to_device)
+    batches = EvalBatches(data.shards(cfg.split), tc, launch, lambda x, y: to_device(x, y, device))
     say(f"{data.data_dir} ({cfg.split}): {tc.eval_iters} batches of {tc.batch_size} x {tc.block_size} tokens, "
         f"seed {tc.seed}, on {launch.world_size} process(es)")
     loss = reduce_mean(estimate_loss(model, batches, autocast), launch).item()
