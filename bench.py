@@ -4,6 +4,8 @@ Benchmarks: the numbers behind the README's claims, one subcommand each (measure
     python bench.py sample                    # tokens/s generating with and without the KV cache (issue 6)
     python bench.py sample --device=cuda --batch_sizes=1,8,32
     python bench.py sample --help             # every key of a subcommand
+    python bench.py train config/gpt2_124m.py --batch_size=32 --total_batch_size=0 --profile=True
+                                              # ms/step, tokens/s, MFU, peak memory of train.py's optimizer step
 
 Each prints a table, then one JSON line for scripts.
 """
@@ -14,13 +16,17 @@ import sys
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 import configurator
 from configurator import UserError
-from distributed import pick_device, pick_dtype
+from distributed import Launch, init_distributed, pick_device, pick_dtype
 from generate import generate
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, peak_flops_for
+from tokendata import BatchSampler, Dataset
+from train import (Prefetcher, TrainConfig, accumulate_gradients, dataset_dir, micro_steps_per_rank, to_device,
+                   validate as validate_train_config)
 
 
 @dataclass
@@ -103,7 +109,148 @@ def bench_sample(cfg, sources):
                       "rows": rows}))
 
 
-SUBCOMMANDS = {"sample": (SampleBenchConfig, bench_sample, validate_sample)}
+@dataclass
+class TrainBenchConfig(TrainConfig):
+    steps: int = 20  # timed optimizer steps (after the warm-up)
+    warmup: int = 5  # untimed steps first (the first one includes torch.compile)
+    profile: bool = False  # also break one step down into attention, linear layers, loss, optimizer and data
+    synthetic: bool = True  # random tokens; False: batches from --dataset, as train.py draws them
+
+
+def validate_train(cfg):
+    problems = validate_train_config(cfg)
+    if cfg.steps < 1 or cfg.warmup < 0:
+        problems.append("steps must be at least 1 and warmup at least 0")
+    return problems
+
+
+def device_name(device):
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or device}, {torch.get_num_threads()} threads"
+
+
+def bench_train(cfg, sources):
+    """ms/step of train.py's own optimizer step (accumulate_gradients) on one process, without evaluation or I/O."""
+    device = init_distributed(Launch("single"), pick_device(cfg.device))
+    device_type = device.split(":")[0]
+    dtype = pick_dtype(cfg.dtype, device_type)
+    grad_accum, batch_explain = micro_steps_per_rank(cfg, 1)
+    if cfg.synthetic:
+        vocab_size = 50257 if cfg.dataset == "openwebtext" else Dataset(dataset_dir(cfg)).meta["vocab_size"]
+        sampler = SyntheticSampler(vocab_size, cfg.block_size, cfg.batch_size, cfg.seed)
+    else:
+        data = Dataset(dataset_dir(cfg))
+        vocab_size = data.meta["vocab_size"]
+        sampler = BatchSampler(data.shards("train"), cfg.block_size, cfg.batch_size, seed=[cfg.seed, 0])
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(cfg.seed)
+    model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
+                          bias=cfg.bias, vocab_size=vocab_size, dropout=cfg.dropout)).to(device)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2))
+    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+    autocast = torch.autocast(device_type=device_type, dtype=getattr(torch, dtype), enabled=(dtype != "float32"))
+    use_compile = cfg.compile if cfg.compile is not None else device_type == "cuda"
+    step_model = torch.compile(model) if use_compile else model
+    batches = Prefetcher(sampler, lambda x, y: to_device(x, y, device))
+
+    def sync():
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+
+    def one_step():
+        accumulate_gradients(step_model, batches, grad_accum, autocast, scaler, optimizer, cfg.grad_clip, False)
+
+    times = []
+    for i in range(cfg.warmup + cfg.steps):
+        sync()
+        t0 = time.perf_counter()
+        one_step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    timed = sorted(times[cfg.warmup:])
+    ms = 1000 * timed[len(timed) // 2]
+    tokens_per_step = cfg.batch_size * cfg.block_size * grad_accum
+    peak = cfg.peak_flops or (peak_flops_for(torch.cuda.get_device_name(device)) if device_type == "cuda" else None)
+    mfu = model.estimate_mfu(tokens_per_step / (ms / 1000), peak)
+    result = {
+        "bench": "train", "device": device_name(device), "torch": torch.__version__, "dtype": dtype,
+        "compile": use_compile, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "block_size": cfg.block_size,
+        "batch_size": cfg.batch_size, "grad_accum": grad_accum, "params_M": round(model.get_num_params() / 1e6, 2),
+        "ms_per_step": round(ms, 2), "tokens_per_sec": round(tokens_per_step / (ms / 1000)),
+        "mfu": round(mfu, 4) if mfu else None,
+        "peak_memory_GiB": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device_type == "cuda" else None,
+        "first_step_s": round(times[0], 2),  # includes torch.compile when it is on
+    }
+    print(f"train: {batch_explain}; {result['params_M']}M parameters on {result['device']}, {dtype}, "
+          f"compile {'on' if use_compile else 'off'}")
+    print(f"  {ms:.1f} ms/step (median of {cfg.steps}) | {result['tokens_per_sec']:,} tokens/s | "
+          f"mfu {f'{mfu:.1%}' if mfu else '-'} | peak memory "
+          f"{result['peak_memory_GiB'] if result['peak_memory_GiB'] is not None else '-'} GiB | "
+          f"first step {times[0]:.1f} s")
+    if cfg.profile:
+        result["profile_ms"] = profile_step(one_step, sync, device_type)
+    print(json.dumps(result))
+    return result
+
+
+class SyntheticSampler:
+    """Random tokens in the BatchSampler interface: measures the model, not the disk."""
+
+    def __init__(self, vocab_size, block_size, batch_size, seed):
+        self.shape, self.vocab_size = (batch_size, block_size + 1), vocab_size
+        self.rng = np.random.default_rng(seed)
+
+    def next_batch(self):
+        rows = self.rng.integers(0, self.vocab_size, size=self.shape, dtype=np.int64)
+        return rows[:, :-1], rows[:, 1:]
+
+    def state_dict(self):
+        return {}
+
+
+# which operator names count towards which part of a step, in --profile
+PROFILE_PARTS = {
+    "attention": ("attention", "sdpa", "flash", "cudnn_attn", "efficient_attention"),
+    "linear layers": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"),
+    "loss": ("cross_entropy", "log_softmax", "nll_loss"),
+    "optimizer": ("adam", "optimizer", "clip_grad", "foreach_norm"),
+    "activation (GELU)": ("gelu",),
+    "layer norm": ("layer_norm",),
+    "data": ("pin_memory", "aten::copy_", "aten::_to_copy", "numpy", "memcpy"),
+}
+
+
+def profile_step(one_step, sync, device_type, steps=3):
+    """Self time per part of a training step, averaged over a few steps, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            one_step()
+        sync()
+    use_device = device_type == "cuda"
+    parts = {name: 0.0 for name in PROFILE_PARTS}
+    total = 0.0
+    for event in prof.key_averages():
+        us = event.self_device_time_total if use_device else event.self_cpu_time_total
+        total += us
+        key = event.key.lower()
+        for name, patterns in PROFILE_PARTS.items():
+            if any(p in key for p in patterns):
+                parts[name] += us
+                break
+    parts["other"] = total - sum(parts.values())
+    ms = {name: round(us / 1000 / steps, 2) for name, us in parts.items()}
+    print(f"  profile ({'GPU' if use_device else 'CPU'} time per step): " +
+          " | ".join(f"{name} {v:.1f} ms" for name, v in ms.items()))
+    return ms
+
+
+SUBCOMMANDS = {"sample": (SampleBenchConfig, bench_sample, validate_sample),
+               "train": (TrainBenchConfig, bench_train, validate_train)}
 
 
 def main(argv):
