@@ -200,7 +200,7 @@ def hellaswag_scores(model, tokenizer, items, device, autocast):
             end = tokenizer.encode(" " + ending)  # the space joins the ending to the context, as GPT-2 saw text
             seq = (ctx + end)[-(model.config.block_size + 1):]  # keep the ending; crop the context on the left
             rows.append(seq)
-            spans.append(len(end))
+            spans.append(min(len(end), len(seq) - 1))  # a first token with no context before it cannot be scored
     T = max(len(r) for r in rows) - 1
     x = torch.zeros(len(rows), T, dtype=torch.long)
     y = torch.full((len(rows), T), -1, dtype=torch.long)
