@@ -152,7 +152,78 @@ class KVCache:
         return pos, mask[:, None]
 
 
+def chunk_rows(n_rows, n_cols, max_elements=2**27):
+    """Rows per chunk so that a chunk's float32 logits stay under max_elements (512 MB)."""
+    n_chunks = -(-n_rows * n_cols // max_elements)
+    return -(-n_rows // n_chunks)
+
+
+def chunked_nll(x, weight, targets, vocab_size):
+    """
+    Cross-entropy of each row: -log softmax(x @ weight[:vocab_size].T)[target], in float32, 0 where the target is -1.
+    x (N, C) and weight (Vp, C) in the compute dtype; the logits exist a chunk of rows at a time.
+    """
+    out = torch.empty(x.size(0), dtype=torch.float32, device=x.device)
+    rows = chunk_rows(x.size(0), vocab_size)
+    for i in range(0, x.size(0), rows):
+        logits = (x[i:i + rows] @ weight.t())[:, :vocab_size].float()  # (R, V)
+        t = targets[i:i + rows]
+        picked = logits.gather(1, t.clamp(min=0)[:, None]).squeeze(1)
+        out[i:i + rows] = (torch.logsumexp(logits, dim=-1) - picked) * (t >= 0)
+    return out
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """
+    loss = mean cross-entropy of logits = x @ weight.T (the tied output layer, restricted to the real vocabulary),
+    computed like nanoGPT's F.cross_entropy(logits.float()) but never holding the (N, V) logits: each chunk of rows
+    computes its logits (compute dtype), their log-softmax in float32, the loss, and at once the gradient
+    d loss / d logits = (softmax - onehot) / n, which two matrix products turn into the gradients of x and weight.
+    Backward only scales those by the incoming gradient. Same matrix products as the unfused layer and loss (logits,
+    then dx and dW), but the float32 logits and their gradient (GPT-2 small at batch 32: 6.6 GB each) never exist
+    whole, and the loss's elementwise work touches each chunk while it is fresh.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, vocab_size):
+        # x (N, C) in the compute dtype; weight (Vp, C) the float32 parameter; targets (N,), -1 for none
+        with torch.autocast(x.device.type, enabled=False):
+            w = weight.to(x.dtype)[:vocab_size]  # (V, C)
+            n = (targets >= 0).sum()
+            loss = torch.zeros((), dtype=torch.float32, device=x.device)
+            # the gradients are kept in float32 and divided by n there: (softmax - onehot) / n would underflow in
+            # float16 for large n, where the unfused path relies on GradScaler's scaled loss
+            grad_x = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
+            rows = chunk_rows(x.size(0), vocab_size)
+            for i in range(0, x.size(0), rows):
+                xc, t = x[i:i + rows], targets[i:i + rows]
+                valid = (t >= 0)[:, None]
+                logits = (xc @ w.t()).float()  # (R, V)
+                lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (R, 1)
+                picked = logits.gather(1, t.clamp(min=0)[:, None])  # (R, 1)
+                loss = loss + ((lse - picked) * valid).sum()
+                grad = torch.exp(logits - lse)  # softmax, (R, V)
+                grad.scatter_add_(1, t.clamp(min=0)[:, None], -valid.float())
+                grad = (grad * valid).to(x.dtype)  # n * d loss / d logits
+                grad_x[i:i + rows] = (grad @ w).float() / n
+                grad_w[:vocab_size] += (grad.t() @ xc).float()
+            grad_w /= n
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.x_dtype = x.dtype
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        return (grad_x * grad_loss).to(ctx.x_dtype), grad_w * grad_loss, None, None
+
+
 class GPT(nn.Module):
+    # the output layer and loss as one chunked computation (LinearCrossEntropy, chunked_nll): no (B, T, V) logits.
+    # train.py and bench.py set it from their fused_loss key (off by default: it saves memory but is slower to train
+    # on an H100); scoring without gradients (evaluate.py) keeps it on, where it only saves memory
+    fused_loss = True
 
     def __init__(self, config):
         super().__init__()
@@ -199,12 +270,14 @@ class GPT(nn.Module):
             n_params -= self.transformer.wpe.weight.numel()
         return n_params
 
-    def forward(self, idx, targets=None, cache=None):
+    def forward(self, idx, targets=None, cache=None, reduction="mean", all_logits=False):
         """
         idx: (B, T) token ids. Returns (logits, loss). With targets (B, T) the loss is the mean cross-entropy over
-        the real vocabulary (padding ids excluded), and logits cover every position; without targets only the last
-        position's logits are computed (all generation needs). Logits are over the real vocabulary only, so padding
-        ids can never be sampled.
+        the real vocabulary (padding ids excluded) and the targets that are not -1, or with reduction='none' each
+        position's (B, T), 0 where the target is -1; logits are then None (fused_loss, the default; else every
+        position's). Without targets the logits are the last position's (B, 1, V), all generation needs, or with
+        all_logits every position's (B, T, V). Logits are over the real vocabulary only, so padding ids can never be
+        sampled.
         With a KVCache (see new_cache), idx continues the sequences stored there: positions and the attention mask
         come from the cache, and idx's keys and values are added to it.
         """
@@ -222,13 +295,36 @@ class GPT(nn.Module):
             cache.length += T
         x = self.transformer.ln_f(x)
         V = self.config.vocab_size
+        if targets is not None and self.fused_loss:
+            # the output layer and the loss together, a chunk of rows at a time: no (B, T, V) logits
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            x, targets = x.to(dtype).reshape(B * T, -1), targets.reshape(-1)
+            if reduction == "none":
+                return None, chunked_nll(x, self.lm_head.weight.to(dtype), targets, V).view(B, T)
+            if torch.is_grad_enabled() and (x.requires_grad or self.lm_head.weight.requires_grad):
+                return None, LinearCrossEntropy.apply(x, self.lm_head.weight, targets, V)
+            n = (targets >= 0).sum()
+            return None, chunked_nll(x, self.lm_head.weight.to(dtype), targets, V).sum() / n
         if targets is not None:
-            logits = self.lm_head(x)[..., :V]  # (B, T, V)
-            loss = F.cross_entropy(logits.reshape(-1, V).float(), targets.reshape(-1), ignore_index=-1)
+            logits = self.lm_head(x)  # (B, T, Vp)
+            if logits.size(-1) > V:
+                # padding ids get -inf (probability 0, gradient 0): the loss of the real vocabulary, computed on
+                # rows of aligned width, which is faster than cutting them to V columns
+                logits = logits + self.padding_mask(logits)
+            loss = F.cross_entropy(logits.view(B * T, -1).float(), targets.reshape(-1), ignore_index=-1,
+                                   reduction=reduction)
+            loss = loss.view(B, T) if reduction == "none" else loss
+            logits = logits[..., :V]
         else:
-            logits = self.lm_head(x[:, [-1], :])[..., :V]  # (B, 1, V)
+            logits = self.lm_head(x if all_logits else x[:, [-1], :])[..., :V]  # (B, T or 1, V)
             loss = None
         return logits, loss
+
+    def padding_mask(self, logits):
+        """(Vp,) 0 for the real vocabulary, -inf for the padding ids, in the dtype and on the device of logits."""
+        mask = torch.zeros(logits.size(-1), dtype=logits.dtype, device=logits.device)
+        mask[self.config.vocab_size:] = float("-inf")
+        return mask
 
     def new_cache(self, max_len, pad):
         """An empty KVCache for len(pad) rows of up to max_len (<= block_size) positions, pad[b] of them left padding."""

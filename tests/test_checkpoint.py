@@ -161,8 +161,8 @@ def test_bad_steps_skipped_then_stop(data_dir, monkeypatch, capsys):
     real_forward = model_module.GPT.forward
     calls = {"n": 0}
 
-    def flaky_forward(self, idx, targets=None):
-        logits, loss = real_forward(self, idx, targets)
+    def flaky_forward(self, idx, targets=None, **kwargs):
+        logits, loss = real_forward(self, idx, targets, **kwargs)
         if self.training:
             calls["n"] += 1
             if calls["n"] in (3, 4) or calls["n"] >= 8:  # two bad steps, then a lasting failure from step 7

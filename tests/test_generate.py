@@ -31,7 +31,7 @@ def naive_greedy(model, prompt, n):
 def log_prob(model, prompt, tokens):
     """Summed log-probability of `tokens` after `prompt`, from one full forward pass."""
     idx = torch.tensor([prompt + tokens])
-    logits, _ = model(idx[:, :-1], idx[:, 1:])
+    logits, _ = model(idx[:, :-1], all_logits=True)
     logp = F.log_softmax(logits[0, len(prompt) - 1:], dim=-1)
     return logp.gather(1, torch.tensor(tokens)[:, None]).sum().item()
 
@@ -39,7 +39,7 @@ def log_prob(model, prompt, tokens):
 def test_cached_logits_match_full_forward():
     model = tiny()
     idx = torch.randint(0, 50, (3, 12))
-    full, _ = model(idx, idx)  # (3, 12, V): every position
+    full, _ = model(idx, all_logits=True)  # (3, 12, V): every position
     cache = model.new_cache(12, torch.zeros(3, dtype=torch.long))
     model(idx[:, :5], cache=cache)  # prefill five, then one position at a time
     for t in range(5, 12):

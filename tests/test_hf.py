@@ -35,7 +35,7 @@ def random_hf_gpt2(**config):
 
 
 def our_logits(model, idx):
-    logits, _ = model.eval()(idx, idx)  # with targets: logits at every position
+    logits, _ = model.eval()(idx, all_logits=True)
     return logits
 
 

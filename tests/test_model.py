@@ -20,8 +20,12 @@ def test_shapes_and_padding():
     assert model.lm_head.weight.shape == (1152, 32)
     idx = torch.randint(0, 1100, (3, 16))
     logits, loss = model(idx, idx)
-    assert logits.shape == (3, 16, 1100)  # the real vocabulary only: padding ids cannot be sampled
-    assert loss.ndim == 0
+    assert logits is None and loss.ndim == 0  # the fused output layer and loss never make the logits
+    assert model(idx, idx, reduction="none")[1].shape == (3, 16)
+    assert model(idx, all_logits=True)[0].shape == (3, 16, 1100)  # the real vocabulary: padding ids cannot be sampled
+    model.fused_loss = False
+    logits, loss = model(idx, idx)
+    assert logits.shape == (3, 16, 1100) and loss.ndim == 0
     logits, loss = model(idx)
     assert logits.shape == (3, 1, 1100) and loss is None
     assert tiny(vocab_size=65).lm_head.weight.shape == (65, 32)  # small vocabularies are not padded
@@ -32,11 +36,11 @@ def test_causality():
     """Changing token t never changes the logits at positions before t."""
     model = tiny().eval()
     idx = torch.randint(0, 50, (2, 16))
-    logits, _ = model(idx, idx)
+    logits, _ = model(idx, all_logits=True)
     for t in (0, 5, 15):
         changed = idx.clone()
         changed[:, t] = (changed[:, t] + 1) % 50
-        new_logits, _ = model(changed, changed)
+        new_logits, _ = model(changed, all_logits=True)
         assert torch.allclose(logits[:, :t], new_logits[:, :t], atol=1e-6)
         assert not torch.allclose(logits[:, t], new_logits[:, t])
 
@@ -107,3 +111,31 @@ def test_mfu_uses_the_given_peak():
     assert peak_flops_for("NVIDIA H100 PCIe") == 756e12
     assert peak_flops_for("NVIDIA A100-SXM4-80GB") == 312e12
     assert peak_flops_for("Some Unknown GPU") is None
+
+
+@pytest.mark.parametrize("vocab_size", [65, 1100])
+def test_fused_loss_matches_logits_then_cross_entropy(vocab_size, monkeypatch):
+    """LinearCrossEntropy (chunked, gradients made in the forward pass) gives the loss and every gradient of the
+    plain output layer + F.cross_entropy, ignored targets included, over several chunks."""
+    import model as model_module
+    monkeypatch.setattr(model_module, "chunk_rows", lambda n_rows, n_cols: 7)  # 48 rows: 7 chunks, a ragged last one
+    fused, plain = tiny(vocab_size=vocab_size), tiny(vocab_size=vocab_size)
+    plain.fused_loss = False
+    idx = torch.randint(0, vocab_size, (3, 16))
+    targets = torch.randint(0, vocab_size, (3, 16))
+    targets[0, :5] = -1
+    losses = []
+    for model in (fused, plain):
+        _, loss = model(idx, targets)
+        (2.0 * loss).backward()  # the incoming gradient is not always 1 (gradient accumulation, GradScaler)
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    for (name, p), q in zip(fused.named_parameters(), plain.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-7, rtol=1e-4), name
+    with torch.no_grad():
+        per_token = fused(idx, targets, reduction="none")[1]
+        assert torch.allclose(per_token, plain(idx, targets, reduction="none")[1], atol=1e-5)
+        assert (per_token[0, :5] == 0).all()
+        assert fused(idx, targets)[1].item() == pytest.approx(losses[1], rel=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fused(idx, targets)[1].item() == pytest.approx(plain(idx, targets)[1].item(), rel=1e-3)
