@@ -12,6 +12,8 @@ outgrows block_size. The logit filters (`top_k_filter`, `top_p_filter`) are pure
 import torch
 from torch.nn import functional as F
 
+from distributed import fast_kernels
+
 
 def top_k_filter(logits, k):
     """
@@ -104,7 +106,11 @@ class Decoder:
             self.logits = self._recompute()
 
     def _forward(self, idx, cache):
-        logits, _ = self.model(idx, cache=cache)
+        # flash attention first on CUDA: decoding changes the attention's shapes at every step, and cuDNN's attention
+        # (train.py's first choice on Hopper) builds a new plan for each shape, which made an H100 decode at 15
+        # tokens/s (bench.py sample, batch 1)
+        with fast_kernels(str(idx.device), "flash")[0]:
+            logits, _ = self.model(idx, cache=cache)
         return logits[:, -1, :]  # (B, V)
 
     def _recompute(self):
