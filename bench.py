@@ -21,7 +21,7 @@ import torch
 
 import configurator
 from configurator import UserError
-from distributed import Launch, init_distributed, pick_device, pick_dtype
+from distributed import Launch, fast_kernels, init_distributed, pick_device, pick_dtype
 from generate import generate
 from model import GPT, GPTConfig, peak_flops_for
 from tokendata import BatchSampler, Dataset
@@ -143,17 +143,22 @@ def bench_train(cfg, sources):
         data = Dataset(dataset_dir(cfg))
         vocab_size = data.meta["vocab_size"]
         sampler = BatchSampler(data.shards("train"), cfg.block_size, cfg.batch_size, seed=[cfg.seed, 0])
-    if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    kernels, kernels_note = fast_kernels(device, cfg.attention)
+    with kernels:
+        return run_train_bench(cfg, device, dtype, grad_accum, batch_explain, vocab_size, sampler, kernels_note)
+
+
+def run_train_bench(cfg, device, dtype, grad_accum, batch_explain, vocab_size, sampler, kernels_note):
+    device_type = device.split(":")[0]
     torch.manual_seed(cfg.seed)
     model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
                           bias=cfg.bias, vocab_size=vocab_size, dropout=cfg.dropout)).to(device)
+    model.fused_loss = cfg.fused_loss
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2))
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     autocast = torch.autocast(device_type=device_type, dtype=getattr(torch, dtype), enabled=(dtype != "float32"))
     use_compile = cfg.compile if cfg.compile is not None else device_type == "cuda"
-    step_model = torch.compile(model) if use_compile else model
+    step_model = torch.compile(model, mode=cfg.compile_mode) if use_compile else model
     batches = Prefetcher(sampler, lambda x, y: to_device(x, y, device))
 
     def sync():
@@ -177,7 +182,8 @@ def bench_train(cfg, sources):
     mfu = model.estimate_mfu(tokens_per_step / (ms / 1000), peak)
     result = {
         "bench": "train", "device": device_name(device), "torch": torch.__version__, "dtype": dtype,
-        "compile": use_compile, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "block_size": cfg.block_size,
+        "compile": cfg.compile_mode if use_compile else False, "attention": cfg.attention,
+        "fused_loss": cfg.fused_loss, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "block_size": cfg.block_size,
         "batch_size": cfg.batch_size, "grad_accum": grad_accum, "params_M": round(model.get_num_params() / 1e6, 2),
         "ms_per_step": round(ms, 2), "tokens_per_sec": round(tokens_per_step / (ms / 1000)),
         "mfu": round(mfu, 4) if mfu else None,
@@ -185,7 +191,8 @@ def bench_train(cfg, sources):
         "first_step_s": round(times[0], 2),  # includes torch.compile when it is on
     }
     print(f"train: {batch_explain}; {result['params_M']}M parameters on {result['device']}, {dtype}, "
-          f"compile {'on' if use_compile else 'off'}")
+          f"compile {cfg.compile_mode if use_compile else 'off'}, fused loss {'on' if cfg.fused_loss else 'off'}; "
+          f"{kernels_note}")
     print(f"  {ms:.1f} ms/step (median of {cfg.steps}) | {result['tokens_per_sec']:,} tokens/s | "
           f"mfu {f'{mfu:.1%}' if mfu else '-'} | peak memory "
           f"{result['peak_memory_GiB'] if result['peak_memory_GiB'] is not None else '-'} GiB | "
@@ -211,12 +218,13 @@ class SyntheticSampler:
         return {}
 
 
-# which operator names count towards which part of a step, in --profile
+# which operator (CPU) or kernel (GPU) names count towards which part of a step, in --profile; the first match wins
 PROFILE_PARTS = {
-    "attention": ("attention", "sdpa", "flash", "cudnn_attn", "efficient_attention"),
-    "linear layers": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"),
-    "loss": ("cross_entropy", "log_softmax", "nll_loss"),
-    "optimizer": ("adam", "optimizer", "clip_grad", "foreach_norm"),
+    "attention": ("attention", "sdpa", "flash", "fmha", "cudnn", "attn"),
+    "loss": ("cross_entropy", "log_softmax", "logsumexp", "nll_loss", "scatter", "gather"),
+    "linear layers": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "gemm", "nvjet",
+                      "cutlass", "xmma"),
+    "optimizer": ("adam", "optimizer", "clip_grad", "foreach", "multi_tensor"),
     "activation (GELU)": ("gelu",),
     "layer norm": ("layer_norm",),
     "data": ("pin_memory", "aten::copy_", "aten::_to_copy", "numpy", "memcpy"),
@@ -224,28 +232,37 @@ PROFILE_PARTS = {
 
 
 def profile_step(one_step, sync, device_type, steps=3):
-    """Self time per part of a training step, averaged over a few steps, from torch.profiler."""
+    """
+    Time per part of a training step, averaged over a few steps, from torch.profiler: on a GPU each kernel's time
+    (compiled code runs fused Triton kernels named after the operations they fuse), on a CPU each operator's self
+    time. Also prints the kernels or operators that take the most.
+    """
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == "cuda" else [])
+    use_device = device_type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if use_device else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
             one_step()
         sync()
-    use_device = device_type == "cuda"
+    if use_device:  # kernels only: an operator's device time is its kernels', which would count twice
+        events = [(e.key, e.self_device_time_total) for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    else:
+        events = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
     parts = {name: 0.0 for name in PROFILE_PARTS}
     total = 0.0
-    for event in prof.key_averages():
-        us = event.self_device_time_total if use_device else event.self_cpu_time_total
+    for key, us in events:
         total += us
-        key = event.key.lower()
         for name, patterns in PROFILE_PARTS.items():
-            if any(p in key for p in patterns):
+            if any(p in key.lower() for p in patterns):
                 parts[name] += us
                 break
     parts["other"] = total - sum(parts.values())
     ms = {name: round(us / 1000 / steps, 2) for name, us in parts.items()}
-    print(f"  profile ({'GPU' if use_device else 'CPU'} time per step): " +
+    print(f"  profile ({'GPU' if use_device else 'CPU'} time per step, {total / 1000 / steps:.1f} ms in all): " +
           " | ".join(f"{name} {v:.1f} ms" for name, v in ms.items()))
+    for key, us in sorted(events, key=lambda e: -e[1])[:12]:
+        print(f"    {us / 1000 / steps:7.2f} ms  {key[:110]}")
     return ms
 
 
