@@ -1,0 +1,61 @@
+"""What only a GPU can show: compiled bf16 training with the fused loss, attention kernel order, torchrun on one
+GPU. Skipped on machines without CUDA (CI); run them on a GPU with python -m pytest -q tests/test_gpu.py."""
+
+import pytest
+import torch
+
+from conftest import run_script
+from test_distributed import COMMON, prepare_tiny, run_torchrun, train_losses
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+GPU = [a.replace("--device=cpu", "--device=cuda") for a in COMMON]
+
+
+def test_compiled_fused_loss_matches_unfused_in_bf16():
+    """torch.compile + bf16 autocast: LinearCrossEntropy gives the loss and gradients of logits + F.cross_entropy."""
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=2, n_head=4, n_embd=128, block_size=128, vocab_size=50257)
+    fused, plain = GPT(config).cuda(), GPT(config).cuda()
+    plain.load_state_dict(fused.state_dict())
+    plain.fused_loss = False
+    idx = torch.randint(0, 50257, (8, 128), device="cuda")
+    targets = torch.randint(0, 50257, (8, 128), device="cuda")
+    losses = []
+    for model in (fused, plain):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = torch.compile(model)(idx, targets)
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-3)
+    for (name, p), q in zip(fused.named_parameters(), plain.parameters()):
+        cos = torch.nn.functional.cosine_similarity(p.grad.flatten(), q.grad.flatten(), dim=0)
+        assert cos > 0.999, (name, cos.item())
+
+
+def test_attention_order_is_applied():
+    """fast_kernels puts the chosen backend first; 'math' first gives the reference result."""
+    from distributed import fast_kernels
+    q, k, v = (torch.randn(2, 4, 64, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    outs = {}
+    for name in ("auto", "flash", "math"):
+        kernels, note = fast_kernels("cuda", name)
+        with kernels:
+            outs[name] = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).float()
+        assert note.startswith("attention: ")
+    assert torch.allclose(outs["auto"], outs["math"], atol=2e-2)
+    assert torch.allclose(outs["flash"], outs["math"], atol=2e-2)
+
+
+def test_torchrun_one_gpu_matches_python(tmp_path, shakespeare_path):
+    """A single-GPU run under torchrun --nproc_per_node=1 follows plain python step for step."""
+    prepare_tiny(tmp_path, shakespeare_path)
+    args = [*GPU, "--batch_size=8", "--compile=True", "--dtype=bfloat16"]
+    run_script("train.py", *args, "--out_dir=python", cwd=tmp_path)
+    out = run_torchrun(tmp_path, *args, "--out_dir=torchrun", nproc=1)
+    assert "launch: torchrun, 1 process(es)" in out.stdout
+    plain, launched = train_losses(tmp_path / "python"), train_losses(tmp_path / "torchrun")
+    assert sorted(launched) == list(range(1, 11))
+    for step in plain:
+        assert abs(plain[step] - launched[step]) < 1e-3, (step, plain[step], launched[step])
