@@ -19,6 +19,7 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -180,13 +181,22 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mb", type=float, default=300, help="corpus size (char tokenizer runs on all of it)")
     parser.add_argument("--bpe_mb", type=float, default=100, help="GPT-2 BPE runs on the first this many MB")
-    parser.add_argument("--workdir", default="", help="where the corpus and outputs go (default: a temp folder)")
+    parser.add_argument("--workdir", default="", help="where the corpus and outputs go, kept afterwards (default: a "
+                        "temp folder, removed at the end)")
     args = parser.parse_args()
     if os.path.isdir(os.path.join(SHARED, "tiktoken_cache")):  # GPT-2 BPE files offline, for every process below
         os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.abspath(os.path.join(SHARED, "tiktoken_cache")))
     cores = len(os.sched_getaffinity(0))
     work = args.workdir or tempfile.mkdtemp(prefix="prepare_bench_")
     os.makedirs(work, exist_ok=True)
+    try:
+        bench(args, cores, work)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)  # the corpus and shards: about 1.5 GB at the defaults
+
+
+def bench(args, cores, work):
     corpus, bpe_corpus = os.path.join(work, "corpus.jsonl"), os.path.join(work, "corpus_bpe.jsonl")
     t0 = time.time()
     char_bytes = build_corpus(corpus, args.mb)
