@@ -2,7 +2,7 @@
 Benchmarks: the numbers behind the README's claims, one subcommand each (measurements, not timed tests).
 
     python bench.py sample                    # tokens/s generating with and without the KV cache (issue 6)
-    python bench.py sample --device=cuda --batch_sizes=1,8,32
+    python bench.py sample --device=cuda --batch_sizes=1,8,32 --compile=True   # also the compiled static-cache step
     python bench.py sample --help             # every key of a subcommand
     python bench.py train config/gpt2_124m.py --batch_size=32 --total_batch_size=0 --profile=True
                                               # ms/step, tokens/s, MFU, peak memory of train.py's optimizer step
@@ -39,6 +39,7 @@ class SampleBenchConfig:
     prompt_tokens: int = 64  # prompt length
     new_tokens: int = 256  # tokens generated per sequence
     batch_sizes: str = "1,8"  # comma-separated batch sizes to measure
+    compile: bool = False  # also measure decoding through the compiled step on a static cache (sample.py --compile)
     device: str = "auto"  # 'auto', 'cpu', 'cuda', 'mps'
     dtype: str = "auto"  # 'auto' (bfloat16 on recent GPUs, float32 on CPU), 'float32', 'bfloat16', 'float16'
     seed: int = 1337
@@ -76,34 +77,42 @@ def bench_sample(cfg, sources):
     print(f"{model.get_num_params() / 1e6:.0f}M-parameter GPT, {cfg.prompt_tokens}-token prompt, {cfg.new_tokens} new "
           f"tokens, greedy; {device} ({name}), {dtype}, torch {torch.__version__}")
 
-    def timed(prompts, use_cache, n):
+    def timed(prompts, n, **how):
         if device_type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with autocast:
-            out = generate(model, prompts, n, temperature=0, use_cache=use_cache)
+            out = generate(model, prompts, n, temperature=0, **how)
         if device_type == "cuda":
             torch.cuda.synchronize()
         return out, time.perf_counter() - t0
 
+    modes = {"cache": {}, "no_cache": {"use_cache": False}}
+    if cfg.compile:
+        modes["compiled"] = {"compile": True}
     rows = []
     for B in batch_sizes(cfg.batch_sizes):
         prompts = torch.randint(0, cfg.vocab_size, (B, cfg.prompt_tokens)).tolist()
-        row = {"batch_size": B}
-        for use_cache in (True, False):
-            timed(prompts, use_cache, 4)  # warm-up: kernels, allocator, first-call overheads
-            out, seconds = timed(prompts, use_cache, cfg.new_tokens)
+        row, tokens = {"batch_size": B}, []
+        for key, how in modes.items():
+            # warm-up: kernels, allocator, first-call overheads; the compiled step at the timed run's shapes, so
+            # its compilation happens here (and is reported)
+            _, first = timed(prompts, cfg.new_tokens if key == "compiled" else 4, **how)
+            if key == "compiled":
+                row["compiled_first_seconds"] = first
+            out, seconds = timed(prompts, cfg.new_tokens, **how)
             assert all(len(r) == cfg.new_tokens for r in out)  # no stop tokens: every row ran the full length
-            key = "cache" if use_cache else "no_cache"
             row[f"{key}_tokens_per_s"] = B * cfg.new_tokens / seconds
             row[f"{key}_seconds"] = seconds
-            row[f"{key}_tokens"] = out
+            tokens.append(out)
         row["speedup"] = row["cache_tokens_per_s"] / row["no_cache_tokens_per_s"]
-        row["same_tokens"] = row.pop("cache_tokens") == row.pop("no_cache_tokens")
+        row["same_tokens"] = all(out == tokens[0] for out in tokens)
         rows.append(row)
+        compiled = (f"compiled {row['compiled_tokens_per_s']:9,.1f} tokens/s ({row['compiled_seconds']:.1f} s; "
+                    f"first call {row['compiled_first_seconds']:.1f} s) | " if cfg.compile else "")
         print(f"batch {B:>3}: with cache {row['cache_tokens_per_s']:9,.1f} tokens/s ({row['cache_seconds']:.1f} s) | "
               f"without {row['no_cache_tokens_per_s']:9,.1f} tokens/s ({row['no_cache_seconds']:.1f} s) | "
-              f"{row['speedup']:.1f}x | same tokens: {'yes' if row['same_tokens'] else 'no'}", flush=True)
+              f"{row['speedup']:.1f}x | {compiled}same tokens: {'yes' if row['same_tokens'] else 'no'}", flush=True)
     print(json.dumps({"bench": "sample", "device": device, "device_name": name, "dtype": dtype,
                       "torch": torch.__version__, "prompt_tokens": cfg.prompt_tokens, "new_tokens": cfg.new_tokens,
                       "rows": rows}))

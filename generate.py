@@ -6,8 +6,11 @@ bench.py and the tests use.
   lengths in one batch, stop tokens and stop strings.
 - `beam_search`: beam search with a length penalty and early stopping at end-of-text.
 Both run on a `Decoder`, which holds the sequences and their KV cache and slides the context window when a sequence
-outgrows block_size. The logit filters (`top_k_filter`, `top_p_filter`) are pure functions.
+outgrows block_size; with compile=True it decodes through a static cache and a compiled step (`decode_step`), CUDA
+graphs on GPU. The logit filters (`top_k_filter`, `top_p_filter`) are pure functions.
 """
+
+import functools
 
 import torch
 from torch.nn import functional as F
@@ -74,6 +77,32 @@ class Stop:
 NO_STOP = Stop()
 
 
+def decode_step(model, idx, cache):
+    """One decoding step on a static KVCache: next-token logits (B, V) for idx (B, 1). Compiled by compiled_step."""
+    logits, _ = model(idx, cache=cache)
+    return logits[:, -1, :]
+
+
+@functools.cache
+def compiled_step():
+    """
+    decode_step under torch.compile, built once per process. reduce-overhead captures a step as a CUDA graph that is
+    replayed at every step, so a step costs one graph launch instead of hundreds of kernel launches from Python (the
+    limit at batch 1); static shapes, since each shape is a graph of its own.
+    """
+    return torch.compile(decode_step, mode="reduce-overhead", dynamic=False, fullgraph=True)
+
+
+def mark_static(cache):
+    """
+    Tell torch.compile that the static cache's tensors keep their storage from step to step, so CUDA graphs read and
+    write them in place instead of copying them in and out; a new cache (a new call to generate) is re-recorded,
+    not recompiled (guard=False).
+    """
+    for t in cache.k + cache.v + [cache.filled]:
+        torch._dynamo.mark_static_address(t, guard=False)
+
+
 class Decoder:
     """
     A batch of sequences being decoded and the model state that goes with them: `logits` (B, V) are every row's
@@ -85,9 +114,13 @@ class Decoder:
     sequence outgrows block_size every token's position in the window changes at each step and no cached key stays
     valid: from there on each step recomputes the last block_size tokens, which is exactly what decoding without a
     cache does.
+
+    compile=True (with use_cache) prefills eagerly into a static cache, then runs each one-token step through
+    compiled_step: the first call compiles (tens of seconds on a GPU), which pays off over long or repeated
+    generation. Past block_size it falls back to eager recomputation like the dynamic cache.
     """
 
-    def __init__(self, model, prompts, max_new_tokens, use_cache=True):
+    def __init__(self, model, prompts, max_new_tokens, use_cache=True, compile=False):
         assert prompts and all(prompts), "every prompt needs at least one token"
         self.model, self.block_size = model, model.config.block_size
         device = model.lm_head.weight.device
@@ -97,11 +130,16 @@ class Decoder:
             self.tokens[row, longest - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
         self.pad = torch.tensor([longest - len(p) for p in prompts], dtype=torch.long, device=device)  # (B,)
         self.padded = longest > min(len(p) for p in prompts)
-        self.cache = None
+        self.cache, self.compile = None, compile and use_cache
         if use_cache and longest < self.block_size:
-            # positions the cache will ever hold: the prompt and every generated token but the last
-            self.cache = model.new_cache(min(self.block_size, longest + max_new_tokens), self.pad)
+            # positions the cache will ever hold: the prompt and every generated token but the last; a static
+            # cache's length is a shape of the compiled step, so it is rounded up to fewer, reusable sizes
+            max_len = longest + max_new_tokens
+            max_len = min(self.block_size, -(-max_len // 128) * 128 if self.compile else max_len)
+            self.cache = model.new_cache(max_len, self.pad, static=self.compile)
             self.logits = self._forward(self.tokens, self.cache)
+            if self.compile:
+                mark_static(self.cache)
         else:
             self.logits = self._recompute()
 
@@ -110,6 +148,10 @@ class Decoder:
         # (train.py's first choice on Hopper) builds a new plan for each shape, which made an H100 decode at 15
         # tokens/s (bench.py sample, batch 1)
         with fast_kernels(str(idx.device), "flash")[0]:
+            if cache is not None and cache.static and idx.size(1) == 1:
+                torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are no longer needed
+                # cloned out of the graph's memory, which the next step overwrites
+                return compiled_step()(self.model, idx, cache).clone()
             logits, _ = self.model(idx, cache=cache)
         return logits[:, -1, :]  # (B, V)
 
@@ -137,17 +179,20 @@ class Decoder:
         self.tokens, self.pad, self.logits = self.tokens[rows], self.pad[rows], self.logits[rows]
         if self.cache is not None:
             self.cache.reorder(rows)
+            if self.compile:
+                mark_static(self.cache)  # reorder allocates new storage when the number of rows changes
 
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, stop=NO_STOP, generator=None,
-             use_cache=True, on_step=None):
+             use_cache=True, on_step=None, compile=False):
     """
     Extend each prompt (a list of token ids; lengths may differ) by up to max_new_tokens tokens, all rows as one
     batch. Returns each row's new tokens, ended by `stop` (see Stop). on_step(new_tokens) is called after each step
     with every row's tokens so far (for streaming). Use the model in eval() mode; sampling draws from `generator`.
+    compile: decode through a compiled step (see Decoder).
     """
-    decoder = Decoder(model, prompts, max_new_tokens, use_cache)
+    decoder = Decoder(model, prompts, max_new_tokens, use_cache, compile)
     new = [[] for _ in prompts]
     done = [False] * len(prompts)
     for step in range(max_new_tokens):
@@ -170,7 +215,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
 
 @torch.no_grad()
 def beam_search(model, prompt, max_new_tokens, num_beams, length_penalty=1.0, early_stopping=True, stop=NO_STOP,
-                use_cache=True):
+                use_cache=True, compile=False):
     """
     The num_beams most likely continuations of `prompt`, as (score, tokens) pairs, best first. A hypothesis's score
     is its summed log-probability over its length ** length_penalty (the length counts a stop token; > 0 favours
@@ -179,7 +224,7 @@ def beam_search(model, prompt, max_new_tokens, num_beams, length_penalty=1.0, ea
     on, so endings never crowd out the live beams. Search ends at max_new_tokens, or once num_beams hypotheses have ended when early_stopping,
     or else once no live beam can still beat the worst of them.
     """
-    decoder = Decoder(model, [prompt], max_new_tokens, use_cache)
+    decoder = Decoder(model, [prompt], max_new_tokens, use_cache, compile)
     beams, sums = [[]], [0.0]  # the live beams' new tokens and summed log-probabilities
     finished = []  # (score, tokens), best first, at most num_beams
     for step in range(max_new_tokens):

@@ -106,45 +106,76 @@ class KVCache:
 
     Rows of different lengths share one cache by left padding: row b's first pad[b] positions are padding, never
     attended to, and its real tokens take position ids 0, 1, ... from there.
+
+    A static cache (static=True) keeps every shape fixed from one decoding step to the next, which is what CUDA
+    graphs and torch.compile need to capture one step and replay it: the fill level is a tensor (`filled`) instead of
+    a Python int, new keys and values are written at tensor positions (index_copy_), and attention always runs over
+    all max_len positions, the ones not yet written masked out. The dynamic cache attends only to what is filled,
+    which is cheaper without compilation.
     """
 
-    def __init__(self, n_layer, max_len, pad):
-        self.n_layer, self.max_len = n_layer, max_len
+    def __init__(self, n_layer, max_len, pad, static=False):
+        self.n_layer, self.max_len, self.static = n_layer, max_len, static
         self.pad = pad  # (B,) left-padding positions per row
         self.padded = bool(pad.any())  # decided once: unpadded batches skip the attention mask
-        self.k = self.v = None  # (n_layer, B, nh, max_len, hs) once allocated
-        self.length = 0
+        self.k = self.v = None  # per layer (B, nh, max_len, hs), once allocated
+        self.filled = torch.zeros((), dtype=torch.long, device=pad.device) if static else None
+        self._length = 0
+
+    @property
+    def length(self):
+        """Positions filled in every layer (a host sync for a static cache)."""
+        return int(self.filled) if self.static else self._length
+
+    def advance(self, T):
+        """Count T more positions as filled, after every layer stored them."""
+        if self.static:
+            self.filled.add_(T)  # in place: the same tensor at every step
+        else:
+            self._length += T
 
     def store(self, layer, k, v):
-        """Write k, v (B, nh, T, hs) after the `length` stored positions; return the layer's keys and values so far."""
+        """Write k, v (B, nh, T, hs) after the filled positions; return the layer's keys and values to attend to."""
         if self.k is None:
             B, nh, _, hs = k.shape
-            self.k = k.new_zeros(self.n_layer, B, nh, self.max_len, hs)
-            self.v = torch.zeros_like(self.k)
-        end = self.length + k.size(2)
+            self.k = [k.new_zeros(B, nh, self.max_len, hs) for _ in range(self.n_layer)]
+            self.v = [torch.zeros_like(t) for t in self.k]
+        if self.static:
+            slots = self.filled + torch.arange(k.size(2), device=k.device)  # (T,)
+            self.k[layer].index_copy_(2, slots, k)
+            self.v[layer].index_copy_(2, slots, v)
+            return self.k[layer], self.v[layer]  # all max_len positions; the mask hides the unfilled ones
+        end = self._length + k.size(2)
         assert end <= self.max_len, f"KV cache of {self.max_len} positions cannot take {end}"
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer][:, :, self._length:end] = k
+        self.v[layer][:, :, self._length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def reorder(self, rows):
         """Keep the rows listed in `rows` (a LongTensor), in that order, e.g. the surviving beams of a beam search."""
         self.pad = self.pad[rows]
-        if self.k is not None:
-            self.k, self.v = self.k[:, rows], self.v[:, rows]
+        if self.k is None:
+            return
+        if self.static and len(rows) == self.k[0].size(0):
+            for t in self.k + self.v:
+                t.copy_(t[rows])  # in place, so the storage a captured step writes to stays the same
+        else:
+            self.k, self.v = [t[rows] for t in self.k], [t[rows] for t in self.v]
 
     def positions_and_mask(self, T):
         """
-        Position ids (B, T) of the next T tokens, and the attention mask (B, 1, T, length + T) for them: a query
-        sees the positions up to its own, minus the row's padding. Padding queries see only themselves, so they stay
-        finite (an all-masked softmax row would be NaN, and NaN keys poison even the rows that mask them out).
+        Position ids (B, T) of the next T tokens, and the attention mask (B, 1, T, S) for them over the S positions
+        store returns: a query sees the positions up to its own, minus the row's padding. Padding queries see only
+        themselves, so they stay finite (an all-masked softmax row would be NaN, and NaN keys poison even the rows
+        that mask them out).
         """
         device = self.pad.device
-        slots = torch.arange(self.length, self.length + T, device=device)  # (T,)
+        start = self.filled if self.static else self._length
+        slots = start + torch.arange(T, device=device)  # (T,)
         pos = (slots[None, :] - self.pad[:, None]).clamp(min=0)  # (B, T)
-        if not self.padded and T == 1:
+        if not self.static and not self.padded and T == 1:
             return pos, None  # one new token with no padding sees everything stored
-        keys = torch.arange(self.length + T, device=device)  # (S,)
+        keys = torch.arange(self.max_len if self.static else self._length + T, device=device)  # (S,)
         causal = keys[None, :] <= slots[:, None]  # (T, S)
         real = keys[None, :] >= self.pad[:, None]  # (B, S)
         own = keys[None, :] == slots[:, None]  # (T, S)
@@ -292,7 +323,7 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache, i, mask)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
         x = self.transformer.ln_f(x)
         V = self.config.vocab_size
         if targets is not None and self.fused_loss:
@@ -326,10 +357,13 @@ class GPT(nn.Module):
         mask[self.config.vocab_size:] = float("-inf")
         return mask
 
-    def new_cache(self, max_len, pad):
-        """An empty KVCache for len(pad) rows of up to max_len (<= block_size) positions, pad[b] of them left padding."""
+    def new_cache(self, max_len, pad, static=False):
+        """
+        An empty KVCache for len(pad) rows of up to max_len (<= block_size) positions, pad[b] of them left padding;
+        static for decoding under torch.compile / CUDA graphs (see KVCache).
+        """
         assert max_len <= self.config.block_size
-        return KVCache(self.config.n_layer, max_len, pad)
+        return KVCache(self.config.n_layer, max_len, pad, static)
 
     def crop_block_size(self, block_size):
         """Shorten the context (e.g. to fine-tune GPT-2's 1024 at 256) by cropping the position table."""

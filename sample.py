@@ -39,6 +39,7 @@ class SampleConfig:
     early_stopping: bool = True  # beam search: end once num_beams hypotheses have ended, not at max_new_tokens
     stop: str = ""  # a string that ends a sample, or a JSON list of strings and token ids: '["\n\n", 50256]'
     stream: bool = False  # print the sample as it is generated (one sample, no beam search)
+    compile: bool = False  # decode through torch.compile and a static KV cache (CUDA graphs on GPU): the first call compiles, long generations then run faster
     verbose: bool = False  # report the generation speed at the end
     seed: int = 1337  # the same seed on the same device gives the same samples
     device: str = "auto"  # 'auto', 'cpu', 'cuda', 'mps'
@@ -138,7 +139,7 @@ def main(cfg, sources):
     else:
         how = f"sampling at temperature {cfg.temperature}, top_k {cfg.top_k or 'off'}, top_p {cfg.top_p}"
     print(f"{cfg.init_from if cfg.init_from != 'resume' else cfg.out_dir}: {len(ids)}-token prompt, {how}, on "
-          f"{device} in {dtype}", file=sys.stderr)
+          f"{device} in {dtype}{', compiled' if cfg.compile else ''}", file=sys.stderr)
 
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     autocast = torch.autocast(device_type=device_type, dtype=getattr(torch, dtype), enabled=(dtype != "float32"))
@@ -149,11 +150,11 @@ def main(cfg, sources):
     with autocast:
         if cfg.num_beams > 1:
             hypotheses = beam_search(model, ids, cfg.max_new_tokens, cfg.num_beams, cfg.length_penalty,
-                                     cfg.early_stopping, stop)
+                                     cfg.early_stopping, stop, compile=cfg.compile)
             samples = [tokens for _, tokens in hypotheses[:cfg.num_samples]]
         else:
             samples = generate(model, [ids] * cfg.num_samples, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
-                               cfg.top_p, stop, generator, on_step=streamer)
+                               cfg.top_p, stop, generator, on_step=streamer, compile=cfg.compile)
     if device_type == "cuda":
         torch.cuda.synchronize()
     seconds = time.time() - t0
@@ -167,7 +168,7 @@ def main(cfg, sources):
     if cfg.verbose:
         n = sum(len(tokens) for tokens in samples)
         print(f"{n} new tokens in {seconds:.2f} s: {n / seconds:,.1f} tokens/s "
-              f"({len(samples)} sample(s), prefill included)", file=sys.stderr)
+              f"({len(samples)} sample(s), prefill{' and compilation' if cfg.compile else ''} included)", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+import generate as generate_module
 from generate import Stop, beam_search, generate, next_token, top_k_filter, top_p_filter
 from model import GPT, GPTConfig
 
@@ -36,16 +37,62 @@ def log_prob(model, prompt, tokens):
     return logp.gather(1, torch.tensor(tokens)[:, None]).sum().item()
 
 
-def test_cached_logits_match_full_forward():
+@pytest.mark.parametrize("static", [False, True])
+def test_cached_logits_match_full_forward(static):
     model = tiny()
     idx = torch.randint(0, 50, (3, 12))
     full, _ = model(idx, all_logits=True)  # (3, 12, V): every position
-    cache = model.new_cache(12, torch.zeros(3, dtype=torch.long))
+    cache = model.new_cache(16, torch.zeros(3, dtype=torch.long), static=static)  # 4 positions never filled
     model(idx[:, :5], cache=cache)  # prefill five, then one position at a time
     for t in range(5, 12):
         step, _ = model(idx[:, t:t + 1], cache=cache)
         assert torch.allclose(step[:, 0], full[:, t], atol=1e-5)
     assert cache.length == 12
+    if static:  # every step attended over all 16 positions, and wrote in place
+        assert cache.k[0].shape[2] == 16 and not cache.k[0][:, :, 12:].any()
+
+
+@pytest.fixture
+def compile_count(monkeypatch):
+    """generate's compiled step through a backend that runs the captured graph as is and counts compilations."""
+    calls = {"graphs": 0}
+
+    def counting_backend(graph_module, example_inputs):
+        calls["graphs"] += 1
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    step = torch.compile(generate_module.decode_step, backend=counting_backend, dynamic=False, fullgraph=True)
+    monkeypatch.setattr(generate_module, "compiled_step", lambda: step)
+    yield calls
+    torch._dynamo.reset()
+
+
+def test_compiled_decoding_matches_eager_and_compiles_once_per_shape(compile_count):
+    """
+    compile=True (static cache, one-token steps through torch.compile with fullgraph: no graph breaks) generates what
+    the dynamic cache does, for padded batches, sampling, beam search and past block_size; each batch shape and cache
+    length compiles once, however many steps and calls.
+    """
+    model = tiny(block_size=64, sharp=True)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9]]  # left padding in the static cache
+    eager = generate(model, prompts, 30, temperature=0)
+    assert generate(model, prompts, 30, temperature=0, compile=True) == eager
+    assert compile_count["graphs"] == 1  # 29 one-token steps, one graph
+    assert generate(model, prompts, 30, temperature=0, compile=True) == eager  # a new cache: same graph
+    assert compile_count["graphs"] == 1
+
+    draw = dict(temperature=1.0, top_k=10, top_p=0.9)
+    sampled = generate(model, prompts, 30, generator=torch.Generator().manual_seed(3), **draw)
+    assert generate(model, prompts, 30, generator=torch.Generator().manual_seed(3), compile=True, **draw) == sampled
+
+    eager_beams = beam_search(model, [3, 4, 5], 12, num_beams=4, early_stopping=False)
+    compiled_beams = beam_search(model, [3, 4, 5], 12, num_beams=4, early_stopping=False, compile=True)
+    assert [t for _, t in compiled_beams] == [t for _, t in eager_beams]
+    assert [s for s, _ in compiled_beams] == pytest.approx([s for s, _ in eager_beams], abs=1e-4)
+
+    long_prompt = [i % 50 for i in range(60)]  # 60 of 64 positions: the context slides after 4 new tokens
+    assert generate(model, [long_prompt], 20, temperature=0, compile=True) == [naive_greedy(model, long_prompt, 20)]
 
 
 def test_greedy_with_cache_equals_recomputation_over_block_boundary():

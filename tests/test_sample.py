@@ -72,6 +72,16 @@ def test_seed_reproduces_and_beams(out_dir, tmp_path):
     assert len(texts) == 2 and texts[0] != texts[1] and all(t.startswith("A") for t in texts)
 
 
+def test_compiled_decoding_gives_the_same_text(out_dir):
+    """--compile=True: a real torch.compile (inductor on CPU) of the decoding step, on the static KV cache."""
+    prompt = "ROMEO:"
+    expected = decode(generate(tiny_model(), [[CHARS.index(c) for c in prompt]], 40, temperature=0)[0])
+    out = sample(out_dir, f"--start={prompt}", "--temperature=0", "--max_new_tokens=40", "--num_samples=2",
+                 "--compile=True", "--verbose")
+    assert samples_of(out.stdout) == [prompt + expected] * 2  # past block_size (32) too, where decoding recomputes
+    assert "compiled" in out.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["--start="], "the prompt is empty and this tokenizer has no end-of-text token"),
     (["--start=ROMEO#"], "characters outside this model's"),
