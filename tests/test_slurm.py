@@ -118,11 +118,15 @@ def test_preempted_job_requeues_and_resumes_exactly(cluster, srun_reference):
     wait_for(trained_some, 300, "the job to train 20 steps")
     subprocess.run(["scancel", "--signal=USR1", job], env=env, check=True)
     wait_for(lambda: job_state(job, env)[1] == 1, 120, "the job to be requeued")
-    # slurmctld holds a requeued job back for a couple of minutes (its begin time); a test need not wait for that
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
-    wait_for(lambda: job_state(job, env) == ("COMPLETED", 1), 300, "the requeued job to complete")
+    # slurmctld holds a requeued job back for a couple of minutes (its begin time); a test need not wait for that, but
+    # not "now" either: slurmd revokes the first run's credential, with a one-second clock, and kills a restart
+    # within that second ("Job credential revoked"), which happened here under load
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+5"], env=env, check=True)
+    wait_for(lambda: job_state(job, env)[0] in ("COMPLETED", "FAILED", "CANCELLED"), 300,
+             "the requeued job to end")
 
     output = (work / "preempt.out").read_text()
+    assert job_state(job, env) == ("COMPLETED", 1), output[-3000:]
     assert "stopping on SIGUSR1" in output and "requeueing job" in output, output[-3000:]
     assert "resumed from preempt/ckpt.pt" in output
     with open(log) as f:
