@@ -6,6 +6,7 @@ Benchmarks: the numbers behind the README's claims, one subcommand each (measure
     python bench.py sample --help             # every key of a subcommand
     python bench.py train config/gpt2_124m.py --batch_size=32 --total_batch_size=0 --profile=True
                                               # ms/step, tokens/s, MFU, peak memory of train.py's optimizer step
+    python bench.py prepare --mb=50 --bpe_mb=20   # prepare.py MB/s and peak RSS, 1 process vs all cores (issue 3)
 
 Each prints a table, then one JSON line for scripts.
 """
@@ -275,8 +276,25 @@ def profile_step(one_step, sync, device_type, steps=3):
     return ms
 
 
+@dataclass
+class PrepareBenchConfig:
+    mb: float = 300  # corpus size in MB of text (the char tokenizer runs on all of it)
+    bpe_mb: float = 100  # GPT-2 BPE runs on the first this many MB
+    workdir: str = ""  # where the corpus and outputs go, kept afterwards; '' is a temp folder, removed at the end
+
+
+def validate_prepare(cfg):
+    return [] if 0 < cfg.bpe_mb <= cfg.mb else [f"need 0 < bpe_mb <= mb, got bpe_mb={cfg.bpe_mb}, mb={cfg.mb}"]
+
+
+def bench_prepare(cfg, sources):
+    from benchmarks.prepare_bench import run_bench  # its own script too; see its docstring for what it measures
+    run_bench(cfg)
+
+
 SUBCOMMANDS = {"sample": (SampleBenchConfig, bench_sample, validate_sample),
-               "train": (TrainBenchConfig, bench_train, validate_train)}
+               "train": (TrainBenchConfig, bench_train, validate_train),
+               "prepare": (PrepareBenchConfig, bench_prepare, validate_prepare)}
 
 
 def main(argv):

@@ -3,6 +3,7 @@ prepare.py throughput and memory at scale (issue 3), side by side with tiktoken'
 
     python benchmarks/prepare_bench.py                      # 300 MB corpus; GPT-2 BPE on its first 100 MB
     python benchmarks/prepare_bench.py --mb=50 --bpe_mb=20  # a quick look
+    python bench.py prepare --mb=50 --bpe_mb=20             # the same, as a bench.py subcommand
 
 Builds a .jsonl corpus of generated documents (words drawn with tiny Shakespeare's word frequencies when
 ../shared/data/tinyshakespeare.txt is there, else from a small word list), then times, each in a fresh process:
@@ -183,7 +184,11 @@ def main():
     parser.add_argument("--bpe_mb", type=float, default=100, help="GPT-2 BPE runs on the first this many MB")
     parser.add_argument("--workdir", default="", help="where the corpus and outputs go, kept afterwards (default: a "
                         "temp folder, removed at the end)")
-    args = parser.parse_args()
+    run_bench(parser.parse_args())
+
+
+def run_bench(args):
+    """The whole benchmark, for args with mb, bpe_mb and workdir (this script's flags, or bench.py prepare's keys)."""
     if os.path.isdir(os.path.join(SHARED, "tiktoken_cache")):  # GPT-2 BPE files offline, for every process below
         os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.abspath(os.path.join(SHARED, "tiktoken_cache")))
     cores = len(os.sched_getaffinity(0))
