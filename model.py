@@ -189,6 +189,18 @@ def chunk_rows(n_rows, n_cols, max_elements=2**27):
     return -(-n_rows // n_chunks)
 
 
+def chunk_nll(x, w, targets, vocab_size):
+    """
+    One chunk's logits (R, V) = x (R, C) @ w (>= V, C).T in float32, cut to the vocab_size real ids (after the
+    product, which is faster at the padded width), their logsumexp (R, 1), and each row's cross-entropy (R,), 0 where
+    the target is -1.
+    """
+    logits = (x @ w.t())[:, :vocab_size].float()
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    picked = logits.gather(1, targets.clamp(min=0)[:, None])
+    return logits, lse, ((lse - picked) * (targets >= 0)[:, None]).squeeze(1)
+
+
 def chunked_nll(x, weight, targets, vocab_size):
     """
     Cross-entropy of each row: -log softmax(x @ weight[:vocab_size].T)[target], in float32, 0 where the target is -1.
@@ -197,10 +209,7 @@ def chunked_nll(x, weight, targets, vocab_size):
     out = torch.empty(x.size(0), dtype=torch.float32, device=x.device)
     rows = chunk_rows(x.size(0), vocab_size)
     for i in range(0, x.size(0), rows):
-        logits = (x[i:i + rows] @ weight.t())[:, :vocab_size].float()  # (R, V)
-        t = targets[i:i + rows]
-        picked = logits.gather(1, t.clamp(min=0)[:, None]).squeeze(1)
-        out[i:i + rows] = (torch.logsumexp(logits, dim=-1) - picked) * (t >= 0)
+        out[i:i + rows] = chunk_nll(x[i:i + rows], weight, targets[i:i + rows], vocab_size)[2]
     return out
 
 
@@ -230,10 +239,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             for i in range(0, x.size(0), rows):
                 xc, t = x[i:i + rows], targets[i:i + rows]
                 valid = (t >= 0)[:, None]
-                logits = (xc @ w.t()).float()  # (R, V)
-                lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (R, 1)
-                picked = logits.gather(1, t.clamp(min=0)[:, None])  # (R, 1)
-                loss = loss + ((lse - picked) * valid).sum()
+                logits, lse, nll = chunk_nll(xc, w, t, vocab_size)  # (R, V), (R, 1), (R,)
+                loss = loss + nll.sum()
                 grad = torch.exp(logits - lse)  # softmax, (R, V)
                 grad.scatter_add_(1, t.clamp(min=0)[:, None], -valid.float())
                 grad = (grad * valid).to(x.dtype)  # n * d loss / d logits
