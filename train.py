@@ -24,7 +24,7 @@ import torch
 import torch.distributed
 
 import configurator
-from checkpoint import load_checkpoint, model_from_checkpoint, save_training_checkpoint
+from checkpoint import Writer, load_checkpoint, model_from_checkpoint, save_training_checkpoint, snapshot
 from configurator import UserError
 from distributed import (ATTENTION_CHOICES, cleanup_distributed, detect_launch, fast_kernels, init_distributed,
                          pick_device, pick_dtype)
@@ -47,6 +47,7 @@ class TrainConfig:
     eval_only: bool = False  # evaluate once and exit
     log_interval: int = 1  # steps between log lines
     always_save_checkpoint: bool = True  # save at every eval, not only when val loss improves
+    async_save: bool = True  # write checkpoints and loss.png on a background thread while training goes on; the checkpoint being written is held in CPU memory meanwhile (False: training waits for each write)
     keep_last_n: int = 2  # numbered checkpoints ckpt_<step>.pt kept besides ckpt.pt (the latest)
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this, for good; 0: none
     max_runtime: str = ""  # save and exit (code 3) after this wall time, e.g. '3:55:00'; empty: no limit
@@ -360,20 +361,25 @@ def trim_log(path, step):
 
 
 def plot_losses(log_path, png_path):
-    """Train and val loss against tokens seen, from log.jsonl, to png_path (atomically)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """
+    Train and val loss against tokens seen, from log.jsonl, to png_path (atomically). It may run on the writer thread
+    while the training loop appends to the log: a last line not yet complete is left for the next plot, and the
+    figure is drawn without pyplot, whose global state is not thread-safe.
+    """
+    from matplotlib.figure import Figure
 
     train, val = [], []
     with open(log_path, encoding="utf-8") as f:
         for line in f:
+            if not line.endswith("\n"):
+                break
             r = json.loads(line)
             if "loss" in r:
                 train.append((r["tokens"], r["loss"]))
             if "val_loss" in r:
                 val.append((r["tokens"], r["val_loss"]))
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig = Figure(figsize=(8, 5))
+    ax = fig.add_subplot()
     if train:
         ax.plot(*zip(*train), label="train (per step)", alpha=0.6, linewidth=0.8)
     if val:
@@ -384,7 +390,6 @@ def plot_losses(log_path, png_path):
     ax.legend()
     tmp = png_path + ".tmp.png"
     fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
     os.replace(tmp, png_path)
 
 
@@ -505,6 +510,7 @@ def train(cfg, sources, launch, device, kernels_note=""):
             wandb_run = start_wandb(cfg, wandb_id)
             wandb_id = wandb_run.id
     plot = cfg.plot and launch.is_master and matplotlib_available(say)
+    writer = Writer(background=cfg.async_save)
 
     def log(record):
         if log_file:
@@ -514,16 +520,29 @@ def train(cfg, sources, launch, device, kernels_note=""):
             wandb_run.log(record, step=record["step"])
 
     def save(sampler_state, reason):
-        """Every rank takes part (the RNG states are gathered); rank 0 writes."""
+        """Every rank takes part (the RNG states are gathered); rank 0 writes, by default in the background."""
         rngs = gather_to_master(rng_state(), launch)
         if launch.is_master:
-            save_training_checkpoint(cfg.out_dir, {
+            writer.wait()  # the previous checkpoint is complete before the next one is taken: one in memory at most
+            state = {
                 "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "model_args": model_args, "step": step, "best_val_loss": best_val_loss,
                 "config": dataclasses.asdict(cfg), "meta": meta, "sampler": sampler_state, "rng": rngs,
                 "wandb_run_id": wandb_id,
-            }, step, cfg.keep_last_n, cfg.keep_every)
-            say(f"saved checkpoint {ckpt_path} at step {step} ({reason})")
+            }
+            if writer.background:
+                state = snapshot(state)  # this step's weights, while the next steps update them in place
+            writer.submit(write_checkpoint, state, reason)
+
+    def write_checkpoint(state, reason):
+        try:
+            save_training_checkpoint(cfg.out_dir, state, state["step"], cfg.keep_last_n, cfg.keep_every)
+        except OSError as e:
+            raise UserError(f"could not write a checkpoint to {cfg.out_dir} ({e}); {ckpt_path}, if there, is still a "
+                            "complete earlier one: free some space or fix the folder, then resume with "
+                            "--init_from=resume") from None
+        # one write for the whole line, so it never splits a line the training loop prints at the same moment
+        say(f"saved checkpoint {ckpt_path} at step {state['step']} ({reason})\n", end="")
 
     batches = Prefetcher(sampler, batch_to_device)
     t_last, steps_since_log, bad_steps = time.time(), 0, 0
@@ -542,13 +561,14 @@ def train(cfg, sources, launch, device, kernels_note=""):
             if step > 0 and not cfg.eval_only and (improved or cfg.always_save_checkpoint):
                 save(batches.state_dict(), "val loss improved" if improved else "always_save_checkpoint")
             if plot:
-                plot_losses(log_path, os.path.join(cfg.out_dir, "loss.png"))
+                writer.submit(plot_losses, log_path, os.path.join(cfg.out_dir, "loss.png"))
             t_last = time.time()  # evaluation time is not training time
         if step >= cfg.max_iters or cfg.eval_only:
             break
         out_of_time = max_runtime is not None and time.time() - t_start > max_runtime
         if any_rank(stop.signal is not None or out_of_time, launch, device):
             save(batches.state_dict(), f"stopping on {stop.signal or 'max_runtime'}")
+            writer.wait()
             if launch.distributed:  # no rank exits before rank 0 has written: launchers kill the rest on first exit
                 torch.distributed.barrier()
             say(f"exiting with code {EXIT_REQUEUE}: run the same command again (or requeue) to resume")
@@ -588,6 +608,7 @@ def train(cfg, sources, launch, device, kernels_note=""):
                  "elapsed": time.time() - t_start, "time": time.time()})
             t_last, steps_since_log = time.time(), 0
 
+    writer.close()  # every checkpoint complete before the process reports success or exits to be requeued
     if log_file:
         log_file.close()
     if wandb_run:

@@ -30,3 +30,11 @@ def test_bench_prepare_runs_every_row(tmp_path):
 
     proc = run_script("bench.py", "prepare", "--mb=1", "--bpe_mb=2", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "need 0 < bpe_mb <= mb" in proc.stderr
+
+
+def test_save_stall_bench_runs(tmp_path):
+    proc = run_script("benchmarks/save_stall.py", "--repeats=1", cwd=tmp_path)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["bench"] == "save_stall" and result["model"] == "baby"
+    assert all(result[key] > 0 for key in ("in the loop", "writer thread", "write", "alone", "during"))
+    assert not list(tmp_path.iterdir())  # its checkpoints went to a temporary folder that is gone

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_training_checkpoint
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_training_checkpoint, snapshot
 from conftest import REPO, run_script
 from test_distributed import run_torchrun, train_losses
 
@@ -181,6 +181,31 @@ def test_bad_steps_skipped_then_stop(data_dir, monkeypatch, capsys):
     assert [r["step"] for r in records if r.get("skipped")] == [2, 2, 5, 5, 5]
     assert all(r["loss"] == r["loss"] for r in records if "loss" in r)  # no NaN was ever logged as a step
     assert not os.path.exists(data_dir / "out/ckpt.pt")
+
+
+def test_snapshot_is_a_copy():
+    """What a background write takes must not change when the next optimizer steps update the weights in place."""
+    weights, step = torch.ones(3), torch.tensor(5.0)
+    state = {"model": {"w": weights}, "optimizer": {"state": {0: {"step": step}}, "param_groups": [{"lr": 0.1}]},
+             "rng": [(torch.zeros(2, dtype=torch.uint8), "MT19937")], "step": 7}
+    copy = snapshot(state)
+    weights.add_(1.0)
+    step.add_(1.0)
+    assert torch.equal(copy["model"]["w"], torch.ones(3)) and copy["optimizer"]["state"][0]["step"].item() == 5.0
+    assert copy["optimizer"]["param_groups"] == [{"lr": 0.1}] and copy["step"] == 7
+    assert isinstance(copy["rng"][0], tuple) and copy["rng"][0][1] == "MT19937"
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_failed_checkpoint_write_stops_the_run(data_dir, async_save):
+    """A checkpoint that cannot be written (here ckpt.pt is a folder) ends the run with one message, not silently,
+    also when it is written in the background; no temporary file is left behind."""
+    os.makedirs(data_dir / "out/ckpt.pt")
+    proc = run_script("train.py", *ARGS, "--max_iters=8", "--eval_interval=2", f"--async_save={async_save}",
+                      "--out_dir=out", cwd=data_dir, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: could not write a checkpoint to out" in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(os.listdir(data_dir / "out")) == ["ckpt.pt", "log.jsonl"]
 
 
 def test_loss_plot_written(data_dir):
