@@ -43,7 +43,7 @@ class TrainConfig:
     init_from: str = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt), 'auto' (resume if there is one), or GPT-2 weights to fine-tune: gpt2[-medium|-large|-xl] or a Hugging Face folder
     eval_interval: int = 2000  # steps between val-loss evaluations (and checkpoints)
     eval_iters: int = 200  # batches per split in each evaluation
-    eval_batch_size: int = 0  # sequences per evaluation forward pass, a multiple of batch_size (0: batch_size); the same batches are evaluated whatever it is, fewer passes are faster
+    eval_batch_size: int = 0  # most sequences per evaluation forward pass, a multiple of batch_size (0: batch_size); the same batches are evaluated whatever it is, fewer passes are faster
     eval_only: bool = False  # evaluate once and exit
     log_interval: int = 1  # steps between log lines
     always_save_checkpoint: bool = True  # save at every eval, not only when val loss improves
@@ -205,11 +205,19 @@ class EvalBatches:
     def __iter__(self):
         sampler = BatchSampler(self.shards, self.cfg.block_size, self.cfg.batch_size, seed=[self.cfg.seed, 1],
                                rank=self.launch.rank, world_size=self.launch.world_size)
-        # eval_batch_size joins several batches into one forward pass: the same sequences, fewer kernel launches
-        per_pass = max(1, self.cfg.eval_batch_size // self.cfg.batch_size)
+        per_pass = batches_per_pass(self.cfg.eval_iters, self.cfg.eval_batch_size // self.cfg.batch_size)
         for first in range(0, self.cfg.eval_iters, per_pass):
             parts = [sampler.next_batch() for _ in range(min(per_pass, self.cfg.eval_iters - first))]
             yield self.to_device(np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts]))
+
+
+def batches_per_pass(eval_iters, most):
+    """
+    How many batches each evaluation forward pass joins (the same sequences, fewer kernel launches): the most that
+    divides eval_iters, so that every pass has one shape. A smaller last pass would make torch.compile compile the
+    model once more, for dynamic shapes (2.6 s of a 9 s start with a warm cache, baby GPT on CPU).
+    """
+    return max(n for n in range(1, max(most, 1) + 1) if eval_iters % n == 0)
 
 
 def rng_state():
@@ -493,6 +501,10 @@ def train(cfg, sources, launch, device, kernels_note=""):
 
     eval_sets = {"train": EvalBatches(train_shards, cfg, launch, batch_to_device),
                  "val": EvalBatches(val_shards, cfg, launch, batch_to_device)}
+    per_pass = batches_per_pass(cfg.eval_iters, cfg.eval_batch_size // cfg.batch_size)
+    passes = cfg.eval_iters // per_pass
+    say(f"evaluation: {cfg.eval_iters} batches per split, in {passes} pass{'es' if passes > 1 else ''} of "
+        f"{per_pass * cfg.batch_size} sequences")
     peak = cfg.peak_flops or (peak_flops_for(torch.cuda.get_device_name(device)) if device_type == "cuda" else None)
     tokens_per_step = cfg.batch_size * cfg.block_size * grad_accum * launch.world_size
 
