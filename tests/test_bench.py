@@ -1,10 +1,11 @@
 """bench.py runs end to end on a tiny model (its numbers are measurements, not tested for speed)."""
 
 import json
+import os
 
 import pytest
 
-from conftest import gpt2_bpe_available, run_script
+from conftest import REPO, gpt2_bpe_available, run_script
 
 
 def test_bench_sample_runs_and_cache_changes_no_token(tmp_path):
@@ -38,3 +39,19 @@ def test_save_stall_bench_runs(tmp_path):
     assert result["bench"] == "save_stall" and result["model"] == "baby"
     assert all(result[key] > 0 for key in ("in the loop", "writer thread", "write", "alone", "during"))
     assert not list(tmp_path.iterdir())  # its checkpoints went to a temporary folder that is gone
+
+
+def test_time_to_loss_bench(tmp_path, shakespeare_path):
+    run_script("prepare.py", "shakespeare_char", f"--source={shakespeare_path}", cwd=tmp_path)
+    tiny = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--n_layer=1", "--n_head=2",
+            "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_interval=10", "--eval_iters=2",
+            "--max_iters=30", "--dropout=0.0", "--plot=False", "--warmup_iters=0", "--log_interval=1"]
+    config = os.path.join(REPO, tiny[0])
+    proc = run_script("benchmarks/time_to_loss.py", "--target=4.0", "--runs=1", config, *tiny[1:], cwd=tmp_path)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["reached"] and result["val_loss"] <= 4.0 and result["step"] in (10, 20, 30)
+    assert 0 < result["first_eval_s"] <= result["seconds"] and result["median_ms_per_step"] > 0
+    assert os.listdir(tmp_path) == ["data"]  # the run's out_dir was a temporary folder
+
+    proc = run_script("benchmarks/time_to_loss.py", "--target=0.1", "--runs=1", config, *tiny[1:], cwd=tmp_path)
+    assert "val loss never reached 0.1" in proc.stdout and not json.loads(proc.stdout.splitlines()[-1])["reached"]
