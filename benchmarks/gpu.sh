@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The measurements behind the README's GPU figures (issue 8), in one go, on one CUDA GPU:
+#     python prepare.py shakespeare_char && bash benchmarks/gpu.sh [results folder] [another train.py to compare]
+# Each command's output goes to the results folder (default: gpu-results/) and to the terminal; every bench prints
+# JSON lines to compare across commits. A second train.py (e.g. a branch's copy) is timed to the baby GPT's target
+# val loss in the same session, right after this one's. ONLY="tests sample" runs just the parts named; PYTHON picks
+# the interpreter (default python3). All of it takes about 15 minutes on an H100.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-gpu-results}
+other=${2:-}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+run() {  # name, command...
+    local name=$1; shift
+    if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
+    echo "== $name: $*" | tee "$out/$name.txt"
+    "$@" 2>&1 | tee -a "$out/$name.txt"
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+$py -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())" | tee -a "$out/gpu.txt"
+
+run tests $py -m pytest -q -rs tests/test_gpu.py
+baby=(config/train_shakespeare_char.py --compile_mode=reduce-overhead --eval_batch_size=1600 --max_iters=2500)
+run baby_time_to_loss $py benchmarks/time_to_loss.py --target=1.47 --runs=2 "${baby[@]}"
+if [ -n "$other" ]; then
+    run baby_time_to_loss_other $py benchmarks/time_to_loss.py --train="$other" --target=1.47 --runs=2 "${baby[@]}"
+fi
+run baby_profile $py bench.py train config/train_shakespeare_char.py --compile_mode=reduce-overhead --profile=True
+gpt2=(config/gpt2_124m.py --total_batch_size=0 --gradient_accumulation_steps=1 --steps=20 --warmup=5)
+run gpt2_b32 $py bench.py train "${gpt2[@]}" --batch_size=32 --profile=True
+run gpt2_b32_fused $py bench.py train "${gpt2[@]}" --batch_size=32 --fused_loss=True
+run sample $py bench.py sample --device=cuda --batch_sizes=1,8,64 --compile=True
