@@ -10,6 +10,7 @@ boundary (SIGTERM, SIGUSR1, max_runtime) and resumed exactly: the checkpoint hol
 """
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -632,12 +633,11 @@ def train(cfg, sources, launch, device, kernels_note=""):
 
 
 def matplotlib_available(say):
-    try:
-        import matplotlib  # noqa: F401
+    # looked up, not imported: the import (0.3 s, 0.75 s with the figure module) happens on the writer thread
+    if importlib.util.find_spec("matplotlib") is not None:
         return True
-    except ImportError:
-        say("plot: off (matplotlib is not installed: pip install matplotlib)")
-        return False
+    say("plot: off (matplotlib is not installed: pip install matplotlib)")
+    return False
 
 
 if __name__ == "__main__":
