@@ -10,6 +10,7 @@ and, from train.py, optimizer, step, best_val_loss, config, rng states and the b
 Writes are whole-or-not-at-all: a temporary file in the same folder, fsync'ed, renamed over the old one.
 """
 
+import copy
 import os
 import re
 import shutil
@@ -129,17 +130,26 @@ def save_training_checkpoint(out_dir, checkpoint, step, keep_last_n, keep_every)
             os.remove(path)
 
 
-def snapshot(obj):
+def snapshot(obj, _copies=None):
     """
     A copy of a nested dict/list/tuple with every tensor copied to CPU memory: what a background write can take while
-    training goes on updating the originals in place.
+    training goes on updating the originals in place. Tensors that are the same view of one storage (the tied
+    embedding and output weights) stay one tensor in the copy, so the file is no larger than a direct torch.save.
     """
+    copies = {} if _copies is None else _copies
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        key = (obj.device, obj.untyped_storage().data_ptr(), obj.storage_offset(), tuple(obj.shape), obj.stride(),
+               obj.dtype)
+        if key not in copies:
+            copies[key] = obj.detach().to("cpu", copy=True)
+        return copies[key]
     if isinstance(obj, dict):
-        return {k: snapshot(v) for k, v in obj.items()}
+        copied = copy.copy(obj)  # the same kind of dict, with its attributes (a state_dict's _metadata)
+        for k, v in obj.items():
+            copied[k] = snapshot(v, copies)
+        return copied
     if isinstance(obj, (list, tuple)):
-        return type(obj)(snapshot(v) for v in obj)
+        return type(obj)(snapshot(v, copies) for v in obj)
     return obj
 
 

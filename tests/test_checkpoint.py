@@ -197,6 +197,20 @@ def test_snapshot_is_a_copy():
     assert isinstance(copy["rng"][0], tuple) and copy["rng"][0][1] == "MT19937"
 
 
+
+def test_snapshot_keeps_tied_weights_one_tensor(tmp_path):
+    """The embedding and the output layer share one weight; the background copy must not write it twice."""
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig(block_size=16, vocab_size=512, n_layer=1, n_head=2, n_embd=64))
+    state = {"model": model.state_dict(), "step": 1}
+    copy = snapshot(state)["model"]
+    assert copy["lm_head.weight"] is copy["transformer.wte.weight"]
+    assert copy["transformer.h.0.attn.c_attn.weight"] is not copy["transformer.h.0.mlp.c_fc.weight"]
+    save_checkpoint(tmp_path / "direct.pt", state)
+    save_checkpoint(tmp_path / "copied.pt", {"model": copy, "step": 1})
+    assert os.path.getsize(tmp_path / "copied.pt") == os.path.getsize(tmp_path / "direct.pt")
+
+
 @pytest.mark.parametrize("async_save", [True, False])
 def test_failed_checkpoint_write_stops_the_run(data_dir, async_save):
     """A checkpoint that cannot be written (here ckpt.pt is a folder) ends the run with one message, not silently,
