@@ -14,6 +14,7 @@ import copy
 import os
 import re
 import shutil
+import sys
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -159,7 +160,7 @@ class Writer:
     background=True, so training goes on while the disk works: torch.save and fsync of a checkpoint take from a few
     tenths of a second (the baby GPT, 128 MB) to many seconds (GPT-2 small with AdamW, 1.5 GB, on network storage),
     and every rank used to wait for them. background=False runs each write at once, in the caller's thread.
-    A write that failed is raised in the caller's thread by the next submit() or wait().
+    A write that failed is raised in the caller's thread by the next submit(), check() or wait().
     """
 
     def __init__(self, background):
@@ -177,6 +178,10 @@ class Writer:
         else:
             self._jobs.append(self._pool.submit(fn, *args))
 
+    def check(self):
+        """Raise the error of a write that has failed; return at once otherwise (cheap enough for every step)."""
+        self._collect(block=False)
+
     def wait(self):
         """Return once every submitted write is done; raise the first that failed."""
         self._collect(block=True)
@@ -189,10 +194,17 @@ class Writer:
             else:
                 self._jobs.append(job)
 
-    def close(self):
-        """Wait for what was submitted and stop the worker."""
+    def close(self, report_only=False):
+        """
+        Wait for what was submitted and stop the worker. report_only=True, for a caller already failing with an error
+        of its own: a failed write is printed to stderr instead of being raised over that error.
+        """
         try:
             self.wait()
+        except Exception as e:
+            if not report_only:
+                raise
+            print(f"error: {e}", file=sys.stderr)
         finally:
             if self._pool is not None:
                 self._pool.shutdown()

@@ -16,6 +16,7 @@ import math
 import os
 import random
 import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -402,6 +403,15 @@ def plot_losses(log_path, png_path):
     os.replace(tmp, png_path)
 
 
+PRINT_LOCK = threading.Lock()
+
+
+def locked_print(*args, **kwargs):
+    """print, but whole: the writer thread's messages never land between a line of the loop's and its newline."""
+    with PRINT_LOCK:
+        print(*args, **kwargs)
+
+
 def start_wandb(cfg, run_id):
     try:
         import wandb
@@ -425,7 +435,7 @@ def main(cfg, sources):
 
 def train(cfg, sources, launch, device, kernels_note=""):
     t_start = time.time()
-    say = print if launch.is_master else (lambda *a, **k: None)
+    say = locked_print if launch.is_master else (lambda *a, **k: None)
     stop = StopFlag()
     max_runtime = parse_duration(cfg.max_runtime)
     device_type = device.split(":")[0]
@@ -550,77 +560,90 @@ def train(cfg, sources, launch, device, kernels_note=""):
     def write_checkpoint(state, reason):
         try:
             save_training_checkpoint(cfg.out_dir, state, state["step"], cfg.keep_last_n, cfg.keep_every)
-        except OSError as e:
+        except (OSError, RuntimeError) as e:  # torch.save's zip writer reports a full disk as a RuntimeError
             raise UserError(f"could not write a checkpoint to {cfg.out_dir} ({e}); {ckpt_path}, if there, is still a "
                             "complete earlier one: free some space or fix the folder, then resume with "
                             "--init_from=resume") from None
-        # one write for the whole line, so it never splits a line the training loop prints at the same moment
-        say(f"saved checkpoint {ckpt_path} at step {state['step']} ({reason})\n", end="")
+        say(f"saved checkpoint {ckpt_path} at step {state['step']} ({reason})")
+
+    def write_plot():
+        nonlocal plot
+        if not plot:  # queued before an earlier plot found matplotlib broken
+            return
+        try:
+            plot_losses(log_path, os.path.join(cfg.out_dir, "loss.png"))
+        except ImportError as e:  # installed (find_spec found it) but broken
+            plot = False
+            say(f"plot: off (matplotlib could not be imported: {e})")
 
     batches = Prefetcher(sampler, batch_to_device)
     t_last, steps_since_log, bad_steps = time.time(), 0, 0
     exit_code = 0
-    while True:
-        due = step % cfg.eval_interval == 0 or step == cfg.max_iters
-        if cfg.eval_only or (due and step != last_eval):
-            last_eval = step
-            losses = {split: reduce_mean(estimate_loss(model, batches, autocast), launch).item()
-                      for split, batches in eval_sets.items()}
-            say(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            log({"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
-                 "tokens": step * tokens_per_step, "elapsed": time.time() - t_start, "time": time.time()})
-            improved = losses["val"] < best_val_loss
-            best_val_loss = min(best_val_loss, losses["val"])
-            if step > 0 and not cfg.eval_only and (improved or cfg.always_save_checkpoint):
-                save(batches.state_dict(), "val loss improved" if improved else "always_save_checkpoint")
-            if plot:
-                writer.submit(plot_losses, log_path, os.path.join(cfg.out_dir, "loss.png"))
-            t_last = time.time()  # evaluation time is not training time
-        if step >= cfg.max_iters or cfg.eval_only:
-            break
-        out_of_time = max_runtime is not None and time.time() - t_start > max_runtime
-        if any_rank(stop.signal is not None or out_of_time, launch, device):
-            save(batches.state_dict(), f"stopping on {stop.signal or 'max_runtime'}")
-            writer.wait()
-            if launch.distributed:  # no rank exits before rank 0 has written: launchers kill the rest on first exit
-                torch.distributed.barrier()
-            say(f"exiting with code {EXIT_REQUEUE}: run the same command again (or requeue) to resume")
-            exit_code = EXIT_REQUEUE
-            break
+    try:
+        while True:
+            writer.check()  # a background write that failed stops the run now, not at the next save
+            due = step % cfg.eval_interval == 0 or step == cfg.max_iters
+            if cfg.eval_only or (due and step != last_eval):
+                last_eval = step
+                losses = {split: reduce_mean(estimate_loss(model, batches, autocast), launch).item()
+                          for split, batches in eval_sets.items()}
+                say(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                log({"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
+                     "tokens": step * tokens_per_step, "elapsed": time.time() - t_start, "time": time.time()})
+                improved = losses["val"] < best_val_loss
+                best_val_loss = min(best_val_loss, losses["val"])
+                if step > 0 and not cfg.eval_only and (improved or cfg.always_save_checkpoint):
+                    save(batches.state_dict(), "val loss improved" if improved else "always_save_checkpoint")
+                if plot:
+                    writer.submit(write_plot)
+                t_last = time.time()  # evaluation time is not training time
+            if step >= cfg.max_iters or cfg.eval_only:
+                break
+            out_of_time = max_runtime is not None and time.time() - t_start > max_runtime
+            if any_rank(stop.signal is not None or out_of_time, launch, device):
+                save(batches.state_dict(), f"stopping on {stop.signal or 'max_runtime'}")
+                writer.wait()
+                if launch.distributed:  # no rank exits before rank 0 has written: launchers kill the rest on first exit
+                    torch.distributed.barrier()
+                say(f"exiting with code {EXIT_REQUEUE}: run the same command again (or requeue) to resume")
+                exit_code = EXIT_REQUEUE
+                break
 
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum, grad_norm, finite = accumulate_gradients(model, batches, grad_accum, autocast, scaler, optimizer,
-                                                           cfg.grad_clip, launch.distributed)
-        if not finite:  # every rank sees the same all-reduced norm and takes the same decision
-            bad_steps += 1
-            optimizer.zero_grad(set_to_none=True)
-            scaler.update()  # fp16: lowers the loss scale, which is the usual cause
-            what = f"loss {loss_sum.item()}, gradient norm {grad_norm.item()}"
-            say(f"step {step}: non-finite {what}; step skipped ({bad_steps} in a row)")
-            log({"step": step, "skipped": True, "bad_steps": bad_steps})
-            if bad_steps >= cfg.max_bad_steps:
-                raise UserError(f"stopping: {bad_steps} steps in a row up to step {step} had a non-finite loss or "
-                                f"gradient ({what}); nothing was saved from them. Lower learning_rate or resume "
-                                "from the last checkpoint")
-            continue
-        bad_steps = 0
-        step += 1
-        steps_since_log += 1
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum, grad_norm, finite = accumulate_gradients(model, batches, grad_accum, autocast, scaler, optimizer,
+                                                               cfg.grad_clip, launch.distributed)
+            if not finite:  # every rank sees the same all-reduced norm and takes the same decision
+                bad_steps += 1
+                optimizer.zero_grad(set_to_none=True)
+                scaler.update()  # fp16: lowers the loss scale, which is the usual cause
+                what = f"loss {loss_sum.item()}, gradient norm {grad_norm.item()}"
+                say(f"step {step}: non-finite {what}; step skipped ({bad_steps} in a row)")
+                log({"step": step, "skipped": True, "bad_steps": bad_steps})
+                if bad_steps >= cfg.max_bad_steps:
+                    raise UserError(f"stopping: {bad_steps} steps in a row up to step {step} had a non-finite loss or "
+                                    f"gradient ({what}); nothing was saved from them. Lower learning_rate or resume "
+                                    "from the last checkpoint")
+                continue
+            bad_steps = 0
+            step += 1
+            steps_since_log += 1
 
-        if step % cfg.log_interval == 0:
-            loss_value = reduce_mean(loss_sum, launch).item()  # the true mean over micro-steps and ranks
-            dt = (time.time() - t_last) / steps_since_log
-            tokens_per_sec = tokens_per_step / dt
-            mfu = raw_model.estimate_mfu(tokens_per_sec / launch.world_size, peak)
-            say(f"step {step} | loss {loss_value:.4f} | lr {lr:.2e} | norm {grad_norm.item():.3f} | "
-                f"{dt * 1000:.1f} ms | {tokens_per_sec:,.0f} tok/s | mfu {f'{mfu:.1%}' if mfu else '-'}")
-            log({"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(), "ms": dt * 1000,
-                 "tokens_per_sec": tokens_per_sec, "mfu": mfu, "tokens": step * tokens_per_step,
-                 "elapsed": time.time() - t_start, "time": time.time()})
-            t_last, steps_since_log = time.time(), 0
-
+            if step % cfg.log_interval == 0:
+                loss_value = reduce_mean(loss_sum, launch).item()  # the true mean over micro-steps and ranks
+                dt = (time.time() - t_last) / steps_since_log
+                tokens_per_sec = tokens_per_step / dt
+                mfu = raw_model.estimate_mfu(tokens_per_sec / launch.world_size, peak)
+                say(f"step {step} | loss {loss_value:.4f} | lr {lr:.2e} | norm {grad_norm.item():.3f} | "
+                    f"{dt * 1000:.1f} ms | {tokens_per_sec:,.0f} tok/s | mfu {f'{mfu:.1%}' if mfu else '-'}")
+                log({"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(), "ms": dt * 1000,
+                     "tokens_per_sec": tokens_per_sec, "mfu": mfu, "tokens": step * tokens_per_step,
+                     "elapsed": time.time() - t_start, "time": time.time()})
+                t_last, steps_since_log = time.time(), 0
+    except BaseException:
+        writer.close(report_only=True)  # what is being written completes; the loop's error is the one raised
+        raise
     writer.close()  # every checkpoint complete before the process reports success or exits to be requeued
     if log_file:
         log_file.close()

@@ -54,9 +54,10 @@ def shakespeare_path(tmp_path):
     return str(path)
 
 
-def run_script(script, *args, cwd, check=True, timeout=600):
-    """Run one of the toolkit's scripts the way a user does, from `cwd`; returns the CompletedProcess."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def run_script(script, *args, cwd, check=True, timeout=600, env=None):
+    """Run one of the toolkit's scripts the way a user does, from `cwd` (env: variables to add or change); returns
+    the CompletedProcess."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     proc = subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

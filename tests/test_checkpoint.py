@@ -223,11 +223,35 @@ def test_failed_checkpoint_write_stops_the_run(data_dir, async_save):
     assert sorted(os.listdir(data_dir / "out")) == ["ckpt.pt", "log.jsonl"]
 
 
+def test_failed_background_write_stops_the_run_at_once(data_dir):
+    """The only checkpoint (step 2; the learning rate is 0 afterwards, so val loss never improves again and nothing
+    else is submitted) fails on the writer thread: the run stops soon after, not after max_iters steps."""
+    os.makedirs(data_dir / "out/ckpt.pt")
+    proc = run_script("train.py", *ARGS, "--max_iters=300", "--eval_interval=2", "--warmup_iters=0",
+                      "--lr_decay_iters=2", "--min_lr=0", "--always_save_checkpoint=False", "--out_dir=out",
+                      cwd=data_dir, check=False)
+    assert proc.returncode == 2 and "error: could not write a checkpoint to out" in proc.stderr, proc.stderr[-2000:]
+    assert "saved checkpoint" not in proc.stdout
+    assert max(r["step"] for r in log_records(data_dir / "out")) < 100
+
+
 def test_loss_plot_written(data_dir):
     run_script("train.py", *ARGS, "--max_iters=4", "--eval_interval=2", "--plot=True", "--out_dir=out",
                cwd=data_dir)
     png = data_dir / "out/loss.png"
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_broken_matplotlib_turns_plotting_off(data_dir):
+    """A matplotlib that is installed but fails to import (here one whose import raises) costs the plot, not the
+    run: one message, and training goes on."""
+    fake = data_dir / "fake_packages/matplotlib"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('libpng.so.16: cannot open shared object file')\n")
+    proc = run_script("train.py", *ARGS, "--max_iters=6", "--eval_interval=2", "--plot=True", "--out_dir=out",
+                      cwd=data_dir, env={"PYTHONPATH": str(data_dir / "fake_packages")})
+    assert proc.stdout.count("plot: off (matplotlib could not be imported: libpng.so.16") == 1, proc.stdout[-2000:]
+    assert "step 6: train loss" in proc.stdout and not (data_dir / "out/loss.png").exists()
 
 
 def test_wandb_offline_resumes_same_run(data_dir):
