@@ -15,6 +15,8 @@ def test_eval_passes_one_shape_same_loss(data_dir):  # noqa: F811
         out = run_script("train.py", *ARGS, "--eval_iters=6", f"--eval_batch_size={eval_batch_size}",
                          "--eval_only=True", f"--out_dir=out{eval_batch_size}", cwd=data_dir).stdout
         assert f"evaluation: 6 batches per split, in {passes}" in out
+        # a note says why 16 gives passes of 12 sequences, not 16
+        assert ("allows 4 batches a pass, but only 3 divides eval_iters=6" in out) == (eval_batch_size == 16)
         with open(data_dir / f"out{eval_batch_size}/log.jsonl") as f:
             val_loss[eval_batch_size] = json.loads(f.readline())["val_loss"]
     assert abs(val_loss[16] - val_loss[0]) < 1e-5 and abs(val_loss[24] - val_loss[0]) < 1e-5
