@@ -33,16 +33,20 @@ def records(log_path):
 def one_run(train_py, train_args, target, out_dir):
     log_path = os.path.join(out_dir, "log.jsonl")
     launched = time.time()
-    proc = subprocess.Popen([sys.executable, train_py, *train_args, f"--out_dir={out_dir}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # its output goes to a file, not a pipe: a pipe nobody reads until the end would block train.py once full
+    output_path = os.path.join(os.path.dirname(out_dir), "train_output.txt")
+    with open(output_path, "w") as output:
+        proc = subprocess.Popen([sys.executable, train_py, *train_args, f"--out_dir={out_dir}"],
+                                stdout=output, stderr=subprocess.STDOUT)
     reached = None
     while reached is None and proc.poll() is None:
         time.sleep(0.2)
         reached = next((r for r in records(log_path) if r.get("val_loss", float("inf")) <= target), None)
     proc.kill()
-    output = proc.communicate()[0]
+    proc.wait()
     if reached is None and proc.returncode not in (0, -9):
-        sys.exit(f"train.py exited with code {proc.returncode}:\n{output[-3000:]}")
+        with open(output_path, errors="replace") as f:
+            sys.exit(f"train.py exited with code {proc.returncode}:\n{f.read()[-3000:]}")
     recs = records(log_path)
     evals = [r for r in recs if "val_loss" in r]
     step_ms = [r["ms"] for r in recs if "ms" in r][1:]  # the first includes compilation
