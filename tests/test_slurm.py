@@ -133,3 +133,16 @@ def test_preempted_job_requeues_and_resumes_exactly(cluster, srun_reference):
         steps = [r["step"] for r in map(json.loads, f) if "loss" in r]
     assert steps == list(range(1, 151))  # every step once: the resumed run continued the log without duplicates
     assert train_losses(work / "preempt") == srun_reference[1]  # bit-identical to the uninterrupted run
+
+
+def test_a_failing_rank_ends_the_job(cluster):
+    """Rank 0 alone fails mid-run (its numbered checkpoint cannot be written): the job fails with rank 0's message
+    and is not requeued, and the other rank does not outlive it (gloo sees the closed connection in its next
+    collective)."""
+    work, env = cluster
+    os.makedirs(work / "broken/ckpt_00000050.pt")
+    job = sbatch(work, env, "broken")
+    wait_for(lambda: job_state(job, env)[0] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 300, "the job to end")
+    output = (work / "broken.out").read_text()
+    assert job_state(job, env)[0] == "FAILED", output[-3000:]
+    assert "error: could not write a checkpoint to broken" in output and "requeueing" not in output
