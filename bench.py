@@ -187,6 +187,14 @@ def run_train_bench(cfg, device, dtype, grad_accum, batch_explain, vocab_size, s
         times.append(time.perf_counter() - t0)
     timed = sorted(times[cfg.warmup:])
     ms = 1000 * timed[len(timed) // 2]
+    # the same number of steps back to back, waiting for the device once at the end: what the training loop gets when
+    # the host queues a step while the device still runs the one before (each step above is waited for on both sides)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(cfg.steps):
+        one_step()
+    sync()
+    ms_back_to_back = 1000 * (time.perf_counter() - t0) / cfg.steps
     tokens_per_step = cfg.batch_size * cfg.block_size * grad_accum
     peak = cfg.peak_flops or (peak_flops_for(torch.cuda.get_device_name(device)) if device_type == "cuda" else None)
     mfu = model.estimate_mfu(tokens_per_step / (ms / 1000), peak)
@@ -196,6 +204,7 @@ def run_train_bench(cfg, device, dtype, grad_accum, batch_explain, vocab_size, s
         "fused_loss": cfg.fused_loss, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "block_size": cfg.block_size,
         "batch_size": cfg.batch_size, "grad_accum": grad_accum, "params_M": round(model.get_num_params() / 1e6, 2),
         "ms_per_step": round(ms, 2), "tokens_per_sec": round(tokens_per_step / (ms / 1000)),
+        "ms_per_step_back_to_back": round(ms_back_to_back, 2),
         "mfu": round(mfu, 4) if mfu else None,
         "peak_memory_GiB": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device_type == "cuda" else None,
         "first_step_s": round(times[0], 2),  # includes torch.compile when it is on
@@ -207,6 +216,7 @@ def run_train_bench(cfg, device, dtype, grad_accum, batch_explain, vocab_size, s
           f"mfu {f'{mfu:.1%}' if mfu else '-'} | peak memory "
           f"{result['peak_memory_GiB'] if result['peak_memory_GiB'] is not None else '-'} GiB | "
           f"first step {times[0]:.1f} s")
+    print(f"  {ms_back_to_back:.1f} ms/step back to back ({cfg.steps} steps, one wait for the device at the end)")
     if cfg.profile:
         result["profile_ms"] = profile_step(one_step, sync, device_type)
     print(json.dumps(result))
