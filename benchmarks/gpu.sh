@@ -3,7 +3,7 @@
 #     python prepare.py shakespeare_char && bash benchmarks/gpu.sh [results folder] [another train.py to compare]
 # Each command's output goes to the results folder (default: gpu-results/) and to the terminal; every bench prints
 # JSON lines to compare across commits. A second train.py (e.g. a branch's copy) is timed to the baby GPT's target
-# val loss in the same session, right after this one's. ONLY="tests sample" runs just the parts named; PYTHON picks
+# val loss in the same session, right after this one's, and the bench.py beside it times GPT-2 small's step. ONLY="tests sample" runs just the parts named; PYTHON picks
 # the interpreter (default python3). All of it takes about 15 minutes on an H100.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,4 +30,7 @@ run baby_profile $py bench.py train config/train_shakespeare_char.py --compile_m
 gpt2=(config/gpt2_124m.py --total_batch_size=0 --gradient_accumulation_steps=1 --steps=20 --warmup=5)
 run gpt2_b32 $py bench.py train "${gpt2[@]}" --batch_size=32 --profile=True
 run gpt2_b32_fused $py bench.py train "${gpt2[@]}" --batch_size=32 --fused_loss=True
+if [ -n "$other" ]; then  # the other tree's bench.py times the other tree's optimizer step
+    run gpt2_b32_other $py "$(dirname "$other")/bench.py" train "${gpt2[@]}" --batch_size=32
+fi
 run sample $py bench.py sample --device=cuda --batch_sizes=1,8,64 --compile=True
