@@ -178,8 +178,12 @@ class Writer:
         else:
             self._jobs.append(self._pool.submit(fn, *args))
 
+    def failed(self):
+        """Whether a write has failed (its error is raised by the next check(), submit() or wait()); never waits."""
+        return any(job.done() and job.exception() is not None for job in self._jobs)
+
     def check(self):
-        """Raise the error of a write that has failed; return at once otherwise (cheap enough for every step)."""
+        """Raise the error of a write that has failed; return at once otherwise."""
         self._collect(block=False)
 
     def wait(self):
@@ -188,11 +192,12 @@ class Writer:
 
     def _collect(self, block):
         jobs, self._jobs = self._jobs, []
-        for job in jobs:
-            if block or job.done():
-                job.result()  # re-raises the worker's exception here
-            else:
+        for i, job in enumerate(jobs):
+            if not (block or job.done()):
                 self._jobs.append(job)
+            elif job.exception() is not None:  # waits for it when block
+                self._jobs.extend(jobs[i + 1:])  # still pending: a later failure is reported too
+                job.result()  # re-raises the worker's exception here
 
     def close(self, report_only=False):
         """
@@ -200,6 +205,8 @@ class Writer:
         of its own: a failed write is printed to stderr instead of being raised over that error.
         """
         try:
+            if report_only and self._jobs:
+                print("waiting for the background write under way to finish...", file=sys.stderr)
             self.wait()
         except Exception as e:
             if not report_only:

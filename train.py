@@ -261,14 +261,17 @@ def reduce_mean(value, launch):
     return value
 
 
-def any_rank(flag, launch, device):
-    """True on every rank when `flag` is true on any rank."""
+GO_ON, STOP, WRITE_FAILED = 0, 1, 2  # what the ranks agree on before each step: the most serious any rank says
+
+
+def agree(status, launch, device):
+    """The largest `status` of all ranks, on every rank."""
     if not launch.distributed:
-        return flag
+        return status
     import torch.distributed as dist
-    t = torch.tensor(float(flag), device=device)
+    t = torch.tensor(float(status), device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return int(t.item())
 
 
 def gather_to_master(obj, launch):
@@ -563,7 +566,11 @@ def train(cfg, sources, launch, device, kernels_note=""):
     def write_checkpoint(state, reason):
         try:
             save_training_checkpoint(cfg.out_dir, state, state["step"], cfg.keep_last_n, cfg.keep_every)
-        except (OSError, RuntimeError) as e:  # torch.save's zip writer reports a full disk as a RuntimeError
+        except (OSError, RuntimeError) as e:
+            # torch.save's zip writer reports a full disk as "[enforce fail at inline_container.cc:...] unexpected
+            # pos" (or "PytorchStreamWriter failed writing"); any other RuntimeError is a real error, with its trace
+            if isinstance(e, RuntimeError) and not ("inline_container" in str(e) or "PytorchStreamWriter" in str(e)):
+                raise
             raise UserError(f"could not write a checkpoint to {cfg.out_dir} ({e}); {ckpt_path}, if there, is still a "
                             "complete earlier one: free some space or fix the folder, then resume with "
                             "--init_from=resume") from None
@@ -575,16 +582,15 @@ def train(cfg, sources, launch, device, kernels_note=""):
             return
         try:
             plot_losses(log_path, os.path.join(cfg.out_dir, "loss.png"))
-        except ImportError as e:  # installed (find_spec found it) but broken
+        except Exception as e:  # a matplotlib installed but broken, a full disk: the plot is not worth the run
             plot = False
-            say(f"plot: off (matplotlib could not be imported: {e})")
+            say(f"plot: off ({type(e).__name__}: {e})")
 
     batches = Prefetcher(sampler, batch_to_device)
     t_last, steps_since_log, bad_steps = time.time(), 0, 0
     exit_code = 0
     try:
         while True:
-            writer.check()  # a background write that failed stops the run now, not at the next save
             due = step % cfg.eval_interval == 0 or step == cfg.max_iters
             if cfg.eval_only or (due and step != last_eval):
                 last_eval = step
@@ -603,7 +609,14 @@ def train(cfg, sources, launch, device, kernels_note=""):
             if step >= cfg.max_iters or cfg.eval_only:
                 break
             out_of_time = max_runtime is not None and time.time() - t_start > max_runtime
-            if any_rank(stop.signal is not None or out_of_time, launch, device):
+            # a background write that failed stops every rank now: rank 0 alone would leave the others waiting in
+            # their next collective for the process group's timeout
+            status = agree(WRITE_FAILED if writer.failed() else STOP if stop.signal or out_of_time else GO_ON,
+                           launch, device)
+            if status == WRITE_FAILED:
+                writer.check()  # rank 0: raises the write's error
+                raise SystemExit(2)  # the other ranks: rank 0 says why
+            if status == STOP:
                 save(batches.state_dict(), f"stopping on {stop.signal or 'max_runtime'}")
                 writer.wait()
                 if launch.distributed:  # no rank exits before rank 0 has written: launchers kill the rest on first exit

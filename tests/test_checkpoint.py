@@ -211,6 +211,31 @@ def test_snapshot_keeps_tied_weights_one_tensor(tmp_path):
     assert os.path.getsize(tmp_path / "copied.pt") == os.path.getsize(tmp_path / "direct.pt")
 
 
+def test_writer_reports_every_failure_in_order():
+    """Two background writes fail: the first error is raised, and the second is still there for the next call."""
+    import threading
+
+    from checkpoint import Writer
+    go = threading.Event()
+
+    def fail(message):
+        go.wait()  # both are queued before either fails
+        raise OSError(message)
+
+    writer = Writer(background=True)
+    writer.submit(fail, "first")
+    writer.submit(fail, "second")
+    writer.submit(lambda: None)
+    go.set()
+    with pytest.raises(OSError, match="first"):
+        writer.wait()
+    assert writer.failed()
+    with pytest.raises(OSError, match="second"):
+        writer.check()
+    assert not writer.failed()
+    writer.close()
+
+
 @pytest.mark.parametrize("async_save", [True, False])
 def test_failed_checkpoint_write_stops_the_run(data_dir, async_save):
     """A checkpoint that cannot be written (here ckpt.pt is a folder) ends the run with one message, not silently,
@@ -235,6 +260,53 @@ def test_failed_background_write_stops_the_run_at_once(data_dir):
     assert max(r["step"] for r in log_records(data_dir / "out")) < 100
 
 
+def test_failed_write_on_rank_0_stops_every_rank(data_dir):
+    """The same failure with two ranks, started by hand to see each one's exit: every rank stops at the same step,
+    rank 0 with the message and rank 1 quietly with the same code. Rank 0 stopping alone would leave rank 1 waiting
+    in its next collective (with NCCL, for the process group's whole timeout)."""
+    import socket
+    os.makedirs(data_dir / "out/ckpt.pt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), *ARGS, "--max_iters=300", "--eval_interval=2",
+           "--warmup_iters=0", "--lr_decay_iters=2", "--min_lr=0", "--always_save_checkpoint=False",
+           "--gradient_accumulation_steps=2", "--out_dir=out"]
+    procs = [subprocess.Popen(cmd, cwd=data_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1"))
+             for rank in (0, 1)]
+    (out0, err0), (_, err1) = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], err0[-2000:] + err1[-2000:]
+    assert "error: could not write a checkpoint to out" in err0 and "Traceback" not in err0 + err1
+    assert max(r["step"] for r in log_records(data_dir / "out")) < 100 and "step 100 |" not in out0
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 128 KB file system (tmpfs), too small for a checkpoint; skipped where mounting is not allowed."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root and permission to mount a tmpfs")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_full_disk_stops_the_run_with_a_message(data_dir, small_disk, async_save):
+    """torch.save on a full disk raises a RuntimeError from its zip writer, not an OSError: the same message, and no
+    temporary file left to fill the disk."""
+    proc = run_script("train.py", *ARGS, "--max_iters=8", "--eval_interval=2", f"--async_save={async_save}",
+                      f"--out_dir={small_disk}", cwd=data_dir, check=False)
+    assert proc.returncode == 2 and f"error: could not write a checkpoint to {small_disk}" in proc.stderr, \
+        proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and os.listdir(small_disk) == ["log.jsonl"]
+
+
 def test_loss_plot_written(data_dir):
     run_script("train.py", *ARGS, "--max_iters=4", "--eval_interval=2", "--plot=True", "--out_dir=out",
                cwd=data_dir)
@@ -250,7 +322,7 @@ def test_broken_matplotlib_turns_plotting_off(data_dir):
     (fake / "__init__.py").write_text("raise ImportError('libpng.so.16: cannot open shared object file')\n")
     proc = run_script("train.py", *ARGS, "--max_iters=6", "--eval_interval=2", "--plot=True", "--out_dir=out",
                       cwd=data_dir, env={"PYTHONPATH": str(data_dir / "fake_packages")})
-    assert proc.stdout.count("plot: off (matplotlib could not be imported: libpng.so.16") == 1, proc.stdout[-2000:]
+    assert proc.stdout.count("plot: off (ImportError: libpng.so.16") == 1, proc.stdout[-2000:]
     assert "step 6: train loss" in proc.stdout and not (data_dir / "out/loss.png").exists()
 
 
