@@ -521,7 +521,7 @@ def train(cfg, sources, launch, device, kernels_note=""):
     say(f"evaluation: {cfg.eval_iters} batches per split, in {passes} pass{'es' if passes > 1 else ''} of "
         f"{per_pass * cfg.batch_size} sequences" +
         (f" (eval_batch_size allows {most} batches a pass, but only {per_pass} divides eval_iters={cfg.eval_iters}; "
-         f"an eval_iters that {most} divides takes fewer passes)" if per_pass < most else ""))
+         f"an eval_iters that {most} divides takes fewer passes)" if per_pass < most and passes > 1 else ""))
     peak = cfg.peak_flops or (peak_flops_for(torch.cuda.get_device_name(device)) if device_type == "cuda" else None)
     tokens_per_step = cfg.batch_size * cfg.block_size * grad_accum * launch.world_size
 

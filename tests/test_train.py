@@ -11,11 +11,11 @@ def test_eval_passes_one_shape_same_loss(data_dir):  # noqa: F811
     with a smaller pass (torch.compile would compile again), so passes take 3; the loss is the same either way."""
     val_loss = {}
     for eval_batch_size, passes in ((0, "6 passes of 4 sequences"), (16, "2 passes of 12 sequences"),
-                                    (24, "1 pass of 24 sequences")):
+                                    (24, "1 pass of 24 sequences"), (32, "1 pass of 24 sequences")):
         out = run_script("train.py", *ARGS, "--eval_iters=6", f"--eval_batch_size={eval_batch_size}",
                          "--eval_only=True", f"--out_dir=out{eval_batch_size}", cwd=data_dir).stdout
         assert f"evaluation: 6 batches per split, in {passes}" in out
-        # a note says why 16 gives passes of 12 sequences, not 16
+        # a note says why 16 gives passes of 12 sequences, not 16 (32, one pass of all 24, needs none)
         assert ("allows 4 batches a pass, but only 3 divides eval_iters=6" in out) == (eval_batch_size == 16)
         with open(data_dir / f"out{eval_batch_size}/log.jsonl") as f:
             val_loss[eval_batch_size] = json.loads(f.readline())["val_loss"]
