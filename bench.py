@@ -187,8 +187,9 @@ def run_train_bench(cfg, device, dtype, grad_accum, batch_explain, vocab_size, s
         times.append(time.perf_counter() - t0)
     timed = sorted(times[cfg.warmup:])
     ms = 1000 * timed[len(timed) // 2]
-    # the same number of steps back to back, waiting for the device once at the end: what the training loop gets when
-    # the host queues a step while the device still runs the one before (each step above is waited for on both sides)
+    # the same number of steps back to back, waiting for the device once at the end (each step above is waited for on
+    # both sides): the gap between the two is host time a loop could hide by queueing the next step while the device
+    # runs this one, which it can only do where the step itself never waits for the device
     sync()
     t0 = time.perf_counter()
     for _ in range(cfg.steps):

@@ -3,8 +3,9 @@
 #     python prepare.py shakespeare_char && bash benchmarks/gpu.sh [results folder] [another train.py to compare]
 # Each command's output goes to the results folder (default: gpu-results/) and to the terminal; every bench prints
 # JSON lines to compare across commits. A second train.py (e.g. a branch's copy) is timed to the baby GPT's target
-# val loss in the same session, right after this one's, and the bench.py beside it times GPT-2 small's step. ONLY="tests sample" runs just the parts named; PYTHON picks
-# the interpreter (default python3). All of it takes about 15 minutes on an H100.
+# val loss in the same session, right after this one's; the bench.py beside it times GPT-2 small's step.
+# ONLY="tests sample" runs just the parts named; PYTHON picks the interpreter (default python3). All of it takes
+# about 15 minutes on an H100.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-gpu-results}
