@@ -121,6 +121,11 @@ def init_distributed(launch, device):
         torch.cuda.set_device(launch.local_rank)
         device = f"cuda:{launch.local_rank}"
     if launch.distributed:
+        # torch.distributed.nn's functions take group.WORLD as a default argument, bound when the module is first
+        # imported; DDP and torch.compile import it (through torch._dynamo) after the group exists, and that default
+        # then keeps the group alive past destroy_process_group, its gloo threads until interpreter shutdown, where
+        # one taking the interpreter lock aborts the process. Imported before there is a group, the default is None.
+        import torch.distributed.nn  # noqa: F401
         os.environ.setdefault("MASTER_ADDR", launch.master_addr or "localhost")
         os.environ.setdefault("MASTER_PORT", str(launch.master_port or 29500))
         backend = "nccl" if device_type == "cuda" else "gloo"
