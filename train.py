@@ -203,13 +203,13 @@ class EvalBatches:
 
     def __init__(self, shards, cfg, launch, to_device):
         self.shards, self.cfg, self.launch, self.to_device = shards, cfg, launch, to_device
+        self.per_pass = batches_per_pass(cfg.eval_iters, cfg.eval_batch_size // cfg.batch_size)
 
     def __iter__(self):
         sampler = BatchSampler(self.shards, self.cfg.block_size, self.cfg.batch_size, seed=[self.cfg.seed, 1],
                                rank=self.launch.rank, world_size=self.launch.world_size)
-        per_pass = batches_per_pass(self.cfg.eval_iters, self.cfg.eval_batch_size // self.cfg.batch_size)
-        for first in range(0, self.cfg.eval_iters, per_pass):
-            parts = [sampler.next_batch() for _ in range(min(per_pass, self.cfg.eval_iters - first))]
+        for _ in range(self.cfg.eval_iters // self.per_pass):
+            parts = [sampler.next_batch() for _ in range(self.per_pass)]
             yield self.to_device(np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts]))
 
 
@@ -515,8 +515,7 @@ def train(cfg, sources, launch, device, kernels_note=""):
 
     eval_sets = {"train": EvalBatches(train_shards, cfg, launch, batch_to_device),
                  "val": EvalBatches(val_shards, cfg, launch, batch_to_device)}
-    most = cfg.eval_batch_size // cfg.batch_size
-    per_pass = batches_per_pass(cfg.eval_iters, most)
+    most, per_pass = cfg.eval_batch_size // cfg.batch_size, eval_sets["val"].per_pass
     passes = cfg.eval_iters // per_pass
     say(f"evaluation: {cfg.eval_iters} batches per split, in {passes} pass{'es' if passes > 1 else ''} of "
         f"{per_pass * cfg.batch_size} sequences" +
