@@ -137,8 +137,8 @@ def test_preempted_job_requeues_and_resumes_exactly(cluster, srun_reference):
 
 def test_a_failing_rank_ends_the_job(cluster):
     """Rank 0 alone fails mid-run (its numbered checkpoint cannot be written): the job fails with rank 0's message
-    and is not requeued, and the other rank does not outlive it (gloo sees the closed connection in its next
-    collective)."""
+    and is not requeued, and the other rank does not outlive it (the per-step stop vote carries the failure, so both
+    ranks stop at the same step)."""
     work, env = cluster
     os.makedirs(work / "broken/ckpt_00000050.pt")
     job = sbatch(work, env, "broken")
