@@ -184,68 +184,72 @@ class KVCache:
 
 
 def chunk_rows(n_rows, n_cols, max_elements=2**27):
-    """Rows per chunk so that a chunk's float32 logits stay under max_elements (512 MB)."""
-    n_chunks = -(-n_rows * n_cols // max_elements)
-    return -(-n_rows // n_chunks)
-
-
-def chunk_nll(x, w, targets, vocab_size):
     """
-    One chunk's logits (R, V) = x (R, C) @ w (>= V, C).T in float32, cut to the vocab_size real ids (after the
-    product, which is faster at the padded width), their logsumexp (R, 1), and each row's cross-entropy (R,), 0 where
-    the target is -1.
+    Rows per chunk: a power of two (at least 64, so matrix products see aligned shapes) such that a chunk's float32
+    logits stay under max_elements (512 MB), or all n_rows when they fit at once.
     """
-    logits = (x @ w.t())[:, :vocab_size].float()
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-    picked = logits.gather(1, targets.clamp(min=0)[:, None])
-    return logits, lse, ((lse - picked) * (targets >= 0)[:, None]).squeeze(1)
+    if n_rows * n_cols <= max_elements:
+        return n_rows
+    return max(64, 2 ** int(math.log2(max_elements // n_cols)))
 
 
-def chunked_nll(x, weight, targets, vocab_size):
+def chunk_log_softmax(x, w, pad_mask):
     """
-    Cross-entropy of each row: -log softmax(x @ weight[:vocab_size].T)[target], in float32, 0 where the target is -1.
-    x (N, C) and weight (Vp, C) in the compute dtype; the logits exist a chunk of rows at a time.
+    One chunk's log-probabilities (R, Vp) in float32: log_softmax(x (R, C) @ w (Vp, C).T + pad_mask (Vp,)), the mask
+    -inf on padding ids, so they have probability 0 while every product keeps the padded, aligned width.
+    """
+    logits = torch.addmm(pad_mask, x, w.t())  # (R, Vp) in the compute dtype
+    return logits.log_softmax(dim=-1, dtype=torch.float32)
+
+
+def chunked_nll(x, weight, targets, pad_mask):
+    """
+    Cross-entropy of each row: -log softmax(x @ weight.T + pad_mask)[target], in float32, 0 where the target is -1.
+    x (N, C), weight (Vp, C) and pad_mask (Vp,) in the compute dtype; the logits exist a chunk of rows at a time.
     """
     out = torch.empty(x.size(0), dtype=torch.float32, device=x.device)
-    rows = chunk_rows(x.size(0), vocab_size)
+    rows = chunk_rows(x.size(0), weight.size(0))
     for i in range(0, x.size(0), rows):
-        out[i:i + rows] = chunk_nll(x[i:i + rows], weight, targets[i:i + rows], vocab_size)[2]
+        logp, t = chunk_log_softmax(x[i:i + rows], weight, pad_mask), targets[i:i + rows]
+        out[i:i + rows] = -logp.gather(1, t.clamp(min=0)[:, None]).squeeze(1) * (t >= 0)
     return out
 
 
 class LinearCrossEntropy(torch.autograd.Function):
     """
-    loss = mean cross-entropy of logits = x @ weight.T (the tied output layer, restricted to the real vocabulary),
-    computed like nanoGPT's F.cross_entropy(logits.float()) but never holding the (N, V) logits: each chunk of rows
-    computes its logits (compute dtype), their log-softmax in float32, the loss, and at once the gradient
+    loss = mean cross-entropy of logits = x @ weight.T (the tied output layer, padding ids masked out), computed like
+    nanoGPT's F.cross_entropy(logits.float()) but never holding the (N, Vp) logits: each chunk of rows computes its
+    logits (compute dtype), their log-softmax in float32, the loss, and at once the gradient
     d loss / d logits = (softmax - onehot) / n, which two matrix products turn into the gradients of x and weight.
     Backward only scales those by the incoming gradient. Same matrix products as the unfused layer and loss (logits,
-    then dx and dW), but the float32 logits and their gradient (GPT-2 small at batch 32: 6.6 GB each) never exist
+    then dx and dW), all at the padded vocabulary width and on chunks of a power-of-two number of rows, so every
+    operand is aligned; the float32 logits and their gradient (GPT-2 small at batch 32: 6.6 GB each) never exist
     whole, and the loss's elementwise work touches each chunk while it is fresh.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, vocab_size):
-        # x (N, C) in the compute dtype; weight (Vp, C) the float32 parameter; targets (N,), -1 for none
+    def forward(ctx, x, weight, targets, pad_mask):
+        # x (N, C) and pad_mask (Vp,) in the compute dtype; weight (Vp, C) the float32 parameter; targets (N,), -1 for
+        # none
         with torch.autocast(x.device.type, enabled=False):
-            w = weight.to(x.dtype)[:vocab_size]  # (V, C)
+            w = weight.to(x.dtype)
             n = (targets >= 0).sum()
             loss = torch.zeros((), dtype=torch.float32, device=x.device)
             # the gradients are kept in float32 and divided by n there: (softmax - onehot) / n would underflow in
             # float16 for large n, where the unfused path relies on GradScaler's scaled loss
             grad_x = torch.empty(x.shape, dtype=torch.float32, device=x.device)
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
-            rows = chunk_rows(x.size(0), vocab_size)
+            rows = chunk_rows(x.size(0), w.size(0))
             for i in range(0, x.size(0), rows):
                 xc, t = x[i:i + rows], targets[i:i + rows]
                 valid = (t >= 0)[:, None]
-                logits, lse, nll = chunk_nll(xc, w, t, vocab_size)  # (R, V), (R, 1), (R,)
-                loss = loss + nll.sum()
-                grad = torch.exp(logits - lse)  # softmax, (R, V)
+                logp = chunk_log_softmax(xc, w, pad_mask)  # (R, Vp)
+                loss = loss - (logp.gather(1, t.clamp(min=0)[:, None]) * valid).sum()
+                grad = logp.exp_()  # softmax, in place of the log-probabilities, which are done with
                 grad.scatter_add_(1, t.clamp(min=0)[:, None], -valid.float())
-                grad = (grad * valid).to(x.dtype)  # n * d loss / d logits
+                grad = (grad * valid).to(x.dtype)  # n * d loss / d logits, 0 in the padding columns
                 grad_x[i:i + rows] = (grad @ w).float() / n
-                grad_w[:vocab_size] += (grad.t() @ xc).float()
+                grad_w += (grad.t() @ xc).float()
             grad_w /= n
         ctx.save_for_backward(grad_x, grad_w)
         ctx.x_dtype = x.dtype
@@ -332,35 +336,39 @@ class GPT(nn.Module):
         if cache is not None:
             cache.advance(T)
         x = self.transformer.ln_f(x)
-        V = self.config.vocab_size
-        if targets is not None and self.fused_loss:
-            # the output layer and the loss together, a chunk of rows at a time: no (B, T, V) logits
+        if targets is not None:
+            return self.output_loss(x, targets, reduction)
+        logits = self.lm_head(x if all_logits else x[:, [-1], :])[..., :self.config.vocab_size]  # (B, T or 1, V)
+        return logits, None
+
+    def output_loss(self, x, targets, reduction="mean"):
+        """
+        The output layer and the cross-entropy over the real vocabulary (padding ids get -inf: probability 0,
+        gradient 0, on rows of aligned width, which is faster than cutting them to V columns): x (B, T, C) from ln_f,
+        targets (B, T), -1 for none. Returns (logits, loss) as forward does; logits None with fused_loss.
+        """
+        B, T, _ = x.size()
+        if self.fused_loss:
+            # the output layer and the loss together, a chunk of rows at a time: no (B, T, Vp) logits
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
             x, targets = x.to(dtype).reshape(B * T, -1), targets.reshape(-1)
+            mask = self.padding_mask(dtype, x.device)
             if reduction == "none":
-                return None, chunked_nll(x, self.lm_head.weight.to(dtype), targets, V).view(B, T)
+                return None, chunked_nll(x, self.lm_head.weight.to(dtype), targets, mask).view(B, T)
             if torch.is_grad_enabled() and (x.requires_grad or self.lm_head.weight.requires_grad):
-                return None, LinearCrossEntropy.apply(x, self.lm_head.weight, targets, V)
+                return None, LinearCrossEntropy.apply(x, self.lm_head.weight, targets, mask)
             n = (targets >= 0).sum()
-            return None, chunked_nll(x, self.lm_head.weight.to(dtype), targets, V).sum() / n
-        if targets is not None:
-            logits = self.lm_head(x)  # (B, T, Vp)
-            if logits.size(-1) > V:
-                # padding ids get -inf (probability 0, gradient 0): the loss of the real vocabulary, computed on
-                # rows of aligned width, which is faster than cutting them to V columns
-                logits = logits + self.padding_mask(logits)
-            loss = F.cross_entropy(logits.view(B * T, -1).float(), targets.reshape(-1), ignore_index=-1,
-                                   reduction=reduction)
-            loss = loss.view(B, T) if reduction == "none" else loss
-            logits = logits[..., :V]
-        else:
-            logits = self.lm_head(x if all_logits else x[:, [-1], :])[..., :V]  # (B, T or 1, V)
-            loss = None
-        return logits, loss
+            return None, chunked_nll(x, self.lm_head.weight.to(dtype), targets, mask).sum() / n
+        logits = self.lm_head(x)  # (B, T, Vp)
+        if logits.size(-1) > self.config.vocab_size:
+            logits = logits + self.padding_mask(logits.dtype, logits.device)
+        loss = F.cross_entropy(logits.view(B * T, -1).float(), targets.reshape(-1), ignore_index=-1,
+                               reduction=reduction)
+        return logits[..., :self.config.vocab_size], loss.view(B, T) if reduction == "none" else loss
 
-    def padding_mask(self, logits):
-        """(Vp,) 0 for the real vocabulary, -inf for the padding ids, in the dtype and on the device of logits."""
-        mask = torch.zeros(logits.size(-1), dtype=logits.dtype, device=logits.device)
+    def padding_mask(self, dtype, device):
+        """(Vp,) 0 for the real vocabulary, -inf for the padding ids."""
+        mask = torch.zeros(self.config.padded_vocab_size, dtype=dtype, device=device)
         mask[self.config.vocab_size:] = float("-inf")
         return mask
 

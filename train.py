@@ -90,7 +90,7 @@ class TrainConfig:
     dtype: str = "auto"  # 'auto' (bfloat16 where supported, else float16 on CUDA, float32 elsewhere), 'float32', 'bfloat16', 'float16'
     compile: bool | None = None  # torch.compile the model; None: on for CUDA only
     compile_mode: str = "default"  # torch.compile mode: 'default', 'reduce-overhead' (CUDA graphs: for small, launch-bound models), 'max-autotune', 'max-autotune-no-cudagraphs'
-    fused_loss: bool = False  # the output layer and loss in chunks (model.LinearCrossEntropy): less memory (GPT-2 small, batch 32, H100: 15.6 instead of 21.3 GiB) but slower (79.5 instead of 71.2 ms/step)
+    fused_loss: bool = False  # the output layer and loss in chunks (model.LinearCrossEntropy): less memory (GPT-2 small, batch 32, H100: 15.6 instead of 21.3 GiB) but slower (79.5 instead of 71.2 ms/step, measured before its products were aligned)
     attention: str = "auto"  # CUDA attention kernel tried first: 'auto' (cudnn on Hopper and newer, else flash), 'cudnn', 'flash', 'efficient', 'math', 'default' (PyTorch's order)
     peak_flops: float = 0.0  # the device's peak FLOP/s for MFU; 0: look the GPU up in model.PEAK_FLOPS_BF16
 

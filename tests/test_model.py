@@ -113,6 +113,18 @@ def test_mfu_uses_the_given_peak():
     assert peak_flops_for("Some Unknown GPU") is None
 
 
+def test_chunk_rows_are_aligned_and_bounded():
+    """Chunks of the fused loss: a power of two of at least 64 rows (aligned matrix products) whose float32 logits
+    fit the budget, or every row at once when they all fit."""
+    from model import chunk_rows
+    assert chunk_rows(32 * 1024, 50304) == 2048  # GPT-2 small at batch 32: 16 chunks of 412 MB
+    assert chunk_rows(100, 128) == 100
+    for n_rows, n_cols in [(5000, 50304), (10**7, 128), (70000, 2**21)]:
+        rows = chunk_rows(n_rows, n_cols)
+        assert rows >= 64 and rows & (rows - 1) == 0
+        assert rows * n_cols <= 2**27 or rows == 64
+
+
 @pytest.mark.parametrize("vocab_size", [65, 1100])
 def test_fused_loss_matches_logits_then_cross_entropy(vocab_size, monkeypatch):
     """LinearCrossEntropy (chunked, gradients made in the forward pass) gives the loss and every gradient of the
