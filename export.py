@@ -3,7 +3,7 @@ Hand a trained model to the Hugging Face ecosystem (transformers, lm-evaluation-
 
     python export.py --out_dir=out-shakespeare-char --hf_dir=hf-shakespeare-char
 
-writes a GPT2LMHeadModel folder: config.json, model.safetensors, generation_config.json and the tokenizer (GPT-2's
+writes a GPT2LMHeadModel folder: config.json, model.safetensors (float32, or --dtype=bfloat16 / float16), generation_config.json and the tokenizer (GPT-2's
 for GPT-2 BPE models, a one-token-per-character tokenizer.json for char-level ones). Then, with no code of ours:
 
     transformers.pipeline("text-generation", model="hf-shakespeare-char")("ROMEO:")
@@ -17,13 +17,20 @@ from dataclasses import dataclass
 import configurator
 from checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import UserError
-from hf import save_hf_gpt2
+from hf import EXPORT_DTYPES, save_hf_gpt2
 
 
 @dataclass
 class ExportConfig:
     out_dir: str = "out"  # the folder holding ckpt.pt
     hf_dir: str = ""  # the Hugging Face folder to write; empty: <out_dir>-hf
+    dtype: str = "float32"  # of the weights written: 'float32' (exact), 'bfloat16' or 'float16' (half the size)
+
+
+def validate(cfg):
+    if cfg.dtype not in EXPORT_DTYPES:
+        return [f"dtype={cfg.dtype!r}: expected one of {', '.join(EXPORT_DTYPES)}"]
+    return []
 
 
 def main(cfg, sources):
@@ -35,15 +42,16 @@ def main(cfg, sources):
                         "checkpoint?); without it the exported model could not read or write text")
     model = model_from_checkpoint(checkpoint)
     del checkpoint
-    files = save_hf_gpt2(model, meta, hf_dir)
+    files = save_hf_gpt2(model, meta, hf_dir, cfg.dtype)
     c = model.config
     kind = "GPT-2 BPE" if meta["tokenizer"]["type"] == "tiktoken" else f"char-level, {c.vocab_size} tokens"
     print(f"wrote {hf_dir}: GPT-2 with n_layer={c.n_layer}, n_head={c.n_head}, n_embd={c.n_embd}, "
-          f"context {c.block_size}, vocab {c.vocab_size} ({kind}){'' if c.bias else ', zero biases for bias=False'}")
+          f"context {c.block_size}, vocab {c.vocab_size} ({kind}), {cfg.dtype} weights"
+          f"{'' if c.bias else ', zero biases for bias=False'}")
     print(f"files: {', '.join(files)}")
     print(f"load it: transformers.AutoModelForCausalLM.from_pretrained({hf_dir!r}), "
           f"AutoTokenizer.from_pretrained({hf_dir!r})")
 
 
 if __name__ == "__main__":
-    configurator.run(main, ExportConfig)
+    configurator.run(main, ExportConfig, validate)

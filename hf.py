@@ -42,6 +42,8 @@ GPT2_FIELDS = {"block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropo
 TOKENIZER_FILES = {"tiktoken": ("vocab.json", "merges.txt", "tokenizer_config.json"),
                    "char": ("tokenizer.json", "tokenizer_config.json")}
 EXPORT_FILES = {"config.json", "generation_config.json", "model.safetensors", *sum(TOKENIZER_FILES.values(), ())}
+# the weights' dtypes an export writes (export.py --dtype); import reads any of them into float32
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -55,9 +57,10 @@ def _layout(config):
     return {key: value.shape for key, value in model.state_dict().items()}
 
 
-def to_hf_state_dict(model):
-    """GPT2LMHeadModel's state dict for our model: Conv1D layout, real vocabulary rows, zero biases where ours has
-    none, no lm_head (tied). UserError when the model has something GPT-2 cannot express."""
+def to_hf_state_dict(model, dtype="float32"):
+    """GPT2LMHeadModel's state dict for our model, in `dtype` (one of EXPORT_DTYPES): Conv1D layout, real vocabulary
+    rows, zero biases where ours has none, no lm_head (tied). UserError when the model has something GPT-2 cannot
+    express, or a weight too large for dtype."""
     cfg = model.config
     unknown = [f"{f.name}={getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)
                if f.name not in GPT2_FIELDS and getattr(cfg, f.name) != f.default]
@@ -76,7 +79,9 @@ def to_hf_state_dict(model):
             value = value[:cfg.vocab_size]
         if key.endswith(CONV1D_WEIGHTS):
             value = value.t()
-        hf[key] = value.detach().to("cpu", torch.float32).contiguous()
+        hf[key] = value.detach().to("cpu", getattr(torch, dtype)).contiguous()
+        if not torch.isfinite(hf[key]).all() and torch.isfinite(value).all():  # float16 tops out at 65,504
+            raise UserError(f"{key} has weights too large for {dtype}: export with --dtype=bfloat16 or float32")
     return hf
 
 
@@ -134,7 +139,7 @@ def config_from_hf(hf, where="config.json"):
                      n_layer=hf.get("n_layer", 12), n_head=n_head, n_embd=n_embd, bias=True)
 
 
-def hf_config(config, eot_id):
+def hf_config(config, eot_id, dtype="float32"):
     """config.json for our GPTConfig: a GPT2Config with the real sizes and vocabulary."""
     return {
         "architectures": ["GPT2LMHeadModel"],
@@ -154,7 +159,7 @@ def hf_config(config, eot_id):
         "tie_word_embeddings": True,
         "bos_token_id": eot_id,
         "eos_token_id": eot_id,
-        "torch_dtype": "float32",
+        "torch_dtype": dtype,
     }
 
 
@@ -363,9 +368,9 @@ def _write_text(folder, name, text):
         f.write(text)
 
 
-def save_hf_gpt2(model, meta, hf_dir):
+def save_hf_gpt2(model, meta, hf_dir, dtype="float32"):
     """
-    Write `model` (with the tokenizer in `meta`) as a Hugging Face GPT2LMHeadModel folder. Everything goes into a
+    Write `model` (with the tokenizer in `meta`) as a Hugging Face GPT2LMHeadModel folder, weights in `dtype`. Everything goes into a
     temporary sibling folder first and is renamed into place at the end, so a failed export never leaves a folder
     that looks complete. An existing hf_dir is replaced only when it holds nothing but files an export writes.
     Returns the file names written.
@@ -376,13 +381,13 @@ def save_hf_gpt2(model, meta, hf_dir):
         if foreign:
             raise UserError(f"{hf_dir} exists and holds files an export does not write ({', '.join(foreign[:5])}); "
                             "choose a new --hf_dir, or move them away")
-    tensors = to_hf_state_dict(model)  # refuses what GPT-2 cannot express before anything is written
+    tensors = to_hf_state_dict(model, dtype)  # refuses what GPT-2 cannot express before anything is written
     eot_id = meta.get("eot_id")
     tmp = f"{os.path.abspath(hf_dir)}.tmp{os.getpid()}"  # a sibling: the final rename stays on one file system
     os.makedirs(tmp)
     try:
         write_tokenizer(meta, tmp, model.config.block_size)
-        _write_text(tmp, "config.json", json.dumps(hf_config(model.config, eot_id), indent=2))
+        _write_text(tmp, "config.json", json.dumps(hf_config(model.config, eot_id, dtype), indent=2))
         _write_text(tmp, "generation_config.json", json.dumps({"bos_token_id": eot_id, "eos_token_id": eot_id}))
         from safetensors.torch import save_file
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})

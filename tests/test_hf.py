@@ -224,10 +224,51 @@ def test_export_refuses_what_gpt2_cannot_express():
     assert not os.path.exists("never-written")
 
 
+def test_export_in_half_precision(tmp_path):
+    """--dtype=bfloat16 writes half-size weights that say so in config.json; reading them back (ours, transformers')
+    gives exactly the weights rounded to bfloat16. A weight too large for float16 is refused, nothing written."""
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=16, vocab_size=50)
+    model = GPT(config)
+    meta = {"tokenizer": CharTokenizer(chr(32 + i) for i in range(50)).meta(), "vocab_size": 50, "eot_id": None}
+    checkpoint = {"model": model.state_dict(), "model_args": dataclasses.asdict(config), "meta": meta}
+    save_checkpoint(str(tmp_path / "out" / "ckpt.pt"), checkpoint)
+    run_script("export.py", "--out_dir=out", "--hf_dir=hf32", cwd=tmp_path)
+    out = run_script("export.py", "--out_dir=out", "--hf_dir=hf16", "--dtype=bfloat16", cwd=tmp_path)
+    assert "bfloat16 weights" in out.stdout
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "hf16" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "hf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    sizes = [os.path.getsize(tmp_path / d / "model.safetensors") for d in ("hf16", "hf32")]
+    assert 0.45 < sizes[0] / sizes[1] < 0.55
+
+    back = load_hf_gpt2(str(tmp_path / "hf16")).state_dict()
+    for key, value in model.state_dict().items():
+        rows = slice(0, 50) if key in ("transformer.wte.weight", "lm_head.weight") else slice(None)
+        assert torch.equal(back[key][rows], value[rows].to(torch.bfloat16).float()), key
+    hf_model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf16"), torch_dtype=torch.float32)
+    rounded = GPT(config)
+    rounded.load_state_dict(back)
+    idx = torch.randint(0, 50, (2, 16))
+    assert (our_logits(rounded, idx) - hf_logits(hf_model, idx)).abs().max().item() < 1e-4
+
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_fc.weight[0, 0] = 1e6
+    checkpoint["model"] = model.state_dict()
+    save_checkpoint(str(tmp_path / "big" / "ckpt.pt"), checkpoint)
+    proc = run_script("export.py", "--out_dir=big", "--hf_dir=hf_big", "--dtype=float16", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "transformer.h.1.mlp.c_fc.weight has weights too large for float16" in proc.stderr
+    assert not (tmp_path / "hf_big").exists()
+    assert run_script("export.py", "--out_dir=big", "--hf_dir=hf_big", "--dtype=bfloat16", cwd=tmp_path).returncode == 0
+
+
 def test_export_command_line_errors(tmp_path):
     proc = run_script("export.py", "--out_dir=nowhere", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "no checkpoint at nowhere/ckpt.pt" in proc.stderr
     assert "Traceback" not in proc.stderr
+    proc = run_script("export.py", "--out_dir=nowhere", "--dtype=int8", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "dtype='int8': expected one of float32, bfloat16, float16" in proc.stderr
 
 
 def test_finetune_config_and_tokenizer_check():
