@@ -3,8 +3,9 @@ Hand a trained model to the Hugging Face ecosystem (transformers, lm-evaluation-
 
     python export.py --out_dir=out-shakespeare-char --hf_dir=hf-shakespeare-char
 
-writes a GPT2LMHeadModel folder: config.json, model.safetensors (float32, or --dtype=bfloat16 / float16), generation_config.json and the tokenizer (GPT-2's
-for GPT-2 BPE models, a one-token-per-character tokenizer.json for char-level ones). Then, with no code of ours:
+writes a GPT2LMHeadModel folder: config.json, model.safetensors (float32, or half the size with --dtype=bfloat16 or
+float16), generation_config.json and the tokenizer (GPT-2's for GPT-2 BPE models, a one-token-per-character
+tokenizer.json for char-level ones). Then, with no code of ours:
 
     transformers.pipeline("text-generation", model="hf-shakespeare-char")("ROMEO:")
 
