@@ -4,17 +4,19 @@
 # Each command's output goes to the results folder (default: gpu-results/) and to the terminal; every bench prints
 # JSON lines to compare across commits. A second train.py (e.g. a branch's copy) is timed to the baby GPT's target
 # val loss in the same session, right after this one's; the bench.py beside it times GPT-2 small's step.
-# ONLY="tests sample" runs just the parts named; PYTHON picks the interpreter (default python3). All of it takes
-# about 15 minutes on an H100.
+# ONLY="tests sample" runs just the parts named, the OPT_IN ones below included; PYTHON picks the interpreter
+# (default python3). All of it but OPT_IN takes about 15 minutes on an H100.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-gpu-results}
 other=${2:-}
 mkdir -p "$out"
 py=${PYTHON:-python3}
+OPT_IN="gpt2_b32_cdt gpt2_b32_autotune"  # run only when ONLY names them
 run() {  # name, command...
     local name=$1; shift
     if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
+    if [ -z "${ONLY:-}" ] && [[ " $OPT_IN " == *" $name "* ]]; then return; fi
     echo "== $name: $*" | tee "$out/$name.txt"
     "$@" 2>&1 | tee -a "$out/$name.txt"
 }
@@ -31,6 +33,9 @@ run baby_profile $py bench.py train config/train_shakespeare_char.py --compile_m
 gpt2=(config/gpt2_124m.py --total_batch_size=0 --gradient_accumulation_steps=1 --steps=20 --warmup=5)
 run gpt2_b32 $py bench.py train "${gpt2[@]}" --batch_size=32 --profile=True
 run gpt2_b32_fused $py bench.py train "${gpt2[@]}" --batch_size=32 --fused_loss=True
+# compiler settings that change no math, measured before any becomes a default (long compiles: OPT_IN)
+run gpt2_b32_cdt env TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 $py bench.py train "${gpt2[@]}" --batch_size=32
+run gpt2_b32_autotune $py bench.py train "${gpt2[@]}" --batch_size=32 --compile_mode=max-autotune-no-cudagraphs
 if [ -n "$other" ]; then  # the other tree's bench.py times the other tree's optimizer step
     run gpt2_b32_other $py "$(dirname "$other")/bench.py" train "${gpt2[@]}" --batch_size=32
 fi
