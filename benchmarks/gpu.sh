@@ -12,7 +12,7 @@ out=${1:-gpu-results}
 other=${2:-}
 mkdir -p "$out"
 py=${PYTHON:-python3}
-OPT_IN="gpt2_b32_cdt gpt2_b32_autotune"  # run only when ONLY names them
+OPT_IN="baby_short baby_short_eval500 gpt2_b32_cdt gpt2_b32_autotune"  # run only when ONLY names them
 run() {  # name, command...
     local name=$1; shift
     if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
@@ -24,11 +24,17 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())" | tee -a "$out/gpu.txt"
 
 run tests $py -m pytest -q -rs tests/test_gpu.py
-baby=(config/train_shakespeare_char.py --compile_mode=reduce-overhead --eval_batch_size=1600 --max_iters=2500)
+fast=(config/train_shakespeare_char.py --compile_mode=reduce-overhead --eval_batch_size=1600)
+baby=("${fast[@]}" --max_iters=2500)
 run baby_time_to_loss $py benchmarks/time_to_loss.py --target=1.47 --runs=2 "${baby[@]}"
 if [ -n "$other" ]; then
     run baby_time_to_loss_other $py benchmarks/time_to_loss.py --train="$other" --target=1.47 --runs=2 "${baby[@]}"
 fi
+# shorter learning-rate schedules (the same shapes: they find the cache the runs above warmed): the cosine decay
+# ends sooner, so the loss comes down sooner; an evaluation every 500 steps costs half as many
+short=(--max_iters=2000 --lr_decay_iters=2000)
+run baby_short $py benchmarks/time_to_loss.py --target=1.47 --runs=1 "${fast[@]}" "${short[@]}"
+run baby_short_eval500 $py benchmarks/time_to_loss.py --target=1.47 --runs=1 "${fast[@]}" "${short[@]}" --eval_interval=500
 run baby_profile $py bench.py train config/train_shakespeare_char.py --compile_mode=reduce-overhead --profile=True
 gpt2=(config/gpt2_124m.py --total_batch_size=0 --gradient_accumulation_steps=1 --steps=20 --warmup=5)
 run gpt2_b32 $py bench.py train "${gpt2[@]}" --batch_size=32 --profile=True

@@ -57,6 +57,8 @@ def one_run(train_py, train_args, target, out_dir):
         "val_loss": reached["val_loss"] if reached else min((r["val_loss"] for r in evals), default=None),
         "first_eval_s": round(evals[0]["time"] - launched, 2) if evals else None,
         "median_ms_per_step": round(statistics.median(step_ms), 2) if step_ms else None,
+        # every evaluation until the stop, as [step, val loss, seconds after launch]: the curve behind the verdict
+        "evals": [[r["step"], round(r["val_loss"], 4), round(r["time"] - launched, 2)] for r in evals],
     }
 
 
