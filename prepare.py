@@ -404,6 +404,19 @@ def pieces(docs):
             yield split, text, i == 0
 
 
+def in_tasks(items):
+    """(text, flag) items grouped into lists of about TASK_CHARS characters: what one worker gets at once."""
+    task, size = [], 0
+    for text, flag in items:
+        task.append((text, flag))
+        size += len(text)
+        if size >= TASK_CHARS:
+            yield task
+            task, size = [], 0
+    if task:
+        yield task
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Tokenizing, in worker processes. Each worker builds its tokenizer once, in init_worker.
 
@@ -491,20 +504,13 @@ def char_vocabulary(docs, workers):
     do not depend on the workers). Documents get an end-of-text id when some split holds more than one."""
     counts, chars = {}, set()
 
-    def tasks():
-        task, size = [], 0
+    def texts():
         for split, text, new_doc in pieces(docs):
             counts[split] = counts.get(split, 0) + new_doc
-            task.append((text, False))
-            size += len(text)
-            if size >= TASK_CHARS:
-                yield task
-                task, size = [], 0
-        if task:
-            yield task
+            yield text, False
 
     with tqdm(desc="vocabulary", unit="char", unit_scale=True) as bar:
-        for task, found in workers.map(chars_of_task, tasks()):
+        for task, found in workers.map(chars_of_task, in_tasks(texts())):
             chars |= found
             bar.update(sum(len(text) for text, _ in task))
     if not "".join(sorted(chars)).strip():
@@ -683,8 +689,7 @@ def tokenize_into_shards(stream, skip, tokenizer, writers, save, cfg, num_proc, 
     docs_per_split, stats = {}, {"characters": 0, "text": False, "bytes": 0, "tokens": 0}
     order = deque()  # (piece index, split) of the pieces sent to workers, in order
 
-    def tasks():
-        task, size = [], 0
+    def texts():
         for index, (split, text, new_doc) in enumerate(pieces(stream)):
             eot_before = new_doc and docs_per_split.get(split, 0) > 0
             docs_per_split[split] = docs_per_split.get(split, 0) + new_doc
@@ -693,13 +698,7 @@ def tokenize_into_shards(stream, skip, tokenizer, writers, save, cfg, num_proc, 
             if index < skip:  # done before the interruption; read again only to count documents
                 continue
             order.append((index, split))
-            task.append((text, eot_before))
-            size += len(text)
-            if size >= TASK_CHARS:
-                yield task
-                task, size = [], 0
-        if task:
-            yield task
+            yield text, eot_before
 
     def append(split, tokens):
         if split == "first_shard":  # llm.c's fineweb rule: the first shard_size tokens are val, the rest train
@@ -713,7 +712,7 @@ def tokenize_into_shards(stream, skip, tokenizer, writers, save, cfg, num_proc, 
     workers = Workers(num_proc, (tokenizer.meta(), writers["train"].dtype.name))
     try:
         with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize") as bar:
-            for _, (tokens, lengths, nbytes) in workers.map(encode_task, tasks()):
+            for _, (tokens, lengths, nbytes) in workers.map(encode_task, in_tasks(texts())):
                 start = 0
                 for length in lengths:
                     index, split = order.popleft()

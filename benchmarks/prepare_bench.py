@@ -34,14 +34,10 @@ SHARED = os.environ.get("GPT_SHARED_DIR", os.path.join(REPO, "..", "shared"))
 
 TIKTOKEN_BATCH = """
 import json, sys, time, tiktoken
-path, mb, threads = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
-docs, size = [], 0
-with open(path, encoding="utf-8") as f:
-    for line in f:
-        docs.append(json.loads(line)["text"])
-        size += len(docs[-1].encode())
-        if size >= mb * 1e6:
-            break
+path, mb, threads, repo = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+sys.path.insert(0, repo)
+from benchmarks.prepare_bench import load_docs
+docs, size = load_docs(path, mb)
 enc = tiktoken.get_encoding("gpt2")
 t0 = time.time()
 tokens = sum(len(ids) for i in range(0, len(docs), 1000)
@@ -220,7 +216,7 @@ def bench(args, cores, work):
             print(f"{rows[-1][0]}: {size / 1e6 / seconds:.2f} MB/s, peak RSS {rss:.0f} MB", flush=True)
         if tokenizer == "gpt2":
             for threads in (1, cores):
-                _, rss, out = run([sys.executable, "-c", TIKTOKEN_BATCH, path, str(args.bpe_mb), str(threads)],
+                _, rss, out = run([sys.executable, "-c", TIKTOKEN_BATCH, path, str(args.bpe_mb), str(threads), REPO],
                                   cwd=work)
                 result = json.loads(out)
                 rows.append((f"tiktoken encode_ordinary_batch, {threads} thread(s)", result["bytes"],
