@@ -229,8 +229,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, targets, pad_mask):
-        # x (N, C) and pad_mask (Vp,) in the compute dtype; weight (Vp, C) the float32 parameter; targets (N,), -1 for
-        # none
+        # x (N, C), pad_mask (Vp,): the compute dtype; weight (Vp, C): the float32 parameter; targets (N,): -1 for none
         with torch.autocast(x.device.type, enabled=False):
             w = weight.to(x.dtype)
             n = (targets >= 0).sum()
