@@ -16,7 +16,8 @@ import re
 import shutil
 import sys
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 
 import torch
 
@@ -160,7 +161,9 @@ class Writer:
     background=True, so training goes on while the disk works: torch.save and fsync of a checkpoint take from a few
     tenths of a second (the baby GPT, 128 MB) to many seconds (GPT-2 small with AdamW, 1.5 GB, on network storage),
     and every rank used to wait for them. background=False runs each write at once, in the caller's thread.
-    A write that failed is raised in the caller's thread by the next submit(), check() or wait().
+    A write that fails is not raised where it is submitted, in either mode: failed() says so at once, and check(),
+    wait() and close() raise it. So a training loop can make every rank stop together at its next vote, instead of
+    rank 0 stopping alone while the others wait for it in a collective.
     """
 
     def __init__(self, background):
@@ -172,23 +175,30 @@ class Writer:
         return self._pool is not None
 
     def submit(self, fn, *args):
-        self._collect(block=False)
-        if self._pool is None:
-            fn(*args)
-        else:
+        self._jobs = [job for job in self._jobs if not job.done() or job.exception() is not None]  # the failed stay
+        if self._pool is not None:
             self._jobs.append(self._pool.submit(fn, *args))
+            return
+        job = Future()
+        try:
+            job.set_result(fn(*args))
+        except Exception as e:
+            job.set_exception(e)
+        self._jobs.append(job)
 
     def failed(self):
-        """Whether a write has failed (its error is raised by the next check(), submit() or wait()); never waits."""
+        """Whether a write has failed (its error is raised by the next check(), wait() or close()); never waits."""
         return any(job.done() and job.exception() is not None for job in self._jobs)
 
     def check(self):
         """Raise the error of a write that has failed; return at once otherwise."""
         self._collect(block=False)
 
-    def wait(self):
-        """Return once every submitted write is done; raise the first that failed."""
-        self._collect(block=True)
+    def wait(self, raise_error=True):
+        """Return once every submitted write is done; raise the first that failed, unless raise_error=False."""
+        futures_wait(self._jobs)
+        if raise_error:
+            self._collect(block=True)
 
     def _collect(self, block):
         jobs, self._jobs = self._jobs, []

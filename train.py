@@ -551,7 +551,11 @@ def train(cfg, sources, launch, device, kernels_note=""):
         """Every rank takes part (the RNG states are gathered); rank 0 writes, by default in the background."""
         rngs = gather_to_master(rng_state(), launch)
         if launch.is_master:
-            writer.wait()  # the previous checkpoint is complete before the next one is taken: one in memory at most
+            # the previous checkpoint is complete before the next one is taken: one in memory at most. Its failure is
+            # not raised here, on rank 0 alone, but at the next vote, on every rank
+            writer.wait(raise_error=False)
+            if writer.failed():
+                return
             state = {
                 "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "model_args": model_args, "step": step, "best_val_loss": best_val_loss,
@@ -608,18 +612,20 @@ def train(cfg, sources, launch, device, kernels_note=""):
             if step >= cfg.max_iters or cfg.eval_only:
                 break
             out_of_time = max_runtime is not None and time.time() - t_start > max_runtime
-            # a background write that failed stops every rank now: rank 0 alone would leave the others waiting in
-            # their next collective for the process group's timeout
+            # a checkpoint write that failed (in the background, or in save on rank 0) stops every rank now: rank 0
+            # alone would leave the others waiting in their next collective for the process group's timeout
             status = agree(WRITE_FAILED if writer.failed() else STOP if stop.signal or out_of_time else GO_ON,
                            launch, device)
+            if status == STOP:
+                save(batches.state_dict(), f"stopping on {stop.signal or 'max_runtime'}")
+                writer.wait(raise_error=False)
+                # no rank exits before rank 0 has written (launchers kill the rest on the first exit), and every rank
+                # learns whether the write succeeded
+                status = agree(WRITE_FAILED if writer.failed() else STOP, launch, device)
             if status == WRITE_FAILED:
                 writer.check()  # rank 0: raises the write's error
                 raise SystemExit(2)  # the other ranks: rank 0 says why
             if status == STOP:
-                save(batches.state_dict(), f"stopping on {stop.signal or 'max_runtime'}")
-                writer.wait()
-                if launch.distributed:  # no rank exits before rank 0 has written: launchers kill the rest on first exit
-                    torch.distributed.barrier()
                 say(f"exiting with code {EXIT_REQUEUE}: run the same command again (or requeue) to resume")
                 exit_code = EXIT_REQUEUE
                 break

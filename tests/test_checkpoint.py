@@ -238,6 +238,29 @@ def test_writer_reports_every_failure_in_order():
     writer.close()
 
 
+@pytest.mark.parametrize("background", [True, False])
+def test_writer_raises_a_failure_only_when_asked(background):
+    """In either mode, submit never raises an earlier write's failure (train.py's rank 0 would stop alone there);
+    failed() tells, and check() raises it."""
+    from checkpoint import Writer
+
+    def fail():
+        raise OSError("disk full")
+
+    writer = Writer(background=background)
+    writer.submit(fail)
+    writer.wait(raise_error=False)
+    assert writer.failed()
+    written = []
+    writer.submit(written.append, "plot")  # the failure stays pending; later writes still run
+    writer.wait(raise_error=False)
+    assert written == ["plot"] and writer.failed()
+    with pytest.raises(OSError, match="disk full"):
+        writer.check()
+    assert not writer.failed()
+    writer.close()
+
+
 @pytest.mark.parametrize("async_save", [True, False])
 def test_failed_checkpoint_write_stops_the_run(data_dir, async_save):
     """A checkpoint that cannot be written (here ckpt.pt is a folder) ends the run with one message, not silently,
@@ -262,10 +285,12 @@ def test_failed_background_write_stops_the_run_at_once(data_dir):
     assert max(r["step"] for r in log_records(data_dir / "out")) < 100
 
 
-def test_failed_write_on_rank_0_stops_every_rank(data_dir):
+@pytest.mark.parametrize("async_save", [True, False])
+def test_failed_write_on_rank_0_stops_every_rank(data_dir, async_save):
     """The same failure with two ranks, started by hand to see each one's exit: every rank stops at the same step,
-    rank 0 with the message and rank 1 quietly with the same code. Rank 0 stopping alone would leave rank 1 waiting
-    in its next collective (with NCCL, for the process group's whole timeout)."""
+    rank 0 with the message and rank 1 quietly with the same code, whether rank 0 writes in the background or in the
+    loop. Rank 0 stopping alone would leave rank 1 waiting in its next collective (with NCCL, for the process group's
+    whole timeout)."""
     import socket
     os.makedirs(data_dir / "out/ckpt.pt")
     with socket.socket() as s:
@@ -273,7 +298,7 @@ def test_failed_write_on_rank_0_stops_every_rank(data_dir):
         port = s.getsockname()[1]
     cmd = [sys.executable, os.path.join(REPO, "train.py"), *ARGS, "--max_iters=300", "--eval_interval=2",
            "--warmup_iters=0", "--lr_decay_iters=2", "--min_lr=0", "--always_save_checkpoint=False",
-           "--gradient_accumulation_steps=2", "--out_dir=out"]
+           "--gradient_accumulation_steps=2", f"--async_save={async_save}", "--out_dir=out"]
     procs = [subprocess.Popen(cmd, cwd=data_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
                                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1"))
