@@ -215,7 +215,7 @@ class Writer:
         of its own: a failed write is printed to stderr instead of being raised over that error.
         """
         try:
-            if report_only and self._jobs:
+            if report_only and not all(job.done() for job in self._jobs):
                 print("waiting for the background write under way to finish...", file=sys.stderr)
             self.wait()
         except Exception as e:
