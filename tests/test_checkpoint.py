@@ -239,9 +239,9 @@ def test_writer_reports_every_failure_in_order():
 
 
 @pytest.mark.parametrize("background", [True, False])
-def test_writer_raises_a_failure_only_when_asked(background):
+def test_writer_raises_a_failure_only_when_asked(background, capsys):
     """In either mode, submit never raises an earlier write's failure (train.py's rank 0 would stop alone there);
-    failed() tells, and check() raises it."""
+    failed() tells, and check() raises it. Closing for another error reports it, with no talk of waiting."""
     from checkpoint import Writer
 
     def fail():
@@ -258,7 +258,11 @@ def test_writer_raises_a_failure_only_when_asked(background):
     with pytest.raises(OSError, match="disk full"):
         writer.check()
     assert not writer.failed()
-    writer.close()
+    writer.submit(fail)
+    writer.wait(raise_error=False)
+    capsys.readouterr()
+    writer.close(report_only=True)
+    assert capsys.readouterr().err == "error: disk full\n"
 
 
 @pytest.mark.parametrize("async_save", [True, False])
