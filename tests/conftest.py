@@ -19,6 +19,14 @@ if os.path.isdir(_cache):
     os.environ["TIKTOKEN_CACHE_DIR"] = os.path.abspath(_cache)
 
 
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on now, for a rendezvous of processes started by hand."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def gpt2_bpe_available():
     try:
         import tiktoken

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_training_checkpoint, snapshot
-from conftest import REPO, run_script
+from conftest import REPO, free_port, run_script
 from test_distributed import run_torchrun, train_losses
 
 ARGS = ["--dataset=shakespeare_char", "--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=32",
@@ -295,11 +295,8 @@ def test_failed_write_on_rank_0_stops_every_rank(data_dir, async_save):
     rank 0 with the message and rank 1 quietly with the same code, whether rank 0 writes in the background or in the
     loop. Rank 0 stopping alone would leave rank 1 waiting in its next collective (with NCCL, for the process group's
     whole timeout)."""
-    import socket
     os.makedirs(data_dir / "out/ckpt.pt")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, os.path.join(REPO, "train.py"), *ARGS, "--max_iters=300", "--eval_interval=2",
            "--warmup_iters=0", "--lr_decay_iters=2", "--min_lr=0", "--always_save_checkpoint=False",
            "--gradient_accumulation_steps=2", f"--async_save={async_save}", "--out_dir=out"]

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, run_script
+from conftest import REPO, free_port, run_script
 from distributed import detect_launch, expand_nodelist
 
 
@@ -144,10 +144,7 @@ def test_cleanup_frees_the_process_group(tmp_path):
     torch.distributed.nn, whose functions keep the group as a default argument), they are torn down during interpreter
     shutdown, where a gloo thread taking the interpreter lock aborts the process ('terminate called without an active
     exception', seen once at the end of a 2-rank Slurm job)."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     script = tmp_path / "cleanup.py"
     script.write_text(CLEANUP_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1")
