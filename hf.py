@@ -370,10 +370,10 @@ def _write_text(folder, name, text):
 
 def save_hf_gpt2(model, meta, hf_dir, dtype="float32"):
     """
-    Write `model` (with the tokenizer in `meta`) as a Hugging Face GPT2LMHeadModel folder, weights in `dtype`. Everything goes into a
-    temporary sibling folder first and is renamed into place at the end, so a failed export never leaves a folder
-    that looks complete. An existing hf_dir is replaced only when it holds nothing but files an export writes.
-    Returns the file names written.
+    Write `model` (with the tokenizer in `meta`) as a Hugging Face GPT2LMHeadModel folder, weights in `dtype`.
+    Everything goes into a temporary sibling folder first and is renamed into place at the end, so a failed export
+    never leaves a folder that looks complete. An existing hf_dir is replaced only when it holds nothing but files an
+    export writes. Returns the file names written.
     """
     hf_dir = os.path.normpath(hf_dir)
     if os.path.exists(hf_dir):

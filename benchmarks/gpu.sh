@@ -34,7 +34,8 @@ fi
 # ends sooner, so the loss comes down sooner; an evaluation every 500 steps costs half as many
 short=(--max_iters=2000 --lr_decay_iters=2000)
 run baby_short $py benchmarks/time_to_loss.py --target=1.47 --runs=1 "${fast[@]}" "${short[@]}"
-run baby_short_eval500 $py benchmarks/time_to_loss.py --target=1.47 --runs=1 "${fast[@]}" "${short[@]}" --eval_interval=500
+run baby_short_eval500 $py benchmarks/time_to_loss.py --target=1.47 --runs=1 "${fast[@]}" "${short[@]}" \
+    --eval_interval=500
 run baby_profile $py bench.py train config/train_shakespeare_char.py --compile_mode=reduce-overhead --profile=True
 gpt2=(config/gpt2_124m.py --total_batch_size=0 --gradient_accumulation_steps=1 --steps=20 --warmup=5)
 run gpt2_b32 $py bench.py train "${gpt2[@]}" --batch_size=32 --profile=True
