@@ -640,10 +640,15 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
-def clear_outputs(out_dir):
-    """Remove what earlier preparations wrote here (shards, meta.json, resume state); downloads stay."""
+HALF_WRITTEN = r".*\.tmp\d*"  # a file a killed run was writing under its temporary name
+OUTPUTS = r"(train|val|test)_\d{6}\.bin|meta\.json|resume\.json|resume-.*\.part|" + HALF_WRITTEN
+
+
+def clear_outputs(out_dir, pattern=OUTPUTS):
+    """Remove the files whose names match pattern: by default what earlier preparations wrote here (shards,
+    meta.json, resume state); downloads stay."""
     for name in os.listdir(out_dir):
-        if re.fullmatch(r"(train|val|test)_\d{6}\.bin|meta\.json|resume\.json|resume-.*\.part|.*\.tmp\d*", name):
+        if re.fullmatch(pattern, name):
             os.remove(os.path.join(out_dir, name))
 
 
@@ -668,6 +673,7 @@ def start_or_resume(cfg, out_dir, fp, tokenizer_name, docs, num_proc):
             tokenizer = make_tokenizer(tokenizer_name)
         dtype = token_dtype(tokenizer.vocab_size)
         return tokenizer, {s: ShardWriter(out_dir, s, cfg.shard_size, dtype) for s in ("train", "val")}, 0
+    clear_outputs(out_dir, HALF_WRITTEN)  # the killed run's shard in progress is written again, whole
     tokenizer = tokenizer_from_meta(state)
     dtype = token_dtype(tokenizer.vocab_size)
     writers = {}
