@@ -135,6 +135,12 @@ def init_distributed(launch, device):
 
 
 def cleanup_distributed():
+    """
+    Leave the process group, once the DDP model is gone. The DDP reducer holds the group too: left to free it last, it
+    destroys the group holding the interpreter lock, and gloo's destructor then waits for a worker thread that waits
+    for that lock to free a finished all-reduce's tensors, so the process never exits (seen on rank 1 after a
+    preemption stop under srun).
+    """
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -429,15 +429,13 @@ def start_wandb(cfg, run_id):
 def main(cfg, sources):
     launch = detect_launch()
     device = init_distributed(launch, pick_device(cfg.device))
-    kernels, kernels_note = fast_kernels(device, cfg.attention)
     try:
+        kernels, kernels_note = fast_kernels(device, cfg.attention)
         with kernels:
             return train(cfg, sources, launch, device, kernels_note)
     except BaseException as e:
-        # the traceback keeps train's frame alive, and with it the DDP model, whose reducer holds the process group,
-        # until the interpreter shuts down; destroyed then, the group joins its gloo threads while one of them waits
-        # for the interpreter lock to free a finished all-reduce: a rank that never exits (seen on rank 1 of
-        # test_failed_write_on_rank_0_stops_every_rank). Freed here, the group goes in cleanup, as on success
+        # the traceback would keep train's frame, and with it the DDP model, alive until the interpreter shuts down,
+        # past cleanup, which must come after it (see cleanup_distributed)
         traceback.clear_frames(e.__traceback__)
         raise
     finally:
@@ -672,6 +670,9 @@ def train(cfg, sources, launch, device, kernels_note=""):
                 t_last, steps_since_log = time.time(), 0
     except BaseException:
         writer.close(report_only=True)  # what is being written completes; the loop's error is the one raised
+        # the traceback keeps the frames of the closures it went through, the evaluation's comprehension among them,
+        # and those keep `model`: emptied here, the DDP model goes before main leaves the process group
+        model = None  # noqa: F841
         raise
     writer.close()  # every checkpoint complete before the process reports success or exits to be requeued
     if log_file:
@@ -679,8 +680,7 @@ def train(cfg, sources, launch, device, kernels_note=""):
     if wandb_run:
         wandb_run.finish()
     if exit_code:
-        cleanup_distributed()
-        raise SystemExit(exit_code)
+        raise SystemExit(exit_code)  # main leaves the process group, once the model is gone
     return best_val_loss
 
 

@@ -1,5 +1,6 @@
 """Exact resume, atomic and rolling checkpoints, corruption, preemption signals and bad steps."""
 
+import contextlib
 import json
 import os
 import signal
@@ -184,6 +185,43 @@ def test_bad_steps_skipped_then_stop(data_dir, monkeypatch, capsys):
     assert [r["step"] for r in records if r.get("skipped")] == [2, 2, 5, 5, 5]
     assert all(r["loss"] == r["loss"] for r in records if "loss" in r)  # no NaN was ever logged as a step
     assert not os.path.exists(data_dir / "out/ckpt.pt")
+
+
+@pytest.mark.parametrize("ending", ["done", "stop", "error"])
+def test_model_is_gone_before_the_process_group(data_dir, monkeypatch, ending):
+    """train.main leaves the process group only once the model is freed, however the run ends: freed after the group,
+    the DDP reducer destroys it while holding the interpreter lock, and a gloo rank can hang at exit (it did, after
+    a preemption stop under srun: the stop path left the group before raising SystemExit). Checked in one process,
+    where the same code runs without DDP, by whether the model still exists when cleanup is called."""
+    import weakref
+
+    import configurator
+    import model as model_module
+    import train
+
+    models, alive_at_cleanup = [], []
+    real_init, real_forward = model_module.GPT.__init__, model_module.GPT.forward
+
+    def recording_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        models.append(weakref.ref(self))
+
+    def failing_forward(self, *args, **kwargs):
+        raise RuntimeError("a failing step")
+
+    monkeypatch.setattr(model_module.GPT, "__init__", recording_init)
+    if ending == "error":
+        monkeypatch.setattr(model_module.GPT, "forward", failing_forward)
+    monkeypatch.setattr(train, "cleanup_distributed", lambda: alive_at_cleanup.append([m() is not None for m in models]))
+    monkeypatch.chdir(data_dir)
+    max_runtime = ["--max_runtime=0:00:00", "--max_iters=100000"] if ending == "stop" else ["--max_iters=3"]
+    cfg, sources = configurator.parse(train.TrainConfig, [*ARGS, *max_runtime, "--eval_interval=100000",
+                                                          "--out_dir=out"])
+    expected = {"done": contextlib.nullcontext(), "stop": pytest.raises(SystemExit, match="3"),
+                "error": pytest.raises(RuntimeError, match="a failing step")}[ending]
+    with expected:
+        train.main(cfg, sources)
+    assert len(models) == 1 and alive_at_cleanup == [[False]]
 
 
 def test_snapshot_is_a_copy():

@@ -89,13 +89,26 @@ def test_srun_two_ranks(cluster, srun_reference):
         assert abs(single[step] - losses[step]) < 1e-5, (step, single[step], losses[step])
 
 
+JOBS = []  # submitted by the test under way
+
+
+@pytest.fixture(autouse=True)
+def cancel_jobs_left_behind(cluster):
+    """A job that outlives its failed test would hold the node's CPUs and fail the next test too."""
+    yield
+    if JOBS:
+        subprocess.run(["scancel", *JOBS], env=cluster[1], timeout=60)
+        JOBS.clear()
+
+
 def sbatch(work, env, out_dir, *extra):
     proc = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1",
                            "--gres=none", "--time=10", f"--output={work}/{out_dir}.out", *extra,
                            os.path.join(REPO, "slurm/train.sbatch"), *ARGS, f"--out_dir={out_dir}"],
                           cwd=work, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    return proc.stdout.strip().split(";")[0]
+    JOBS.append(proc.stdout.strip().split(";")[0])
+    return JOBS[-1]
 
 
 def test_sbatch_job(cluster, srun_reference):
