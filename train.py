@@ -595,6 +595,12 @@ def train(cfg, sources, launch, device, kernels_note=""):
             plot = False
             say(f"plot: off ({type(e).__name__}: {e})")
 
+    def last_write_agreed(status):
+        """Before the ranks exit: no rank goes before rank 0 has written (launchers kill the rest on the first exit),
+        and every rank learns whether the write succeeded, to exit alike."""
+        writer.wait(raise_error=False)
+        return agree(WRITE_FAILED if writer.failed() else status, launch, device)
+
     batches = Prefetcher(sampler, batch_to_device)
     t_last, steps_since_log, bad_steps = time.time(), 0, 0
     exit_code = 0
@@ -615,25 +621,26 @@ def train(cfg, sources, launch, device, kernels_note=""):
                 if plot:
                     writer.submit(write_plot)
                 t_last = time.time()  # evaluation time is not training time
-            if step >= cfg.max_iters or cfg.eval_only:
-                break
-            out_of_time = max_runtime is not None and time.time() - t_start > max_runtime
-            # a checkpoint write that failed (in the background, or in save on rank 0) stops every rank now: rank 0
-            # alone would leave the others waiting in their next collective for the process group's timeout
-            status = agree(WRITE_FAILED if writer.failed() else STOP if stop.signal or out_of_time else GO_ON,
-                           launch, device)
-            if status == STOP:
-                save(batches.state_dict(), f"stopping on {stop.signal or 'max_runtime'}")
-                writer.wait(raise_error=False)
-                # no rank exits before rank 0 has written (launchers kill the rest on the first exit), and every rank
-                # learns whether the write succeeded
-                status = agree(WRITE_FAILED if writer.failed() else STOP, launch, device)
+            done = step >= cfg.max_iters or cfg.eval_only
+            if done:
+                status = last_write_agreed(GO_ON)  # the final checkpoint, if this evaluation wrote one
+            else:
+                out_of_time = max_runtime is not None and time.time() - t_start > max_runtime
+                # a checkpoint write that failed (in the background, or in save on rank 0) stops every rank now: rank 0
+                # alone would leave the others waiting in their next collective for the process group's timeout
+                status = agree(WRITE_FAILED if writer.failed() else STOP if stop.signal or out_of_time else GO_ON,
+                               launch, device)
+                if status == STOP:
+                    save(batches.state_dict(), f"stopping on {stop.signal or 'max_runtime'}")
+                    status = last_write_agreed(STOP)
             if status == WRITE_FAILED:
                 writer.check()  # rank 0: raises the write's error
                 raise SystemExit(2)  # the other ranks: rank 0 says why
             if status == STOP:
                 say(f"exiting with code {EXIT_REQUEUE}: run the same command again (or requeue) to resume")
                 exit_code = EXIT_REQUEUE
+                break
+            if done:
                 break
 
             lr = lr_at(step, cfg)
