@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A one-node Slurm cluster on this machine, for tests of srun/sbatch (run as root; Debian's slurm-wlm and munge).
 #   slurm/local_cluster.sh start DIR   writes DIR/slurm.conf, starts munged, slurmctld and slurmd, waits until idle
-#   slurm/local_cluster.sh stop DIR    stops them
+#   slurm/local_cluster.sh stop DIR    cancels the jobs left, then stops them
 # Client commands need SLURM_CONF=DIR/slurm.conf.
 set -euo pipefail
 cmd=$1
@@ -53,6 +53,15 @@ CONF
     exit 1
     ;;
 stop)
+    # the jobs first: tasks still running when slurmd goes would be left behind
+    jobs=$(squeue -h -o %A 2>/dev/null || true)
+    if [ -n "$jobs" ]; then
+        scancel $jobs 2>/dev/null || true
+        for _ in $(seq 80); do  # KillWait=30: a task that ignores SIGTERM gets SIGKILL 30 s later
+            [ -z "$(squeue -h -o %A 2>/dev/null)" ] && break
+            sleep 0.5
+        done
+    fi
     scontrol shutdown >/dev/null 2>&1 || true
     for f in "$dir/slurmd.pid" "$dir/slurmctld.pid"; do
         [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true
