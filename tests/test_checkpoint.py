@@ -200,7 +200,7 @@ def test_model_is_gone_before_the_process_group(data_dir, monkeypatch, ending):
     import train
 
     models, alive_at_cleanup = [], []
-    real_init, real_forward = model_module.GPT.__init__, model_module.GPT.forward
+    real_init = model_module.GPT.__init__
 
     def recording_init(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
@@ -212,7 +212,8 @@ def test_model_is_gone_before_the_process_group(data_dir, monkeypatch, ending):
     monkeypatch.setattr(model_module.GPT, "__init__", recording_init)
     if ending == "error":
         monkeypatch.setattr(model_module.GPT, "forward", failing_forward)
-    monkeypatch.setattr(train, "cleanup_distributed", lambda: alive_at_cleanup.append([m() is not None for m in models]))
+    monkeypatch.setattr(train, "cleanup_distributed",
+                        lambda: alive_at_cleanup.append([m() is not None for m in models]))
     monkeypatch.chdir(data_dir)
     max_runtime = ["--max_runtime=0:00:00", "--max_iters=100000"] if ending == "stop" else ["--max_iters=3"]
     cfg, sources = configurator.parse(train.TrainConfig, [*ARGS, *max_runtime, "--eval_interval=100000",
