@@ -36,7 +36,7 @@ import configurator
 from configurator import UserError
 from distributed import (cleanup_distributed, detect_launch, fast_kernels, init_distributed, pick_device,
                          pick_dtype)
-from inference import load_model
+from inference import load_model, read_text
 from tokendata import Dataset
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -119,12 +119,7 @@ def strided_nll(model, tokens, window, stride, batch_size, device, autocast, lau
 
 def perplexity(cfg, model, tokenizer, device, autocast, launch, say):
     if cfg.text:
-        try:
-            with open(cfg.text, encoding="utf-8") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read --text={cfg.text}: {getattr(e, 'strerror', None) or e}") from None
-        ids = tokenizer.encode(text)
+        ids = tokenizer.encode(read_text(cfg.text, f"--text={cfg.text}"))
         if tokenizer.eot_id is not None:
             ids = [tokenizer.eot_id] + ids  # GPT-2's start of a document: its first token is scored too
         tokens, what = np.array(ids, dtype=np.int64), cfg.text
@@ -132,6 +127,9 @@ def perplexity(cfg, model, tokenizer, device, autocast, launch, say):
         data = open_dataset(cfg.dataset, cfg.data_root, tokenizer)
         tokens = np.concatenate([s.read(0, s.num_tokens) for s in data.shards(cfg.split)]).astype(np.int64)
         what = f"{data.data_dir} ({cfg.split})"
+        if len(tokens) and tokens.max() >= data.meta["vocab_size"]:
+            raise UserError(f"{what} holds id {tokens.max()}, outside its vocabulary of {data.meta['vocab_size']}; "
+                            "a shard is damaged: prepare the dataset again")
     if len(tokens) < 2:
         raise UserError(f"{what} has {len(tokens)} token(s): nothing to score")
     window = cfg.block_size or model.config.block_size

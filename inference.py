@@ -28,6 +28,17 @@ def load_model(init_from, out_dir, device):
     return model.eval().to(device), tokenizer_from_meta(meta), train_config
 
 
+def read_text(path, what):
+    """A UTF-8 text file (a prompt, a text to score); `what` names it in the one-line error."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise UserError(f"cannot read {what}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"cannot read {what}: byte {e.start:,} is not UTF-8; convert the file to UTF-8") from None
+
+
 def load_gpt2(name_or_path):
     """GPT-2 weights through hf.py (issue 7), imported only here so everything else works without it."""
     try:

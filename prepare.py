@@ -115,8 +115,8 @@ def validate(cfg):
         problems.append("--split goes with --hf; for local files use --val_source / --test_source")
     if cfg.val_fraction is not None and not 0.0 < cfg.val_fraction < 1.0:
         problems.append(f"val_fraction={cfg.val_fraction} must be between 0 and 1")
-    if cfg.shard_size < 1:
-        problems.append(f"shard_size={cfg.shard_size} must be at least 1")
+    if not 1 <= cfg.shard_size < 2**31:  # the header counts a shard's tokens in an int32
+        problems.append(f"shard_size={cfg.shard_size} must be between 1 and {2**31 - 1:,} (a token file's limit)")
     if cfg.num_proc < 0:
         problems.append(f"num_proc={cfg.num_proc} must be 0 (all cores) or more")
     if cfg.decode_errors not in ("strict", "replace"):
@@ -145,8 +145,9 @@ def download(url, path):
     os.replace(tmp, path)
 
 
-def source_files(source):
-    """The files a --source names: one file, the .txt/.jsonl/.parquet files under a folder, or a glob; sorted."""
+def source_files(source, flag="--source"):
+    """The files a --source (or the `flag` given) names: one file, the .txt/.jsonl/.parquet files under a folder, or
+    a glob; sorted."""
     if os.path.isdir(source):
         files = sorted(f for ext in ("txt", "jsonl", "parquet")
                        for f in glob.glob(os.path.join(source, "**", f"*.{ext}"), recursive=True))
@@ -155,8 +156,14 @@ def source_files(source):
     else:
         files = sorted(f for f in glob.glob(source, recursive=True) if os.path.isfile(f))
     if not files:
-        raise UserError(f"--source={source}: no such file, or no .txt/.jsonl/.parquet files there")
+        raise UserError(f"{flag}={source}: no such file, or no .txt/.jsonl/.parquet files there")
     return files
+
+
+def all_source_files(cfg):
+    """The files of --source, --val_source and --test_source, in that order."""
+    return [f for flag in ("source", "val_source", "test_source") if getattr(cfg, flag)
+            for f in source_files(getattr(cfg, flag), f"--{flag}")]
 
 
 def file_kind(path):
@@ -329,16 +336,16 @@ def documents(cfg, recipe, val_fraction):
     'first_shard' (the fineweb rule: the first shard_size tokens go to val)."""
     if cfg.source:
         files = source_files(cfg.source)
-        if cfg.val_source or cfg.test_source:
+        if cfg.val_source:
             docs = local_documents(files, "train", cfg)
-            for split, more in (("val", cfg.val_source), ("test", cfg.test_source)):
-                if more:
-                    docs = chain(docs, local_documents(source_files(more), split, cfg))
         elif all(file_kind(f) == "text" for f in files):
             docs = text_documents(files, "train", val_fraction, cfg.decode_errors)
         else:  # one stream of documents: the recipe's rule for that (openwebtext, fineweb_edu), else a random val
             rule = recipe.splits[0][1] if recipe and len(recipe.splits) == 1 else "random"
             docs = local_documents(files, rule, cfg)
+        for split, more in (("val", cfg.val_source), ("test", cfg.test_source)):
+            if more:
+                docs = chain(docs, local_documents(source_files(more, f"--{split}_source"), split, cfg))
     else:
         if cfg.hf:
             hf_splits = [s.strip() for s in cfg.split.split(",") if s.strip()]
@@ -580,10 +587,7 @@ def fingerprint(cfg, recipe, val_fraction):
     """What a resumed run must share with the interrupted one: every setting that changes the tokens, and the size
     and modification time of each local source file."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("num_proc", "list")}
-    files = []
-    for source in (cfg.source, cfg.val_source, cfg.test_source):
-        if source:
-            files += [[os.path.abspath(f), os.path.getsize(f), os.path.getmtime(f)] for f in source_files(source)]
+    files = [[os.path.abspath(f), os.path.getsize(f), os.path.getmtime(f)] for f in all_source_files(cfg)]
     return {"version": STATE_VERSION, "settings": settings, "val_fraction": val_fraction, "files": files,
             "recipe": asdict(recipe) if recipe else None}
 
@@ -655,25 +659,30 @@ def clear_outputs(out_dir, pattern=OUTPUTS):
 # ----------------------------------------------------------------------------------------------------------------
 
 def start_or_resume(cfg, out_dir, fp, tokenizer_name, docs, num_proc):
-    """(tokenizer, writers, index of the first piece still to tokenize): from resume.json when a killed run of this
-    same preparation left one, else from scratch (a char vocabulary takes a first pass over the text)."""
+    """(tokenizer, writers, index of the first piece still to tokenize, the stream of documents): from resume.json
+    when a killed run of this same preparation left one, else from scratch (a char vocabulary takes a first pass over
+    the text). A dataset already in out_dir is removed only once the tokenizer is made and the source has answered:
+    missing BPE files or an unreachable source leave it whole."""
     state = load_resume_state(out_dir, fp)
     if state is None:
-        clear_outputs(out_dir)
         if tokenizer_name == "char":
-            stream = docs()
             workers = Workers(num_proc, (None, None))
             try:
-                tokenizer = char_vocabulary(stream, workers)
+                tokenizer = char_vocabulary(docs(), workers)
             finally:
                 workers.close()
             if tokenizer is None:
                 raise UserError(f"the source ({cfg.source or cfg.hf or cfg.name}) holds no text")
         else:
             tokenizer = make_tokenizer(tokenizer_name)
+        stream = docs()
+        clear_outputs(out_dir)
         dtype = token_dtype(tokenizer.vocab_size)
-        return tokenizer, {s: ShardWriter(out_dir, s, cfg.shard_size, dtype) for s in ("train", "val")}, 0
-    clear_outputs(out_dir, HALF_WRITTEN)  # the killed run's shard in progress is written again, whole
+        return tokenizer, {s: ShardWriter(out_dir, s, cfg.shard_size, dtype) for s in ("train", "val")}, 0, stream
+    stream = docs()
+    # the killed run's shard in progress is written again, whole; a meta.json is the end of a run killed just after
+    # writing it, and is written again too
+    clear_outputs(out_dir, HALF_WRITTEN + r"|meta\.json")
     tokenizer = tokenizer_from_meta(state)
     dtype = token_dtype(tokenizer.vocab_size)
     writers = {}
@@ -683,7 +692,7 @@ def start_or_resume(cfg, out_dir, fp, tokenizer_name, docs, num_proc):
     if state["next_piece"]:
         print(f"resuming: {sum(len(w.shards) for w in writers.values())} finished shard(s) kept and verified, "
               f"tokenizing again from piece {state['next_piece']:,} of the stream")
-    return tokenizer, writers, state["next_piece"]
+    return tokenizer, writers, state["next_piece"], stream
 
 
 def tokenize_into_shards(stream, skip, tokenizer, writers, save, cfg, num_proc, total_bytes):
@@ -748,21 +757,28 @@ def main(cfg, sources):
     tokenizer_name = cfg.tokenizer or (recipe.tokenizer if recipe else "gpt2")
     num_proc = cfg.num_proc or num_cores()
     out_dir = os.path.join(cfg.out_root, cfg.name)
+    new_dir = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    if os.path.exists(os.path.join(out_dir, "meta.json")):
-        os.remove(os.path.join(out_dir, "meta.json"))  # the folder is unfinished until the new meta.json is written
+    try:
+        prepare(cfg, recipe, out_dir, val_fraction, tokenizer_name, num_proc, t0)
+    except BaseException:
+        if new_dir and not os.listdir(out_dir):  # nothing came of it: no empty dataset folder left behind
+            os.rmdir(out_dir)
+        raise
+
+
+def prepare(cfg, recipe, out_dir, val_fraction, tokenizer_name, num_proc, t0):
     user_source = bool(cfg.source)
     if not cfg.source and recipe and recipe.url:
         cfg.source = os.path.join(out_dir, "input.txt")
         if not os.path.exists(cfg.source):
             download(recipe.url, cfg.source)
-    local_files = [f for s in (cfg.source, cfg.val_source, cfg.test_source) if s for f in source_files(s)]
+    local_files = all_source_files(cfg)
     docs = lambda: started(documents(cfg, recipe, val_fraction))  # noqa: E731 (read twice for a char vocabulary)
 
     fp = fingerprint(cfg, recipe, val_fraction)
-    tokenizer, writers, skip = start_or_resume(cfg, out_dir, fp, tokenizer_name, docs, num_proc)
+    tokenizer, writers, skip, stream = start_or_resume(cfg, out_dir, fp, tokenizer_name, docs, num_proc)
     dtype = writers["train"].dtype
-    stream = docs()  # a source that cannot be reached fails here, before any worker starts
     save = lambda next_piece: save_resume_state(out_dir, fp, tokenizer, dtype, next_piece, writers)  # noqa: E731
     save(skip)
     print(f"tokenizer {tokenizer_name} (vocab {tokenizer.vocab_size}, {dtype.name} tokens), {num_proc} process(es), "
@@ -775,10 +791,9 @@ def main(cfg, sources):
 
     if not stats["text"]:
         raise UserError(f"the source ({cfg.source or cfg.hf or cfg.name}) holds no text")
-    for split in ("train", "val"):
-        if writers[split].num_tokens == 0:
-            raise UserError(f"the {split} split came out empty; give it documents (--val_source) or change "
-                            f"--val_fraction (now {val_fraction})")
+    for split in ("train", "val") + (("test",) if cfg.test_source else ()):
+        if split not in writers or writers[split].num_tokens == 0:
+            raise UserError(f"the {split} split came out empty: {empty_split_advice(split, cfg, recipe, val_fraction)}")
     for w in writers.values():
         w.close()
     meta = {
@@ -805,6 +820,25 @@ def main(cfg, sources):
     print(f"vocab size {tokenizer.vocab_size}; wrote {out_dir} in {time.time() - t0:.1f} s "
           f"(tokenizing: {stats['bytes'] / 1e6:,.1f} MB in {t_tokenize:.1f} s, {rate:.2f} MB/s, "
           f"{stats['tokens'] / max(t_tokenize, 1e-9) / 1e6:.2f}M tokens/s)")
+
+
+def empty_split_advice(split, cfg, recipe, val_fraction):
+    """What to change when a split comes out empty, by how that split was made."""
+    own = {"val": cfg.val_source, "test": cfg.test_source}.get(split)
+    if own:
+        return f"--{split}_source={own} holds no text"
+    if split == "train" and cfg.val_source:
+        return f"--source={cfg.source} holds no text"
+    text_only = cfg.source and all(file_kind(f) == "text" for f in source_files(cfg.source))
+    if recipe and recipe.splits == (("train", "first_shard"),) and not text_only:
+        return (f"the first --shard_size={cfg.shard_size:,} tokens go to val ({cfg.name}'s rule) and the source has "
+                "no more; lower --shard_size, or give the val split its own files with --val_source")
+    if split == "val":
+        return f"raise --val_fraction (now {val_fraction}), or give the val split its own files with --val_source"
+    if text_only or (recipe and recipe.url):
+        return f"the text is too short to split; give more text or lower --val_fraction (now {val_fraction})"
+    return ("the first document always goes to val and the source has no other; give more documents, or the val "
+            "split its own files with --val_source")
 
 
 def parse_args(argv):

@@ -21,7 +21,7 @@ import configurator
 from configurator import UserError
 from distributed import pick_device, pick_dtype
 from generate import Stop, beam_search, generate
-from inference import load_model
+from inference import load_model, read_text
 
 
 @dataclass
@@ -82,13 +82,7 @@ def validate(cfg):
 
 
 def read_prompt(start):
-    if start.startswith("FILE:"):
-        try:
-            with open(start[5:], encoding="utf-8") as f:
-                return f.read()
-        except OSError as e:
-            raise UserError(f"cannot read the prompt file {start[5:]}: {e.strerror}") from None
-    return start
+    return read_text(start[5:], f"the prompt file {start[5:]}") if start.startswith("FILE:") else start
 
 
 class Streamer:

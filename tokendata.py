@@ -15,10 +15,12 @@ import glob
 import json
 import os
 import pickle
+import re
 
 import numpy as np
 
 from configurator import UserError
+from tokenizer import spec_problems
 
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
@@ -87,12 +89,15 @@ def read_tokens(path):
 
 class Shard:
     """One file of tokens: a headered token file or a headerless nanoGPT .bin. Reads go through a plain file handle
-    so that resident memory stays flat over a long run (a memmap's touched pages count towards RSS)."""
+    so that resident memory stays flat over a long run (a memmap's touched pages count towards RSS).
+    headered=True (a shard meta.json lists) refuses a file without a valid header, rather than reading its header as
+    tokens; vocab_size, where known, is what BatchSampler checks every batch's ids against."""
 
-    def __init__(self, path):
-        self.path = path
-        with open(path, "rb") as f:
-            headered = f.read(4) in (np.int32(m).tobytes() for m, _ in FORMATS)
+    def __init__(self, path, headered=None, vocab_size=None):
+        self.path, self.vocab_size = path, vocab_size
+        if headered is None:
+            with open(path, "rb") as f:
+                headered = f.read(4) in (np.int32(m).tobytes() for m, _ in FORMATS)
         if headered:
             self.dtype, self.num_tokens, self.offset = read_header(path)
         else:  # nanoGPT: raw uint16, no header
@@ -119,12 +124,17 @@ class Dataset:
             name = os.path.basename(os.path.normpath(data_dir))
             raise UserError(f"dataset folder {data_dir} does not exist; prepare it first: python prepare.py {name}")
         meta_json = os.path.join(data_dir, "meta.json")
-        if os.path.exists(meta_json):
-            with open(meta_json, encoding="utf-8") as f:
-                self.meta = json.load(f)
+        self.prepared = os.path.exists(meta_json)  # by prepare.py: every shard has a header
+        if self.prepared:
+            self.meta = read_meta(meta_json)
             self.splits = {split: [os.path.join(data_dir, s["file"]) for s in shards]
                            for split, shards in self.meta["shards"].items()}
         else:
+            unfinished = sorted(n for n in os.listdir(data_dir) if re.fullmatch(PREPARE_FILES, n))
+            if unfinished:
+                raise UserError(f"{data_dir} is an unfinished preparation: it holds {unfinished[0]} but no meta.json, "
+                                "which prepare.py writes last; run the prepare.py command that made it again (it "
+                                "resumes where it stopped)")
             self.meta, self.splits = _nanogpt_layout(data_dir)
 
     def shards(self, split):
@@ -134,7 +144,43 @@ class Dataset:
         missing = [p for p in paths if not os.path.exists(p)]
         if missing:
             raise UserError(f"{missing[0]} is listed in meta.json but missing; prepare the dataset again")
-        return [Shard(p) for p in paths]
+        return [Shard(p, headered=self.prepared or None, vocab_size=self.meta["vocab_size"]) for p in paths]
+
+
+PREPARE_FILES = r"(train|val|test)_\d{6}\.bin|resume\.json|resume-.*\.part"  # names only prepare.py writes
+
+
+def read_meta(path):
+    """A dataset's meta.json, checked once here: a hand-edited or damaged file is one message, not a KeyError later
+    (or a model trained on ids its tokenizer cannot decode)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} cannot be read ({e}); prepare the dataset again") from None
+    problems = meta_problems(meta)
+    if problems:
+        raise UserError(f"{path}: {'; '.join(problems)}; prepare the dataset again, or undo the edit")
+    return meta
+
+
+def meta_problems(meta):
+    if not isinstance(meta, dict):
+        return ["not a JSON object"]
+    problems = []
+    vocab_size = meta.get("vocab_size")
+    if type(vocab_size) is not int or vocab_size < 1:
+        problems.append(f"vocab_size {vocab_size!r} is not a positive whole number")
+        vocab_size = None
+    problems += spec_problems(meta.get("tokenizer"), vocab_size)
+    eot_id = meta.get("eot_id")
+    if eot_id is not None and (type(eot_id) is not int or not 0 <= eot_id < (vocab_size or eot_id + 1)):
+        problems.append(f"eot_id {eot_id!r} is not an id of the vocabulary")
+    shards = meta.get("shards")
+    if not (isinstance(shards, dict) and all(isinstance(files, list) and all(
+            isinstance(s, dict) and isinstance(s.get("file"), str) for s in files) for files in shards.values())):
+        problems.append('"shards" is not a map from each split to a list of {"file": ...} entries')
+    return problems
 
 
 def _nanogpt_layout(data_dir):
@@ -189,6 +235,14 @@ class BatchSampler:
         shard_idx = np.searchsorted(self.cum_starts, picks, side="right")
         offsets = picks - np.concatenate(([0], self.cum_starts[:-1]))[shard_idx]
         rows = np.stack([self.shards[s].read(int(o), self.block_size + 1) for s, o in zip(shard_idx, offsets)])
+        vocab_size = self.shards[0].vocab_size
+        if vocab_size is not None and rows.max() >= vocab_size:  # microseconds; an embedding lookup would crash later
+            row = int(np.argmax(rows.max(axis=1) >= vocab_size))
+            at = int(np.argmax(rows[row] >= vocab_size))
+            raise TokenFileError(f"{self.shards[shard_idx[row]].path}: token {int(offsets[row]) + at:,} is id "
+                                 f"{int(rows[row, at])}, outside the vocabulary of {vocab_size} (meta.json's "
+                                 "vocab_size); the file is damaged or was made with another tokenizer: prepare the "
+                                 "dataset again")
         rows = rows.astype(np.int64)
         return rows[:, :-1], rows[:, 1:]
 

@@ -16,7 +16,7 @@ class CharTokenizer:
     def __init__(self, chars, eot=False):
         self.chars = "".join(chars)
         if len(set(self.chars)) != len(self.chars):
-            raise ValueError("char vocabulary has repeated characters")
+            raise UserError("char vocabulary has repeated characters")
         self.stoi = {ch: i for i, ch in enumerate(self.chars)}
         self.eot_id = len(self.chars) if eot else None
         self.vocab_size = len(self.chars) + (1 if eot else 0)
@@ -61,8 +61,9 @@ class TiktokenTokenizer:
         import tiktoken  # imported here so char-level users never need its BPE files
         try:
             self.enc = tiktoken.get_encoding(encoding)
-        except ValueError as e:
-            raise UserError(f"unknown tiktoken encoding {encoding!r}: {e}") from None
+        except ValueError:
+            raise UserError(f"unknown tiktoken encoding {encoding!r}; known: {', '.join(tiktoken.list_encoding_names())}"
+                            ) from None
         except Exception as e:  # first use downloads the BPE files; offline this fails deep inside requests
             raise UserError(f"could not load the {encoding!r} BPE files ({type(e).__name__}); tiktoken downloads "
                             "them on first use, so go online once or point TIKTOKEN_CACHE_DIR at a folder "
@@ -90,14 +91,33 @@ class TiktokenTokenizer:
         return {"type": "tiktoken", "encoding": self.encoding}
 
 
+def spec_problems(spec, vocab_size=None):
+    """What is wrong with a tokenizer description (meta["tokenizer"]), found without loading any BPE files."""
+    if not isinstance(spec, dict) or spec.get("type") not in ("char", "tiktoken"):
+        return [f'tokenizer {spec!r} is not {{"type": "char", ...}} or {{"type": "tiktoken", ...}}']
+    if spec["type"] == "tiktoken":
+        encoding = spec.get("encoding", "gpt2")
+        return [] if isinstance(encoding, str) else [f"tiktoken encoding {encoding!r} is not a name"]
+    chars, eot = spec.get("chars"), spec.get("eot", False)
+    if not isinstance(chars, str) or not chars or not isinstance(eot, bool):
+        return ['a char tokenizer needs "chars" (a non-empty string) and "eot" (true or false)']
+    if len(set(chars)) != len(chars):
+        return ["the char tokenizer's chars repeat a character"]
+    if vocab_size is not None and len(chars) + eot != vocab_size:
+        return [f"the char tokenizer has {len(chars)} characters{' and an end-of-text id' if eot else ''}, "
+                f"but vocab_size is {vocab_size}"]
+    return []
+
+
 def tokenizer_from_meta(meta):
     """The tokenizer described by meta["tokenizer"] (meta.json of a dataset, or a checkpoint's copy of it)."""
-    spec = meta.get("tokenizer") or {}
-    if spec.get("type") == "char":
+    spec = meta.get("tokenizer")
+    problems = spec_problems(spec)
+    if problems:
+        raise UserError(f"unusable tokenizer description in meta: {problems[0]}")
+    if spec["type"] == "char":
         return CharTokenizer(spec["chars"], eot=spec.get("eot", False))
-    if spec.get("type") == "tiktoken":
-        return TiktokenTokenizer(spec.get("encoding", "gpt2"))
-    raise UserError(f"unknown tokenizer description {spec!r} in meta")
+    return TiktokenTokenizer(spec.get("encoding", "gpt2"))
 
 
 def make_tokenizer(name, text=None):

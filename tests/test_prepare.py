@@ -246,11 +246,13 @@ def test_list_names_every_recipe(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "undecodable", "no_field", "not_json", "parquet_column",
-                                  "hf_offline", "val_fraction"])
+                                  "hf_offline", "val_fraction", "missing_val_source", "empty_test_source"])
 def test_bad_input(tmp_path, case):
-    """One line that says what is wrong and what to do, exit code 2, no traceback, no meta.json."""
+    """One line that says what is wrong and what to do, exit code 2, no traceback, no meta.json, no empty folder."""
     (tmp_path / "bad.txt").write_bytes(b"fine text\n" * 100 + b"caf\xe9\n")
+    (tmp_path / "good.txt").write_bytes(b"fine text\n" * 100)
     (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "nothing.txt").write_text("")
     (tmp_path / "rows.jsonl").write_text('{"text": "a"}\n{"body": "b"}\n')
     (tmp_path / "junk.jsonl").write_text('{"text": "a"}\n{"text": \n')
     args, message = {
@@ -265,7 +267,11 @@ def test_bad_input(tmp_path, case):
         "parquet_column": (["--source=t.parquet", "--tokenizer=char"], "has no column 'text' (it has: story)"),
         "hf_offline": (["--hf=nobody/no_such_dataset", "--tokenizer=char"], "point --source at them"),
         "val_fraction": (["--source=bad.txt", "--val_fraction=1.5", "--shard_size=0"],
-                         "shard_size=0 must be at least 1"),
+                         "shard_size=0 must be between 1 and 2,147,483,647"),
+        "missing_val_source": (["--source=good.txt", "--val_source=nope.txt", "--tokenizer=char"],
+                               "--val_source=nope.txt: no such file"),
+        "empty_test_source": (["--source=good.txt", "--test_source=nothing.txt", "--tokenizer=char"],
+                              "the test split came out empty: --test_source=nothing.txt holds no text"),
     }[case]
     if case == "parquet_column":
         import pyarrow as pa
@@ -281,8 +287,37 @@ def test_bad_input(tmp_path, case):
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()[-1]) > 20
     assert not (tmp_path / "data/mine/meta.json").exists()
+    if case != "empty_test_source":  # the others fail before a token is written
+        assert not (tmp_path / "data/mine").exists()
     if case == "val_fraction":  # every problem at once
         assert "val_fraction=1.5 must be between 0 and 1" in proc.stderr
+
+
+def test_test_source_alone_keeps_carving_val(tmp_path, shakespeare_path):
+    """--test_source adds a test split and changes nothing else: val is still the end of --source."""
+    (tmp_path / "test.txt").write_text("To be, or not to be.\n")
+    for name, extra in (("plain", []), ("with_test", ["--test_source=test.txt"])):
+        run_script("prepare.py", name, f"--source={shakespeare_path}", "--tokenizer=char", "--num_proc=1", *extra,
+                   cwd=tmp_path)
+    plain, with_test = shard_bytes(tmp_path / "data/plain"), shard_bytes(tmp_path / "data/with_test")
+    assert {k: v for k, v in with_test.items() if not k.startswith("test_")} == plain
+    assert len(split_tokens(tmp_path / "data/with_test", "test")) == len("To be, or not to be.\n")
+
+
+@pytest.mark.parametrize("failure", ["typo", pytest.param("no_bpe_files", marks=needs_bpe)])
+def test_failed_rerun_keeps_the_finished_dataset(tmp_path, shakespeare_path, failure):
+    """A re-run that fails before it has a tokenizer and a readable source (a mistyped --source, BPE files missing
+    offline) leaves the dataset already there complete, meta.json included."""
+    tokenizer = "--tokenizer=char" if failure == "typo" else "--tokenizer=gpt2"
+    run_script("prepare.py", "mine", f"--source={shakespeare_path}", tokenizer, "--num_proc=1", cwd=tmp_path)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "data/mine").iterdir()}
+    (tmp_path / "no_cache").mkdir()
+    source, env = (("shakespere.txt", None) if failure == "typo" else
+                   (shakespeare_path, {"TIKTOKEN_CACHE_DIR": str(tmp_path / "no_cache")}))
+    proc = run_script("prepare.py", "mine", f"--source={source}", tokenizer, "--num_proc=1", cwd=tmp_path,
+                      check=False, env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "data/mine").iterdir()} == before
 
 
 def test_undecodable_bytes_replaced_on_request(tmp_path):

@@ -89,8 +89,10 @@ def test_compiled_decoding_gives_the_same_text(out_dir):
      "max_new_tokens=0 must be at least 1"),
     (["--out_dir=nowhere"], "no checkpoint at nowhere/ckpt.pt"),
     (["--start=FILE:missing.txt"], "cannot read the prompt file missing.txt"),
+    (["--start=FILE:latin1.txt"], "cannot read the prompt file latin1.txt: byte 3 is not UTF-8"),
 ])
 def test_bad_input(out_dir, args, message):
+    (out_dir / "latin1.txt").write_bytes("café".encode("latin-1"))
     proc = sample(out_dir, *args, check=False)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr

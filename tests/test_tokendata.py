@@ -1,9 +1,12 @@
+import json
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
 
+from configurator import UserError
 from tokendata import BatchSampler, Dataset, Shard, TokenFileError, read_header, read_tokens, write_tokens
 
 
@@ -98,3 +101,31 @@ def test_targets_are_inputs_shifted(tmp_path):
     x, y = BatchSampler([Shard(path)], block_size=16, batch_size=3, seed=0).next_batch()
     assert x.dtype == np.int64 and x.shape == (3, 16)
     assert np.array_equal(x[:, 1:], y[:, :-1]) and np.array_equal(y, x + 1)
+
+
+CHARS = "abcdefghij"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: "{not json", "cannot be read"),
+    (lambda m: {k: v for k, v in m.items() if k != "shards"}, '"shards" is not a map'),
+    (lambda m: {**m, "shards": {"train": ["train_000000.bin"]}}, '"shards" is not a map'),
+    (lambda m: {k: v for k, v in m.items() if k != "vocab_size"}, "vocab_size None is not a positive whole number"),
+    (lambda m: {**m, "vocab_size": "10"}, "vocab_size '10' is not a positive whole number"),
+    (lambda m: {**m, "vocab_size": 40}, "has 10 characters, but vocab_size is 40"),
+    (lambda m: {**m, "tokenizer": {"type": "bpe"}}, "tokenizer {'type': 'bpe'} is not"),
+    (lambda m: {k: v for k, v in m.items() if k != "tokenizer"}, "tokenizer None is not"),
+    (lambda m: {**m, "tokenizer": {"type": "char", "chars": "aabcdefghi", "eot": False}}, "repeat a character"),
+    (lambda m: {**m, "eot_id": 10}, "eot_id 10 is not an id of the vocabulary"),
+])
+def test_edited_meta_json_refused(tmp_path, edit, message):
+    """A meta.json edited by hand or damaged is refused when the dataset is opened, naming what is wrong."""
+    write_tokens(str(tmp_path / "train_000000.bin"), np.arange(100) % 10)
+    meta = {"tokenizer": {"type": "char", "chars": CHARS, "eot": False}, "vocab_size": 10, "eot_id": None,
+            "shards": {"train": [{"file": "train_000000.bin", "tokens": 100}]}}
+    with pytest.raises(UserError, match="unfinished preparation"):  # prepare.py's shards, no meta.json yet
+        Dataset(str(tmp_path))
+    edited = edit(meta)
+    (tmp_path / "meta.json").write_text(edited if isinstance(edited, str) else json.dumps(edited))
+    with pytest.raises(UserError, match=re.escape(message)):
+        Dataset(str(tmp_path))

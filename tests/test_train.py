@@ -2,6 +2,9 @@
 
 import json
 
+import numpy as np
+import pytest
+
 from conftest import run_script
 from test_checkpoint import ARGS, data_dir  # noqa: F401 (a fixture)
 
@@ -21,3 +24,33 @@ def test_eval_passes_one_shape_same_loss(data_dir):  # noqa: F811
             val_loss[eval_batch_size] = json.loads(f.readline())["val_loss"]
     assert abs(val_loss[16] - val_loss[0]) < 1e-5 and abs(val_loss[24] - val_loss[0]) < 1e-5
     assert 3.0 < val_loss[0] < 5.0  # an untrained model on 65 characters: about ln 65 = 4.17
+
+
+@pytest.mark.parametrize("damage", ["unfinished", "no_header", "id_outside_vocab", "meta_edited"])
+def test_damaged_dataset_refused_in_one_line(data_dir, damage):  # noqa: F811
+    """A dataset train.py cannot trust stops it before the first step, in one line with exit code 2, instead of a
+    model built on the wrong vocabulary, header bytes read as tokens, or an IndexError at some later step."""
+    folder = data_dir / "data/shakespeare_char"
+    shard = folder / "train_000000.bin"
+    meta = json.loads((folder / "meta.json").read_text())
+    if damage == "unfinished":  # a killed or failed prepare.py: shards, no meta.json
+        (folder / "meta.json").unlink()
+    elif damage == "no_header":
+        with open(shard, "r+b") as f:
+            f.write(b"\0\0\0\0")
+    elif damage == "id_outside_vocab":
+        tokens = np.fromfile(shard, dtype="<u2", offset=1024)
+        tokens[::16] = meta["vocab_size"]  # one past the last id, in every window
+        with open(shard, "r+b") as f:
+            f.seek(1024)
+            f.write(tokens.tobytes())
+    else:
+        meta["tokenizer"]["chars"] = meta["tokenizer"]["chars"][:30]
+        (folder / "meta.json").write_text(json.dumps(meta))
+    proc = run_script("train.py", *ARGS, "--max_iters=2", cwd=data_dir, check=False)
+    message = {"unfinished": "is an unfinished preparation: it holds train_000000.bin but no meta.json",
+               "no_header": "train_000000.bin: header magic 0",
+               "id_outside_vocab": f"is id {meta['vocab_size']}, outside the vocabulary of {meta['vocab_size']}",
+               "meta_edited": "the char tokenizer has 30 characters, but vocab_size is 65"}[damage]
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not (data_dir / "out/ckpt.pt").exists()
