@@ -9,9 +9,6 @@ from checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import UserError
 from tokenizer import tokenizer_from_meta
 
-# what OpenAI's GPT-2 checkpoints were trained with
-GPT2_META = {"tokenizer": {"type": "tiktoken", "encoding": "gpt2"}, "vocab_size": 50257, "eot_id": 50256}
-
 
 def load_model(init_from, out_dir, device):
     """
@@ -40,14 +37,8 @@ def read_text(path, what):
 
 
 def load_gpt2(name_or_path):
-    """GPT-2 weights through hf.py (issue 7), imported only here so everything else works without it."""
-    try:
-        from hf import load_hf_gpt2
-    except ModuleNotFoundError as e:
-        if e.name != "hf":
-            raise
-        raise UserError(f"--init_from={name_or_path} needs hf.py (the Hugging Face GPT-2 import), which this "
-                        "checkout does not have; use a training checkpoint: --init_from=resume --out_dir=...") from None
-    loaded = load_hf_gpt2(name_or_path)
-    # hf.py may hand back the tokenizer's meta with the model; GPT-2's own BPE otherwise
-    return loaded if isinstance(loaded, tuple) else (loaded, GPT2_META)
+    """GPT-2 weights and the meta of their tokenizer (GPT-2 BPE, or the char-level one export.py writes for a
+    character model) through hf.py, imported only here: it pulls in the Hugging Face libraries."""
+    from hf import hf_tokenizer_meta, load_hf_gpt2
+    meta = hf_tokenizer_meta(name_or_path)
+    return load_hf_gpt2(name_or_path), meta

@@ -158,6 +158,12 @@ def test_trained_model_exported_by_command_line(tmp_path):
     text = generate("ROMEO:", max_new_tokens=20, do_sample=False)[0]["generated_text"]
     assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 20
 
+    # sample.py reads the folder with its own char tokenizer: the same text as from the checkpoint
+    args = ["--start=ROMEO:", "--temperature=0", "--num_samples=1", "--max_new_tokens=20", "--device=cpu"]
+    from_hf = run_script("sample.py", "--init_from=hf", *args, cwd=tmp_path).stdout
+    from_checkpoint = run_script("sample.py", "--out_dir=out", *args, cwd=tmp_path).stdout
+    assert from_hf == from_checkpoint and from_hf.startswith("ROMEO:")
+
 
 @pytest.mark.skipif(not gpt2_bpe_available(), reason="GPT-2 BPE files not available offline")
 def test_gpt2_tokenizer_export(tmp_path, shakespeare_path):
