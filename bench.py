@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 import configurator
-from configurator import UserError
 from distributed import Launch, fast_kernels, init_distributed, pick_device, pick_dtype
 from generate import generate
 from model import GPT, GPTConfig, peak_flops_for
@@ -60,7 +59,10 @@ def validate_sample(cfg):
         problems.append(f"batch_sizes={cfg.batch_sizes!r}: expected positive integers separated by commas, e.g. 1,8")
     if cfg.prompt_tokens < 1 or cfg.new_tokens < 1:
         problems.append("prompt_tokens and new_tokens must be at least 1")
-    if cfg.n_embd % cfg.n_head:
+    for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+        if getattr(cfg, key) < 1:
+            problems.append(f"{key}={getattr(cfg, key)} must be at least 1")
+    if cfg.n_head >= 1 and cfg.n_embd % cfg.n_head:
         problems.append(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
     return problems
 

@@ -261,7 +261,7 @@ def _fallback_hint(bad_path):
         st = os.stat(path)
         if (st.st_ino, st.st_dev) != (bad.st_ino, bad.st_dev):
             return (f"; the previous checkpoint {path} (step {step}) may be intact: "
-                    f"cp {path} {bad_path} and resume from it")
+                    f"ln -f {path} {bad_path} and resume from it")  # cp would write through a hard link
     return "; no earlier checkpoint to fall back to"
 
 

@@ -80,11 +80,23 @@ def detect_launch(env=None):
     return Launch("single")
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
 def pick_device(requested):
-    """'auto' -> cuda, then mps, then cpu; anything else as given."""
+    """'auto' -> cuda, then mps, then cpu; anything else as given, once it is known to exist here."""
     import torch
 
     if requested != "auto":
+        kind, colon, index = requested.partition(":")
+        if kind not in ("cpu", "cuda", "mps") or colon and not (kind == "cuda" and index.isdigit()):
+            raise UserError(f"device={requested!r}: expected auto, cpu, cuda, cuda:N or mps")
+        mps = getattr(torch.backends, "mps", None)
+        if (kind == "cuda" and not torch.cuda.is_available()) or (kind == "mps" and not (mps and mps.is_available())):
+            raise UserError(f"device={requested}: there is no {kind.upper()} device that this torch "
+                            f"({torch.__version__}) can use here; use --device=auto or --device=cpu")
+        if index and int(index) >= torch.cuda.device_count():
+            raise UserError(f"device={requested}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 and up")
         return requested
     if torch.cuda.is_available():
         return "cuda"
@@ -97,6 +109,8 @@ def pick_dtype(requested, device_type):
     """'auto' -> bfloat16 on GPUs that have it, float16 on older GPUs, float32 on CPU and MPS."""
     import torch
 
+    if requested not in DTYPES:
+        raise UserError(f"dtype={requested!r}: expected {', '.join(DTYPES)}")
     if requested != "auto":
         return requested
     if device_type == "cuda":

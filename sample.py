@@ -38,7 +38,7 @@ class SampleConfig:
     length_penalty: float = 1.0  # beam search: scores are log-probability / length**length_penalty; > 0 favours long
     early_stopping: bool = True  # beam search: end once num_beams hypotheses have ended, not at max_new_tokens
     stop: str = ""  # a string that ends a sample, or a JSON list of strings and token ids: '["\n\n", 50256]'
-    stream: bool = False  # print the sample as it is generated (one sample, no beam search)
+    stream: bool = False  # print the first sample as it is generated, the others when all are done (no beam search)
     compile: bool = False  # decode through torch.compile and a static KV cache (CUDA graphs on GPU): the first call compiles, long generations then run faster
     verbose: bool = False  # report the generation speed at the end
     seed: int = 1337  # the same seed on the same device gives the same samples
@@ -72,8 +72,9 @@ def validate(cfg):
         problems.append(f"top_p={cfg.top_p} must be in (0, 1]")
     if cfg.num_beams > 1 and cfg.num_samples > cfg.num_beams:
         problems.append(f"num_samples={cfg.num_samples} is more than num_beams={cfg.num_beams} hypotheses")
-    if cfg.stream and (cfg.num_samples > 1 or cfg.num_beams > 1):
-        problems.append("stream=True prints one sample as it grows: use num_samples=1 and num_beams=1")
+    if cfg.stream and cfg.num_beams > 1:
+        problems.append("stream=True cannot show beam search as it goes (the best hypothesis changes): use "
+                        "num_beams=1")
     try:
         parse_stop(cfg.stop)
     except UserError as e:
@@ -153,12 +154,15 @@ def main(cfg, sources):
         torch.cuda.synchronize()
     seconds = time.time() - t0
 
-    if streamer:
+    rest = samples
+    if streamer:  # the first sample as it grew; the others once the batch is done
         streamer.finish(stop.cut(tokenizer.decode(samples[0])))
-    else:
-        for tokens in samples:
-            print(prompt + stop.cut(tokenizer.decode(tokens)))
+        rest = samples[1:]
+        if rest:
             print("---------------")
+    for tokens in rest:
+        print(prompt + stop.cut(tokenizer.decode(tokens)))
+        print("---------------")
     if cfg.verbose:
         n = sum(len(tokens) for tokens in samples)
         print(f"{n} new tokens in {seconds:.2f} s: {n / seconds:,.1f} tokens/s "

@@ -29,8 +29,8 @@ import torch.distributed
 import configurator
 from checkpoint import Writer, load_checkpoint, model_from_checkpoint, save_training_checkpoint, snapshot
 from configurator import UserError
-from distributed import (ATTENTION_CHOICES, cleanup_distributed, detect_launch, fast_kernels, init_distributed,
-                         pick_device, pick_dtype)
+from distributed import (ATTENTION_CHOICES, DTYPES, cleanup_distributed, detect_launch, fast_kernels,
+                         init_distributed, pick_device, pick_dtype)
 from hf import GPT2_NAMES, check_dataset_tokenizer, load_hf_gpt2
 from model import GPT, GPTConfig, peak_flops_for
 from tokendata import BatchSampler, Dataset
@@ -104,12 +104,12 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 def validate(cfg):
     """Every cross-field problem of a TrainConfig, all at once, before any work."""
     problems = []
-    if cfg.n_embd % cfg.n_head:
-        problems.append(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
     for key in ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "eval_interval", "eval_iters",
                 "log_interval", "gradient_accumulation_steps", "max_bad_steps"):
         if getattr(cfg, key) < 1:
             problems.append(f"{key}={getattr(cfg, key)} must be at least 1")
+    if cfg.n_head >= 1 and cfg.n_embd % cfg.n_head:
+        problems.append(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
     if not 0.0 <= cfg.dropout < 1.0:
         problems.append(f"dropout={cfg.dropout} must be in [0, 1)")
     if cfg.init_from not in ("scratch", "resume", "auto", *GPT2_NAMES) and not os.path.isdir(cfg.init_from):
@@ -119,17 +119,22 @@ def validate(cfg):
         problems.append(f"attention={cfg.attention!r}: expected one of {', '.join(ATTENTION_CHOICES)}")
     if cfg.compile_mode not in COMPILE_MODES:
         problems.append(f"compile_mode={cfg.compile_mode!r}: expected one of {', '.join(COMPILE_MODES)}")
-    if cfg.eval_batch_size % cfg.batch_size:
+    if cfg.batch_size >= 1 and cfg.eval_batch_size % cfg.batch_size:
         problems.append(f"eval_batch_size={cfg.eval_batch_size} is not a multiple of batch_size={cfg.batch_size}")
-    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        problems.append(f"dtype={cfg.dtype!r}: expected auto, float32, bfloat16 or float16")
+    if cfg.dtype not in DTYPES:
+        problems.append(f"dtype={cfg.dtype!r}: expected {', '.join(DTYPES)}")
     if cfg.decay_lr and cfg.lr_decay_iters < cfg.warmup_iters:
         problems.append(f"lr_decay_iters={cfg.lr_decay_iters} is shorter than warmup_iters={cfg.warmup_iters}")
     if cfg.min_lr > cfg.learning_rate:
         problems.append(f"min_lr={cfg.min_lr} is above learning_rate={cfg.learning_rate}")
-    for key in ("total_batch_size", "max_iters", "keep_last_n", "keep_every"):
+    # a negative grad_clip or learning rate would not fail: it would turn the updates around, and the loss go up
+    for key in ("total_batch_size", "max_iters", "keep_last_n", "keep_every", "grad_clip", "learning_rate", "min_lr",
+                "weight_decay", "warmup_iters", "lr_decay_iters", "peak_flops"):
         if getattr(cfg, key) < 0:
             problems.append(f"{key}={getattr(cfg, key)} cannot be negative")
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= getattr(cfg, key) < 1.0:
+            problems.append(f"{key}={getattr(cfg, key)} must be in [0, 1)")
     try:
         parse_duration(cfg.max_runtime)
     except ValueError as e:
@@ -141,10 +146,10 @@ def parse_duration(text):
     """'3:55:00' / '55:00' / '90' (seconds) / '1-00:00:00' (Slurm's days-hours) -> seconds; '' -> None."""
     if not text:
         return None
-    days, _, clock = text.rpartition("-")
+    days, dash, clock = text.rpartition("-")
     try:
         parts = [float(p) for p in clock.split(":")]
-        if len(parts) > 3 or any(p < 0 for p in parts):
+        if len(parts) > 3 or not all(0 <= p < math.inf for p in parts) or (dash and not days.isdigit()):
             raise ValueError
         seconds = sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
         return seconds + (int(days) * 86400 if days else 0)
@@ -286,7 +291,9 @@ def gather_to_master(obj, launch):
 
 
 def dataset_dir(cfg):
-    return cfg.dataset if os.path.isdir(cfg.dataset) else os.path.join(cfg.data_root, cfg.dataset)
+    """--dataset is a folder, or a name under --data_root (a dict: a checkpoint's config)."""
+    dataset, data_root = (cfg["dataset"], cfg["data_root"]) if isinstance(cfg, dict) else (cfg.dataset, cfg.data_root)
+    return dataset if os.path.isdir(dataset) else os.path.join(data_root, dataset)
 
 
 def to_device(x, y, device):
@@ -348,7 +355,9 @@ def check_resume(checkpoint, cfg, data_meta, say):
     old = checkpoint.get("config") or {}
     problems = [f"{k}: checkpoint {old[k]!r}, now {getattr(cfg, k)!r}"
                 for k in SHAPE_KEYS if k in old and old[k] != getattr(cfg, k)]
-    if old.get("dataset") not in (None, cfg.dataset):
+    # the same folder may be named in several ways: shakespeare_char, data/shakespeare_char, an absolute path
+    if old.get("dataset") not in (None, cfg.dataset) and \
+            os.path.realpath(dataset_dir({"data_root": cfg.data_root, **old})) != os.path.realpath(dataset_dir(cfg)):
         problems.append(f"dataset: checkpoint {old['dataset']!r}, now {cfg.dataset!r}")
     old_meta = checkpoint.get("meta") or {}
     if old_meta.get("tokenizer") not in (None, data_meta.get("tokenizer")):
@@ -367,7 +376,8 @@ def trim_log(path, step):
     if not os.path.exists(path):
         return
     with open(path, encoding="utf-8") as f:
-        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        # a last line without its newline is the end of a run killed while writing it (or a full disk)
+        kept = [line for line in f if line.endswith("\n") and line.strip() and json.loads(line).get("step", 0) <= step]
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(kept)
@@ -403,8 +413,12 @@ def plot_losses(log_path, png_path):
     ax.grid(alpha=0.3)
     ax.legend()
     tmp = png_path + ".tmp.png"
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    os.replace(tmp, png_path)
+    try:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+        os.replace(tmp, png_path)
+    finally:
+        if os.path.exists(tmp):  # a failed write (a full disk) leaves no half-written file behind
+            os.remove(tmp)
 
 
 PRINT_LOCK = threading.Lock()
@@ -637,7 +651,9 @@ def train(cfg, sources, launch, device, kernels_note=""):
                 writer.check()  # rank 0: raises the write's error
                 raise SystemExit(2)  # the other ranks: rank 0 says why
             if status == STOP:
-                say(f"exiting with code {EXIT_REQUEUE}: run the same command again (or requeue) to resume")
+                again = ("the same command" if cfg.init_from in ("auto", "resume") else
+                         "the same command with --init_from=auto")  # from scratch, it would overwrite this checkpoint
+                say(f"exiting with code {EXIT_REQUEUE}: run {again} to resume (slurm/train.sbatch requeues itself)")
                 exit_code = EXIT_REQUEUE
                 break
             if done:

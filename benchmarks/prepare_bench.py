@@ -227,7 +227,7 @@ def bench(args, cores, work):
                 rows.append((f"ceiling: tiktoken in {world} independent process(es), no IPC", size, seconds, 0, 0))
                 print(f"{rows[-1][0]}: {size / 1e6 / seconds:.2f} MB/s", flush=True)
 
-    print(f"\n| run | MB | seconds | MB/s | tokens | peak RSS (MB, all processes) |\n|---|---|---|---|---|---|")
+    print("\n| run | MB | seconds | MB/s | tokens | peak RSS (MB, all processes) |\n|---|---|---|---|---|---|")
     for name, size, seconds, tokens, rss in rows:
         print(f"| {name} | {size / 1e6:.0f} | {seconds:.1f} | {size / 1e6 / seconds:.2f} | "
               f"{f'{tokens:,}' if tokens else '-'} | {f'{rss:.0f}' if rss else '-'} |")

@@ -123,6 +123,20 @@ def test_corrupt_checkpoint_detected(tmp_path):
         load_checkpoint(str(tmp_path))
 
 
+def test_fallback_hint_works_through_hard_links(tmp_path):
+    """ckpt.pt is a hard link to the newest numbered checkpoint: the command the error suggests must not write the
+    older checkpoint's bytes into the newer one's name."""
+    for step in (100, 200):
+        save_training_checkpoint(str(tmp_path), big_checkpoint(step), step, keep_last_n=5, keep_every=0)
+    (tmp_path / "ckpt.pt").write_bytes(b"garbage")  # through the link: ckpt_00000200.pt is damaged too
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(str(tmp_path))
+    command = str(error.value).split("may be intact: ")[1].split(" and resume")[0]
+    subprocess.run(command, shell=True, check=True)
+    assert load_checkpoint(str(tmp_path))["step"] == 100
+    assert (tmp_path / "ckpt_00000200.pt").read_bytes() == b"garbage"  # not a copy of step 100 under step 200's name
+
+
 def test_prefixes_stripped(tmp_path):
     save_checkpoint(str(tmp_path / "ckpt.pt"), {"model": {"_orig_mod.module.lm_head.weight": torch.ones(1),
                                                           "module.wte": torch.ones(1)}, "model_args": {}})
@@ -141,6 +155,7 @@ def test_signal_saves_and_resumes(data_dir, sig):
     rest = proc.stdout.read()
     assert proc.wait(timeout=60) == 3, rest
     assert f"stopping on {sig.name}" in rest
+    assert "exiting with code 3: run the same command with --init_from=auto to resume" in rest  # not from scratch
     saved = torch.load(data_dir / "out/ckpt.pt", weights_only=False)["step"]
     assert saved >= 5
     out = run_script("train.py", *ARGS, "--max_iters=20", "--lr_decay_iters=100000", "--eval_interval=100000",

@@ -60,6 +60,10 @@ def test_bpe_pipeline(tmp_path, shakespeare_path):
     (["--n_layer=two"], "--n_layer=two: expected int"),
     (["--n_embd=100", "--n_head=3", "--dropout=1.5"], "n_embd=100 is not divisible by n_head=3"),
     (["--dataset=no_such_data"], "python prepare.py no_such_data"),
+    # zeros once ended in a ZeroDivisionError; a negative grad_clip trained the model backwards
+    (["--n_head=0", "--batch_size=0", "--grad_clip=-1", "--beta1=1.5", "--max_runtime=-5"],
+     "n_head=0 must be at least 1"),
+    (["--device=cuda:x"], "device='cuda:x': expected auto, cpu, cuda, cuda:N or mps"),
 ])
 def test_train_bad_input(tmp_path, args, message):
     proc = run_script("train.py", "--device=cpu", *args, cwd=tmp_path, check=False)
@@ -68,6 +72,10 @@ def test_train_bad_input(tmp_path, args, message):
     assert "Traceback" not in proc.stderr
     if "--dropout=1.5" in args:  # every cross-field problem is reported at once
         assert "dropout=1.5" in proc.stderr
+    if "--n_head=0" in args:
+        for problem in ("batch_size=0 must be at least 1", "grad_clip=-1.0 cannot be negative",
+                        "beta1=1.5 must be in [0, 1)", "max_runtime='-5': expected"):
+            assert problem in proc.stderr
 
 
 def test_config_file_typo(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from checkpoint import save_checkpoint
-from conftest import REPO, run_script
+from conftest import run_script
 from generate import generate
 from model import GPT, GPTConfig
 
@@ -60,6 +60,10 @@ def test_greedy_stop_and_stream(out_dir):
                       f"--stop={stop}", "--stream")
     assert streamed.stdout == cut + "\n"
 
+    # several samples: the first streamed, then the others; the same samples, printed the same way, as without
+    args = [f"--start={prompt}", "--temperature=1.0", "--max_new_tokens=30", "--num_samples=3", "--seed=7"]
+    assert sample(out_dir, *args, "--stream").stdout == sample(out_dir, *args).stdout
+
 
 def test_seed_reproduces_and_beams(out_dir, tmp_path):
     (tmp_path / "prompt.txt").write_text("JULIET:\n")
@@ -85,7 +89,7 @@ def test_compiled_decoding_gives_the_same_text(out_dir):
 @pytest.mark.parametrize("args, message", [
     (["--start="], "the prompt is empty and this tokenizer has no end-of-text token"),
     (["--start=ROMEO#"], "characters outside this model's"),
-    (["--max_new_tokens=0", "--top_p=0", "--stop=[\"a\", 1.5]", "--stream", "--num_samples=2"],
+    (["--max_new_tokens=0", "--top_p=0", "--stop=[\"a\", 1.5]", "--stream", "--num_beams=2"],
      "max_new_tokens=0 must be at least 1"),
     (["--out_dir=nowhere"], "no checkpoint at nowhere/ckpt.pt"),
     (["--start=FILE:missing.txt"], "cannot read the prompt file missing.txt"),
@@ -98,24 +102,20 @@ def test_bad_input(out_dir, args, message):
     assert message in proc.stderr and "Traceback" not in proc.stderr
     if "--top_p=0" in args:  # every problem at once
         for problem in ("top_p=0.0 must be in (0, 1]", "may hold only strings and token ids",
-                        "stream=True prints one sample"):
+                        "stream=True cannot show beam search"):
             assert problem in proc.stderr
 
 
 def test_gpt2_weights_come_from_hf_py(monkeypatch):
-    """--init_from=gpt2... goes through hf.load_hf_gpt2 (issue 7), with a clear error where hf.py is missing."""
+    """--init_from=gpt2... takes the weights and the tokenizer from hf.py (issue 7), imported only then."""
     import inference
-    from configurator import UserError
-    import os
 
-    if not os.path.exists(os.path.join(REPO, "hf.py")):
-        monkeypatch.setitem(sys.modules, "hf", None)  # importing it fails as it would without the file
-        with pytest.raises(UserError, match="needs hf.py"):
-            inference.load_model("gpt2", "out", "cpu")
     calls = []
     fake = types.ModuleType("hf")
     fake.load_hf_gpt2 = lambda name, **overrides: calls.append(name) or tiny_model()
+    fake.hf_tokenizer_meta = lambda name: calls.append(name) or {
+        "tokenizer": {"type": "char", "chars": CHARS, "eot": False}, "vocab_size": len(CHARS), "eot_id": None}
     monkeypatch.setitem(sys.modules, "hf", fake)
     model, tokenizer, train_config = inference.load_model("gpt2-medium", "out", "cpu")
-    assert calls == ["gpt2-medium"] and train_config is None and not model.training
-    assert tokenizer.eot_id == 50256  # GPT-2's BPE when hf.py returns only the model
+    assert calls == ["gpt2-medium"] * 2 and train_config is None and not model.training
+    assert tokenizer.decode(tokenizer.encode("ROMEO:")) == "ROMEO:" and tokenizer.vocab_size == len(CHARS)

@@ -1,6 +1,7 @@
 """train.py's evaluation: passes of one shape that give the loss of the batches one by one."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -54,3 +55,40 @@ def test_damaged_dataset_refused_in_one_line(data_dir, damage):  # noqa: F811
                "meta_edited": "the char tokenizer has 30 characters, but vocab_size is 65"}[damage]
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and not (data_dir / "out/ckpt.pt").exists()
+
+
+def test_resume_survives_a_partial_last_log_line(tmp_path):
+    """A run killed while writing log.jsonl (or stopped by a full disk) leaves half a line: resuming drops it."""
+    from train import trim_log
+    path = tmp_path / "log.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 6)) + '{"step": 6, "lo')
+    trim_log(str(path), 3)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_resume_accepts_the_same_dataset_named_another_way(tmp_path, monkeypatch):
+    from configurator import UserError
+    from train import TrainConfig, check_resume
+    (tmp_path / "data/shakespeare_char").mkdir(parents=True)
+    (tmp_path / "data/other").mkdir()
+    monkeypatch.chdir(tmp_path)
+    checkpoint = {"config": {"dataset": "shakespeare_char", "data_root": "data"}, "meta": {}}
+    for name in ("data/shakespeare_char", str(tmp_path / "data/shakespeare_char"), "shakespeare_char/"):
+        check_resume(checkpoint, TrainConfig(dataset=name), {}, print)
+    with pytest.raises(UserError, match="dataset: checkpoint 'shakespeare_char', now 'other'"):
+        check_resume(checkpoint, TrainConfig(dataset="other"), {}, print)
+
+
+def test_failed_plot_leaves_no_half_written_file(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+    from train import plot_losses
+
+    def full_disk(self, path, **kwargs):
+        open(path, "wb").write(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Figure, "savefig", full_disk)
+    (tmp_path / "log.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0, "tokens": 10}) + "\n")
+    with pytest.raises(OSError):
+        plot_losses(str(tmp_path / "log.jsonl"), str(tmp_path / "loss.png"))
+    assert os.listdir(tmp_path) == ["log.jsonl"]
