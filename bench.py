@@ -24,8 +24,8 @@ import configurator
 from distributed import Launch, fast_kernels, init_distributed, pick_device, pick_dtype
 from generate import generate
 from model import GPT, GPTConfig, peak_flops_for
-from tokendata import BatchSampler, Dataset
-from train import (Prefetcher, TrainConfig, accumulate_gradients, dataset_dir, micro_steps_per_rank, to_device,
+from tokendata import BatchSampler, Dataset, dataset_dir
+from train import (Prefetcher, TrainConfig, accumulate_gradients, micro_steps_per_rank, to_device,
                    validate as validate_train_config)
 
 
@@ -59,9 +59,7 @@ def validate_sample(cfg):
         problems.append(f"batch_sizes={cfg.batch_sizes!r}: expected positive integers separated by commas, e.g. 1,8")
     if cfg.prompt_tokens < 1 or cfg.new_tokens < 1:
         problems.append("prompt_tokens and new_tokens must be at least 1")
-    for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
-        if getattr(cfg, key) < 1:
-            problems.append(f"{key}={getattr(cfg, key)} must be at least 1")
+    problems += configurator.too_small(cfg, ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"), 1)
     if cfg.n_head >= 1 and cfg.n_embd % cfg.n_head:
         problems.append(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
     return problems
@@ -148,11 +146,12 @@ def bench_train(cfg, sources):
     device_type = device.split(":")[0]
     dtype = pick_dtype(cfg.dtype, device_type)
     grad_accum, batch_explain = micro_steps_per_rank(cfg, 1)
+    data_dir = dataset_dir(cfg.dataset, cfg.data_root)
     if cfg.synthetic:
-        vocab_size = 50257 if cfg.dataset == "openwebtext" else Dataset(dataset_dir(cfg)).meta["vocab_size"]
+        vocab_size = 50257 if cfg.dataset == "openwebtext" else Dataset(data_dir).meta["vocab_size"]
         sampler = SyntheticSampler(vocab_size, cfg.block_size, cfg.batch_size, cfg.seed)
     else:
-        data = Dataset(dataset_dir(cfg))
+        data = Dataset(data_dir)
         vocab_size = data.meta["vocab_size"]
         sampler = BatchSampler(data.shards("train"), cfg.block_size, cfg.batch_size, seed=[cfg.seed, 0])
     kernels, kernels_note = fast_kernels(device, cfg.attention)

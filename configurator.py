@@ -34,6 +34,12 @@ class ConfigError(UserError):
     """A mistake in a config file or a command-line override, explained for the person who made it."""
 
 
+def too_small(cfg, keys, minimum):
+    """validate()'s problems for the keys of cfg whose values are below minimum (0: negative)."""
+    rule = "cannot be negative" if minimum == 0 else f"must be at least {minimum}"
+    return [f"{key}={getattr(cfg, key)} {rule}" for key in keys if getattr(cfg, key) < minimum]
+
+
 def _closest(key, known):
     close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
     return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""

@@ -37,7 +37,7 @@ from configurator import UserError
 from distributed import (cleanup_distributed, detect_launch, fast_kernels, init_distributed, pick_device,
                          pick_dtype)
 from inference import load_model, read_text
-from tokendata import Dataset
+from tokendata import Dataset, dataset_dir
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 
@@ -66,14 +66,11 @@ def validate(cfg):
         problems.append(f"task={cfg.task!r}: expected perplexity, hellaswag or val_loss")
     if cfg.task == "perplexity" and bool(cfg.text) == bool(cfg.dataset):
         problems.append("perplexity needs one of --text=FILE or --dataset=NAME")
-    for key in ("block_size", "stride", "max_items"):
-        if getattr(cfg, key) < 0:
-            problems.append(f"{key}={getattr(cfg, key)} cannot be negative")
+    problems += configurator.too_small(cfg, ("block_size", "stride", "max_items"), 0)
     if cfg.block_size and cfg.stride > cfg.block_size:
         problems.append(f"stride={cfg.stride} is longer than the window block_size={cfg.block_size}: tokens "
                         "between windows would never be scored")
-    if cfg.batch_size < 1:
-        problems.append(f"batch_size={cfg.batch_size} must be at least 1")
+    problems += configurator.too_small(cfg, ("batch_size",), 1)
     return problems
 
 
@@ -125,11 +122,9 @@ def perplexity(cfg, model, tokenizer, device, autocast, launch, say):
         tokens, what = np.array(ids, dtype=np.int64), cfg.text
     else:
         data = open_dataset(cfg.dataset, cfg.data_root, tokenizer)
-        tokens = np.concatenate([s.read(0, s.num_tokens) for s in data.shards(cfg.split)]).astype(np.int64)
+        tokens = np.concatenate([s.check_ids(0, s.read(0, s.num_tokens))
+                                 for s in data.shards(cfg.split)]).astype(np.int64)
         what = f"{data.data_dir} ({cfg.split})"
-        if len(tokens) and tokens.max() >= data.meta["vocab_size"]:
-            raise UserError(f"{what} holds id {tokens.max()}, outside its vocabulary of {data.meta['vocab_size']}; "
-                            "a shard is damaged: prepare the dataset again")
     if len(tokens) < 2:
         raise UserError(f"{what} has {len(tokens)} token(s): nothing to score")
     window = cfg.block_size or model.config.block_size
@@ -152,7 +147,7 @@ def perplexity(cfg, model, tokenizer, device, autocast, launch, say):
 
 
 def open_dataset(name, data_root, tokenizer):
-    data = Dataset(name if os.path.isdir(name) else os.path.join(data_root, name))
+    data = Dataset(dataset_dir(name, data_root))
     if data.meta.get("tokenizer") != tokenizer.meta():
         raise UserError(f"{data.data_dir} was tokenized with {data.meta.get('tokenizer')} but the model with "
                         f"{tokenizer.meta()}; evaluate on data prepared with the model's tokenizer")

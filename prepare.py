@@ -336,12 +336,10 @@ def documents(cfg, recipe, val_fraction):
     'first_shard' (the fineweb rule: the first shard_size tokens go to val)."""
     if cfg.source:
         files = source_files(cfg.source)
-        if cfg.val_source:
-            docs = local_documents(files, "train", cfg)
-        elif all(file_kind(f) == "text" for f in files):
+        rule = source_rule(cfg, recipe, files)
+        if rule == "text":
             docs = text_documents(files, "train", val_fraction, cfg.decode_errors)
-        else:  # one stream of documents: the recipe's rule for that (openwebtext, fineweb_edu), else a random val
-            rule = recipe.splits[0][1] if recipe and len(recipe.splits) == 1 else "random"
+        else:
             docs = local_documents(files, rule, cfg)
         for split, more in (("val", cfg.val_source), ("test", cfg.test_source)):
             if more:
@@ -360,6 +358,17 @@ def documents(cfg, recipe, val_fraction):
         docs = (doc for hf_split, split in pairs
                 for doc in hf_documents(name, config, hf_split, split, cfg.text_field, join_rows))
     return assign_random_val(docs, val_fraction, cfg.seed)
+
+
+def source_rule(cfg, recipe, files):
+    """What becomes of --source's documents: 'train' when val has files of its own, 'text' for plain text (its last
+    val_fraction is val), else one stream of documents under the recipe's rule for that (openwebtext, fineweb_edu)
+    or a random val."""
+    if cfg.val_source:
+        return "train"
+    if all(file_kind(f) == "text" for f in files):
+        return "text"
+    return recipe.splits[0][1] if recipe and len(recipe.splits) == 1 else "random"
 
 
 def chain(*iterables):
@@ -829,13 +838,16 @@ def empty_split_advice(split, cfg, recipe, val_fraction):
         return f"--{split}_source={own} holds no text"
     if split == "train" and cfg.val_source:
         return f"--source={cfg.source} holds no text"
-    text_only = cfg.source and all(file_kind(f) == "text" for f in source_files(cfg.source))
-    if recipe and recipe.splits == (("train", "first_shard"),) and not text_only:
+    if cfg.source:
+        rule = source_rule(cfg, recipe, source_files(cfg.source))
+    else:  # a Hub recipe: what becomes of its train split
+        rule = recipe and dict(recipe.splits).get("train")
+    if rule == "first_shard":
         return (f"the first --shard_size={cfg.shard_size:,} tokens go to val ({cfg.name}'s rule) and the source has "
                 "no more; lower --shard_size, or give the val split its own files with --val_source")
     if split == "val":
         return f"raise --val_fraction (now {val_fraction}), or give the val split its own files with --val_source"
-    if text_only or (recipe and recipe.url):
+    if rule == "text":
         return f"the text is too short to split; give more text or lower --val_fraction (now {val_fraction})"
     return ("the first document always goes to val and the source has no other; give more documents, or the val "
             "split its own files with --val_source")

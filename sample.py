@@ -60,14 +60,8 @@ def parse_stop(stop):
 
 
 def validate(cfg):
-    problems = []
-    for key in ("max_new_tokens", "num_samples", "num_beams"):
-        if getattr(cfg, key) < 1:
-            problems.append(f"{key}={getattr(cfg, key)} must be at least 1")
-    if cfg.temperature < 0:
-        problems.append(f"temperature={cfg.temperature} cannot be negative")
-    if cfg.top_k < 0:
-        problems.append(f"top_k={cfg.top_k} cannot be negative")
+    problems = configurator.too_small(cfg, ("max_new_tokens", "num_samples", "num_beams"), 1)
+    problems += configurator.too_small(cfg, ("temperature", "top_k"), 0)
     if not 0.0 < cfg.top_p <= 1.0:
         problems.append(f"top_p={cfg.top_p} must be in (0, 1]")
     if cfg.num_beams > 1 and cfg.num_samples > cfg.num_beams:

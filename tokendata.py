@@ -105,6 +105,15 @@ class Shard:
             self.num_tokens = os.path.getsize(path) // 2
         self._file = None
 
+    def check_ids(self, start, tokens):
+        """tokens (read from `start`), once none is outside the vocabulary; an embedding lookup would crash later."""
+        if self.vocab_size is not None and len(tokens) and tokens.max() >= self.vocab_size:
+            at = int(np.argmax(tokens >= self.vocab_size))
+            raise TokenFileError(f"{self.path}: token {start + at:,} is id {int(tokens[at])}, outside the vocabulary "
+                                 f"of {self.vocab_size} (meta.json's vocab_size); the file is damaged or was made "
+                                 "with another tokenizer: prepare the dataset again")
+        return tokens
+
     def read(self, start, length):
         if self._file is None:
             self._file = open(self.path, "rb", buffering=0)
@@ -113,6 +122,11 @@ class Shard:
 
     def __getstate__(self):  # picklable for data-loader workers: the file handle is reopened on first read
         return {**self.__dict__, "_file": None}
+
+
+def dataset_dir(dataset, data_root):
+    """The folder a --dataset names: a folder as given, or a name under --data_root."""
+    return dataset if os.path.isdir(dataset) else os.path.join(data_root, dataset)
 
 
 class Dataset:
@@ -236,13 +250,9 @@ class BatchSampler:
         offsets = picks - np.concatenate(([0], self.cum_starts[:-1]))[shard_idx]
         rows = np.stack([self.shards[s].read(int(o), self.block_size + 1) for s, o in zip(shard_idx, offsets)])
         vocab_size = self.shards[0].vocab_size
-        if vocab_size is not None and rows.max() >= vocab_size:  # microseconds; an embedding lookup would crash later
-            row = int(np.argmax(rows.max(axis=1) >= vocab_size))
-            at = int(np.argmax(rows[row] >= vocab_size))
-            raise TokenFileError(f"{self.shards[shard_idx[row]].path}: token {int(offsets[row]) + at:,} is id "
-                                 f"{int(rows[row, at])}, outside the vocabulary of {vocab_size} (meta.json's "
-                                 "vocab_size); the file is damaged or was made with another tokenizer: prepare the "
-                                 "dataset again")
+        if vocab_size is not None and rows.max() >= vocab_size:  # one max over the batch: microseconds
+            for row, s, o in zip(rows, shard_idx, offsets):
+                self.shards[s].check_ids(int(o), row)
         rows = rows.astype(np.int64)
         return rows[:, :-1], rows[:, 1:]
 

@@ -62,8 +62,8 @@ class TiktokenTokenizer:
         try:
             self.enc = tiktoken.get_encoding(encoding)
         except ValueError:
-            raise UserError(f"unknown tiktoken encoding {encoding!r}; known: {', '.join(tiktoken.list_encoding_names())}"
-                            ) from None
+            known = ", ".join(tiktoken.list_encoding_names())
+            raise UserError(f"unknown tiktoken encoding {encoding!r}; known: {known}") from None
         except Exception as e:  # first use downloads the BPE files; offline this fails deep inside requests
             raise UserError(f"could not load the {encoding!r} BPE files ({type(e).__name__}); tiktoken downloads "
                             "them on first use, so go online once or point TIKTOKEN_CACHE_DIR at a folder "

@@ -33,7 +33,7 @@ from distributed import (ATTENTION_CHOICES, DTYPES, cleanup_distributed, detect_
                          init_distributed, pick_device, pick_dtype)
 from hf import GPT2_NAMES, check_dataset_tokenizer, load_hf_gpt2
 from model import GPT, GPTConfig, peak_flops_for
-from tokendata import BatchSampler, Dataset
+from tokendata import BatchSampler, Dataset, dataset_dir
 
 # exit code after saving on SIGTERM/SIGUSR1 or max_runtime: "not finished, run me again" (slurm/train.sbatch requeues)
 EXIT_REQUEUE = 3
@@ -103,11 +103,9 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 def validate(cfg):
     """Every cross-field problem of a TrainConfig, all at once, before any work."""
-    problems = []
-    for key in ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "eval_interval", "eval_iters",
-                "log_interval", "gradient_accumulation_steps", "max_bad_steps"):
-        if getattr(cfg, key) < 1:
-            problems.append(f"{key}={getattr(cfg, key)} must be at least 1")
+    problems = configurator.too_small(cfg, ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "eval_interval",
+                                            "eval_iters", "log_interval", "gradient_accumulation_steps",
+                                            "max_bad_steps"), 1)
     if cfg.n_head >= 1 and cfg.n_embd % cfg.n_head:
         problems.append(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
     if not 0.0 <= cfg.dropout < 1.0:
@@ -128,10 +126,9 @@ def validate(cfg):
     if cfg.min_lr > cfg.learning_rate:
         problems.append(f"min_lr={cfg.min_lr} is above learning_rate={cfg.learning_rate}")
     # a negative grad_clip or learning rate would not fail: it would turn the updates around, and the loss go up
-    for key in ("total_batch_size", "max_iters", "keep_last_n", "keep_every", "grad_clip", "learning_rate", "min_lr",
-                "weight_decay", "warmup_iters", "lr_decay_iters", "peak_flops"):
-        if getattr(cfg, key) < 0:
-            problems.append(f"{key}={getattr(cfg, key)} cannot be negative")
+    problems += configurator.too_small(cfg, ("total_batch_size", "max_iters", "keep_last_n", "keep_every", "grad_clip",
+                                             "learning_rate", "min_lr", "weight_decay", "warmup_iters",
+                                             "lr_decay_iters", "peak_flops"), 0)
     for key in ("beta1", "beta2"):
         if not 0.0 <= getattr(cfg, key) < 1.0:
             problems.append(f"{key}={getattr(cfg, key)} must be in [0, 1)")
@@ -290,12 +287,6 @@ def gather_to_master(obj, launch):
     return out
 
 
-def dataset_dir(cfg):
-    """--dataset is a folder, or a name under --data_root (a dict: a checkpoint's config)."""
-    dataset, data_root = (cfg["dataset"], cfg["data_root"]) if isinstance(cfg, dict) else (cfg.dataset, cfg.data_root)
-    return dataset if os.path.isdir(dataset) else os.path.join(data_root, dataset)
-
-
 def to_device(x, y, device):
     """numpy (x, y) batch -> tensors on `device`; on CUDA through pinned memory, so the copy overlaps with compute."""
     x, y = torch.from_numpy(x), torch.from_numpy(y)
@@ -357,7 +348,8 @@ def check_resume(checkpoint, cfg, data_meta, say):
                 for k in SHAPE_KEYS if k in old and old[k] != getattr(cfg, k)]
     # the same folder may be named in several ways: shakespeare_char, data/shakespeare_char, an absolute path
     if old.get("dataset") not in (None, cfg.dataset) and \
-            os.path.realpath(dataset_dir({"data_root": cfg.data_root, **old})) != os.path.realpath(dataset_dir(cfg)):
+            os.path.realpath(dataset_dir(old["dataset"], old.get("data_root", cfg.data_root))) != \
+            os.path.realpath(dataset_dir(cfg.dataset, cfg.data_root)):
         problems.append(f"dataset: checkpoint {old['dataset']!r}, now {cfg.dataset!r}")
     old_meta = checkpoint.get("meta") or {}
     if old_meta.get("tokenizer") not in (None, data_meta.get("tokenizer")):
@@ -464,7 +456,7 @@ def train(cfg, sources, launch, device, kernels_note=""):
     device_type = device.split(":")[0]
     dtype = pick_dtype(cfg.dtype, device_type)
     grad_accum, batch_explain = micro_steps_per_rank(cfg, launch.world_size)
-    data = Dataset(dataset_dir(cfg))
+    data = Dataset(dataset_dir(cfg.dataset, cfg.data_root))
     train_shards, val_shards = data.shards("train"), data.shards("val")
     meta = {k: data.meta.get(k) for k in ("tokenizer", "vocab_size", "eot_id")}
 
