@@ -310,6 +310,9 @@ SUBCOMMANDS = {"sample": (SampleBenchConfig, bench_sample, validate_sample),
 
 
 def main(argv):
+    if argv and argv[0] in ("--help", "-h"):
+        print(__doc__.strip())
+        return
     if not argv or argv[0] not in SUBCOMMANDS:
         given = f"unknown subcommand {argv[0]!r}; " if argv and not argv[0].startswith("-") else ""
         print(f"error: {given}usage: python bench.py {{{','.join(SUBCOMMANDS)}}} [--key=value ...]",

@@ -155,6 +155,7 @@ def open_dataset(name, data_root, tokenizer):
 
 
 def hellaswag_items(path):
+    """(context, endings, label) of each item of a HellaSwag jsonl file; anything else is refused by its line number."""
     items = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -162,16 +163,26 @@ def hellaswag_items(path):
                 continue
             try:
                 item = json.loads(line)
-                items.append((item["ctx"], item["endings"], int(item["label"])))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                raise UserError(f"{path}:{n} is not a HellaSwag item (a JSON object with ctx, endings, label)") from None
+                context, endings, label = item["ctx"], item["endings"], int(item["label"])
+                if not (isinstance(context, str) and isinstance(endings, list) and len(endings) >= 2
+                        and all(isinstance(e, str) for e in endings) and 0 <= label < len(endings)):
+                    raise ValueError
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+                raise UserError(f"{path}:{n} is not a HellaSwag item: expected a JSON object with ctx (text), "
+                                "endings (a list of 2 or more texts) and label (the index of the right ending)") \
+                    from None
+            items.append((context, endings, label))
+    if not items:
+        raise UserError(f"{path} holds no HellaSwag items")
     return items
 
 
 def hellaswag_path(cfg):
     if cfg.source:
-        if not os.path.exists(cfg.source):
-            raise UserError(f"--source={cfg.source} does not exist")
+        if not os.path.isfile(cfg.source):
+            raise UserError(f"--source={cfg.source} " +
+                            ("is a folder: name the validation jsonl file in it" if os.path.isdir(cfg.source)
+                             else "does not exist"))
         return cfg.source
     path = os.path.join(cfg.data_root, "hellaswag", "hellaswag_val.jsonl")
     if not os.path.exists(path):
@@ -183,7 +194,10 @@ def hellaswag_path(cfg):
 
 @torch.no_grad()
 def hellaswag_scores(model, tokenizer, items, device, autocast):
-    """For each (context, endings, label): (summed NLL, mean NLL) of every ending given the context."""
+    """
+    For each (context, endings, label): (summed NLL, mean NLL) of every ending given the context, as (items, most
+    endings) tensors; an item with fewer endings than the most has inf in the places it lacks, which argmin passes by.
+    """
     rows, spans = [], []
     for context, endings, _ in items:
         ctx = tokenizer.encode(context)
@@ -200,8 +214,13 @@ def hellaswag_scores(model, tokenizer, items, device, autocast):
         y[i, len(seq) - 1 - n:len(seq) - 1] = torch.tensor(seq[-n:])  # only the ending's tokens count
     with autocast:
         nll = token_nll(model, x.to(device), y.to(device)).sum(dim=1).cpu()
-    n = torch.tensor(spans, dtype=torch.float32)
-    return nll.view(len(items), -1), (nll / n).view(len(items), -1)
+    mean = nll / torch.tensor(spans, dtype=torch.float32)
+    counts = [len(endings) for _, endings, _ in items]
+    totals, means = torch.full((2, len(items), max(counts)), math.inf)
+    item = torch.repeat_interleave(torch.arange(len(items)), torch.tensor(counts))
+    ending = torch.cat([torch.arange(c) for c in counts])
+    totals[item, ending], means[item, ending] = nll, mean
+    return totals, means
 
 
 def hellaswag(cfg, model, tokenizer, device, autocast, launch, say):

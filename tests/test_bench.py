@@ -18,6 +18,8 @@ def test_bench_sample_runs_and_cache_changes_no_token(tmp_path):
 
     proc = run_script("bench.py", "smaple", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "unknown subcommand 'smaple'" in proc.stderr
+    proc = run_script("bench.py", "--help", cwd=tmp_path)  # the subcommands, with an example of each
+    assert all(f"python bench.py {name}" in proc.stdout for name in ("sample", "train", "prepare"))
 
 
 @pytest.mark.skipif(not gpt2_bpe_available(), reason="GPT-2 BPE files not available offline")

@@ -87,7 +87,8 @@ def test_perplexity_of_a_text_file(out_dir):  # noqa: F811
 def test_hellaswag_items_written_here(out_dir):  # noqa: F811
     items = [{"ctx": "ROMEO: What light", "endings": ["is yonder", "breaks", "ZZZZ QQQ", "is the east."], "label": 3},
              {"ctx": "JULIET:", "endings": ["Ay me!", "Oh", "Romeo, Romeo", "xx"], "label": 0},
-             {"ctx": "Good night", "endings": ["good night", "parting is", "such sweet sorrow", "!"], "label": 2}]
+             {"ctx": "Good night", "endings": ["good night", "parting is", "such sweet sorrow", "!"], "label": 2},
+             {"ctx": "A plague", "endings": ["o both your houses", "on it", "Tybalt"], "label": 0}]
     (out_dir / "hs.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
     result = evaluate_json(run_script("evaluate.py", "--out_dir=out", "--task=hellaswag", "--source=hs.jsonl",
                                       "--batch_size=2", "--device=cpu", cwd=out_dir))
@@ -99,10 +100,11 @@ def test_hellaswag_items_written_here(out_dir):  # noqa: F811
         for ending in item["endings"]:
             end = encode(" " + ending)
             losses.append([nll_of(model, (ctx + end)[:len(ctx) + j], end[j]) for j in range(len(end))])
-        by_mean += min(range(4), key=lambda k: sum(losses[k]) / len(losses[k])) == item["label"]
-        by_sum += min(range(4), key=lambda k: sum(losses[k])) == item["label"]
-    assert result["items"] == 3
-    assert result["acc_norm"] == pytest.approx(by_mean / 3) and result["acc"] == pytest.approx(by_sum / 3)
+        choices = range(len(item["endings"]))  # the last item has 3 endings: they are scored among themselves
+        by_mean += min(choices, key=lambda k: sum(losses[k]) / len(losses[k])) == item["label"]
+        by_sum += min(choices, key=lambda k: sum(losses[k])) == item["label"]
+    assert result["items"] == 4
+    assert result["acc_norm"] == pytest.approx(by_mean / 4) and result["acc"] == pytest.approx(by_sum / 4)
 
 
 def test_val_loss_is_the_number_train_py_reported(tmp_path):
@@ -149,10 +151,20 @@ def test_ranks_split_the_work(out_dir):  # noqa: F811
     (["--text=nowhere.txt"], "cannot read --text=nowhere.txt"),
     (["--text=verse.txt", "--out_dir=nowhere"], "no checkpoint at nowhere/ckpt.pt"),
     (["--task=hellaswag", "--source=missing.jsonl"], "--source=missing.jsonl does not exist"),
+    (["--task=hellaswag", "--source=hs"], "--source=hs is a folder: name the validation jsonl file in it"),
+    (["--task=hellaswag", "--source=hs/empty.jsonl"], "hs/empty.jsonl holds no HellaSwag items"),
+    (["--task=hellaswag", "--source=hs/string.jsonl"], "hs/string.jsonl:2 is not a HellaSwag item"),
+    (["--task=hellaswag", "--source=hs/label.jsonl"], "hs/label.jsonl:1 is not a HellaSwag item"),
     (["--dataset=no_such_data"], "python prepare.py no_such_data"),
 ])
 def test_bad_input(out_dir, args, message):  # noqa: F811
     (out_dir / "verse.txt").write_text("ROMEO:\n")
+    good = {"ctx": "JULIET:", "endings": ["Ay me!", "Oh"], "label": 0}
+    (out_dir / "hs").mkdir()
+    (out_dir / "hs/empty.jsonl").write_text("\n")
+    # endings as one text would be scored letter by letter; a label past the endings would never be right
+    (out_dir / "hs/string.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({**good, "endings": "Ay me!"}))
+    (out_dir / "hs/label.jsonl").write_text(json.dumps({**good, "label": 9}))
     proc = run_script("evaluate.py", "--out_dir=out", "--device=cpu", *args, cwd=out_dir, check=False)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr

@@ -6,7 +6,9 @@ import os
 import numpy as np
 import pytest
 
+from checkpoint import save_checkpoint
 from conftest import run_script
+from model import GPT, GPTConfig
 from test_checkpoint import ARGS, data_dir  # noqa: F401 (a fixture)
 
 
@@ -55,6 +57,13 @@ def test_damaged_dataset_refused_in_one_line(data_dir, damage):  # noqa: F811
                "meta_edited": "the char tokenizer has 30 characters, but vocab_size is 65"}[damage]
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and not (data_dir / "out/ckpt.pt").exists()
+    if damage == "id_outside_vocab":  # evaluate.py's perplexity over the split reads every token: the same check
+        model_args = dict(n_layer=1, n_head=1, n_embd=8, block_size=16, vocab_size=meta["vocab_size"])
+        save_checkpoint(str(data_dir / "model/ckpt.pt"), {"model": GPT(GPTConfig(**model_args)).state_dict(),
+                                                          "model_args": model_args, "meta": meta})
+        proc = run_script("evaluate.py", "--out_dir=model", "--dataset=shakespeare_char", "--split=train",
+                          "--device=cpu", cwd=data_dir, check=False)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_resume_survives_a_partial_last_log_line(tmp_path):
