@@ -192,7 +192,9 @@ def describe(cfg, sources):
 def run(main, cls, validate=None, argv=None):
     """
     The entry point of every script: parse argv into `cls`, check it with validate(cfg) -> [problems] (all of them
-    reported at once), then call main(cfg, sources). Any UserError becomes one line on stderr and exit code 2.
+    reported at once), then call main(cfg, sources). Any UserError becomes one line on stderr and exit code 2, and
+    Ctrl-C's KeyboardInterrupt one line and the shell's code for it, 130 (what main was writing has been cleaned up on
+    the way out, as for any other exception).
     """
     try:
         cfg, sources = parse(cls, sys.argv[1:] if argv is None else argv)
@@ -203,3 +205,6 @@ def run(main, cls, validate=None, argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)

@@ -22,6 +22,7 @@ import json
 import multiprocessing
 import os
 import re
+import signal
 import time
 import urllib.request
 from collections import deque
@@ -444,6 +445,13 @@ def init_worker(tokenizer_meta, dtype):
     _worker["dtype"] = np.dtype(dtype) if dtype else None
 
 
+def init_pool_worker(*init_args):
+    # Ctrl-C reaches every process of the terminal's group: the main process stops the pool, and a worker's own
+    # KeyboardInterrupt would only add a traceback per worker to its one line
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    init_worker(*init_args)
+
+
 def encode_pieces(tokenizer, task, dtype):
     """
     The tokens of a task's pieces, concatenated, with the end-of-text id in front of each piece marked for it;
@@ -493,7 +501,7 @@ class Workers:
             init_worker(*init_args)
             self.pool = None
         else:
-            self.pool = multiprocessing.get_context("spawn").Pool(num_proc, init_worker, init_args)
+            self.pool = multiprocessing.get_context("spawn").Pool(num_proc, init_pool_worker, init_args)
 
     def map(self, fn, tasks):
         if self.pool is None:

@@ -100,17 +100,20 @@ def test_same_bytes_whatever_num_proc(tmp_path):
     assert meta["source"]["documents"] == {"val": len(decoded["val"]), "train": len(decoded["train"])}
 
 
-def test_resume_after_kill_gives_same_bytes(tmp_path):
-    """Kill a run (the whole process group, as Ctrl-C or the OOM killer would) once it has finished shards; running
-    the same command again keeps those, redoes the rest, and writes exactly what an uninterrupted run writes."""
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_resume_after_kill_gives_same_bytes(tmp_path, sig):
+    """Kill a run (the whole process group, as the OOM killer or Ctrl-C would) once it has finished shards; running
+    the same command again keeps those, redoes the rest, and writes exactly what an uninterrupted run writes. Ctrl-C
+    gets one line and the shell's code, 130: no traceback from the main process, nor one from each worker."""
     docs = stories(2500, seed=1)
     write_jsonl(tmp_path / "docs.jsonl", docs)
     tokenizer = "gpt2" if gpt2_bpe_available() else "char"
     args = ["docs", "--source=docs.jsonl", f"--tokenizer={tokenizer}", "--shard_size=20000", "--num_proc=2"]
     run_script("prepare.py", *args[:-1], "--num_proc=1", "--out_root=clean", cwd=tmp_path)
 
+    stderr = open(tmp_path / "stderr.txt", "w")  # a file: a pipe nobody reads could fill and block the run
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, "prepare.py"), *args], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
     state_path = tmp_path / "data/docs/resume.json"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -120,9 +123,13 @@ def test_resume_after_kill_gives_same_bytes(tmp_path):
         except (OSError, ValueError, KeyError):
             pass
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    os.killpg(proc.pid, sig)
+    proc.wait(timeout=60)
+    stderr.close()
     assert not (tmp_path / "data/docs/meta.json").exists(), "the run finished before it could be killed"
+    if sig == signal.SIGINT:
+        printed = (tmp_path / "stderr.txt").read_text()
+        assert proc.returncode == 130 and printed.endswith("\ninterrupted\n") and "Traceback" not in printed, printed
     # what a kill in the middle of writing a shard leaves (the kill above lands there only sometimes)
     (tmp_path / "data/docs/train_000099.bin.tmp4242").write_bytes(b"half a shard")
     kept = json.loads(state_path.read_text())["splits"]["train"]["shards"]
