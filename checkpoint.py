@@ -106,7 +106,7 @@ def step_checkpoints(out_dir):
     found = []
     for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
         m = STEP_CHECKPOINT.match(name)
-        if m:
+        if m and os.path.isfile(os.path.join(out_dir, name)):
             found.append((int(m.group(1)), os.path.join(out_dir, name)))
     return sorted(found)
 

@@ -27,7 +27,8 @@ import torch
 import torch.distributed
 
 import configurator
-from checkpoint import Writer, load_checkpoint, model_from_checkpoint, save_training_checkpoint, snapshot
+from checkpoint import (Writer, load_checkpoint, model_from_checkpoint, save_training_checkpoint, snapshot,
+                        step_checkpoints)
 from configurator import UserError
 from distributed import (ATTENTION_CHOICES, DTYPES, cleanup_distributed, detect_launch, fast_kernels,
                          init_distributed, pick_device, pick_dtype)
@@ -37,6 +38,7 @@ from tokendata import BatchSampler, Dataset, dataset_dir
 
 # exit code after saving on SIGTERM/SIGUSR1 or max_runtime: "not finished, run me again" (slurm/train.sbatch requeues)
 EXIT_REQUEUE = 3
+EXIT_INTERRUPTED = 130  # after saving on Ctrl-C: the shell's code for SIGINT, which no requeue script mistakes for 3
 
 
 @dataclass
@@ -47,7 +49,7 @@ class TrainConfig:
     eval_interval: int = 2000  # steps between val-loss evaluations (and checkpoints)
     eval_iters: int = 200  # batches per split in each evaluation
     eval_batch_size: int = 0  # most sequences per evaluation forward pass, a multiple of batch_size (0: batch_size); the same batches are evaluated whatever it is, fewer passes are faster
-    eval_only: bool = False  # evaluate once and exit
+    eval_only: bool = False  # evaluate once, print the losses (the last line is JSON) and exit, writing nothing to out_dir
     log_interval: int = 1  # steps between log lines
     always_save_checkpoint: bool = True  # save at every eval, not only when val loss improves
     async_save: bool = True  # write checkpoints and loss.png on a background thread while training goes on; the checkpoint being written is held in CPU memory meanwhile (False: training waits for each write)
@@ -132,6 +134,8 @@ def validate(cfg):
     for key in ("beta1", "beta2"):
         if not 0.0 <= getattr(cfg, key) < 1.0:
             problems.append(f"{key}={getattr(cfg, key)} must be in [0, 1)")
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        problems.append(f"out_dir={cfg.out_dir!r} is a file, not a folder")
     try:
         parse_duration(cfg.max_runtime)
     except ValueError as e:
@@ -240,18 +244,36 @@ def set_rng_state(state):
 
 class StopFlag:
     """
-    SIGTERM (what Slurm and torchrun send before killing) and SIGUSR1 (Slurm's --signal=USR1@120) only set a flag:
-    the training loop notices it at the next step boundary, on every rank at once, then saves and exits.
+    SIGTERM (what Slurm and torchrun send before killing), SIGUSR1 (Slurm's --signal=USR1@120) and Ctrl-C's SIGINT
+    only set a flag: the training loop notices it at the next step boundary, on every rank at once, then saves and
+    exits. A second Ctrl-C raises KeyboardInterrupt at once, for a user who will not wait for the save. (Under
+    torchrun the workers run in a session of their own: Ctrl-C reaches them once, forwarded by torchrun.)
+    A context manager: the handlers it replaced are back when it exits.
     """
 
-    def __init__(self):
-        self.signal = None
-        for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
-            if sig is not None:
-                signal.signal(sig, self._handle)
+    def __init__(self, say_now=None):
+        self.signal, self.say_now = None, say_now
+        self._replaced = {}
+
+    def __enter__(self):
+        for name in ("SIGTERM", "SIGUSR1", "SIGINT"):
+            if hasattr(signal, name):
+                sig = getattr(signal, name)
+                self._replaced[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._replaced.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
-        self.signal = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and self.signal == "SIGINT":
+            raise KeyboardInterrupt
+        self.signal = self.signal or name
+        if name == "SIGINT" and self.say_now:
+            self.say_now("\nCtrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again: stop now, "
+                         "without saving)\n")
 
 
 def reduce_mean(value, launch):
@@ -437,8 +459,9 @@ def main(cfg, sources):
     device = init_distributed(launch, pick_device(cfg.device))
     try:
         kernels, kernels_note = fast_kernels(device, cfg.attention)
-        with kernels:
-            return train(cfg, sources, launch, device, kernels_note)
+        # os.write, not print: a handler that prints while the loop is inside print raises "reentrant call"
+        with kernels, StopFlag(say_now=(lambda text: os.write(2, text.encode())) if launch.is_master else None) as stop:
+            return train(cfg, sources, launch, device, stop, kernels_note)
     except BaseException as e:
         # the traceback would keep train's frame, and with it the DDP model, alive until the interpreter shuts down,
         # past cleanup, which must come after it (see cleanup_distributed)
@@ -448,10 +471,9 @@ def main(cfg, sources):
         cleanup_distributed()
 
 
-def train(cfg, sources, launch, device, kernels_note=""):
+def train(cfg, sources, launch, device, stop, kernels_note=""):
     t_start = time.time()
     say = locked_print if launch.is_master else (lambda *a, **k: None)
-    stop = StopFlag()
     max_runtime = parse_duration(cfg.max_runtime)
     device_type = device.split(":")[0]
     dtype = pick_dtype(cfg.dtype, device_type)
@@ -462,6 +484,8 @@ def train(cfg, sources, launch, device, kernels_note=""):
 
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     resume = cfg.init_from == "resume" or (cfg.init_from == "auto" and os.path.exists(ckpt_path))
+    if not resume and not cfg.eval_only:
+        refuse_to_overwrite(cfg.out_dir, ckpt_path)
     checkpoint = load_checkpoint(ckpt_path) if resume else None
     pretrained = cfg.init_from if cfg.init_from not in ("scratch", "resume", "auto") else None
     if pretrained:
@@ -511,6 +535,7 @@ def train(cfg, sources, launch, device, kernels_note=""):
         say(f"resumed from {ckpt_path} at step {step} (best val loss {best_val_loss:.4f})")
         checkpoint = None  # free the memory
     last_eval = step if resume else None  # a resumed step was evaluated before its checkpoint was saved
+    saved_step = step  # the step of the newest checkpoint of this run's weights (0: none, nothing trained yet)
 
     use_compile = cfg.compile if cfg.compile is not None else device_type == "cuda"
     say(f"compile: {f'on, mode {cfg.compile_mode}' if use_compile else 'off'}"
@@ -536,10 +561,11 @@ def train(cfg, sources, launch, device, kernels_note=""):
     peak = cfg.peak_flops or (peak_flops_for(torch.cuda.get_device_name(device)) if device_type == "cuda" else None)
     tokens_per_step = cfg.batch_size * cfg.block_size * grad_accum * launch.world_size
 
-    # only rank 0 touches the file system; the other ranks never wait on a write they do not need
+    # only rank 0 touches the file system; the other ranks never wait on a write they do not need. eval_only writes
+    # nothing: its one evaluation would be a second record of a step already in the log, of a run it does not extend
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
-    log_file, wandb_run = None, None
-    if launch.is_master:
+    log_file, wandb_run, log_error = None, None, None
+    if launch.is_master and not cfg.eval_only:
         os.makedirs(cfg.out_dir, exist_ok=True)
         if resume:
             trim_log(log_path, step)
@@ -549,18 +575,32 @@ def train(cfg, sources, launch, device, kernels_note=""):
         if cfg.wandb_log:
             wandb_run = start_wandb(cfg, wandb_id)
             wandb_id = wandb_run.id
-    plot = cfg.plot and launch.is_master and matplotlib_available(say)
+    plot = cfg.plot and log_file is not None and matplotlib_available(say)
     writer = Writer(background=cfg.async_save)
 
     def log(record):
+        nonlocal log_file, log_error
         if log_file:
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
+            try:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+            except OSError as e:  # a full disk: the run stops at the next vote, on every rank (as a failed save)
+                log_error = disk_error(f"could not append to {log_path}", e, ckpt_path)
+                try:
+                    log_file.close()  # flushes what is left, which fails again
+                except OSError:
+                    pass
+                log_file = None
         if wandb_run:
             wandb_run.log(record, step=record["step"])
 
+    def write_failed():
+        return writer.failed() or log_error is not None
+
     def save(sampler_state, reason):
         """Every rank takes part (the RNG states are gathered); rank 0 writes, by default in the background."""
+        nonlocal saved_step
+        saved_step = step
         rngs = gather_to_master(rng_state(), launch)
         if launch.is_master:
             # the previous checkpoint is complete before the next one is taken: one in memory at most. Its failure is
@@ -586,9 +626,7 @@ def train(cfg, sources, launch, device, kernels_note=""):
             # pos" (or "PytorchStreamWriter failed writing"); any other RuntimeError is a real error, with its trace
             if isinstance(e, RuntimeError) and not ("inline_container" in str(e) or "PytorchStreamWriter" in str(e)):
                 raise
-            raise UserError(f"could not write a checkpoint to {cfg.out_dir} ({e}); {ckpt_path}, if there, is still a "
-                            "complete earlier one: free some space or fix the folder, then resume with "
-                            "--init_from=resume") from None
+            raise disk_error(f"could not write a checkpoint to {cfg.out_dir}", e, ckpt_path) from None
         say(f"saved checkpoint {ckpt_path} at step {state['step']} ({reason})")
 
     def write_plot():
@@ -605,7 +643,7 @@ def train(cfg, sources, launch, device, kernels_note=""):
         """Before the ranks exit: no rank goes before rank 0 has written (launchers kill the rest on the first exit),
         and every rank learns whether the write succeeded, to exit alike."""
         writer.wait(raise_error=False)
-        return agree(WRITE_FAILED if writer.failed() else status, launch, device)
+        return agree(WRITE_FAILED if write_failed() else status, launch, device)
 
     batches = Prefetcher(sampler, batch_to_device)
     t_last, steps_since_log, bad_steps = time.time(), 0, 0
@@ -618,8 +656,11 @@ def train(cfg, sources, launch, device, kernels_note=""):
                 losses = {split: reduce_mean(estimate_loss(model, batches, autocast), launch).item()
                           for split, batches in eval_sets.items()}
                 say(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                log({"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
-                     "tokens": step * tokens_per_step, "elapsed": time.time() - t_start, "time": time.time()})
+                record = {"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
+                          "tokens": step * tokens_per_step, "elapsed": time.time() - t_start, "time": time.time()}
+                log(record)
+                if cfg.eval_only:
+                    say(json.dumps(record))
                 improved = losses["val"] < best_val_loss
                 best_val_loss = min(best_val_loss, losses["val"])
                 if step > 0 and not cfg.eval_only and (improved or cfg.always_save_checkpoint):
@@ -634,19 +675,26 @@ def train(cfg, sources, launch, device, kernels_note=""):
                 out_of_time = max_runtime is not None and time.time() - t_start > max_runtime
                 # a checkpoint write that failed (in the background, or in save on rank 0) stops every rank now: rank 0
                 # alone would leave the others waiting in their next collective for the process group's timeout
-                status = agree(WRITE_FAILED if writer.failed() else STOP if stop.signal or out_of_time else GO_ON,
+                status = agree(WRITE_FAILED if write_failed() else STOP if stop.signal or out_of_time else GO_ON,
                                launch, device)
                 if status == STOP:
-                    save(batches.state_dict(), f"stopping on {stop.signal or 'max_runtime'}")
+                    reason = f"stopping on {stop.signal or 'max_runtime'}"
+                    if step != saved_step:
+                        save(batches.state_dict(), reason)
+                    else:  # before the first step (a Ctrl-C while compiling), or just after a save of this step
+                        say(f"{reason}: {'nothing trained yet' if step == 0 else 'saved already'}")
                     status = last_write_agreed(STOP)
             if status == WRITE_FAILED:
                 writer.check()  # rank 0: raises the write's error
+                if log_error is not None:
+                    raise log_error
                 raise SystemExit(2)  # the other ranks: rank 0 says why
             if status == STOP:
                 again = ("the same command" if cfg.init_from in ("auto", "resume") else
-                         "the same command with --init_from=auto")  # from scratch, it would overwrite this checkpoint
-                say(f"exiting with code {EXIT_REQUEUE}: run {again} to resume (slurm/train.sbatch requeues itself)")
-                exit_code = EXIT_REQUEUE
+                         "the same command with --init_from=auto")  # from scratch, it would refuse this out_dir
+                exit_code = EXIT_INTERRUPTED if stop.signal == "SIGINT" else EXIT_REQUEUE
+                say(f"exiting with code {exit_code}: run {again} to resume" +
+                    (" (slurm/train.sbatch requeues itself)" if exit_code == EXIT_REQUEUE else ""))
                 break
             if done:
                 break
@@ -685,6 +733,8 @@ def train(cfg, sources, launch, device, kernels_note=""):
                 t_last, steps_since_log = time.time(), 0
     except BaseException:
         writer.close(report_only=True)  # what is being written completes; the loop's error is the one raised
+        if log_file:
+            log_file.close()
         # the traceback keeps the frames of the closures it went through, the evaluation's comprehension among them,
         # and those keep `model`: emptied here, the DDP model goes before main leaves the process group
         model = None  # noqa: F841
@@ -697,6 +747,25 @@ def train(cfg, sources, launch, device, kernels_note=""):
     if exit_code:
         raise SystemExit(exit_code)  # main leaves the process group, once the model is gone
     return best_val_loss
+
+
+def refuse_to_overwrite(out_dir, ckpt_path):
+    """A run that does not resume must not start in the folder of an earlier run's checkpoints: its first save would
+    replace that run's ckpt.pt, and the earlier numbered checkpoints would mix with its own."""
+    numbered = step_checkpoints(out_dir)
+    if os.path.isfile(ckpt_path):
+        how = "continue it with --init_from=auto"
+    elif numbered:  # ckpt.pt deleted by hand
+        how = f"continue it from its latest with ln -f {numbered[-1][1]} {ckpt_path} and --init_from=auto"
+    else:
+        return
+    raise UserError(f"{out_dir} holds the checkpoints of an earlier run: {how}, or start over in a new --out_dir "
+                    f"(or delete {out_dir} first)")
+
+
+def disk_error(what, error, ckpt_path):
+    return UserError(f"{what} ({error}); {ckpt_path}, if there, is still a complete earlier checkpoint: free some space "
+                     "or fix the folder, then resume with --init_from=resume")
 
 
 def matplotlib_available(say):

@@ -143,8 +143,10 @@ def test_prefixes_stripped(tmp_path):
     assert set(load_checkpoint(str(tmp_path))["model"]) == {"lm_head.weight", "wte"}
 
 
-@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
-def test_signal_saves_and_resumes(data_dir, sig):
+@pytest.mark.parametrize("sig, code", [(signal.SIGUSR1, 3), (signal.SIGTERM, 3), (signal.SIGINT, 130)])
+def test_signal_saves_and_resumes(data_dir, sig, code):
+    """Slurm's and torchrun's signals and Ctrl-C save at the next step boundary; Ctrl-C's exit code is the shell's,
+    130, so that no requeueing script takes it for "run me again" (3)."""
     cmd = [sys.executable, os.path.join(REPO, "train.py"), *ARGS, "--max_iters=100000", "--lr_decay_iters=100000",
            "--eval_interval=100000", "--out_dir=out"]
     proc = subprocess.Popen(cmd, cwd=data_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -153,9 +155,10 @@ def test_signal_saves_and_resumes(data_dir, sig):
             break
     proc.send_signal(sig)
     rest = proc.stdout.read()
-    assert proc.wait(timeout=60) == 3, rest
-    assert f"stopping on {sig.name}" in rest
-    assert "exiting with code 3: run the same command with --init_from=auto to resume" in rest  # not from scratch
+    assert proc.wait(timeout=60) == code, rest
+    assert f"stopping on {sig.name}" in rest and "Traceback" not in rest
+    # not from scratch: that would be refused, since out holds a checkpoint now
+    assert f"exiting with code {code}: run the same command with --init_from=auto to resume" in rest
     saved = torch.load(data_dir / "out/ckpt.pt", weights_only=False)["step"]
     assert saved >= 5
     out = run_script("train.py", *ARGS, "--max_iters=20", "--lr_decay_iters=100000", "--eval_interval=100000",
@@ -390,6 +393,23 @@ def test_full_disk_stops_the_run_with_a_message(data_dir, small_disk, async_save
     assert proc.returncode == 2 and f"error: could not write a checkpoint to {small_disk}" in proc.stderr, \
         proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and os.listdir(small_disk) == ["log.jsonl"]
+
+
+def test_full_disk_while_logging_stops_the_run_with_a_message(data_dir, small_disk):
+    """log.jsonl cannot grow on a full disk: the run stops at the next step boundary, in one line, as when a
+    checkpoint cannot be written (on every rank: the same vote)."""
+    with open(small_disk / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:  # the disk is full
+            pass
+    proc = run_script("train.py", *ARGS, "--max_iters=100", "--eval_interval=50", f"--out_dir={small_disk}",
+                      cwd=data_dir, check=False)
+    assert proc.returncode == 2 and f"error: could not append to {small_disk}/log.jsonl" in proc.stderr, \
+        proc.stderr[-2000:]
+    assert "No space left on device" in proc.stderr and "Traceback" not in proc.stderr
+    assert "step 1 |" not in proc.stdout  # stopped after the evaluation of step 0, whose record could not be written
 
 
 def test_loss_plot_written(data_dir):

@@ -23,8 +23,8 @@ def test_eval_passes_one_shape_same_loss(data_dir):  # noqa: F811
         assert f"evaluation: 6 batches per split, in {passes}" in out
         # a note says why 16 gives passes of 12 sequences, not 16 (32, one pass of all 24, needs none)
         assert ("allows 4 batches a pass, but only 3 divides eval_iters=6" in out) == (eval_batch_size == 16)
-        with open(data_dir / f"out{eval_batch_size}/log.jsonl") as f:
-            val_loss[eval_batch_size] = json.loads(f.readline())["val_loss"]
+        val_loss[eval_batch_size] = json.loads(out.strip().splitlines()[-1])["val_loss"]
+        assert not (data_dir / f"out{eval_batch_size}").exists()  # eval_only writes nothing
     assert abs(val_loss[16] - val_loss[0]) < 1e-5 and abs(val_loss[24] - val_loss[0]) < 1e-5
     assert 3.0 < val_loss[0] < 5.0  # an untrained model on 65 characters: about ln 65 = 4.17
 
@@ -101,3 +101,68 @@ def test_failed_plot_leaves_no_half_written_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         plot_losses(str(tmp_path / "log.jsonl"), str(tmp_path / "loss.png"))
     assert os.listdir(tmp_path) == ["log.jsonl"]
+
+
+def test_earlier_run_is_never_overwritten(data_dir):  # noqa: F811
+    """A second run from scratch in the same out_dir is refused before it touches anything (its first save would
+    replace ckpt.pt, and the older numbered checkpoints would outlive its own); --init_from=auto continues instead.
+    --eval_only writes nothing there: no second record of the step in log.jsonl, the losses as JSON on stdout."""
+    args = [*ARGS, "--max_iters=4", "--eval_interval=2", "--out_dir=out"]
+    run_script("train.py", *args, cwd=data_dir)
+    before = {name: (data_dir / "out" / name).read_bytes() for name in os.listdir(data_dir / "out")}
+    assert sorted(before) == ["ckpt.pt", "ckpt_00000002.pt", "ckpt_00000004.pt", "log.jsonl"]
+
+    def unchanged():
+        return {name: (data_dir / "out" / name).read_bytes() for name in os.listdir(data_dir / "out")} == before
+
+    for init_from in ("scratch", "gpt2"):  # fine-tuning is a new run too (refused before any download)
+        proc = run_script("train.py", *args, f"--init_from={init_from}", cwd=data_dir, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert "error: out holds the checkpoints of an earlier run: continue it with --init_from=auto" in proc.stderr
+        assert unchanged()
+
+    proc = run_script("train.py", *args, "--init_from=resume", "--eval_only=True", cwd=data_dir)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["step"] == 4 and unchanged()
+    with open(data_dir / "out/log.jsonl") as f:
+        assert [r["val_loss"] for r in map(json.loads, f) if r["step"] == 4 and "val_loss" in r] == \
+            [pytest.approx(result["val_loss"], abs=1e-6)]  # the same evaluation, logged once
+
+    (data_dir / "out/ckpt.pt").unlink()  # only numbered checkpoints: the way back is named
+    proc = run_script("train.py", *args, cwd=data_dir, check=False)
+    assert proc.returncode == 2 and "ln -f out/ckpt_00000004.pt out/ckpt.pt and --init_from=auto" in proc.stderr
+    os.link(data_dir / "out/ckpt_00000004.pt", data_dir / "out/ckpt.pt")
+    out = run_script("train.py", *[a for a in args if a != "--max_iters=4"], "--max_iters=6", "--init_from=auto",
+                     cwd=data_dir).stdout
+    assert "resumed from out/ckpt.pt at step 4" in out and "step 6: train loss" in out
+
+
+def test_stop_flag_ctrl_c_twice(monkeypatch):
+    """The first Ctrl-C asks for a save at the next step boundary; a second stops at once. The handlers that were
+    there before are back afterwards (pytest's own, here)."""
+    import signal
+    from train import StopFlag
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    said = []
+    with StopFlag(say_now=said.append) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signal == "SIGINT" and "Ctrl-C again: stop now" in said[0]
+        os.kill(os.getpid(), signal.SIGTERM)  # a later signal keeps the first one's reason
+        assert stop.signal == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def test_stop_with_nothing_new_to_save(data_dir):  # noqa: F811
+    """A stop before the first step (Ctrl-C while compiling, here a max_runtime already past) saves nothing, so the
+    same command can start again; a stop right after resuming does not write the same checkpoint again."""
+    args = [*ARGS, "--max_iters=8", "--eval_interval=4", "--out_dir=out"]
+    proc = run_script("train.py", *args, "--max_runtime=0.001", cwd=data_dir, check=False)
+    assert proc.returncode == 3 and "stopping on max_runtime: nothing trained yet" in proc.stdout, proc.stderr
+    assert not os.path.exists(data_dir / "out/ckpt.pt")
+    run_script("train.py", *args, "--max_iters=4", cwd=data_dir)
+    mtime = os.path.getmtime(data_dir / "out/ckpt.pt")
+    proc = run_script("train.py", *args, "--init_from=auto", "--max_runtime=0.001", cwd=data_dir, check=False)
+    assert proc.returncode == 3 and "stopping on max_runtime: saved already" in proc.stdout, proc.stderr
+    assert os.path.getmtime(data_dir / "out/ckpt.pt") == mtime
