@@ -48,8 +48,12 @@ def next_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     """One token id per row of logits (B, V): argmax at temperature 0, else a draw after temperature, top-k, top-p."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = top_p_filter(top_k_filter(logits / temperature, top_k), top_p)
-    probs = F.softmax(logits.float(), dim=-1)
+    # in float32, from the largest logit down: float16 logits (fp16 autocast) divided by a low temperature would
+    # overflow to inf past 65,504, and the softmax turn to NaN; the shift changes no probability
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+    logits = top_p_filter(top_k_filter(logits, top_k), top_p)
+    probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]
 
 

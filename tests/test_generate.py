@@ -118,6 +118,19 @@ def test_temperature_zero_is_argmax():
     assert torch.equal(next_token(logits, temperature=1.0, top_k=1), logits.argmax(-1))
 
 
+def test_low_temperature_in_float16_is_nearly_greedy():
+    """float16 logits (fp16 autocast) at a low temperature: no overflow to inf and NaN probabilities, the argmax
+    almost surely; and at a moderate one, the draws of the same logits in float32, not of float16-rounded ones."""
+    logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(0)) * 30  # GPT-2-sized logits, up to ~100
+    half = logits.half()
+    for temperature in (1e-3, 1e-5, 1e-30):
+        assert torch.equal(next_token(half, temperature=temperature), half.argmax(-1))
+    for temperature in (0.1, 0.3, 1.0):  # the same draws as from the same values in float32
+        for seed in range(50):
+            assert torch.equal(next_token(half, temperature, generator=torch.Generator().manual_seed(seed)),
+                               next_token(half.float(), temperature, generator=torch.Generator().manual_seed(seed)))
+
+
 def test_top_k_keeps_exactly_k_with_ties():
     logits = torch.tensor([[1.0, 3.0, 2.0, 2.0, 2.0, 0.0, 2.0]])
     for k, kept_ids in [(1, [1]), (2, [1, 2]), (3, [1, 2, 3]), (5, [1, 2, 3, 4, 6]), (7, list(range(7)))]:
