@@ -251,7 +251,38 @@ def load_checkpoint(path, map_location="cpu"):
     if problem:
         raise CheckpointError(f"{path} {problem}{_fallback_hint(path)}")
     checkpoint["model"] = clean_state_dict(checkpoint["model"])
+    if "meta" not in checkpoint:  # nanoGPT's
+        checkpoint["meta"] = _nanogpt_meta(checkpoint)
     return checkpoint
+
+
+def _nanogpt_meta(checkpoint):
+    """
+    The tokenizer of a checkpoint nanoGPT wrote, which does not record it, found where nanoGPT's sample.py looks:
+    its dataset folder's meta.pkl (a char vocabulary; or the meta.json of our prepare.py), else GPT-2 BPE when the
+    vocabulary is GPT-2's (50,257, or 50,304 padded). None when neither fits the model.
+    """
+    from tokendata import GPT2_META, dataset_dir, nanogpt_char_meta, read_meta
+    vocab_size = checkpoint["model_args"].get("vocab_size") or 0
+    config = checkpoint.get("config") or {}
+    if config.get("dataset"):
+        folder = dataset_dir(config["dataset"], config.get("data_root", "data"))
+        meta_json = os.path.join(folder, "meta.json")
+        meta = read_meta(meta_json) if os.path.exists(meta_json) else nanogpt_char_meta(folder)
+        if meta and meta["vocab_size"] <= vocab_size:
+            return {k: meta.get(k) for k in ("tokenizer", "vocab_size", "eot_id")}
+    return dict(GPT2_META) if vocab_size in (50257, 50304) else None
+
+
+def checkpoint_meta(checkpoint, out_dir):
+    """The tokenizer meta a checkpoint (of out_dir, for the message) was trained with, or one line that says it
+    cannot be known."""
+    meta = checkpoint.get("meta")
+    if not meta or "tokenizer" not in meta:
+        raise CheckpointError(f"the checkpoint in {out_dir} does not say which tokenizer it was trained with, and no dataset folder beside "
+                              "it does (an old nanoGPT checkpoint? run from the folder that holds its data/); "
+                              "without it no text can be read or written")
+    return meta
 
 
 def _fallback_hint(bad_path):

@@ -16,8 +16,7 @@ import os
 from dataclasses import dataclass
 
 import configurator
-from checkpoint import load_checkpoint, model_from_checkpoint
-from configurator import UserError
+from checkpoint import checkpoint_meta, load_checkpoint, model_from_checkpoint
 from hf import EXPORT_DTYPES, save_hf_gpt2
 
 
@@ -37,10 +36,7 @@ def validate(cfg):
 def main(cfg, sources):
     hf_dir = cfg.hf_dir or os.path.normpath(cfg.out_dir) + "-hf"
     checkpoint = load_checkpoint(cfg.out_dir)
-    meta = checkpoint.get("meta")
-    if not meta or "tokenizer" not in meta:
-        raise UserError(f"{cfg.out_dir}/ckpt.pt does not say which tokenizer it was trained with (an old nanoGPT "
-                        "checkpoint?); without it the exported model could not read or write text")
+    meta = checkpoint_meta(checkpoint, cfg.out_dir)
     model = model_from_checkpoint(checkpoint)
     del checkpoint
     files = save_hf_gpt2(model, meta, hf_dir, cfg.dtype)

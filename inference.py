@@ -5,7 +5,7 @@ Both use the plain, uncompiled model: generation and evaluation change shapes at
 make torch.compile recompile again and again for no gain.
 """
 
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import checkpoint_meta, load_checkpoint, model_from_checkpoint
 from configurator import UserError
 from tokenizer import tokenizer_from_meta
 
@@ -18,7 +18,7 @@ def load_model(init_from, out_dir, device):
     if init_from == "resume":
         checkpoint = load_checkpoint(out_dir)
         model = model_from_checkpoint(checkpoint, dropout=0.0)
-        meta, train_config = checkpoint["meta"], checkpoint.get("config")
+        meta, train_config = checkpoint_meta(checkpoint, out_dir), checkpoint.get("config")
     else:
         model, meta = load_gpt2(init_from)
         train_config = None

@@ -208,17 +208,25 @@ def _nanogpt_layout(data_dir):
     if not splits:
         raise UserError(f"{data_dir} holds no prepared data (no meta.json, no train.bin/val.bin); "
                         f"run: python prepare.py {os.path.basename(os.path.normpath(data_dir))}")
-    pkl = os.path.join(data_dir, "meta.pkl")
-    if os.path.exists(pkl):  # nanoGPT's char-level meta: {'vocab_size', 'itos', 'stoi'}
-        with open(pkl, "rb") as f:
-            old = pickle.load(f)
-        chars = "".join(old["itos"][i] for i in range(len(old["itos"])))
-        meta = {"tokenizer": {"type": "char", "chars": chars, "eot": False},
-                "vocab_size": old["vocab_size"], "eot_id": None}
-    else:  # nanoGPT's BPE datasets (openwebtext, shakespeare) and llm.c's GPT-2 shards carry no meta: GPT-2 BPE
-        meta = {"tokenizer": {"type": "tiktoken", "encoding": "gpt2"}, "vocab_size": 50257, "eot_id": 50256}
+    # nanoGPT's BPE datasets (openwebtext, shakespeare) and llm.c's GPT-2 shards carry no meta: GPT-2 BPE
+    meta = nanogpt_char_meta(data_dir) or dict(GPT2_META)
     meta["source"] = {"layout": "nanoGPT", "folder": data_dir}
     return meta, splits
+
+
+GPT2_META = {"tokenizer": {"type": "tiktoken", "encoding": "gpt2"}, "vocab_size": 50257, "eot_id": 50256}
+
+
+def nanogpt_char_meta(data_dir):
+    """The meta of nanoGPT's char-level meta.pkl in data_dir ({'vocab_size', 'itos', 'stoi'}); None without one."""
+    pkl = os.path.join(data_dir, "meta.pkl")
+    if not os.path.exists(pkl):
+        return None
+    with open(pkl, "rb") as f:
+        old = pickle.load(f)
+    chars = "".join(old["itos"][i] for i in range(len(old["itos"])))
+    return {"tokenizer": {"type": "char", "chars": chars, "eot": False}, "vocab_size": old["vocab_size"],
+            "eot_id": None}
 
 
 class BatchSampler:

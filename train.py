@@ -487,6 +487,9 @@ def train(cfg, sources, launch, device, stop, kernels_note=""):
     if not resume and not cfg.eval_only:
         refuse_to_overwrite(cfg.out_dir, ckpt_path)
     checkpoint = load_checkpoint(ckpt_path) if resume else None
+    if checkpoint is not None and "step" not in checkpoint:
+        raise UserError(f"{ckpt_path} holds no training state to resume (a nanoGPT checkpoint?): sample from it, "
+                        "evaluate it, or export it (python export.py) and fine-tune with --init_from=<that folder>")
     pretrained = cfg.init_from if cfg.init_from not in ("scratch", "resume", "auto") else None
     if pretrained:
         check_dataset_tokenizer(pretrained, data.meta)  # before downloading the weights

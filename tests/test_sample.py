@@ -119,3 +119,33 @@ def test_gpt2_weights_come_from_hf_py(monkeypatch):
     model, tokenizer, train_config = inference.load_model("gpt2-medium", "out", "cpu")
     assert calls == ["gpt2-medium"] * 2 and train_config is None and not model.training
     assert tokenizer.decode(tokenizer.encode("ROMEO:")) == "ROMEO:" and tokenizer.vocab_size == len(CHARS)
+
+
+def test_nanogpt_checkpoint_samples_with_its_datasets_vocabulary(out_dir):
+    """A ckpt.pt nanoGPT wrote (no tokenizer in it, an unpadded vocabulary, `_orig_mod.` prefixes, iter_num) samples
+    with the characters of its dataset's meta.pkl, as nanoGPT's own sample.py does, and gives the text our
+    checkpoint of the same weights gives. Without that meta.pkl it is one line; train.py will not resume it."""
+    import pickle
+    rows = len(CHARS)
+    state = {"_orig_mod." + k: (v[:rows] if k in ("transformer.wte.weight", "lm_head.weight") else v)
+             for k, v in tiny_model().state_dict().items()}
+    (out_dir / "nano").mkdir()
+    torch.save({"model": state, "optimizer": {}, "model_args": dict(TINY_ARGS), "iter_num": 250, "best_val_loss": 1.5,
+                "config": {"dataset": "nano_char", "n_layer": 2}}, out_dir / "nano/ckpt.pt")
+    (out_dir / "data/nano_char").mkdir(parents=True)
+    with open(out_dir / "data/nano_char/meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": rows, "itos": dict(enumerate(CHARS)), "stoi": {c: i for i, c in enumerate(CHARS)}},
+                    f)
+    args = ["--start=ROMEO:", "--temperature=0", "--max_new_tokens=40", "--num_samples=1"]
+    assert sample(out_dir, *args, "--out_dir=nano").stdout == sample(out_dir, *args).stdout
+
+    for split in ("train", "val"):  # nanoGPT's headerless uint16 files
+        (torch.arange(200) % rows).to(torch.int16).numpy().tofile(out_dir / f"data/nano_char/{split}.bin")
+    proc = run_script("train.py", "--out_dir=nano", "--init_from=resume", "--dataset=nano_char", "--device=cpu",
+                      cwd=out_dir, check=False)
+    assert proc.returncode == 2 and "holds no training state to resume (a nanoGPT checkpoint?)" in proc.stderr
+
+    (out_dir / "data/nano_char/meta.pkl").unlink()
+    proc = sample(out_dir, *args, "--out_dir=nano", check=False)
+    assert proc.returncode == 2 and "the checkpoint in nano does not say which tokenizer" in proc.stderr
+    assert "Traceback" not in proc.stderr
