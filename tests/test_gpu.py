@@ -36,17 +36,19 @@ def test_compiled_fused_loss_matches_unfused_in_bf16():
 
 def test_cuda_graph_decoding_matches_eager():
     """sample.py --compile on CUDA (reduce-overhead: CUDA graphs, replayed with the static cache written in place)
-    generates the eager cache's tokens, across two calls (a new cache: re-recorded, not wrong) and beam search."""
+    generates the eager cache's tokens, across two calls (a new cache: re-recorded, not wrong), from a one-token prompt,
+    and in beam search."""
     from generate import beam_search, generate
     from model import GPT, GPTConfig
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=128, block_size=256, vocab_size=500)).cuda().eval()
     with torch.no_grad():  # peaked distributions, so kernel-level rounding differences cannot flip an argmax
         model.lm_head.weight.mul_(20)
-    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]]
-    eager = generate(model, prompts, 60, temperature=0)
-    for _ in range(2):
-        assert generate(model, prompts, 60, temperature=0, compile=True) == eager
+    # a one-token prompt (sample.py's default start) is prefilled by the compiled step itself, cache allocation and all
+    for prompts in ([[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]], [[7]]):
+        eager = generate(model, prompts, 60, temperature=0)
+        for _ in range(2):
+            assert generate(model, prompts, 60, temperature=0, compile=True) == eager
     eager_beams = beam_search(model, [3, 4, 5], 20, num_beams=3, early_stopping=False)
     compiled_beams = beam_search(model, [3, 4, 5], 20, num_beams=3, early_stopping=False, compile=True)
     assert [t for _, t in compiled_beams] == [t for _, t in eager_beams]
