@@ -203,7 +203,8 @@ def run(main, cls, validate=None, argv=None):
             raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
         return main(cfg, sources)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # one write: under torchrun, where every rank may say the same, print's two (text, newline) interleave
+        sys.stderr.write(f"error: {e}\n")
         sys.exit(2)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
