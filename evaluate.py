@@ -201,6 +201,11 @@ def hellaswag_scores(model, tokenizer, items, device, autocast):
     rows, spans = [], []
     for context, endings, _ in items:
         ctx = tokenizer.encode(context)
+        if not ctx:  # an ending's first token needs something before it: end-of-text, a document's start
+            if tokenizer.eot_id is None:
+                raise UserError(f"a HellaSwag item has an empty ctx, and this model's tokenizer has no end-of-text "
+                                f"token to stand for it: give it a context (ending {endings[0]!r})")
+            ctx = [tokenizer.eot_id]
         for ending in endings:
             end = tokenizer.encode(" " + ending)  # the space joins the ending to the context, as GPT-2 saw text
             seq = (ctx + end)[-(model.config.block_size + 1):]  # keep the ending; crop the context on the left

@@ -56,6 +56,8 @@ def parse_stop(stop):
         raise UserError(f"--stop={stop}: not a JSON list ({e.msg}); e.g. --stop='[\"\\n\\n\", 50256]'") from None
     if not all(isinstance(i, (str, int)) and not isinstance(i, bool) for i in items):
         raise UserError(f"--stop={stop}: the list may hold only strings and token ids")
+    if "" in items:
+        raise UserError(f"--stop={stop}: an empty string would never stop a sample")
     return [i for i in items if isinstance(i, str)], [i for i in items if isinstance(i, int)]
 
 
@@ -116,6 +118,10 @@ def main(cfg, sources):
                             "give --start=\"some text\"")
         ids = [tokenizer.eot_id]  # GPT-2 starts documents after end-of-text
     strings, stop_ids = parse_stop(cfg.stop)
+    outside = [i for i in stop_ids if not 0 <= i < tokenizer.vocab_size]
+    if outside:
+        raise UserError(f"--stop={cfg.stop}: token id {outside[0]} is not in this model's vocabulary of "
+                        f"{tokenizer.vocab_size} ids (0 to {tokenizer.vocab_size - 1}); no sample could end on it")
     if tokenizer.eot_id is not None:
         stop_ids.append(tokenizer.eot_id)  # a sample ends where its document would
     stop = Stop(stop_ids, strings, tokenizer.decode)

@@ -155,6 +155,8 @@ def test_ranks_split_the_work(out_dir):  # noqa: F811
     (["--task=hellaswag", "--source=hs/empty.jsonl"], "hs/empty.jsonl holds no HellaSwag items"),
     (["--task=hellaswag", "--source=hs/string.jsonl"], "hs/string.jsonl:2 is not a HellaSwag item"),
     (["--task=hellaswag", "--source=hs/label.jsonl"], "hs/label.jsonl:1 is not a HellaSwag item"),
+    # its endings' first tokens would have nothing before them: NaN scores, and argmin picking ending 0
+    (["--task=hellaswag", "--source=hs/no_ctx.jsonl"], "has an empty ctx, and this model's tokenizer has no end-of"),
     (["--dataset=no_such_data"], "python prepare.py no_such_data"),
 ])
 def test_bad_input(out_dir, args, message):  # noqa: F811
@@ -165,6 +167,7 @@ def test_bad_input(out_dir, args, message):  # noqa: F811
     # endings as one text would be scored letter by letter; a label past the endings would never be right
     (out_dir / "hs/string.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({**good, "endings": "Ay me!"}))
     (out_dir / "hs/label.jsonl").write_text(json.dumps({**good, "label": 9}))
+    (out_dir / "hs/no_ctx.jsonl").write_text(json.dumps({**good, "ctx": "", "endings": ["A", "B"]}))
     proc = run_script("evaluate.py", "--out_dir=out", "--device=cpu", *args, cwd=out_dir, check=False)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr

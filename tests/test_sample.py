@@ -94,6 +94,9 @@ def test_compiled_decoding_gives_the_same_text(out_dir):
     (["--out_dir=nowhere"], "no checkpoint at nowhere/ckpt.pt"),
     (["--start=FILE:missing.txt"], "cannot read the prompt file missing.txt"),
     (["--start=FILE:latin1.txt"], "cannot read the prompt file latin1.txt: byte 3 is not UTF-8"),
+    (["--stop=[\"\\n\", 59]"], "token id 59 is not in this model's vocabulary of 59 ids (0 to 58)"),
+    (["--stop=[-1]"], "token id -1 is not in this model's vocabulary"),
+    (["--stop=[\"\"]"], "an empty string would never stop a sample"),
 ])
 def test_bad_input(out_dir, args, message):
     (out_dir / "latin1.txt").write_bytes("café".encode("latin-1"))
