@@ -14,6 +14,7 @@ import importlib.util
 import json
 import math
 import os
+import platform
 import random
 import signal
 import threading
@@ -125,16 +126,18 @@ def validate(cfg):
         problems.append(f"dtype={cfg.dtype!r}: expected {', '.join(DTYPES)}")
     if cfg.decay_lr and cfg.lr_decay_iters < cfg.warmup_iters:
         problems.append(f"lr_decay_iters={cfg.lr_decay_iters} is shorter than warmup_iters={cfg.warmup_iters}")
-    if cfg.min_lr > cfg.learning_rate:
+    if cfg.decay_lr and cfg.min_lr > cfg.learning_rate:  # unused without decay (nanoGPT's fine-tuning config)
         problems.append(f"min_lr={cfg.min_lr} is above learning_rate={cfg.learning_rate}")
     # a negative grad_clip or learning rate would not fail: it would turn the updates around, and the loss go up
     problems += configurator.too_small(cfg, ("total_batch_size", "max_iters", "keep_last_n", "keep_every", "grad_clip",
                                              "learning_rate", "min_lr", "weight_decay", "warmup_iters",
-                                             "lr_decay_iters", "peak_flops"), 0)
+                                             "lr_decay_iters", "peak_flops", "seed"), 0)
     for key in ("beta1", "beta2"):
         if not 0.0 <= getattr(cfg, key) < 1.0:
             problems.append(f"{key}={getattr(cfg, key)} must be in [0, 1)")
-    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+    if not cfg.out_dir:
+        problems.append("out_dir is empty: name the folder for checkpoints and logs")
+    elif os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         problems.append(f"out_dir={cfg.out_dir!r} is a file, not a folder")
     try:
         parse_duration(cfg.max_runtime)
@@ -276,6 +279,55 @@ class StopFlag:
                          "without saving)\n")
 
 
+class OutDirLock:
+    """
+    An exclusive lock on out_dir/train.lock while a run lives, so that a second train.py started in the same out_dir
+    (a sweep that forgot --out_dir, a job launched twice) is refused instead of both writing the same files. The OS
+    lets go of it when the process ends, however it ends; the file stays, saying which process held it last. Only
+    where fcntl exists (not on Windows); enabled=False (the other ranks, eval_only) takes nothing.
+    """
+
+    def __init__(self, out_dir, enabled=True):
+        self.path, self.enabled = os.path.join(out_dir, "train.lock"), enabled
+        self.file, self.holder, self.made_folder = None, None, False
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:
+            return self
+        if not self.enabled:
+            return self
+        folder = os.path.dirname(self.path)
+        self.made_folder = not os.path.isdir(folder)
+        os.makedirs(folder, exist_ok=True)
+        self.file = open(self.path, "a+b", buffering=0)  # unbuffered: nothing left to fail at close (a full disk)
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            self.holder = self.file.read().decode(errors="replace").strip() or "another process"
+            self.file.close()
+            self.file = None
+            return self
+        try:  # who holds it, for the message of a run refused; not worth failing over (a full disk)
+            self.file.seek(0)
+            self.file.truncate()
+            self.file.write(f"process {os.getpid()} on {platform.node()}\n".encode())
+        except OSError:
+            pass
+        return self
+
+    def __exit__(self, *exc):
+        if self.file is None:
+            return
+        folder = os.path.dirname(self.path)
+        if self.made_folder and os.listdir(folder) == ["train.lock"]:  # a run that wrote nothing leaves no folder
+            os.remove(self.path)
+            os.rmdir(folder)
+        self.file.close()  # and with it the lock
+
+
 def reduce_mean(value, launch):
     """The mean of a scalar tensor over all ranks (the value itself in a single process)."""
     if launch.distributed:
@@ -368,16 +420,13 @@ def check_resume(checkpoint, cfg, data_meta, say):
     old = checkpoint.get("config") or {}
     problems = [f"{k}: checkpoint {old[k]!r}, now {getattr(cfg, k)!r}"
                 for k in SHAPE_KEYS if k in old and old[k] != getattr(cfg, k)]
-    # the same folder may be named in several ways: shakespeare_char, data/shakespeare_char, an absolute path
-    if old.get("dataset") not in (None, cfg.dataset) and \
-            os.path.realpath(dataset_dir(old["dataset"], old.get("data_root", cfg.data_root))) != \
-            os.path.realpath(dataset_dir(cfg.dataset, cfg.data_root)):
-        problems.append(f"dataset: checkpoint {old['dataset']!r}, now {cfg.dataset!r}")
+    # another dataset folder is allowed (data moved, or training continued on other text), as a changed setting
+    # below; another tokenizer is not: the model's ids would mean other things
     old_meta = checkpoint.get("meta") or {}
     if old_meta.get("tokenizer") not in (None, data_meta.get("tokenizer")):
         problems.append("the dataset's tokenizer differs from the one the checkpoint was trained with")
     if problems:
-        raise UserError("cannot resume: the checkpoint was trained with a different model or data (" +
+        raise UserError("cannot resume: the checkpoint was trained with a different model or tokenizer (" +
                         "; ".join(problems) + "); use another out_dir or init_from=scratch")
     changed = [f"{k} {old[k]!r} -> {getattr(cfg, k)!r}" for k in old
                if hasattr(cfg, k) and k not in ("init_from",) and old[k] != getattr(cfg, k)]
@@ -450,8 +499,12 @@ def start_wandb(cfg, run_id):
     except ImportError:
         raise UserError("wandb_log=True but wandb is not installed: pip install wandb") from None
     # the same run id after a resume continues the same wandb run
-    return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=dataclasses.asdict(cfg),
-                      id=run_id, resume="allow")
+    try:
+        return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=dataclasses.asdict(cfg),
+                          id=run_id, resume="allow")
+    except Exception as e:  # no API key, no network, a bad project name: wandb's own words, in one line
+        raise UserError(f"wandb could not start a run ({type(e).__name__}: {str(e).strip().splitlines()[0]}); run "
+                        "`wandb login`, or set WANDB_MODE=offline to log locally, or drop --wandb_log") from None
 
 
 def main(cfg, sources):
@@ -460,8 +513,9 @@ def main(cfg, sources):
     try:
         kernels, kernels_note = fast_kernels(device, cfg.attention)
         # os.write, not print: a handler that prints while the loop is inside print raises "reentrant call"
-        with kernels, StopFlag(say_now=(lambda text: os.write(2, text.encode())) if launch.is_master else None) as stop:
-            return train(cfg, sources, launch, device, stop, kernels_note)
+        with kernels, StopFlag(say_now=(lambda text: os.write(2, text.encode())) if launch.is_master else None) as stop, \
+                OutDirLock(cfg.out_dir, enabled=launch.is_master and not cfg.eval_only) as lock:
+            return train(cfg, sources, launch, device, stop, kernels_note, lock)
     except BaseException as e:
         # the traceback would keep train's frame, and with it the DDP model, alive until the interpreter shuts down,
         # past cleanup, which must come after it (see cleanup_distributed)
@@ -471,7 +525,7 @@ def main(cfg, sources):
         cleanup_distributed()
 
 
-def train(cfg, sources, launch, device, stop, kernels_note=""):
+def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
     t_start = time.time()
     say = locked_print if launch.is_master else (lambda *a, **k: None)
     max_runtime = parse_duration(cfg.max_runtime)
@@ -483,14 +537,22 @@ def train(cfg, sources, launch, device, stop, kernels_note=""):
     meta = {k: data.meta.get(k) for k in ("tokenizer", "vocab_size", "eot_id")}
 
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if agree(int(lock is not None and lock.holder is not None), launch, device):  # every rank stops, rank 0 says why
+        if lock is not None and lock.holder is not None:
+            raise UserError(f"another train.py is running in {cfg.out_dir} ({lock.holder}, says {lock.path}): wait "
+                            "for it to end, or give this run another --out_dir")
+        raise SystemExit(2)
     resume = cfg.init_from == "resume" or (cfg.init_from == "auto" and os.path.exists(ckpt_path))
     if not resume and not cfg.eval_only:
         refuse_to_overwrite(cfg.out_dir, ckpt_path)
+    if cfg.eval_only and not resume and not pretrained_name(cfg) and os.path.isfile(ckpt_path):
+        say(f"note: eval_only evaluates freshly initialised weights (init_from={cfg.init_from}); "
+            f"--init_from=auto evaluates {ckpt_path}")
     checkpoint = load_checkpoint(ckpt_path) if resume else None
     if checkpoint is not None and "step" not in checkpoint:
         raise UserError(f"{ckpt_path} holds no training state to resume (a nanoGPT checkpoint?): sample from it, "
                         "evaluate it, or export it (python export.py) and fine-tune with --init_from=<that folder>")
-    pretrained = cfg.init_from if cfg.init_from not in ("scratch", "resume", "auto") else None
+    pretrained = pretrained_name(cfg)
     if pretrained:
         check_dataset_tokenizer(pretrained, data.meta)  # before downloading the weights
 
@@ -519,7 +581,7 @@ def train(cfg, sources, launch, device, stop, kernels_note=""):
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     autocast = torch.autocast(device_type=device_type, dtype=getattr(torch, dtype), enabled=(dtype != "float32"))
 
-    step, best_val_loss, wandb_id = 0, float("inf"), None
+    step, best_val_loss, wandb_id, tokens_seen = 0, float("inf"), None, 0
     sampler = BatchSampler(train_shards, cfg.block_size, cfg.batch_size, seed=[cfg.seed, 0],
                            rank=launch.rank, world_size=launch.world_size)
     torch.manual_seed(cfg.seed + launch.rank)  # dropout masks differ between ranks
@@ -527,6 +589,10 @@ def train(cfg, sources, launch, device, stop, kernels_note=""):
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint.get("scaler") or {})
         step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
+        # counted, not step x tokens per step: the batch may have changed on an earlier resume (checkpoints from
+        # before the count: what was logged then)
+        tokens_seen = checkpoint.get("tokens_seen", step * cfg.batch_size * cfg.block_size * grad_accum *
+                                     launch.world_size)
         wandb_id = checkpoint.get("wandb_run_id")
         sampler.load_state_dict(checkpoint["sampler"])  # the same on every rank: they draw one global batch
         ranks = checkpoint.get("rng") or []
@@ -569,15 +635,15 @@ def train(cfg, sources, launch, device, stop, kernels_note=""):
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     log_file, wandb_run, log_error = None, None, None
     if launch.is_master and not cfg.eval_only:
+        if cfg.wandb_log:  # first: a wandb that cannot start leaves the log as it was
+            wandb_run = start_wandb(cfg, wandb_id)
+            wandb_id = wandb_run.id
         os.makedirs(cfg.out_dir, exist_ok=True)
         if resume:
             trim_log(log_path, step)
         elif os.path.exists(log_path):
             os.remove(log_path)  # a run from scratch starts a new log
         log_file = open(log_path, "a", encoding="utf-8")
-        if cfg.wandb_log:
-            wandb_run = start_wandb(cfg, wandb_id)
-            wandb_id = wandb_run.id
     plot = cfg.plot and log_file is not None and matplotlib_available(say)
     writer = Writer(background=cfg.async_save)
 
@@ -615,7 +681,7 @@ def train(cfg, sources, launch, device, stop, kernels_note=""):
                 "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "model_args": model_args, "step": step, "best_val_loss": best_val_loss,
                 "config": dataclasses.asdict(cfg), "meta": meta, "sampler": sampler_state, "rng": rngs,
-                "wandb_run_id": wandb_id,
+                "wandb_run_id": wandb_id, "tokens_seen": tokens_seen,
             }
             if writer.background:
                 state = snapshot(state)  # this step's weights, while the next steps update them in place
@@ -660,7 +726,7 @@ def train(cfg, sources, launch, device, stop, kernels_note=""):
                           for split, batches in eval_sets.items()}
                 say(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 record = {"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
-                          "tokens": step * tokens_per_step, "elapsed": time.time() - t_start, "time": time.time()}
+                          "tokens": tokens_seen, "elapsed": time.time() - t_start, "time": time.time()}
                 log(record)
                 if cfg.eval_only:
                     say(json.dumps(record))
@@ -721,6 +787,7 @@ def train(cfg, sources, launch, device, stop, kernels_note=""):
                 continue
             bad_steps = 0
             step += 1
+            tokens_seen += tokens_per_step
             steps_since_log += 1
 
             if step % cfg.log_interval == 0:
@@ -731,7 +798,7 @@ def train(cfg, sources, launch, device, stop, kernels_note=""):
                 say(f"step {step} | loss {loss_value:.4f} | lr {lr:.2e} | norm {grad_norm.item():.3f} | "
                     f"{dt * 1000:.1f} ms | {tokens_per_sec:,.0f} tok/s | mfu {f'{mfu:.1%}' if mfu else '-'}")
                 log({"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(), "ms": dt * 1000,
-                     "tokens_per_sec": tokens_per_sec, "mfu": mfu, "tokens": step * tokens_per_step,
+                     "tokens_per_sec": tokens_per_sec, "mfu": mfu, "tokens": tokens_seen,
                      "elapsed": time.time() - t_start, "time": time.time()})
                 t_last, steps_since_log = time.time(), 0
     except BaseException:
@@ -750,6 +817,11 @@ def train(cfg, sources, launch, device, stop, kernels_note=""):
     if exit_code:
         raise SystemExit(exit_code)  # main leaves the process group, once the model is gone
     return best_val_loss
+
+
+def pretrained_name(cfg):
+    """The GPT-2 weights (a name or a Hugging Face folder) a run starts from, or None."""
+    return cfg.init_from if cfg.init_from not in ("scratch", "resume", "auto") else None
 
 
 def refuse_to_overwrite(out_dir, ckpt_path):

@@ -331,7 +331,7 @@ def test_failed_checkpoint_write_stops_the_run(data_dir, async_save):
                       "--out_dir=out", cwd=data_dir, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "error: could not write a checkpoint to out" in proc.stderr and "Traceback" not in proc.stderr
-    assert sorted(os.listdir(data_dir / "out")) == ["ckpt.pt", "log.jsonl"]
+    assert sorted(os.listdir(data_dir / "out")) == ["ckpt.pt", "log.jsonl", "train.lock"]
 
 
 def test_failed_background_write_stops_the_run_at_once(data_dir):
@@ -392,7 +392,7 @@ def test_full_disk_stops_the_run_with_a_message(data_dir, small_disk, async_save
                       f"--out_dir={small_disk}", cwd=data_dir, check=False)
     assert proc.returncode == 2 and f"error: could not write a checkpoint to {small_disk}" in proc.stderr, \
         proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr and os.listdir(small_disk) == ["log.jsonl"]
+    assert "Traceback" not in proc.stderr and sorted(os.listdir(small_disk)) == ["log.jsonl", "train.lock"]
 
 
 def test_full_disk_while_logging_stops_the_run_with_a_message(data_dir, small_disk):

@@ -64,6 +64,7 @@ def test_bpe_pipeline(tmp_path, shakespeare_path):
     (["--n_head=0", "--batch_size=0", "--grad_clip=-1", "--beta1=1.5", "--max_runtime=-5"],
      "n_head=0 must be at least 1"),
     (["--device=cuda:x"], "device='cuda:x': expected auto, cpu, cuda, cuda:N or mps"),
+    (["--out_dir=", "--seed=-1"], "out_dir is empty: name the folder"),
 ])
 def test_train_bad_input(tmp_path, args, message):
     proc = run_script("train.py", "--device=cpu", *args, cwd=tmp_path, check=False)
@@ -76,6 +77,18 @@ def test_train_bad_input(tmp_path, args, message):
         for problem in ("batch_size=0 must be at least 1", "grad_clip=-1.0 cannot be negative",
                         "beta1=1.5 must be in [0, 1)", "max_runtime='-5': expected"):
             assert problem in proc.stderr
+    if "--seed=-1" in args:
+        assert "seed=-1 cannot be negative" in proc.stderr
+
+
+def test_nanogpt_finetuning_config_is_accepted(tmp_path):
+    """nanoGPT's config/finetune_shakespeare.py as it is: learning_rate 3e-5 with decay_lr=False leaves min_lr (6e-5
+    by default) unused, so it is no reason to refuse the run; with decay it is."""
+    (tmp_path / "finetune.py").write_text("learning_rate = 3e-5\ndecay_lr = False\n")
+    proc = run_script("train.py", "finetune.py", "--device=cpu", "--dataset=nowhere", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "python prepare.py nowhere" in proc.stderr  # past validation, to the dataset
+    proc = run_script("train.py", "finetune.py", "--decay_lr=True", "--device=cpu", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "min_lr=6e-05 is above learning_rate=3e-05" in proc.stderr
 
 
 def test_config_file_typo(tmp_path):

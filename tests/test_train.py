@@ -2,12 +2,15 @@
 
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from checkpoint import save_checkpoint
-from conftest import run_script
+from conftest import REPO, run_script
 from model import GPT, GPTConfig
 from test_checkpoint import ARGS, data_dir  # noqa: F401 (a fixture)
 
@@ -75,17 +78,19 @@ def test_resume_survives_a_partial_last_log_line(tmp_path):
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
 
 
-def test_resume_accepts_the_same_dataset_named_another_way(tmp_path, monkeypatch):
+def test_resume_into_another_dataset_folder_needs_the_same_tokenizer():
+    """Data moved, or training continued on other text: another dataset folder resumes, reported as a changed
+    setting; a different tokenizer is refused (the model's ids would mean other things)."""
     from configurator import UserError
     from train import TrainConfig, check_resume
-    (tmp_path / "data/shakespeare_char").mkdir(parents=True)
-    (tmp_path / "data/other").mkdir()
-    monkeypatch.chdir(tmp_path)
-    checkpoint = {"config": {"dataset": "shakespeare_char", "data_root": "data"}, "meta": {}}
-    for name in ("data/shakespeare_char", str(tmp_path / "data/shakespeare_char"), "shakespeare_char/"):
-        check_resume(checkpoint, TrainConfig(dataset=name), {}, print)
-    with pytest.raises(UserError, match="dataset: checkpoint 'shakespeare_char', now 'other'"):
-        check_resume(checkpoint, TrainConfig(dataset="other"), {}, print)
+    char = {"type": "char", "chars": "ab", "eot": False}
+    checkpoint = {"config": {"dataset": "shakespeare_char", "data_root": "data"}, "meta": {"tokenizer": char}}
+    said = []
+    check_resume(checkpoint, TrainConfig(dataset="/elsewhere/shakespeare_char"), {"tokenizer": char}, said.append)
+    assert said == ["resuming with changed settings: dataset 'shakespeare_char' -> '/elsewhere/shakespeare_char'"]
+    with pytest.raises(UserError, match="the dataset's tokenizer differs from the one the checkpoint was trained"):
+        check_resume(checkpoint, TrainConfig(dataset="owt"), {"tokenizer": {"type": "tiktoken", "encoding": "gpt2"}},
+                     said.append)
 
 
 def test_failed_plot_leaves_no_half_written_file(tmp_path, monkeypatch):
@@ -109,11 +114,15 @@ def test_earlier_run_is_never_overwritten(data_dir):  # noqa: F811
     --eval_only writes nothing there: no second record of the step in log.jsonl, the losses as JSON on stdout."""
     args = [*ARGS, "--max_iters=4", "--eval_interval=2", "--out_dir=out"]
     run_script("train.py", *args, cwd=data_dir)
-    before = {name: (data_dir / "out" / name).read_bytes() for name in os.listdir(data_dir / "out")}
+    def files():  # train.lock names the last process to run there, refused or not
+        return {name: (data_dir / "out" / name).read_bytes() for name in os.listdir(data_dir / "out")
+                if name != "train.lock"}
+
+    before = files()
     assert sorted(before) == ["ckpt.pt", "ckpt_00000002.pt", "ckpt_00000004.pt", "log.jsonl"]
 
     def unchanged():
-        return {name: (data_dir / "out" / name).read_bytes() for name in os.listdir(data_dir / "out")} == before
+        return files() == before
 
     for init_from in ("scratch", "gpt2"):  # fine-tuning is a new run too (refused before any download)
         proc = run_script("train.py", *args, f"--init_from={init_from}", cwd=data_dir, check=False)
@@ -124,6 +133,8 @@ def test_earlier_run_is_never_overwritten(data_dir):  # noqa: F811
     proc = run_script("train.py", *args, "--init_from=resume", "--eval_only=True", cwd=data_dir)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["step"] == 4 and unchanged()
+    fresh = run_script("train.py", *args, "--eval_only=True", cwd=data_dir).stdout  # from scratch: it says so
+    assert "note: eval_only evaluates freshly initialised weights (init_from=scratch); --init_from=auto" in fresh
     with open(data_dir / "out/log.jsonl") as f:
         assert [r["val_loss"] for r in map(json.loads, f) if r["step"] == 4 and "val_loss" in r] == \
             [pytest.approx(result["val_loss"], abs=1e-6)]  # the same evaluation, logged once
@@ -166,3 +177,51 @@ def test_stop_with_nothing_new_to_save(data_dir):  # noqa: F811
     proc = run_script("train.py", *args, "--init_from=auto", "--max_runtime=0.001", cwd=data_dir, check=False)
     assert proc.returncode == 3 and "stopping on max_runtime: saved already" in proc.stdout, proc.stderr
     assert os.path.getmtime(data_dir / "out/ckpt.pt") == mtime
+
+
+def test_a_second_run_in_the_same_out_dir_is_refused(data_dir):  # noqa: F811
+    """While a run goes on (here before its first checkpoint, which the earlier-run check could not see), another
+    train.py in its out_dir is refused, from scratch or resuming; once the first has ended, resuming works."""
+    args = [*ARGS, "--max_iters=100000", "--lr_decay_iters=100000", "--eval_interval=100000", "--out_dir=out"]
+    first = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *args], cwd=data_dir,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in first.stdout:
+            if line.startswith("step 3 |"):
+                break
+        for init_from in ("scratch", "auto"):
+            proc = run_script("train.py", *args, f"--init_from={init_from}", "--max_iters=5", cwd=data_dir,
+                              check=False)
+            assert proc.returncode == 2 and "error: another train.py is running in out (process " \
+                f"{first.pid} on" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        first.send_signal(signal.SIGTERM)
+        first.stdout.read()
+        assert first.wait(timeout=60) == 3
+    finally:
+        first.kill()
+    out = run_script("train.py", *args, "--init_from=auto", "--max_iters=1", cwd=data_dir).stdout
+    assert "resumed from out/ckpt.pt" in out
+
+
+def test_tokens_seen_are_counted_across_a_batch_size_change(data_dir):  # noqa: F811
+    """log.jsonl's tokens (the plot's x axis) after a resume with another batch size: counted on, not step x the new
+    tokens per step (which went backwards)."""
+    args = [*ARGS, "--eval_interval=4", "--out_dir=out"]
+    run_script("train.py", *args, "--batch_size=8", "--max_iters=4", cwd=data_dir)
+    run_script("train.py", *args, "--batch_size=4", "--max_iters=8", "--init_from=resume", cwd=data_dir)
+    with open(data_dir / "out/log.jsonl") as f:
+        tokens = {r["step"]: r["tokens"] for r in map(json.loads, f) if "loss" in r}
+    assert tokens == {s: 8 * 32 * min(s, 4) + 4 * 32 * max(s - 4, 0) for s in range(1, 9)}
+
+
+def test_wandb_that_cannot_start_is_one_line(data_dir, tmp_path):  # noqa: F811
+    """No API key and no offline mode: wandb's error in one line with what to do, and no out_dir begun (not even
+    the lock's)."""
+    pytest.importorskip("wandb")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
+    env.update(HOME=str(tmp_path / "home"), WANDB_DIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), *ARGS, "--max_iters=2", "--out_dir=out",
+                           "--wandb_log=True"], cwd=data_dir, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "error: wandb could not start a run (" in proc.stderr, proc.stderr[-2000:]
+    assert "WANDB_MODE=offline" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (data_dir / "out").exists()
