@@ -279,9 +279,9 @@ def checkpoint_meta(checkpoint, out_dir):
     cannot be known."""
     meta = checkpoint.get("meta")
     if not meta or "tokenizer" not in meta:
-        raise CheckpointError(f"the checkpoint in {out_dir} does not say which tokenizer it was trained with, and no dataset folder beside "
-                              "it does (an old nanoGPT checkpoint? run from the folder that holds its data/); "
-                              "without it no text can be read or written")
+        raise CheckpointError(f"the checkpoint in {out_dir} does not say which tokenizer it was trained with, and no "
+                              "dataset folder beside it does (an old nanoGPT checkpoint? run from the folder that "
+                              "holds its data/); without it no text can be read or written")
     return meta
 
 

@@ -513,7 +513,8 @@ def main(cfg, sources):
     try:
         kernels, kernels_note = fast_kernels(device, cfg.attention)
         # os.write, not print: a handler that prints while the loop is inside print raises "reentrant call"
-        with kernels, StopFlag(say_now=(lambda text: os.write(2, text.encode())) if launch.is_master else None) as stop, \
+        say_now = (lambda text: os.write(2, text.encode())) if launch.is_master else None
+        with kernels, StopFlag(say_now) as stop, \
                 OutDirLock(cfg.out_dir, enabled=launch.is_master and not cfg.eval_only) as lock:
             return train(cfg, sources, launch, device, stop, kernels_note, lock)
     except BaseException as e:
@@ -804,7 +805,10 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
     except BaseException:
         writer.close(report_only=True)  # what is being written completes; the loop's error is the one raised
         if log_file:
-            log_file.close()
+            try:
+                log_file.close()
+            except OSError:  # a full disk: the loop's error is the one to see
+                pass
         # the traceback keeps the frames of the closures it went through, the evaluation's comprehension among them,
         # and those keep `model`: emptied here, the DDP model goes before main leaves the process group
         model = None  # noqa: F841
@@ -839,8 +843,8 @@ def refuse_to_overwrite(out_dir, ckpt_path):
 
 
 def disk_error(what, error, ckpt_path):
-    return UserError(f"{what} ({error}); {ckpt_path}, if there, is still a complete earlier checkpoint: free some space "
-                     "or fix the folder, then resume with --init_from=resume")
+    return UserError(f"{what} ({error}); {ckpt_path}, if there, is still a complete earlier checkpoint: free some "
+                     "space or fix the folder, then resume with --init_from=resume")
 
 
 def matplotlib_available(say):
