@@ -28,10 +28,10 @@ import torch
 
 from configurator import UserError
 from model import GPT, GPTConfig
+from tokendata import GPT2_META
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's four GPT-2s on the Hub
 EOT = "<|endoftext|>"
-GPT2_TOKENIZER_META = {"tokenizer": {"type": "tiktoken", "encoding": "gpt2"}, "vocab_size": 50257, "eot_id": 50256}
 # weights transformers keeps in Conv1D layout (in, out); nn.Linear keeps (out, in)
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # causal-mask buffers older transformers versions saved with the weights; not weights at all
@@ -247,7 +247,7 @@ def hf_tokenizer_meta(name_or_path):
     folder, read from its tokenizer files: GPT-2 BPE, or the char-level tokenizer export.py writes.
     """
     if name_or_path in GPT2_NAMES and not os.path.isdir(name_or_path):  # a local folder wins, as in resolve()
-        return GPT2_TOKENIZER_META
+        return GPT2_META
     folder = resolve(name_or_path)
     vocab_size = read_config(folder).get("vocab_size", 50257)
     path = os.path.join(folder, "tokenizer.json")
@@ -263,7 +263,7 @@ def hf_tokenizer_meta(name_or_path):
             return {"tokenizer": {"type": "char", "chars": "".join(chars), "eot": eot}, "vocab_size": vocab_size,
                     "eot_id": len(chars) if eot else None}
     elif vocab_size == 50257 and spec.get("type", "BPE") == "BPE":
-        return GPT2_TOKENIZER_META
+        return GPT2_META
     raise UserError(f"cannot tell which tokenizer {name_or_path} uses: this toolkit knows GPT-2 BPE (50257 tokens) "
                     "and the character-level tokenizer export.py writes")
 

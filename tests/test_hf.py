@@ -15,8 +15,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 from checkpoint import save_checkpoint
 from configurator import UserError, parse
 from conftest import generated_text, gpt2_bpe_available, run_script
-from hf import GPT2_TOKENIZER_META, check_dataset_tokenizer, hf_tokenizer_meta, load_hf_gpt2, save_hf_gpt2
+from hf import check_dataset_tokenizer, hf_tokenizer_meta, load_hf_gpt2, save_hf_gpt2
 from model import GPT, GPTConfig
+from tokendata import GPT2_META
 from tokenizer import CharTokenizer, TiktokenTokenizer
 
 transformers.logging.set_verbosity_error()  # loading bars and advice about generation settings
@@ -169,7 +170,7 @@ def test_trained_model_exported_by_command_line(tmp_path):
 def test_gpt2_tokenizer_export(tmp_path, shakespeare_path):
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=50257))
-    save_hf_gpt2(model, GPT2_TOKENIZER_META, tmp_path / "hf")
+    save_hf_gpt2(model, GPT2_META, tmp_path / "hf")
     hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
     ours = TiktokenTokenizer("gpt2")
     with open(shakespeare_path, encoding="utf-8") as f:
@@ -226,7 +227,7 @@ def test_export_refuses_what_gpt2_cannot_express():
 
     model = GPT(FutureConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20, rotary=True))
     with pytest.raises(UserError, match="GPT-2 cannot express this model \\(rotary=True\\)"):
-        save_hf_gpt2(model, GPT2_TOKENIZER_META, "never-written")
+        save_hf_gpt2(model, GPT2_META, "never-written")
     assert not os.path.exists("never-written")
 
 
@@ -281,8 +282,8 @@ def test_finetune_config_and_tokenizer_check():
     from train import TrainConfig
     cfg, _ = parse(TrainConfig, [os.path.join(os.path.dirname(__file__), "..", "config", "finetune_shakespeare.py")])
     assert cfg.init_from == "gpt2" and cfg.dataset == "shakespeare"
-    assert hf_tokenizer_meta("gpt2-xl") == GPT2_TOKENIZER_META  # known without a download
-    check_dataset_tokenizer("gpt2", GPT2_TOKENIZER_META)
+    assert hf_tokenizer_meta("gpt2-xl") == GPT2_META  # known without a download
+    check_dataset_tokenizer("gpt2", GPT2_META)
     char_meta = {"tokenizer": {"type": "char", "chars": "abc", "eot": False}, "vocab_size": 3, "eot_id": None}
     with pytest.raises(UserError, match="gpt2 reads GPT-2 BPE, but the dataset was tokenized with char"):
         check_dataset_tokenizer("gpt2", char_meta)
