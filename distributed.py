@@ -160,6 +160,14 @@ def cleanup_distributed():
         dist.destroy_process_group()
 
 
+def all_reduce_sum(tensor, launch):
+    """`tensor` summed over every rank, in place (unchanged in a single process); returns it."""
+    if launch.distributed:
+        import torch.distributed as dist
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
 ATTENTION_CHOICES = ("auto", "cudnn", "flash", "efficient", "math", "default")
 
 

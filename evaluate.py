@@ -16,8 +16,9 @@ Tasks:
   text, comparable across tokenizers).
 - hellaswag: the 10,042 validation items (Zellers et al. 2019); each ending is scored by its mean token loss after
   the context, as in the GPT-2 and GPT-3 reports (acc_norm); the summed loss is reported too (acc).
-- val_loss: train.py's own estimate (the same eval_iters batches, from the same seed) for a checkpoint, from the
-  settings it was trained with. Launched on as many processes as the training run it matches it exactly.
+- val_loss: train.py's own estimate for a checkpoint (the same eval_iters batches from the same seed, or the same
+  first eval_tokens tokens), from the settings it was trained with. Launched on as many processes as the training run
+  it matches it exactly.
 Work is spread over the ranks of a torchrun/srun launch. The last line printed is JSON, for scripts.
 """
 
@@ -34,10 +35,10 @@ from tqdm import tqdm
 
 import configurator
 from configurator import UserError
-from distributed import (cleanup_distributed, detect_launch, fast_kernels, init_distributed, pick_device,
-                         pick_dtype)
+from distributed import (all_reduce_sum, cleanup_distributed, detect_launch, fast_kernels, init_distributed,
+                         pick_device, pick_dtype)
 from inference import load_model, read_text
-from tokendata import Dataset, dataset_dir
+from tokendata import Dataset, dataset_dir, first_tokens, window_batch, windows
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 
@@ -79,20 +80,6 @@ def token_nll(model, x, y):
     return model(x, y, reduction="none")[1]
 
 
-def windows(n_tokens, window, stride):
-    """
-    The strided windows over n_tokens tokens, as (begin, end, scored): inputs tokens[begin:end] predict
-    tokens[begin+1:end+1], of which the last `scored` count. Every token but the first is scored exactly once.
-    """
-    plan, next_target, begin = [], 1, 0
-    while next_target < n_tokens:
-        end = min(begin + window, n_tokens - 1)
-        plan.append((begin, end, end + 1 - next_target))
-        next_target = end + 1
-        begin += stride
-    return plan
-
-
 @torch.no_grad()
 def strided_nll(model, tokens, window, stride, batch_size, device, autocast, launch, progress=False):
     """(summed NLL in nats, tokens scored) of a token sequence (1-D numpy array) over all ranks."""
@@ -101,16 +88,11 @@ def strided_nll(model, tokens, window, stride, batch_size, device, autocast, lau
     batches = range(0, len(plan), batch_size)
     for i in tqdm(batches, desc="perplexity", unit="batch", disable=not progress, file=sys.stderr):
         chunk = plan[i:i + batch_size]
-        T = max(end - begin for begin, end, _ in chunk)
-        x = np.zeros((len(chunk), T), dtype=np.int64)
-        y = np.full((len(chunk), T), -1, dtype=np.int64)  # right padding, and predictions an earlier window made
-        for row, (begin, end, scored) in enumerate(chunk):
-            x[row, :end - begin] = tokens[begin:end]
-            y[row, end - begin - scored:end - begin] = tokens[end + 1 - scored:end + 1]
+        x, y = window_batch(tokens, chunk, len(chunk), max(end - begin for begin, end, _ in chunk))
         with autocast:
             nll = token_nll(model, torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
         total += torch.stack([nll.double().sum(), torch.tensor(float((y >= 0).sum()), device=device)])
-    all_reduce(total, launch)
+    all_reduce_sum(total, launch)
     return total[0].item(), int(total[1].item())
 
 
@@ -122,8 +104,8 @@ def perplexity(cfg, model, tokenizer, device, autocast, launch, say):
         tokens, what = np.array(ids, dtype=np.int64), cfg.text
     else:
         data = open_dataset(cfg.dataset, cfg.data_root, tokenizer)
-        tokens = np.concatenate([s.check_ids(0, s.read(0, s.num_tokens))
-                                 for s in data.shards(cfg.split)]).astype(np.int64)
+        shards = data.shards(cfg.split)
+        tokens = first_tokens(shards, sum(s.num_tokens for s in shards)).astype(np.int64)
         what = f"{data.data_dir} ({cfg.split})"
     if len(tokens) < 2:
         raise UserError(f"{what} has {len(tokens)} token(s): nothing to score")
@@ -241,15 +223,15 @@ def hellaswag(cfg, model, tokenizer, device, autocast, launch, say):
         labels = torch.tensor([label for _, _, label in chunk])
         counts += torch.tensor([(total.argmin(1) == labels).sum().item(), (mean.argmin(1) == labels).sum().item(),
                                 len(chunk)], dtype=torch.float64, device=device)
-    all_reduce(counts, launch)
+    all_reduce_sum(counts, launch)
     acc, acc_norm, n = counts[0].item() / counts[2].item(), counts[1].item() / counts[2].item(), int(counts[2].item())
     say(f"hellaswag: {n:,} items | acc_norm (mean token loss) {acc_norm:.4f} | acc (summed loss) {acc:.4f}")
     return {"task": "hellaswag", "items": n, "acc_norm": acc_norm, "acc": acc}
 
 
 def val_loss(cfg, model, tokenizer, train_config, device, autocast, launch, say):
-    """train.py's estimate_loss over its EvalBatches, with the checkpoint's training settings."""
-    from train import EvalBatches, TrainConfig, estimate_loss, reduce_mean, to_device
+    """train.py's estimate_loss over what its evaluations score, with the checkpoint's training settings."""
+    from train import TrainConfig, estimate_loss, evaluation_sets, to_device
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     tc = TrainConfig(**{k: v for k, v in (train_config or {}).items() if k in fields})
     if cfg.dataset:
@@ -258,21 +240,18 @@ def val_loss(cfg, model, tokenizer, train_config, device, autocast, launch, say)
         raise UserError(f"block_size={tc.block_size} of the training settings is longer than the model's "
                         f"{model.config.block_size}")
     data = open_dataset(tc.dataset, tc.data_root, tokenizer)
-    batches = EvalBatches(data.shards(cfg.split), tc, launch, lambda x, y: to_device(x, y, device))
-    say(f"{data.data_dir} ({cfg.split}): {tc.eval_iters} batches of {tc.batch_size} x {tc.block_size} tokens, "
-        f"seed {tc.seed}, on {launch.world_size} process(es)")
-    loss = reduce_mean(estimate_loss(model, batches, autocast), launch).item()
+    # train.py evaluates train and val together, in passes of one shape that both decide: the same passes here
+    splits = dict.fromkeys([s for s in ("train", "val") if s in data.splits] + [cfg.split])
+    sets, described = evaluation_sets({split: data.shards(split) for split in splits}, tc, launch,
+                                      lambda x, y: to_device(x, y, device))
+    say(f"{data.data_dir}, {described.replace('evaluation: ', '', 1)}; seed {tc.seed}, on {launch.world_size} "
+        "process(es)")
+    loss = estimate_loss(model, sets[cfg.split], autocast, launch).item()
     model.eval()  # estimate_loss hands the model back in train mode
     say(f"{cfg.split} loss {loss:.4f}")
     return {"task": "val_loss", "split": cfg.split, "loss": loss, "dataset": data.data_dir,
-            "eval_iters": tc.eval_iters, "batch_size": tc.batch_size, "block_size": tc.block_size,
-            "processes": launch.world_size}
-
-
-def all_reduce(tensor, launch):
-    if launch.distributed:
-        import torch.distributed as dist
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            "eval_iters": tc.eval_iters, "eval_tokens": tc.eval_tokens, "batch_size": tc.batch_size,
+            "block_size": tc.block_size, "processes": launch.world_size}
 
 
 def main(cfg, sources):

@@ -269,3 +269,41 @@ class BatchSampler:
 
     def load_state_dict(self, state):
         self.rng.bit_generator.state = state["rng"]
+
+
+def first_tokens(shards, count):
+    """The first `count` tokens of a split (all of a shorter one), across its shards in order, ids checked."""
+    parts = []
+    for shard in shards:
+        take = min(count - sum(len(p) for p in parts), shard.num_tokens)
+        if take <= 0:
+            break
+        parts.append(shard.check_ids(0, shard.read(0, take)))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def windows(n_tokens, window, stride):
+    """
+    The strided windows over n_tokens tokens, as (begin, end, scored): inputs tokens[begin:end] predict
+    tokens[begin+1:end+1], of which the last `scored` count. Every token but the first is scored exactly once.
+    """
+    plan, next_target, begin = [], 1, 0
+    while next_target < n_tokens:
+        end = min(begin + window, n_tokens - 1)
+        plan.append((begin, end, end + 1 - next_target))
+        next_target = end + 1
+        begin += stride
+    return plan
+
+
+def window_batch(tokens, chunk, rows, length):
+    """
+    (x, y) int64 arrays (rows, length) for a chunk of windows (see `windows`): each window's inputs from the left,
+    its scored targets in place; every other target is -1 (not scored), as is every row past the chunk.
+    """
+    x = np.zeros((rows, length), dtype=np.int64)
+    y = np.full((rows, length), -1, dtype=np.int64)
+    for row, (begin, end, scored) in enumerate(chunk):
+        x[row, :end - begin] = tokens[begin:end]
+        y[row, end - begin - scored:end - begin] = tokens[end + 1 - scored:end + 1]
+    return x, y

@@ -31,11 +31,11 @@ import configurator
 from checkpoint import (Writer, load_checkpoint, model_from_checkpoint, save_training_checkpoint, snapshot,
                         step_checkpoints)
 from configurator import UserError
-from distributed import (ATTENTION_CHOICES, DTYPES, cleanup_distributed, detect_launch, fast_kernels,
-                         init_distributed, pick_device, pick_dtype)
+from distributed import (ATTENTION_CHOICES, DTYPES, all_reduce_sum, cleanup_distributed, detect_launch,
+                         fast_kernels, init_distributed, pick_device, pick_dtype)
 from hf import GPT2_NAMES, check_dataset_tokenizer, load_hf_gpt2
 from model import GPT, GPTConfig, peak_flops_for
-from tokendata import BatchSampler, Dataset, dataset_dir
+from tokendata import BatchSampler, Dataset, dataset_dir, first_tokens, window_batch, windows
 
 # exit code after saving on SIGTERM/SIGUSR1 or max_runtime: "not finished, run me again" (slurm/train.sbatch requeues)
 EXIT_REQUEUE = 3
@@ -48,8 +48,9 @@ class TrainConfig:
     out_dir: str = "out"  # checkpoints, log.jsonl and loss.png go here
     init_from: str = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt), 'auto' (resume if there is one), or GPT-2 weights to fine-tune: gpt2[-medium|-large|-xl] or a Hugging Face folder
     eval_interval: int = 2000  # steps between val-loss evaluations (and checkpoints)
-    eval_iters: int = 200  # batches per split in each evaluation
-    eval_batch_size: int = 0  # most sequences per evaluation forward pass, a multiple of batch_size (0: batch_size); the same batches are evaluated whatever it is, fewer passes are faster
+    eval_iters: int = 200  # random batches per split in each evaluation (the same ones every time)
+    eval_tokens: int = 0  # instead of eval_iters: each split's first eval_tokens tokens (all of a smaller split), every one predicted once in consecutive windows of block_size; exact, and cheaper where the split is small
+    eval_batch_size: int = 0  # most sequences per evaluation forward pass, a multiple of batch_size (0: batch_size); the same sequences are evaluated whatever it is, fewer passes are faster
     eval_only: bool = False  # evaluate once, print the losses (the last line is JSON) and exit, writing nothing to out_dir
     log_interval: int = 1  # steps between log lines
     always_save_checkpoint: bool = True  # save at every eval, not only when val loss improves
@@ -120,6 +121,8 @@ def validate(cfg):
         problems.append(f"attention={cfg.attention!r}: expected one of {', '.join(ATTENTION_CHOICES)}")
     if cfg.compile_mode not in COMPILE_MODES:
         problems.append(f"compile_mode={cfg.compile_mode!r}: expected one of {', '.join(COMPILE_MODES)}")
+    if cfg.eval_tokens < 0:
+        problems.append(f"eval_tokens={cfg.eval_tokens} must be 0 (eval_iters random batches) or more")
     if cfg.batch_size >= 1 and cfg.eval_batch_size % cfg.batch_size:
         problems.append(f"eval_batch_size={cfg.eval_batch_size} is not a multiple of batch_size={cfg.batch_size}")
     if cfg.dtype not in DTYPES:
@@ -194,17 +197,19 @@ def micro_steps_per_rank(cfg, world_size):
 
 
 @torch.no_grad()
-def estimate_loss(model, batches, autocast):
-    """Mean loss of `model` over (x, y) batches of whole sequences, in eval mode (as a device tensor: no sync)."""
+def estimate_loss(model, batches, autocast, launch):
+    """Mean loss of `model` over the targets (those not -1) of (x, y) batches on every rank, in eval mode, as a device
+    tensor: one all-reduce, no other sync."""
     model.eval()
-    total, rows = 0.0, 0
+    total, count = 0.0, 0
     for x, y in batches:
         with autocast:
-            _, loss = model(x, y)
-        total = total + loss.float() * x.size(0)  # a new tensor: a CUDA graph may reuse `loss` on the next call
-        rows += x.size(0)
+            _, nll = model(x, y, reduction="none")
+        total = total + nll.float().sum()  # a new tensor: a CUDA graph may reuse `nll` on the next call
+        count = count + (y >= 0).sum()
     model.train()
-    return total / rows
+    both = all_reduce_sum(torch.stack([total, count.float()]), launch)
+    return both[0] / both[1]
 
 
 class EvalBatches:
@@ -230,6 +235,61 @@ def batches_per_pass(eval_iters, most):
     model once more, for dynamic shapes (2.6 s of a 9 s start with a warm cache, baby GPT on CPU).
     """
     return max(n for n in range(1, max(most, 1) + 1) if eval_iters % n == 0)
+
+
+class EvalWindows:
+    """
+    eval_tokens > 0: a split's first tokens (`tokens`), every one but the first predicted once, in consecutive windows
+    of block_size dealt out to the ranks in turn. The same at every evaluation, and exact where eval_tokens holds the
+    whole split. Each pass is `rows` windows, padded with rows of targets -1 past the last window: one shape for every
+    pass of every split and rank, so torch.compile compiles the evaluation once, and every rank runs as many passes.
+    """
+
+    def __init__(self, tokens, block_size, launch, rows, to_device):
+        self.tokens, self.block_size, self.rows, self.to_device = tokens, block_size, rows, to_device
+        plan = windows(len(tokens), block_size, block_size)
+        self.passes = -(-windows_per_rank(len(tokens), block_size, launch) // rows)
+        self.plan = plan[launch.rank::launch.world_size]
+
+    def __iter__(self):
+        for i in range(self.passes):
+            chunk = self.plan[i * self.rows:(i + 1) * self.rows]
+            yield self.to_device(*window_batch(self.tokens, chunk, self.rows, self.block_size))
+
+
+def windows_per_rank(n_tokens, block_size, launch):
+    """The most windows of block_size any rank scores over n_tokens tokens (see EvalWindows)."""
+    count = -(-(n_tokens - 1) // block_size)
+    return -(-count // launch.world_size)
+
+
+def evaluation_sets(shards, cfg, launch, to_device):
+    """{split: the batches every evaluation scores} for {split: its shards}, and a line that says what they are."""
+    most = cfg.eval_batch_size // cfg.batch_size if cfg.eval_batch_size else 1
+    if not cfg.eval_tokens:
+        sets = {split: EvalBatches(s, cfg, launch, to_device) for split, s in shards.items()}
+        per_pass = batches_per_pass(cfg.eval_iters, most)
+        passes = cfg.eval_iters // per_pass
+        return sets, (
+            f"evaluation: {cfg.eval_iters} batches per split, in {passes} pass{'es' if passes > 1 else ''} of "
+            f"{per_pass * cfg.batch_size} sequences" +
+            (f" (eval_batch_size allows {most} batches a pass, but only {per_pass} divides eval_iters={cfg.eval_iters};"
+             f" an eval_iters that {most} divides takes fewer passes)" if per_pass < most and passes > 1 else ""))
+    tokens = {split: first_tokens(s, cfg.eval_tokens) for split, s in shards.items()}
+    for split, t in tokens.items():
+        if len(t) < 2:
+            raise UserError(f"the {split} split has {len(t)} token(s): nothing to evaluate")
+    # rows: as few passes as eval_batch_size allows for the largest split, as evenly filled as they can be
+    largest = max(windows_per_rank(len(t), cfg.block_size, launch) for t in tokens.values())
+    passes = -(-largest // (most * cfg.batch_size))
+    rows = -(-largest // passes)
+    sets = {split: EvalWindows(t, cfg.block_size, launch, rows, to_device) for split, t in tokens.items()}
+    described = ", ".join(f"{split} {len(t):,} tokens{' (all of it)' if len(t) < cfg.eval_tokens else ''} in "
+                          f"{sets[split].passes} pass{'es' if sets[split].passes > 1 else ''}"
+                          for split, t in tokens.items())
+    return sets, (f"evaluation: each split's first {cfg.eval_tokens:,} tokens, every one predicted once, in passes "
+                  f"of {rows} windows of {cfg.block_size} tokens{' per process' if launch.distributed else ''}: "
+                  f"{described}")
 
 
 def rng_state():
@@ -331,10 +391,7 @@ class OutDirLock:
 def reduce_mean(value, launch):
     """The mean of a scalar tensor over all ranks (the value itself in a single process)."""
     if launch.distributed:
-        import torch.distributed as dist
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= launch.world_size
+        value = all_reduce_sum(value.clone(), launch) / launch.world_size
     return value
 
 
@@ -620,14 +677,8 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
     def batch_to_device(x, y):
         return to_device(x, y, device)
 
-    eval_sets = {"train": EvalBatches(train_shards, cfg, launch, batch_to_device),
-                 "val": EvalBatches(val_shards, cfg, launch, batch_to_device)}
-    most, per_pass = cfg.eval_batch_size // cfg.batch_size, eval_sets["val"].per_pass
-    passes = cfg.eval_iters // per_pass
-    say(f"evaluation: {cfg.eval_iters} batches per split, in {passes} pass{'es' if passes > 1 else ''} of "
-        f"{per_pass * cfg.batch_size} sequences" +
-        (f" (eval_batch_size allows {most} batches a pass, but only {per_pass} divides eval_iters={cfg.eval_iters}; "
-         f"an eval_iters that {most} divides takes fewer passes)" if per_pass < most and passes > 1 else ""))
+    eval_sets, described = evaluation_sets({"train": train_shards, "val": val_shards}, cfg, launch, batch_to_device)
+    say(described)
     peak = cfg.peak_flops or (peak_flops_for(torch.cuda.get_device_name(device)) if device_type == "cuda" else None)
     tokens_per_step = cfg.batch_size * cfg.block_size * grad_accum * launch.world_size
 
@@ -723,7 +774,7 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
             due = step % cfg.eval_interval == 0 or step == cfg.max_iters
             if cfg.eval_only or (due and step != last_eval):
                 last_eval = step
-                losses = {split: reduce_mean(estimate_loss(model, batches, autocast), launch).item()
+                losses = {split: estimate_loss(model, batches, autocast, launch).item()
                           for split, batches in eval_sets.items()}
                 say(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 record = {"step": step, "train_loss": losses["train"], "val_loss": losses["val"],

@@ -5,7 +5,7 @@
 # JSON lines to compare across commits. A second train.py (e.g. a branch's copy) is timed to the baby GPT's target
 # val loss in the same session, right after this one's; the bench.py beside it times GPT-2 small's step.
 # ONLY="tests sample" runs just the parts named, the OPT_IN ones below included; PYTHON picks the interpreter
-# (default python3). All of it but OPT_IN takes about 15 minutes on an H100.
+# (default python3). All of it but OPT_IN takes about 17 minutes on an H100.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-gpu-results}
@@ -27,6 +27,8 @@ run tests $py -m pytest -q -rs tests/test_gpu.py
 fast=(config/train_shakespeare_char.py --compile_mode=reduce-overhead --eval_batch_size=1600)
 baby=("${fast[@]}" --max_iters=2500)
 run baby_time_to_loss $py benchmarks/time_to_loss.py --target=1.47 --runs=2 "${baby[@]}"
+# the same, evaluating all of val (and as many train tokens) exactly, in one pass each instead of 8 of 1,600 sequences
+run baby_eval_tokens $py benchmarks/time_to_loss.py --target=1.47 --runs=2 "${baby[@]}" --eval_tokens=131072
 if [ -n "$other" ]; then
     run baby_time_to_loss_other $py benchmarks/time_to_loss.py --train="$other" --target=1.47 --runs=2 "${baby[@]}"
 fi

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import REPO, free_port, run_script
@@ -102,16 +103,24 @@ def run_torchrun(tmp_path, *args, nproc=2):
 
 
 def test_two_ranks_equal_one_rank_with_accumulation(tmp_path, shakespeare_path):
+    """The same training steps, and with eval_tokens the same evaluation (3,001 tokens: 94 windows, the last one
+    short, 47 a rank)."""
     prepare_tiny(tmp_path, shakespeare_path)
-    run_script("train.py", *COMMON, "--batch_size=4", "--gradient_accumulation_steps=2", "--out_dir=one",
-               cwd=tmp_path)
-    out = run_torchrun(tmp_path, *COMMON, "--batch_size=4", "--gradient_accumulation_steps=2", "--out_dir=two")
+    args = [*COMMON, "--batch_size=4", "--gradient_accumulation_steps=2", "--eval_tokens=3001"]
+    run_script("train.py", *args, "--out_dir=one", cwd=tmp_path)
+    out = run_torchrun(tmp_path, *args, "--out_dir=two")
     assert "launch: torchrun, 2 process(es)" in out.stdout
     assert "4 sequences x 32 tokens x 2 processes x 1 micro-steps" in out.stdout
     one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
     assert sorted(two) == list(range(1, 11))
     for step in one:
         assert abs(one[step] - two[step]) < 1e-5, (step, one[step], two[step])
+    evals = {}
+    for run in ("one", "two"):
+        with open(tmp_path / run / "log.jsonl") as f:
+            evals[run] = [(r["step"], r["train_loss"], r["val_loss"]) for r in map(json.loads, f) if "val_loss" in r]
+    assert [e[0] for e in evals["two"]] == [0, 10]
+    assert np.allclose(evals["one"], evals["two"], rtol=0, atol=1e-5), evals
 
 
 def test_total_batch_size_must_divide(tmp_path, shakespeare_path):

@@ -13,9 +13,10 @@ from torch.nn import functional as F
 
 from conftest import REPO, generated_text, run_script
 from distributed import Launch
-from evaluate import strided_nll, windows
+from evaluate import strided_nll
 from model import GPT, GPTConfig
 from test_sample import CHARS, out_dir, tiny_model  # noqa: F401 (out_dir is a fixture: a tiny char checkpoint)
+from tokendata import windows
 
 SINGLE = Launch("single")
 
@@ -107,11 +108,15 @@ def test_hellaswag_items_written_here(out_dir):  # noqa: F811
     assert result["acc_norm"] == pytest.approx(by_mean / 4) and result["acc"] == pytest.approx(by_sum / 4)
 
 
-def test_val_loss_is_the_number_train_py_reported(tmp_path):
+@pytest.mark.parametrize("evaluation", [["--eval_iters=3"],
+                                        ["--eval_iters=3", "--eval_tokens=5000", "--eval_batch_size=8"]])
+def test_val_loss_is_the_number_train_py_reported(tmp_path, evaluation):
+    """Random batches, or the first eval_tokens tokens (train 5,000, val all of its 4,000: passes shaped by the
+    train split)."""
     (tmp_path / "text.txt").write_text(generated_text(40_000))
     run_script("prepare.py", "shakespeare_char", "--source=text.txt", cwd=tmp_path)
     run_script("train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--n_layer=2",
-               "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--dropout=0.0", "--eval_iters=3",
+               "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--dropout=0.0", *evaluation,
                "--max_iters=10", "--eval_interval=10", "--warmup_iters=2", "--lr_decay_iters=10",
                "--out_dir=out", cwd=tmp_path)
     with open(tmp_path / "out" / "log.jsonl") as f:
@@ -121,6 +126,7 @@ def test_val_loss_is_the_number_train_py_reported(tmp_path):
                                       cwd=tmp_path))
     assert result["loss"] == pytest.approx(reported["val_loss"], abs=1e-6)
     assert (result["eval_iters"], result["batch_size"], result["block_size"]) == (3, 4, 32)
+    assert result["eval_tokens"] == (5000 if "--eval_tokens=5000" in evaluation else 0)
 
     # and strided perplexity over the prepared split runs on the same data
     ppl = evaluate_json(run_script("evaluate.py", "--out_dir=out", "--dataset=shakespeare_char",

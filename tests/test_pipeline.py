@@ -61,7 +61,7 @@ def test_bpe_pipeline(tmp_path, shakespeare_path):
     (["--n_embd=100", "--n_head=3", "--dropout=1.5"], "n_embd=100 is not divisible by n_head=3"),
     (["--dataset=no_such_data"], "python prepare.py no_such_data"),
     # zeros once ended in a ZeroDivisionError; a negative grad_clip trained the model backwards
-    (["--n_head=0", "--batch_size=0", "--grad_clip=-1", "--beta1=1.5", "--max_runtime=-5"],
+    (["--n_head=0", "--batch_size=0", "--grad_clip=-1", "--beta1=1.5", "--max_runtime=-5", "--eval_tokens=-5"],
      "n_head=0 must be at least 1"),
     (["--device=cuda:x"], "device='cuda:x': expected auto, cpu, cuda, cuda:N or mps"),
     (["--out_dir=", "--seed=-1"], "out_dir is empty: name the folder"),
@@ -75,7 +75,7 @@ def test_train_bad_input(tmp_path, args, message):
         assert "dropout=1.5" in proc.stderr
     if "--n_head=0" in args:
         for problem in ("batch_size=0 must be at least 1", "grad_clip=-1.0 cannot be negative",
-                        "beta1=1.5 must be in [0, 1)", "max_runtime='-5': expected"):
+                        "beta1=1.5 must be in [0, 1)", "max_runtime='-5': expected", "eval_tokens=-5 must be 0"):
             assert problem in proc.stderr
     if "--seed=-1" in args:
         assert "seed=-1 cannot be negative" in proc.stderr

@@ -5,9 +5,12 @@ import os
 import signal
 import subprocess
 import sys
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
+import torch
+from torch.nn import functional as F
 
 from checkpoint import save_checkpoint
 from conftest import REPO, run_script
@@ -30,6 +33,69 @@ def test_eval_passes_one_shape_same_loss(data_dir):  # noqa: F811
         assert not (data_dir / f"out{eval_batch_size}").exists()  # eval_only writes nothing
     assert abs(val_loss[16] - val_loss[0]) < 1e-5 and abs(val_loss[24] - val_loss[0]) < 1e-5
     assert 3.0 < val_loss[0] < 5.0  # an untrained model on 65 characters: about ln 65 = 4.17
+
+
+def shards_of(tmp_path, name, counts, vocab_size):
+    """Shards of consecutive ids (mod vocab_size), `counts` tokens each, and the whole sequence they hold."""
+    from tokendata import Shard, write_tokens
+    tokens = np.arange(sum(counts)) % vocab_size
+    shards, begin = [], 0
+    for i, count in enumerate(counts):
+        path = str(tmp_path / f"{name}_{i:06d}.bin")
+        write_tokens(path, tokens[begin:begin + count])
+        shards.append(Shard(path, vocab_size=vocab_size))
+        begin += count
+    return shards, tokens
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_eval_tokens_predict_every_token_once(tmp_path, world_size):
+    """eval_tokens: all ranks' windows together predict each of a split's first eval_tokens tokens but the first
+    exactly once, from the tokens before it in its window (across shard boundaries too); every pass of every rank and
+    split has one shape, and every rank runs as many passes of a split."""
+    from distributed import Launch
+    from train import TrainConfig, evaluation_sets
+    vocab = 60_000  # ids are positions: a target says which token it is
+    shards = {"train": shards_of(tmp_path, "train", [300, 500], vocab)[0],
+              "val": shards_of(tmp_path, "val", [150, 7], vocab)[0]}
+    cfg = TrainConfig(batch_size=2, block_size=16, eval_tokens=700, eval_batch_size=4)
+    targets, shapes = {"train": [], "val": []}, set()
+    for rank in range(world_size):
+        launch = Launch("torchrun", rank, rank, world_size)
+        sets, described = evaluation_sets(shards, cfg, launch, lambda x, y: (x, y))
+        assert "train 700 tokens in" in described and "val 157 tokens (all of it) in" in described
+        for split, batches in sets.items():
+            passes = list(batches)
+            shapes |= {x.shape for x, _ in passes} | {y.shape for _, y in passes}
+            assert len(passes) == sets[split].passes
+            for x, y in passes:
+                for row_x, row_y in zip(x, y):
+                    scored = row_y >= 0
+                    # every scored target follows its input: the ids are consecutive positions
+                    assert (row_y[scored] == row_x[scored] + 1).all()
+                    assert (np.flatnonzero(scored) == np.arange(scored.sum())).all()  # from the window's start
+                    targets[split] += row_y[scored].tolist()
+    assert len(shapes) == 1 and shapes.pop()[1] == 16
+    assert sorted(targets["train"]) == list(range(1, 700))
+    assert sorted(targets["val"]) == list(range(1, 157))
+
+
+def test_eval_tokens_loss_is_the_mean_over_every_token(tmp_path):
+    """The loss over EvalWindows is the plain mean of every predicted token's loss, window by window."""
+    from distributed import Launch
+    from train import EvalWindows, estimate_loss
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=11, dropout=0.0))
+    tokens = np.random.default_rng(0).integers(0, 11, size=53)
+    batches = EvalWindows(tokens, 8, Launch("single"), rows=4, to_device=lambda x, y: (torch.from_numpy(x),
+                                                                                       torch.from_numpy(y)))
+    loss = estimate_loss(model, batches, nullcontext(), Launch("single")).item()
+    model.eval()
+    with torch.no_grad():
+        ends = [(b, min(b + 8, 52)) for b in range(0, 52, 8)]  # the last window: 4 inputs, 4 targets
+        total = sum(F.cross_entropy(model(torch.tensor(tokens[b:e])[None], all_logits=True)[0][0],
+                                    torch.tensor(tokens[b + 1:e + 1]), reduction="sum") for b, e in ends)
+    assert loss == pytest.approx(total.item() / 52, rel=1e-6)
 
 
 @pytest.mark.parametrize("damage", ["unfinished", "no_header", "id_outside_vocab", "meta_edited"])
