@@ -12,7 +12,7 @@ out=${1:-gpu-results}
 other=${2:-}
 mkdir -p "$out"
 py=${PYTHON:-python3}
-OPT_IN="baby_short baby_short_eval500 gpt2_b32_cdt gpt2_b32_autotune"  # run only when ONLY names them
+OPT_IN="baby_short baby_short_eval500 baby_eval_tokens100 baby_b128 gpt2_b32_cdt gpt2_b32_autotune"  # only when named
 run() {  # name, command...
     local name=$1; shift
     if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
@@ -38,6 +38,14 @@ short=(--max_iters=2000 --lr_decay_iters=2000)
 run baby_short $py benchmarks/time_to_loss.py --target=1.47 --runs=1 "${fast[@]}" "${short[@]}"
 run baby_short_eval500 $py benchmarks/time_to_loss.py --target=1.47 --runs=1 "${fast[@]}" "${short[@]}" \
     --eval_interval=500
+# exact evaluations cost little, so they can come often: the first at or below the target is found sooner
+exact=(--eval_tokens=131072 --eval_batch_size=512)
+run baby_eval_tokens100 $py benchmarks/time_to_loss.py --target=1.47 --runs=2 "${baby[@]}" "${exact[@]}" \
+    --eval_interval=100
+# launch-bound: a step of 128 sequences should cost far less than two of 64, so fewer, larger steps (learning rate
+# scaled by the square root of the batch); new shapes, so the first run compiles cold
+run baby_b128 $py benchmarks/time_to_loss.py --target=1.47 --runs=2 "${fast[@]}" "${exact[@]}" --batch_size=128 \
+    --max_iters=1000 --lr_decay_iters=1000 --learning_rate=1.4e-3 --warmup_iters=50 --eval_interval=50
 run baby_profile $py bench.py train config/train_shakespeare_char.py --compile_mode=reduce-overhead --profile=True
 gpt2=(config/gpt2_124m.py --total_batch_size=0 --gradient_accumulation_steps=1 --steps=20 --warmup=5)
 run gpt2_b32 $py bench.py train "${gpt2[@]}" --batch_size=32 --profile=True
