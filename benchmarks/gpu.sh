@@ -3,7 +3,8 @@
 #     python prepare.py shakespeare_char && bash benchmarks/gpu.sh [results folder] [another train.py to compare]
 # Each command's output goes to the results folder (default: gpu-results/) and to the terminal; every bench prints
 # JSON lines to compare across commits. A second train.py (e.g. a branch's copy) is timed to the baby GPT's target
-# val loss in the same session, right after this one's; the bench.py beside it times GPT-2 small's step.
+# val loss in the same session, right after this one's; the bench.py beside it times GPT-2 small's step. A .patch
+# in its place (benchmarks/experiments/) is applied to a copy of this tree, whose train.py is then the other one.
 # ONLY="tests sample" runs just the parts named, the OPT_IN ones below included; PYTHON picks the interpreter
 # (default python3). All of it but OPT_IN takes about 17 minutes on an H100.
 set -uo pipefail
@@ -12,6 +13,12 @@ out=${1:-gpu-results}
 other=${2:-}
 mkdir -p "$out"
 py=${PYTHON:-python3}
+if [[ "$other" == *.patch ]]; then  # an experiment: this tree's code with the patch applied, beside the results
+    tree="$out/other-tree"
+    rm -rf "$tree" && mkdir -p "$tree" && cp -r ./*.py config tests "$tree"/ || exit 1
+    patch -d "$tree" -p1 --quiet < "$other" || { echo "$other does not apply to this tree" >&2; exit 1; }
+    other="$tree/train.py"
+fi
 OPT_IN="baby_short baby_short_eval500 baby_eval_tokens100 baby_b128 gpt2_b32_cdt gpt2_b32_autotune"  # only when named
 run() {  # name, command...
     local name=$1; shift
