@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 
 import pytest
 
@@ -59,3 +60,28 @@ def test_time_to_loss_bench(tmp_path, shakespeare_path):
     proc = run_script("benchmarks/time_to_loss.py", "--target=0.1", "--runs=1", config, *tiny[1:],
                       "--max_iters=800", "--eval_interval=400", cwd=tmp_path, timeout=300)
     assert "val loss never reached 0.1" in proc.stdout and not json.loads(proc.stdout.splitlines()[-1])["reached"]
+
+
+@pytest.mark.parametrize("name", sorted(n for n in os.listdir(os.path.join(REPO, "benchmarks/experiments"))
+                                        if n.endswith(".patch")))
+def test_experiment_patch_applies_and_its_train_py_trains(tmp_path, name):
+    """A patch waiting for a GPU measurement (benchmarks/experiments/) still applies to this tree the way
+    benchmarks/gpu.sh applies it, and its train.py still trains: the GPU session that measures it finds it ready."""
+    import shutil
+    import subprocess
+    if shutil.which("patch") is None:
+        pytest.skip("no patch command")
+    tree = tmp_path / "tree"
+    shutil.copytree(REPO, tree, ignore=shutil.ignore_patterns(".git", "data", "out*", "__pycache__", ".*cache*"))
+    with open(os.path.join(REPO, "benchmarks/experiments", name)) as f:
+        proc = subprocess.run(["patch", "-p1", "--quiet", "--forward", "--batch"], stdin=f, cwd=tree,
+                              capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, f"{name} no longer applies; refresh it against this tree:\n{proc.stdout}"
+    (tmp_path / "text.txt").write_text("To be, or not to be, that is the question.\n" * 200)
+    run_script("prepare.py", "shakespeare_char", "--source=text.txt", cwd=tmp_path)
+    proc = subprocess.run([sys.executable, str(tree / "train.py"), "--dataset=shakespeare_char", "--device=cpu",
+                           "--compile=False", "--n_layer=1", "--n_head=1", "--n_embd=16", "--block_size=16",
+                           "--batch_size=4", "--max_iters=20", "--eval_iters=2", "--log_interval=10",
+                           "--plot=False", "--out_dir=out"], cwd=tmp_path, capture_output=True, text=True,
+                          check=False, timeout=300)
+    assert proc.returncode == 0 and "step 20 |" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
