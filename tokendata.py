@@ -273,12 +273,13 @@ class BatchSampler:
 
 def first_tokens(shards, count):
     """The first `count` tokens of a split (all of a shorter one), across its shards in order, ids checked."""
-    parts = []
+    parts, left = [], count
     for shard in shards:
-        take = min(count - sum(len(p) for p in parts), shard.num_tokens)
+        take = min(left, shard.num_tokens)
         if take <= 0:
             break
         parts.append(shard.check_ids(0, shard.read(0, take)))
+        left -= take
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 

@@ -216,9 +216,8 @@ class EvalBatches:
     """The same eval_iters batches of a split at every evaluation: a generator reseeded each time, apart from the
     training sampler, so evaluating (or changing eval_interval) never changes which batches training sees."""
 
-    def __init__(self, shards, cfg, launch, to_device):
-        self.shards, self.cfg, self.launch, self.to_device = shards, cfg, launch, to_device
-        self.per_pass = batches_per_pass(cfg.eval_iters, cfg.eval_batch_size // cfg.batch_size)
+    def __init__(self, shards, cfg, launch, per_pass, to_device):
+        self.shards, self.cfg, self.launch, self.per_pass, self.to_device = shards, cfg, launch, per_pass, to_device
 
     def __iter__(self):
         sampler = BatchSampler(self.shards, self.cfg.block_size, self.cfg.batch_size, seed=[self.cfg.seed, 1],
@@ -245,10 +244,9 @@ class EvalWindows:
     pass of every split and rank, so torch.compile compiles the evaluation once, and every rank runs as many passes.
     """
 
-    def __init__(self, tokens, block_size, launch, rows, to_device):
+    def __init__(self, tokens, plan, block_size, launch, rows, to_device):
         self.tokens, self.block_size, self.rows, self.to_device = tokens, block_size, rows, to_device
-        plan = windows(len(tokens), block_size, block_size)
-        self.passes = -(-windows_per_rank(len(tokens), block_size, launch) // rows)
+        self.passes = -(-per_rank(plan, launch) // rows)
         self.plan = plan[launch.rank::launch.world_size]
 
     def __iter__(self):
@@ -257,18 +255,17 @@ class EvalWindows:
             yield self.to_device(*window_batch(self.tokens, chunk, self.rows, self.block_size))
 
 
-def windows_per_rank(n_tokens, block_size, launch):
-    """The most windows of block_size any rank scores over n_tokens tokens (see EvalWindows)."""
-    count = -(-(n_tokens - 1) // block_size)
-    return -(-count // launch.world_size)
+def per_rank(plan, launch):
+    """The most windows of a plan any rank scores (see EvalWindows)."""
+    return -(-len(plan) // launch.world_size)
 
 
 def evaluation_sets(shards, cfg, launch, to_device):
     """{split: the batches every evaluation scores} for {split: its shards}, and a line that says what they are."""
     most = cfg.eval_batch_size // cfg.batch_size if cfg.eval_batch_size else 1
     if not cfg.eval_tokens:
-        sets = {split: EvalBatches(s, cfg, launch, to_device) for split, s in shards.items()}
         per_pass = batches_per_pass(cfg.eval_iters, most)
+        sets = {split: EvalBatches(s, cfg, launch, per_pass, to_device) for split, s in shards.items()}
         passes = cfg.eval_iters // per_pass
         return sets, (
             f"evaluation: {cfg.eval_iters} batches per split, in {passes} pass{'es' if passes > 1 else ''} of "
@@ -279,11 +276,13 @@ def evaluation_sets(shards, cfg, launch, to_device):
     for split, t in tokens.items():
         if len(t) < 2:
             raise UserError(f"the {split} split has {len(t)} token(s): nothing to evaluate")
+    plans = {split: windows(len(t), cfg.block_size, cfg.block_size) for split, t in tokens.items()}
     # rows: as few passes as eval_batch_size allows for the largest split, as evenly filled as they can be
-    largest = max(windows_per_rank(len(t), cfg.block_size, launch) for t in tokens.values())
+    largest = max(per_rank(plan, launch) for plan in plans.values())
     passes = -(-largest // (most * cfg.batch_size))
     rows = -(-largest // passes)
-    sets = {split: EvalWindows(t, cfg.block_size, launch, rows, to_device) for split, t in tokens.items()}
+    sets = {split: EvalWindows(tokens[split], plans[split], cfg.block_size, launch, rows, to_device)
+            for split in tokens}
     described = ", ".join(f"{split} {len(t):,} tokens{' (all of it)' if len(t) < cfg.eval_tokens else ''} in "
                           f"{sets[split].passes} pass{'es' if sets[split].passes > 1 else ''}"
                           for split, t in tokens.items())

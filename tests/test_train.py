@@ -83,12 +83,13 @@ def test_eval_tokens_predict_every_token_once(tmp_path, world_size):
 def test_eval_tokens_loss_is_the_mean_over_every_token(tmp_path):
     """The loss over EvalWindows is the plain mean of every predicted token's loss, window by window."""
     from distributed import Launch
+    from tokendata import windows
     from train import EvalWindows, estimate_loss
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=11, dropout=0.0))
     tokens = np.random.default_rng(0).integers(0, 11, size=53)
-    batches = EvalWindows(tokens, 8, Launch("single"), rows=4, to_device=lambda x, y: (torch.from_numpy(x),
-                                                                                       torch.from_numpy(y)))
+    batches = EvalWindows(tokens, windows(53, 8, 8), 8, Launch("single"), rows=4,
+                          to_device=lambda x, y: (torch.from_numpy(x), torch.from_numpy(y)))
     loss = estimate_loss(model, batches, nullcontext(), Launch("single")).item()
     model.eval()
     with torch.no_grad():
