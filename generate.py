@@ -147,12 +147,13 @@ class Decoder:
         else:
             self.logits = self._recompute()
 
-    def _forward(self, idx, cache):
+    def _forward(self, idx, cache, compiled=False):
         # flash attention first on CUDA: decoding changes the attention's shapes at every step, and cuDNN's attention
         # (train.py's first choice on Hopper) builds a new plan for each shape, which made an H100 decode at 15
         # tokens/s (bench.py sample, batch 1)
         with fast_kernels(str(idx.device), "flash")[0]:
-            if cache is not None and cache.static and idx.size(1) == 1:
+            if compiled:  # a one-token step on the static cache, never the prefill (a one-token prompt included):
+                # the prefill allocates the cache, which must exist, marked static, before a step is captured
                 torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are no longer needed
                 # cloned out of the graph's memory, which the next step overwrites
                 return compiled_step()(self.model, idx, cache).clone()
@@ -172,7 +173,7 @@ class Decoder:
         """Extend row b by ids[b] (a (B,) LongTensor) and compute the next logits."""
         self.tokens = torch.cat([self.tokens, ids[:, None]], dim=1)
         if self.cache is not None and self.tokens.size(1) <= self.block_size:
-            self.logits = self._forward(ids[:, None], self.cache)
+            self.logits = self._forward(ids[:, None], self.cache, compiled=self.compile)
         else:
             self.cache = None  # outgrown: see the class comment
             self.logits = self._recompute()

@@ -94,6 +94,12 @@ def test_compiled_decoding_matches_eager_and_compiles_once_per_shape(compile_cou
     long_prompt = [i % 50 for i in range(60)]  # 60 of 64 positions: the context slides after 4 new tokens
     assert generate(model, [long_prompt], 20, temperature=0, compile=True) == [naive_greedy(model, long_prompt, 20)]
 
+    # a one-token prompt (sample.py's unconditional start, end-of-text alone) is prefilled eagerly like any other:
+    # through the compiled step it would allocate the cache inside the captured graph and compile a second one
+    graphs, starts = compile_count["graphs"], [[7], [8], [9]]  # a batch size not decoded before: one new graph
+    assert generate(model, starts, 20, temperature=0, compile=True) == [naive_greedy(model, p, 20) for p in starts]
+    assert compile_count["graphs"] == graphs + 1
+
 
 def test_greedy_with_cache_equals_recomputation_over_block_boundary():
     model = tiny(block_size=16)
