@@ -3,7 +3,8 @@
 #     python prepare.py shakespeare_char && bash benchmarks/gpu.sh [results folder] [another train.py to compare]
 # Each command's output goes to the results folder (default: gpu-results/) and to the terminal; every bench prints
 # JSON lines to compare across commits. A second train.py (e.g. a branch's copy) is timed to the baby GPT's target
-# val loss in the same session, right after this one's; the bench.py beside it times GPT-2 small's step. A .patch
+# val loss in the same session, right after this one's; the bench.py beside it times GPT-2 small's step and
+# decoding. A .patch
 # in its place (benchmarks/experiments/) is applied to a copy of this tree, whose train.py is then the other one.
 # ONLY="tests sample" runs just the parts named, the OPT_IN ones below included; PYTHON picks the interpreter
 # (default python3). All of it but OPT_IN takes about 17 minutes on an H100.
@@ -64,3 +65,6 @@ if [ -n "$other" ]; then  # the other tree's bench.py times the other tree's opt
     run gpt2_b32_other $py "$(dirname "$other")/bench.py" train "${gpt2[@]}" --batch_size=32
 fi
 run sample $py bench.py sample --device=cuda --batch_sizes=1,8,64 --compile=True
+if [ -n "$other" ]; then  # the other tree's bench.py decodes with the other tree's generate.py
+    run sample_other $py "$(dirname "$other")/bench.py" sample --device=cuda --batch_sizes=1,8,64 --compile=True
+fi

@@ -64,19 +64,28 @@ def test_time_to_loss_bench(tmp_path, shakespeare_path):
 
 @pytest.mark.parametrize("name", sorted(n for n in os.listdir(os.path.join(REPO, "benchmarks/experiments"))
                                         if n.endswith(".patch")))
-def test_experiment_patch_applies_and_its_train_py_trains(tmp_path, name):
+def test_experiment_patch_applies_and_passes_its_tests(tmp_path, name):
     """A patch waiting for a GPU measurement (benchmarks/experiments/) still applies to this tree the way
-    benchmarks/gpu.sh applies it, and its train.py still trains: the GPU session that measures it finds it ready."""
+    benchmarks/gpu.sh applies it, the tests its `check:` line names pass with it, and its train.py still trains: the
+    GPU session that measures it finds it ready."""
     import shutil
     import subprocess
     if shutil.which("patch") is None:
         pytest.skip("no patch command")
+    with open(os.path.join(REPO, "benchmarks/experiments", name)) as f:
+        text = f.read()
+    checks = [line.split(":", 1)[1].split() for line in text.split("\ndiff ")[0].splitlines()
+              if line.startswith("check:")]
+    assert checks, f"{name}: its description (above the first diff) needs a line 'check: <pytest arguments>'"
     tree = tmp_path / "tree"
     shutil.copytree(REPO, tree, ignore=shutil.ignore_patterns(".git", "data", "out*", "__pycache__", ".*cache*"))
-    with open(os.path.join(REPO, "benchmarks/experiments", name)) as f:
-        proc = subprocess.run(["patch", "-p1", "--quiet", "--forward", "--batch"], stdin=f, cwd=tree,
-                              capture_output=True, text=True, check=False)
+    proc = subprocess.run(["patch", "-p1", "--quiet", "--forward", "--batch"], input=text, cwd=tree,
+                          capture_output=True, text=True, check=False)
     assert proc.returncode == 0, f"{name} no longer applies; refresh it against this tree:\n{proc.stdout}"
+    for args in checks:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args], cwd=tree,
+                              capture_output=True, text=True, check=False, timeout=600)
+        assert proc.returncode == 0, f"{name}: pytest {' '.join(args)}\n{proc.stdout[-3000:]}"
     (tmp_path / "text.txt").write_text("To be, or not to be, that is the question.\n" * 200)
     run_script("prepare.py", "shakespeare_char", "--source=text.txt", cwd=tmp_path)
     proc = subprocess.run([sys.executable, str(tree / "train.py"), "--dataset=shakespeare_char", "--device=cpu",
