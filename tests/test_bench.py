@@ -1,6 +1,7 @@
 """bench.py runs end to end on a tiny model (its numbers are measurements, not tested for speed)."""
 
 import json
+import math
 import os
 import sys
 
@@ -50,11 +51,15 @@ def test_time_to_loss_bench(tmp_path, shakespeare_path):
             "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_interval=10", "--eval_iters=2",
             "--max_iters=30", "--dropout=0.0", "--plot=False", "--warmup_iters=0", "--log_interval=1"]
     config = os.path.join(REPO, tiny[0])
-    proc = run_script("benchmarks/time_to_loss.py", "--target=4.0", "--runs=1", config, *tiny[1:], cwd=tmp_path)
+    # a little below an untrained model's loss, ln(vocabulary) (65 characters in tiny Shakespeare, fewer in the text
+    # the tests write without it): reached after some training, never at step 0
+    with open(tmp_path / "data/shakespeare_char/meta.json") as f:
+        target = round(math.log(json.load(f)["vocab_size"]) - 0.15, 2)
+    proc = run_script("benchmarks/time_to_loss.py", f"--target={target}", "--runs=1", config, *tiny[1:], cwd=tmp_path)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["reached"] and result["val_loss"] <= 4.0 and result["step"] in (10, 20, 30)
+    assert result["reached"] and result["val_loss"] <= target and result["step"] in (10, 20, 30)
     assert 0 < result["first_eval_s"] <= result["seconds"] and result["median_ms_per_step"] > 0
-    assert os.listdir(tmp_path) == ["data"]  # the run's out_dir was a temporary folder
+    assert set(os.listdir(tmp_path)) - {"generated.txt"} == {"data"}  # the run's out_dir was a temporary folder
 
     # 800 logged steps print more than a pipe holds (64 KB): train.py must not block on its own output
     proc = run_script("benchmarks/time_to_loss.py", "--target=0.1", "--runs=1", config, *tiny[1:],

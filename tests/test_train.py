@@ -124,7 +124,7 @@ def test_damaged_dataset_refused_in_one_line(data_dir, damage):  # noqa: F811
     message = {"unfinished": "is an unfinished preparation: it holds train_000000.bin but no meta.json",
                "no_header": "train_000000.bin: header magic 0",
                "id_outside_vocab": f"is id {meta['vocab_size']}, outside the vocabulary of {meta['vocab_size']}",
-               "meta_edited": "the char tokenizer has 30 characters, but vocab_size is 65"}[damage]
+               "meta_edited": f"the char tokenizer has 30 characters, but vocab_size is {meta['vocab_size']}"}[damage]
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and not (data_dir / "out/ckpt.pt").exists()
     if damage == "id_outside_vocab":  # evaluate.py's perplexity over the split reads every token: the same check
