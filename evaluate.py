@@ -246,7 +246,7 @@ def val_loss(cfg, model, tokenizer, train_config, device, autocast, launch, say)
                                       lambda x, y: to_device(x, y, device))
     say(f"{data.data_dir}, {described.replace('evaluation: ', '', 1)}; seed {tc.seed}, on {launch.world_size} "
         "process(es)")
-    loss = estimate_loss(model, sets[cfg.split], autocast, launch).item()
+    loss = estimate_loss(model, sets[cfg.split], autocast, launch)
     model.eval()  # estimate_loss hands the model back in train mode
     say(f"{cfg.split} loss {loss:.4f}")
     return {"task": "val_loss", "split": cfg.split, "loss": loss, "dataset": data.data_dir,

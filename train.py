@@ -197,19 +197,29 @@ def micro_steps_per_rank(cfg, world_size):
 
 
 @torch.no_grad()
-def estimate_loss(model, batches, autocast, launch):
-    """Mean loss of `model` over the targets (those not -1) of (x, y) batches on every rank, in eval mode, as a device
-    tensor: one all-reduce, no other sync."""
+def estimate_loss(model, batches, autocast, launch, stopping=None):
+    """
+    Mean loss of `model` over the targets (those not -1) of (x, y) batches on every rank, in eval mode: one all-reduce,
+    one sync at the end. None when `stopping()` (a host-side check, made before each batch) said to give up on any
+    rank: every rank then returns None, so they go on alike (a Ctrl-C need not wait for a long evaluation).
+    """
+    device = next(model.parameters()).device
     model.eval()
-    total, count = 0.0, 0
+    total = torch.zeros((), device=device)
+    count = torch.zeros((), dtype=torch.long, device=device)
+    abandoned = False
     for x, y in batches:
+        if stopping is not None and stopping():
+            abandoned = True
+            break
         with autocast:
             _, nll = model(x, y, reduction="none")
         total = total + nll.float().sum()  # a new tensor: a CUDA graph may reuse `nll` on the next call
         count = count + (y >= 0).sum()
     model.train()
-    both = all_reduce_sum(torch.stack([total, count.float()]), launch)
-    return both[0] / both[1]
+    sums = all_reduce_sum(torch.stack([total, count.float(), torch.tensor(float(abandoned), device=device)]), launch)
+    total, count, abandoned = sums.tolist()
+    return None if abandoned else total / count
 
 
 class EvalBatches:
@@ -659,8 +669,14 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
             say(f"note: the checkpoint holds RNG states of {len(ranks)} rank(s), this run has {launch.world_size}; "
                 "dropout masks will differ from an uninterrupted run")
         say(f"resumed from {ckpt_path} at step {step} (best val loss {best_val_loss:.4f})")
+        if step >= cfg.max_iters and not cfg.eval_only:
+            say(f"nothing to train: the checkpoint is at step {step} and max_iters is {cfg.max_iters}; raise "
+                "--max_iters (and --lr_decay_iters, or the learning rate stays at min_lr) to train on")
+        # an evaluation due at the resumed step is not repeated, unless a stop signal cut it short
+        last_eval = step if checkpoint.get("evaluated", True) else None
         checkpoint = None  # free the memory
-    last_eval = step if resume else None  # a resumed step was evaluated before its checkpoint was saved
+    else:
+        last_eval = None
     saved_step = step  # the step of the newest checkpoint of this run's weights (0: none, nothing trained yet)
 
     use_compile = cfg.compile if cfg.compile is not None else device_type == "cuda"
@@ -732,7 +748,7 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
                 "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "model_args": model_args, "step": step, "best_val_loss": best_val_loss,
                 "config": dataclasses.asdict(cfg), "meta": meta, "sampler": sampler_state, "rng": rngs,
-                "wandb_run_id": wandb_id, "tokens_seen": tokens_seen,
+                "wandb_run_id": wandb_id, "tokens_seen": tokens_seen, "evaluated": last_eval == step,
             }
             if writer.background:
                 state = snapshot(state)  # this step's weights, while the next steps update them in place
@@ -771,10 +787,19 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
     try:
         while True:
             due = step % cfg.eval_interval == 0 or step == cfg.max_iters
+            losses = {}
             if cfg.eval_only or (due and step != last_eval):
                 last_eval = step
-                losses = {split: estimate_loss(model, batches, autocast, launch).item()
-                          for split, batches in eval_sets.items()}
+                for split, split_batches in eval_sets.items():
+                    losses[split] = estimate_loss(model, split_batches, autocast, launch,
+                                                  lambda: stop.signal is not None)
+                    if losses[split] is None:
+                        break
+            abandoned = None in losses.values()
+            if abandoned:  # a stop signal on some rank: it is handled below, without this evaluation
+                say(f"step {step}: evaluation abandoned to stop")
+                last_eval, losses = None, {}  # not evaluated: a run resumed from this step evaluates it
+            elif losses:
                 say(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 record = {"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
                           "tokens": tokens_seen, "elapsed": time.time() - t_start, "time": time.time()}
@@ -788,7 +813,7 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
                 if plot:
                     writer.submit(write_plot)
                 t_last = time.time()  # evaluation time is not training time
-            done = step >= cfg.max_iters or cfg.eval_only
+            done = (step >= cfg.max_iters or cfg.eval_only) and not abandoned
             if done:
                 status = last_write_agreed(GO_ON)  # the final checkpoint, if this evaluation wrote one
             else:

@@ -6,7 +6,7 @@ out_dir = "out-shakespeare-char"
 eval_interval = 250  # it overfits fast, so look often
 eval_iters = 200
 log_interval = 10
-always_save_checkpoint = False  # keep only the model with the best val loss
+always_save_checkpoint = False  # save at an evaluation only when val loss improves (a stop signal still saves, to resume)
 
 dataset = "shakespeare_char"
 gradient_accumulation_steps = 1

@@ -166,6 +166,34 @@ def test_signal_saves_and_resumes(data_dir, sig, code):
     assert f"resumed from out/ckpt.pt at step {saved}" in out.stdout
 
 
+def test_ctrl_c_cuts_an_evaluation_short(data_dir):
+    """Ctrl-C during an evaluation (200 batches take minutes on a CPU) stops at the next batch, saves the step without
+    that evaluation, and the resumed run evaluates it; resuming a finished run says there is nothing to train."""
+    run_script("train.py", *ARGS, "--max_iters=5", "--eval_interval=5", "--out_dir=out", cwd=data_dir)
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), *ARGS, "--max_iters=20", "--eval_interval=5",
+           "--out_dir=out", "--init_from=auto", "--eval_iters=10000000"]  # an evaluation of hours at step 10
+    proc = subprocess.Popen(cmd, cwd=data_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("step 10 |"):
+                break
+        time.sleep(1)  # into the evaluation
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        proc.kill()  # not left evaluating for hours when the evaluation was not cut short
+    rest = proc.stdout.read()
+    assert "step 10: evaluation abandoned to stop" in rest and "saved checkpoint out/ckpt.pt at step 10" in rest, rest
+    assert "train loss" not in rest and "Traceback" not in rest
+    out = run_script("train.py", *ARGS, "--max_iters=10", "--eval_interval=5", "--out_dir=out", "--init_from=auto",
+                     cwd=data_dir).stdout
+    assert "resumed from out/ckpt.pt at step 10" in out and "step 10: train loss" in out  # evaluated now
+    out = run_script("train.py", *ARGS, "--max_iters=10", "--eval_interval=5", "--out_dir=out", "--init_from=auto",
+                     cwd=data_dir).stdout
+    assert "nothing to train: the checkpoint is at step 10 and max_iters is 10; raise --max_iters" in out
+    assert "train loss" not in out  # step 10 was evaluated before this checkpoint
+
+
 def test_max_runtime(data_dir):
     # the clock starts before the model is built: 3 s left no step on a busy machine
     proc = run_script("train.py", *ARGS, "--max_iters=100000", "--eval_interval=100000", "--max_runtime=0:00:10",
