@@ -819,7 +819,8 @@ def prepare(cfg, recipe, out_dir, val_fraction, tokenizer_name, num_proc, t0):
         "eot_id": tokenizer.eot_id,
         "token_dtype": dtype.name,
         "shards": {split: w.shards for split, w in writers.items()},
-        "source": {"recipe": cfg.name if recipe else None, "url": None if user_source else recipe.url or None,
+        "source": {"recipe": cfg.name if recipe else None,
+                   "url": (recipe.url or None) if recipe and not user_source else None,  # --hf runs have no recipe
                    "hf": None if local_files else {"name": cfg.hf or recipe.hf,
                                                    "config": cfg.hf_config or (recipe.hf_config if recipe else "")},
                    "files": [os.path.abspath(f) for f in local_files[:100]], "num_files": len(local_files),

@@ -246,6 +246,23 @@ def test_fineweb_rule_first_shard_is_val(tmp_path):
     assert "".join(chars[i] if i != eot else "\0" for i in ids) == "\0".join(docs)
 
 
+def test_hf_local_folder(tmp_path):
+    """--hf takes anything datasets.load_dataset opens, a local folder of .jsonl splits too (offline): its train and
+    validation splits become train and val, and meta.json records the dataset by the name given."""
+    train, valid = stories(60, seed=7), stories(8, seed=8)
+    os.makedirs(tmp_path / "local")
+    write_jsonl(tmp_path / "local/train.jsonl", train)
+    write_jsonl(tmp_path / "local/validation.jsonl", valid)
+    run_script("prepare.py", "mine", "--hf=local", "--split=train,validation", "--tokenizer=char", "--num_proc=1",
+               cwd=tmp_path)
+    data = tmp_path / "data/mine"
+    meta = json.loads((data / "meta.json").read_text())
+    assert meta["source"]["hf"] == {"name": "local", "config": ""} and meta["source"]["url"] is None
+    chars, eot = meta["tokenizer"]["chars"], meta["eot_id"]
+    for split, docs in (("train", train), ("val", valid)):
+        assert "".join(chars[i] if i != eot else "\0" for i in split_tokens(data, split)) == "\0".join(docs)
+
+
 def test_list_names_every_recipe(tmp_path):
     out = run_script("prepare.py", "--list", cwd=tmp_path).stdout
     for name in ("shakespeare_char", "openwebtext", "tinystories", "wikitext2", "wikitext103", "fineweb_edu"):
