@@ -319,13 +319,17 @@ def test_bad_input(tmp_path, case):
 
 def test_test_source_alone_keeps_carving_val(tmp_path, shakespeare_path):
     """--test_source adds a test split and changes nothing else: val is still the end of --source."""
-    (tmp_path / "test.txt").write_text("To be, or not to be.\n")
+    # lines of the source itself, so a char vocabulary (the characters of every split) stays the same with it
+    test_text = "".join(open(shakespeare_path, encoding="utf-8").read().splitlines(keepends=True)[:3])
+    (tmp_path / "test.txt").write_text(test_text, encoding="utf-8")
     for name, extra in (("plain", []), ("with_test", ["--test_source=test.txt"])):
         run_script("prepare.py", name, f"--source={shakespeare_path}", "--tokenizer=char", "--num_proc=1", *extra,
                    cwd=tmp_path)
     plain, with_test = shard_bytes(tmp_path / "data/plain"), shard_bytes(tmp_path / "data/with_test")
     assert {k: v for k, v in with_test.items() if not k.startswith("test_")} == plain
-    assert len(split_tokens(tmp_path / "data/with_test", "test")) == len("To be, or not to be.\n")
+    meta = json.loads((tmp_path / "data/with_test/meta.json").read_text())
+    chars = meta["tokenizer"]["chars"]
+    assert "".join(chars[i] for i in split_tokens(tmp_path / "data/with_test", "test")) == test_text
 
 
 @pytest.mark.parametrize("failure", ["typo", pytest.param("no_bpe_files", marks=needs_bpe)])
