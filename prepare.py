@@ -16,6 +16,7 @@ exactly --shard_size tokens and written whole under a temporary name, then renam
 resume.json records how far the stream got, so a killed run picks up from there when run again with the same command.
 """
 
+import difflib
 import glob
 import hashlib
 import json
@@ -122,6 +123,13 @@ def validate(cfg):
         problems.append(f"num_proc={cfg.num_proc} must be 0 (all cores) or more")
     if cfg.decode_errors not in ("strict", "replace"):
         problems.append(f"decode_errors={cfg.decode_errors!r} must be 'strict' or 'replace'")
+    if cfg.tokenizer and cfg.tokenizer != "char":
+        import tiktoken  # the names only: no BPE files are read
+        known = ["char"] + tiktoken.list_encoding_names()
+        if cfg.tokenizer not in known:
+            close = difflib.get_close_matches(cfg.tokenizer, known, n=1)
+            problems.append(f"tokenizer={cfg.tokenizer!r} is neither 'char' (one id per character) nor a tiktoken "
+                            f"encoding ({', '.join(known[1:])}){f'; did you mean {close[0]!r}?' if close else ''}")
     return problems
 
 

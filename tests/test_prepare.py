@@ -270,7 +270,8 @@ def test_list_names_every_recipe(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "undecodable", "no_field", "not_json", "parquet_column",
-                                  "hf_offline", "val_fraction", "missing_val_source", "empty_test_source"])
+                                  "hf_offline", "val_fraction", "missing_val_source", "empty_test_source",
+                                  "tokenizer_typo"])
 def test_bad_input(tmp_path, case):
     """One line that says what is wrong and what to do, exit code 2, no traceback, no meta.json, no empty folder."""
     (tmp_path / "bad.txt").write_bytes(b"fine text\n" * 100 + b"caf\xe9\n")
@@ -296,6 +297,8 @@ def test_bad_input(tmp_path, case):
                                "--val_source=nope.txt: no such file"),
         "empty_test_source": (["--source=good.txt", "--test_source=nothing.txt", "--tokenizer=char"],
                               "the test split came out empty: --test_source=nothing.txt holds no text"),
+        "tokenizer_typo": (["--source=good.txt", "--tokenizer=chars"],
+                           "tokenizer='chars' is neither 'char' (one id per character) nor a tiktoken encoding (gpt2, "),
     }[case]
     if case == "parquet_column":
         import pyarrow as pa
@@ -315,6 +318,8 @@ def test_bad_input(tmp_path, case):
         assert not (tmp_path / "data/mine").exists()
     if case == "val_fraction":  # every problem at once
         assert "val_fraction=1.5 must be between 0 and 1" in proc.stderr
+    if case == "tokenizer_typo":
+        assert proc.stderr.rstrip().endswith("; did you mean 'char'?")
 
 
 def test_test_source_alone_keeps_carving_val(tmp_path, shakespeare_path):
