@@ -781,6 +781,10 @@ def main(cfg, sources):
     val_fraction = cfg.val_fraction if cfg.val_fraction is not None else (recipe.val_fraction if recipe else 0.1)
     tokenizer_name = cfg.tokenizer or (recipe.tokenizer if recipe else "gpt2")
     num_proc = cfg.num_proc or num_cores()
+    close = [] if cfg.name in RECIPES else difflib.get_close_matches(cfg.name, RECIPES, n=1)
+    if close:  # any name is fine for one's own text, but a mistyped recipe would quietly get other tokens
+        print(f"note: {cfg.name!r} is not a recipe but resembles {close[0]!r}; preparing {cfg.name!r} from your "
+              f"{'--hf' if cfg.hf else '--source'} with the {tokenizer_name} tokenizer")
     out_dir = os.path.join(cfg.out_root, cfg.name)
     new_dir = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)

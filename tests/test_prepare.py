@@ -263,6 +263,17 @@ def test_hf_local_folder(tmp_path):
         assert "".join(chars[i] if i != eot else "\0" for i in split_tokens(data, split)) == "\0".join(docs)
 
 
+def test_name_like_a_recipe_gets_a_note(tmp_path):
+    """Any name goes with --source, but one a letter away from a recipe is pointed out, with the tokenizer used (GPT-2
+    BPE, not the recipe's characters); the run goes on either way."""
+    (tmp_path / "a.txt").write_text("fine text\n" * 100)
+    typo = run_script("prepare.py", "shakespeare_chr", "--source=a.txt", "--num_proc=1", cwd=tmp_path, check=False)
+    assert ("note: 'shakespeare_chr' is not a recipe but resembles 'shakespeare_char'; preparing 'shakespeare_chr' "
+            "from your --source with the gpt2 tokenizer") in typo.stdout
+    other = run_script("prepare.py", "mynotes", "--source=a.txt", "--tokenizer=char", "--num_proc=1", cwd=tmp_path)
+    assert "note:" not in other.stdout and (tmp_path / "data/mynotes/meta.json").exists()
+
+
 def test_list_names_every_recipe(tmp_path):
     out = run_script("prepare.py", "--list", cwd=tmp_path).stdout
     for name in ("shakespeare_char", "openwebtext", "tinystories", "wikitext2", "wikitext103", "fineweb_edu"):
