@@ -155,18 +155,45 @@ def download(url, path):
 
 
 def source_files(source, flag="--source"):
-    """The files a --source (or the `flag` given) names: one file, the .txt/.jsonl/.parquet files under a folder, or
-    a glob; sorted."""
+    """The files a --source (or the `flag` given) names: one file, the .txt/.jsonl/.json/.parquet files under a
+    folder, or a glob; sorted. Compressed files and datasets' save_to_disk folders are refused with what to do."""
     if os.path.isdir(source):
-        files = sorted(f for ext in ("txt", "jsonl", "parquet")
+        refuse_saved_dataset(source, flag)
+        files = sorted(f for ext in ("txt", "jsonl", "json", "parquet")
                        for f in glob.glob(os.path.join(source, "**", f"*.{ext}"), recursive=True))
     elif os.path.isfile(source):
         files = [source]
     else:
         files = sorted(f for f in glob.glob(source, recursive=True) if os.path.isfile(f))
     if not files:
-        raise UserError(f"{flag}={source}: no such file, or no .txt/.jsonl/.parquet files there")
+        raise UserError(f"{flag}={source}: no such file, or no .txt/.jsonl/.json/.parquet files there")
+    for path in files:
+        ext = os.path.splitext(path)[1].lower()
+        if ext in COMPRESSED:
+            raise UserError(f"{path} is {COMPRESSED[ext][0]}-compressed, not text; decompress it first "
+                            f"({COMPRESSED[ext][1]} {path}) and point {flag} at the result")
+        if ext == ".arrow":
+            refuse_saved_dataset(os.path.dirname(path) or ".", flag)
+            raise UserError(f"{path} is an Arrow file, not text; write its rows out as JSON Lines and pass those")
     return files
+
+
+COMPRESSED = {".gz": ("gzip", "gunzip -k"), ".bz2": ("bzip2", "bunzip2 -k"), ".xz": ("xz", "unxz -k"),
+              ".zst": ("zstd", "unzstd"), ".zip": ("zip", "unzip")}
+
+
+def refuse_saved_dataset(folder, flag):
+    """A folder written by datasets' save_to_disk is Arrow files and JSON metadata, not documents: say what reads it
+    (load_dataset, behind --hf, opens a saved DatasetDict but refuses a single saved split)."""
+    parent = os.path.dirname(os.path.normpath(folder))
+    if os.path.exists(os.path.join(folder, "dataset_dict.json")):
+        raise UserError(f"{flag}={folder} is a DatasetDict saved with save_to_disk; pass it as --hf={folder} instead")
+    if os.path.exists(os.path.join(folder, "state.json")):
+        if os.path.exists(os.path.join(parent or ".", "dataset_dict.json")):
+            raise UserError(f"{folder} is one split of a DatasetDict saved with save_to_disk; pass the whole of it "
+                            f"as --hf={parent} (with --split to choose splits) instead")
+        raise UserError(f"{flag}={folder} is a dataset saved with save_to_disk; write it out as JSON Lines with "
+                        "Dataset.to_json('x.jsonl') and pass --source=x.jsonl instead")
 
 
 def all_source_files(cfg):
@@ -176,9 +203,10 @@ def all_source_files(cfg):
 
 
 def file_kind(path):
-    """'jsonl', 'parquet' or 'text' (anything else, e.g. .txt or wikitext's .raw) by the file's name."""
+    """'jsonl' (.jsonl, and .json: what datasets' to_json writes), 'parquet' or 'text' (anything else, e.g. .txt or
+    wikitext's .raw) by the file's name."""
     ext = os.path.splitext(path)[1].lower()
-    return {".jsonl": "jsonl", ".parquet": "parquet"}.get(ext, "text")
+    return {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}.get(ext, "text")
 
 
 def decode(data, path, offset, errors):
@@ -244,8 +272,12 @@ def text_documents(files, split, val_fraction, errors):
 
 
 def jsonl_documents(path, field, errors):
+    """The text fields of a JSON Lines file; a file that is one JSON document instead (an array, or an object over
+    several lines) is refused at its first line, with what to do."""
+    one_document = (f"{path} is one JSON document, not JSON Lines (one object per line); write one document per "
+                    f"line, e.g. jq -c '.[]' {path} > docs.jsonl for an array")
     with open(path, "rb") as f:
-        offset = 0
+        offset, first = 0, True
         for lineno, raw in enumerate(f, 1):
             line = decode(raw, path, offset, errors).strip()
             offset += len(raw)
@@ -254,8 +286,13 @@ def jsonl_documents(path, field, errors):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
+                if first and line[0] in "[{":  # the opening line of a document spread over many
+                    raise UserError(one_document) from None
                 raise UserError(f"{path} line {lineno}: not JSON ({e.msg}); each line must be one JSON "
                                 "object") from None
+            if first and isinstance(row, list):
+                raise UserError(one_document)
+            first = False
             yield text_of(row, field, f"{path} line {lineno}")
 
 

@@ -1,6 +1,7 @@
 """prepare.py at scale (issue 3), through its command line: exact tokens, determinism across worker counts, resume
 after a kill, every source format, uint32 vocabularies, and each bad input the issue names."""
 
+import gzip
 import json
 import os
 import random
@@ -192,8 +193,16 @@ def test_jsonl_parquet_and_glob_sources_agree(tmp_path):
     run_script("prepare.py", "a", "--source=all.jsonl", *common, cwd=tmp_path)
     run_script("prepare.py", "b", "--source=all.parquet", "--text_field=story", *common, cwd=tmp_path)
     run_script("prepare.py", "c", "--source=parts/*.jsonl", *common, cwd=tmp_path)
+    # .json is JSON Lines too (datasets' to_json names its output so), in a folder as well
+    os.makedirs(tmp_path / "json_parts")
+    (tmp_path / "json_parts/a.json").write_bytes((tmp_path / "parts/a.jsonl").read_bytes())
+    (tmp_path / "json_parts/b.jsonl").write_bytes((tmp_path / "parts/b.jsonl").read_bytes())
+    (tmp_path / "all.json").write_bytes((tmp_path / "all.jsonl").read_bytes())
+    run_script("prepare.py", "d", "--source=all.json", *common, cwd=tmp_path)
+    run_script("prepare.py", "e", "--source=json_parts", *common, cwd=tmp_path)
     a = shard_bytes(tmp_path / "data/a")
     assert a == shard_bytes(tmp_path / "data/b") == shard_bytes(tmp_path / "data/c")
+    assert a == shard_bytes(tmp_path / "data/d") == shard_bytes(tmp_path / "data/e")
     meta = json.loads((tmp_path / "data/c/meta.json").read_text())
     assert meta["source"]["num_files"] == 2 and sum(meta["source"]["documents"].values()) == len(docs)
 
@@ -274,6 +283,29 @@ def test_name_like_a_recipe_gets_a_note(tmp_path):
     assert "note:" not in other.stdout and (tmp_path / "data/mynotes/meta.json").exists()
 
 
+def test_saved_dataset_folder_points_to_hf(tmp_path):
+    """A folder datasets' save_to_disk wrote is Arrow, not text: --source says what reads it instead, and that advice
+    holds (--hf opens a saved DatasetDict)."""
+    import datasets
+    train, valid = stories(40, seed=9), stories(5, seed=10)
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": train}),
+                          "validation": datasets.Dataset.from_dict({"text": valid})}).save_to_disk(tmp_path / "saved")
+    datasets.Dataset.from_dict({"text": train}).save_to_disk(tmp_path / "one")
+    arrow = next(p.name for p in (tmp_path / "one").iterdir() if p.suffix == ".arrow")
+    for source, message in (("saved", "--source=saved is a DatasetDict saved with save_to_disk; pass it as "
+                                      "--hf=saved instead"),
+                            ("saved/train", "saved/train is one split of a DatasetDict saved with save_to_disk; pass "
+                                            "the whole of it as --hf=saved"),
+                            ("one", "--source=one is a dataset saved with save_to_disk; write it out as JSON Lines"),
+                            (f"one/{arrow}", "--source=one is a dataset saved with save_to_disk")):
+        proc = run_script("prepare.py", "mine", f"--source={source}", "--tokenizer=char", cwd=tmp_path, check=False)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    run_script("prepare.py", "mine", "--hf=saved", "--split=train,validation", "--tokenizer=char", "--num_proc=1",
+               cwd=tmp_path)
+    meta = json.loads((tmp_path / "data/mine/meta.json").read_text())
+    assert meta["source"]["documents"] == {"train": len(train), "val": len(valid)}
+
+
 def test_list_names_every_recipe(tmp_path):
     out = run_script("prepare.py", "--list", cwd=tmp_path).stdout
     for name in ("shakespeare_char", "openwebtext", "tinystories", "wikitext2", "wikitext103", "fineweb_edu"):
@@ -282,7 +314,7 @@ def test_list_names_every_recipe(tmp_path):
 
 @pytest.mark.parametrize("case", ["missing", "empty", "undecodable", "no_field", "not_json", "parquet_column",
                                   "hf_offline", "val_fraction", "missing_val_source", "empty_test_source",
-                                  "tokenizer_typo"])
+                                  "tokenizer_typo", "json_array", "json_object", "gzip"])
 def test_bad_input(tmp_path, case):
     """One line that says what is wrong and what to do, exit code 2, no traceback, no meta.json, no empty folder."""
     (tmp_path / "bad.txt").write_bytes(b"fine text\n" * 100 + b"caf\xe9\n")
@@ -291,6 +323,9 @@ def test_bad_input(tmp_path, case):
     (tmp_path / "nothing.txt").write_text("")
     (tmp_path / "rows.jsonl").write_text('{"text": "a"}\n{"body": "b"}\n')
     (tmp_path / "junk.jsonl").write_text('{"text": "a"}\n{"text": \n')
+    (tmp_path / "array.json").write_text('[{"text": "a"}, {"text": "b"}]\n')
+    (tmp_path / "object.json").write_text('{\n  "text": "a"\n}\n')
+    (tmp_path / "good.txt.gz").write_bytes(gzip.compress(b"fine text\n" * 100))
     args, message = {
         "missing": (["--source=missing/*.txt"], "no such file"),
         "empty": (["--source=empty.txt", "--tokenizer=char"], "holds no text"),
@@ -308,6 +343,13 @@ def test_bad_input(tmp_path, case):
                                "--val_source=nope.txt: no such file"),
         "empty_test_source": (["--source=good.txt", "--test_source=nothing.txt", "--tokenizer=char"],
                               "the test split came out empty: --test_source=nothing.txt holds no text"),
+        "json_array": (["--source=array.json", "--tokenizer=char"],
+                       "array.json is one JSON document, not JSON Lines (one object per line); write one document "
+                       "per line, e.g. jq -c '.[]' array.json > docs.jsonl for an array"),
+        "json_object": (["--source=object.json", "--tokenizer=char"], "object.json is one JSON document, not JSON"),
+        "gzip": (["--source=good.txt.gz", "--tokenizer=char"],
+                 "good.txt.gz is gzip-compressed, not text; decompress it first (gunzip -k good.txt.gz) and point "
+                 "--source at the result"),
         "tokenizer_typo": (["--source=good.txt", "--tokenizer=chars"],
                            "tokenizer='chars' is neither 'char' (one id per character) nor a tiktoken encoding (gpt2, "),
     }[case]
