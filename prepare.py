@@ -30,6 +30,7 @@ from collections import deque
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import regex
 from tqdm import tqdm
 
 import configurator
@@ -40,7 +41,7 @@ from tokenizer import CharTokenizer, make_tokenizer, tokenizer_from_meta
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 PIECE_CHARS = 1 << 18  # documents longer than this are cut into pieces of about this size (see safe_cut)
 TASK_CHARS = 1 << 20  # characters sent to a worker at once: large enough that inter-process traffic is noise
-STATE_VERSION = 1  # of resume.json; a different version is never resumed from
+STATE_VERSION = 2  # of resume.json; a different version is never resumed from
 
 
 @dataclass(frozen=True)
@@ -430,39 +431,56 @@ def started(iterator):
     return iterator if first is None else chain([first], iterator)
 
 
-SAFE_CUT = re.compile(r"(?<=[^\W_])\s")  # a whitespace character after a letter or digit
+# after a letter or digit, before anything but a letter, digit, combining mark or apostrophe (or an unassigned code
+# point, which a newer Unicode table than this regex module's may know as a letter)
+SAFE_CUT = regex.compile(r"(?<=[\p{L}\p{N}])[^\p{L}\p{N}\p{M}\p{Cn}']")
 
 
 def safe_cut(text, start):
-    """
-    The first index at or after `start` where a whitespace character follows a letter or digit, or -1. Encoding the
-    text on both sides of such a cut apart gives exactly the tokens of encoding it whole: the GPT-2 pre-tokenizer
-    (cl100k's and o200k's too) always ends a pre-token of letters or digits before whitespace, scans on from there
-    without looking back, and BPE never merges across pre-tokens. Cutting after whitespace would not be safe: at the
-    very end of a text, trailing whitespace is one pre-token ('a\n\n' encodes as [a, \n\n], 'a\n\nb' as
-    [a, \n, \n, b]).
+    r"""
+    The first index at or after `start` where SAFE_CUT allows a cut, or -1. Encoding the text on both sides of such a
+    cut apart gives exactly the tokens of encoding it whole, for every tiktoken encoding (GPT-2's, r50k/p50k, cl100k,
+    o200k): in each pre-tokenizer regex no alternative matches a letter or digit together with such a character after
+    it (runs of letters end there, and o200k's extend them only by marks and 's-style suffixes; runs of digits end
+    there), so a pre-token always ends at the cut; the regex scans on from there without looking back; its lookaheads
+    ($, (?!\S)) only follow whitespace, so the text before the cut, which ends in a letter or digit, matches as before;
+    and BPE never merges across pre-tokens. Punctuation counts, so CJK text (中文。), minified code and base64 are cut
+    too. Cutting after whitespace would not be safe: at the very end of a text, trailing whitespace is one pre-token
+    ('a\n\nb' encodes as [a, \n, \n, b], 'a\n\n' as [a, \n\n]).
     """
     match = SAFE_CUT.search(text, start)
     return -1 if match is None else match.start()
 
 
-def pieces_of(segments, size=PIECE_CHARS):
-    """One document's text in pieces of about `size` characters, cut at safe points (text with none, such as one
-    enormous word, stays whole)."""
-    buf = ""
+def any_cut(text, start):
+    """Every index is a cut point for one id per character."""
+    return start
+
+
+def pieces_of(segments, find_cut, size=PIECE_CHARS):
+    """One document's text in pieces of about `size` characters, cut at the first point find_cut allows past that
+    (text with none, such as one enormous word, stays whole). Each character is searched once, so a long stretch
+    without a cut point costs linear time, not a new search from the piece's beginning for every segment."""
+    buf, start = "", size  # the next cut is searched for from buf[start:]: what is before is too close or searched
     for text in segments:
         buf += text
-        while len(buf) > size and (cut := safe_cut(buf, size)) != -1:
-            yield buf[:cut]
-            buf = buf[cut:]
+        begin = 0  # of the piece in buf
+        while len(buf) - begin > size:
+            cut = find_cut(buf, start)
+            if cut == -1:  # none yet; only what the next segment adds can hold it
+                start = len(buf)
+                break
+            yield buf[begin:cut]
+            begin, start = cut, cut + size
+        buf, start = buf[begin:], start - begin
     if buf:
         yield buf
 
 
-def pieces(docs):
+def pieces(docs, find_cut):
     """(split, text, starts_a_document) for every piece of every document."""
     for split, segments in docs:
-        for i, text in enumerate(pieces_of(segments)):
+        for i, text in enumerate(pieces_of(segments, find_cut)):
             yield split, text, i == 0
 
 
@@ -574,7 +592,7 @@ def char_vocabulary(docs, workers):
     counts, chars = {}, set()
 
     def texts():
-        for split, text, new_doc in pieces(docs):
+        for split, text, new_doc in pieces(docs, any_cut):
             counts[split] = counts.get(split, 0) + new_doc
             yield text, False
 
@@ -766,8 +784,10 @@ def tokenize_into_shards(stream, skip, tokenizer, writers, save, cfg, num_proc, 
     docs_per_split, stats = {}, {"characters": 0, "text": False, "bytes": 0, "tokens": 0}
     order = deque()  # (piece index, split) of the pieces sent to workers, in order
 
+    find_cut = any_cut if isinstance(tokenizer, CharTokenizer) else safe_cut
+
     def texts():
-        for index, (split, text, new_doc) in enumerate(pieces(stream)):
+        for index, (split, text, new_doc) in enumerate(pieces(stream, find_cut)):
             eot_before = new_doc and docs_per_split.get(split, 0) > 0
             docs_per_split[split] = docs_per_split.get(split, 0) + new_doc
             stats["characters"] += len(text)
