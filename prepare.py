@@ -8,7 +8,8 @@ Turn a text corpus into token shards that train.py reads:
     python prepare.py --list                            every recipe
 
 Writes data/<name>/train_000000.bin ..., val_000000.bin ... (the llm.c token-file format, see tokendata.py) and
-meta.json, which is written last: a folder without meta.json is an unfinished preparation.
+meta.json. They are written into data/<name>/unfinished/ and moved up, meta.json last, once all are written: a dataset
+already in data/<name> stays whole and usable until then, whatever stops the new preparation.
 
 How it scales (issue 3): documents are streamed, never held whole; worker processes (--num_proc) tokenize pieces of
 about a megabyte in order, so the shards are byte-identical whatever the number of workers; each shard is filled to
@@ -35,7 +36,7 @@ from tqdm import tqdm
 
 import configurator
 from configurator import UserError
-from tokendata import TokenFileError, read_header, read_tokens, token_dtype, write_tokens
+from tokendata import UNFINISHED_DIR, TokenFileError, read_header, read_tokens, token_dtype, write_tokens
 from tokenizer import CharTokenizer, make_tokenizer, tokenizer_from_meta
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -335,6 +336,11 @@ def local_documents(files, split, cfg):
             yield from ((split, (text,)) for text in rows if text)
 
 
+class ReadInterrupted(UserError):
+    """A streamed source broke off midway (the network): unlike the source's content, nothing needs to change before
+    the same command, run again, resumes."""
+
+
 def hf_documents(name, config, hf_split, split, field, join_rows):
     """A Hugging Face dataset split, streamed (nothing but the current rows in memory, no full download first)."""
     where = f"Hugging Face dataset {name}{f' ({config})' if config else ''}, split {hf_split!r}"
@@ -357,7 +363,7 @@ def hf_documents(name, config, hf_split, split, field, join_rows):
         except UserError:
             raise
         except Exception as e:
-            raise UserError(f"reading {where} failed ({type(e).__name__}: {e}); run the same command again to "
+            raise ReadInterrupted(f"reading {where} failed ({type(e).__name__}: {e}); run the same command again to "
                             "resume from the last finished shard") from None
 
     if join_rows:  # wikitext: each row is one line of the text, newline included
@@ -646,9 +652,9 @@ class ShardWriter:
         self.n = 0
 
 
-def shard_intact(out_dir, shard, dtype):
+def shard_intact(work_dir, shard, dtype):
     """Whether a shard a previous run finished is still exactly what it wrote (header, size and checksum)."""
-    path = os.path.join(out_dir, shard["file"])
+    path = os.path.join(work_dir, shard["file"])
     try:
         file_dtype, count, offset = read_header(path)
     except TokenFileError:
@@ -672,10 +678,10 @@ def fingerprint(cfg, recipe, val_fraction):
             "recipe": asdict(recipe) if recipe else None}
 
 
-def load_resume_state(out_dir, expected_fingerprint):
+def load_resume_state(work_dir, expected_fingerprint):
     """The state a killed run left, if it belongs to this same preparation and its finished shards are intact;
     else None (and the reason printed)."""
-    path = os.path.join(out_dir, "resume.json")
+    path = os.path.join(work_dir, "resume.json")
     if not os.path.exists(path):
         return None
     try:
@@ -690,30 +696,30 @@ def load_resume_state(out_dir, expected_fingerprint):
     dtype = np.dtype(state["token_dtype"])
     for split in state["splits"].values():
         for shard in split["shards"]:
-            if not shard_intact(out_dir, shard, dtype):
+            if not shard_intact(work_dir, shard, dtype):
                 print(f"{shard['file']} is not the shard the interrupted run wrote: starting over")
                 return None
-        if split["partial"] and not os.path.exists(os.path.join(out_dir, split["partial"])):
+        if split["partial"] and not os.path.exists(os.path.join(work_dir, split["partial"])):
             print(f"{split['partial']} is missing: starting over")
             return None
     return state
 
 
-def save_resume_state(out_dir, fp, tokenizer, dtype, next_piece, writers):
+def save_resume_state(work_dir, fp, tokenizer, dtype, next_piece, writers):
     """resume.json: the stream position after the last finished shard, with every split's finished shards and its
     tokens not yet in a shard (in a side file, named by position, so the json and its files change together)."""
-    old = set(glob.glob(os.path.join(out_dir, "resume-*.part")))
+    old = set(glob.glob(os.path.join(work_dir, "resume-*.part")))
     splits = {}
     for split, w in writers.items():
         partial = None
         if w.n:
             partial = f"resume-{split}-{next_piece}.part"
-            write_tokens(os.path.join(out_dir, partial), w.buf[:w.n], dtype)
+            write_tokens(os.path.join(work_dir, partial), w.buf[:w.n], dtype)
         splits[split] = {"shards": w.shards, "partial": partial}
     state = {"fingerprint": fp, "tokenizer": tokenizer.meta(), "token_dtype": dtype.name, "next_piece": next_piece,
              "splits": splits}
-    write_json(os.path.join(out_dir, "resume.json"), state)
-    for path in old - {os.path.join(out_dir, s["partial"]) for s in splits.values() if s["partial"]}:
+    write_json(os.path.join(work_dir, "resume.json"), state)
+    for path in old - {os.path.join(work_dir, s["partial"]) for s in splits.values() if s["partial"]}:
         os.remove(path)
 
 
@@ -728,22 +734,51 @@ HALF_WRITTEN = r".*\.tmp\d*"  # a file a killed run was writing under its tempor
 OUTPUTS = r"(train|val|test)_\d{6}\.bin|meta\.json|resume\.json|resume-.*\.part|" + HALF_WRITTEN
 
 
-def clear_outputs(out_dir, pattern=OUTPUTS):
+def clear_outputs(folder, pattern=OUTPUTS):
     """Remove the files whose names match pattern: by default what earlier preparations wrote here (shards,
     meta.json, resume state); downloads stay."""
-    for name in os.listdir(out_dir):
+    for name in os.listdir(folder):
         if re.fullmatch(pattern, name):
-            os.remove(os.path.join(out_dir, name))
+            os.remove(os.path.join(folder, name))
+
+
+def finished_shards(work_dir):
+    """How many shards the resume.json in work_dir lists: what a run of the same command would keep."""
+    try:
+        with open(os.path.join(work_dir, "resume.json"), encoding="utf-8") as f:
+            return sum(len(split["shards"]) for split in json.load(f)["splits"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # asked on a failed run's way out: never raise
+        return 0
+
+
+def discard(work_dir):
+    """Remove an unfinished preparation's folder (what is not ours in it stays, and so does the folder then)."""
+    if os.path.isdir(work_dir):
+        clear_outputs(work_dir)
+        if not os.listdir(work_dir):
+            os.rmdir(work_dir)
+
+
+def publish(work_dir, out_dir, meta):
+    """Move the finished dataset from work_dir into out_dir, over the one there. The old meta.json goes first and the
+    new one comes last, so a folder with a meta.json always holds the dataset it describes: a kill in between leaves
+    shards without one, which train.py refuses, and running the command again prepares it again."""
+    clear_outputs(out_dir, r"meta\.json")
+    clear_outputs(out_dir)  # the old dataset's shards, and any resume state an older prepare.py left here
+    for name in sorted(s["file"] for shards in meta["shards"].values() for s in shards):
+        os.replace(os.path.join(work_dir, name), os.path.join(out_dir, name))
+    os.replace(os.path.join(work_dir, "meta.json"), os.path.join(out_dir, "meta.json"))
+    discard(work_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 
-def start_or_resume(cfg, out_dir, fp, tokenizer_name, docs, num_proc):
-    """(tokenizer, writers, index of the first piece still to tokenize, the stream of documents): from resume.json
-    when a killed run of this same preparation left one, else from scratch (a char vocabulary takes a first pass over
-    the text). A dataset already in out_dir is removed only once the tokenizer is made and the source has answered:
-    missing BPE files or an unreachable source leave it whole."""
-    state = load_resume_state(out_dir, fp)
+def start_or_resume(cfg, work_dir, fp, tokenizer_name, docs, num_proc):
+    """(tokenizer, writers, index of the first piece still to tokenize, the stream of documents): from the resume.json
+    in work_dir when a killed run of this same preparation left one, else from scratch (a char vocabulary takes a
+    first pass over the text). A killed run's work is cleared only once the tokenizer is made and the source has
+    answered: missing BPE files or an unreachable source leave it to resume."""
+    state = load_resume_state(work_dir, fp)
     if state is None:
         if tokenizer_name == "char":
             workers = Workers(num_proc, (None, None))
@@ -756,19 +791,20 @@ def start_or_resume(cfg, out_dir, fp, tokenizer_name, docs, num_proc):
         else:
             tokenizer = make_tokenizer(tokenizer_name)
         stream = docs()
-        clear_outputs(out_dir)
+        os.makedirs(work_dir, exist_ok=True)
+        clear_outputs(work_dir)
         dtype = token_dtype(tokenizer.vocab_size)
-        return tokenizer, {s: ShardWriter(out_dir, s, cfg.shard_size, dtype) for s in ("train", "val")}, 0, stream
+        return tokenizer, {s: ShardWriter(work_dir, s, cfg.shard_size, dtype) for s in ("train", "val")}, 0, stream
     stream = docs()
     # the killed run's shard in progress is written again, whole; a meta.json is the end of a run killed just after
     # writing it, and is written again too
-    clear_outputs(out_dir, HALF_WRITTEN + r"|meta\.json")
+    clear_outputs(work_dir, HALF_WRITTEN + r"|meta\.json")
     tokenizer = tokenizer_from_meta(state)
     dtype = token_dtype(tokenizer.vocab_size)
     writers = {}
     for split, s in state["splits"].items():
-        partial = read_tokens(os.path.join(out_dir, s["partial"])) if s["partial"] else None
-        writers[split] = ShardWriter(out_dir, split, cfg.shard_size, dtype, s["shards"], partial)
+        partial = read_tokens(os.path.join(work_dir, s["partial"])) if s["partial"] else None
+        writers[split] = ShardWriter(work_dir, split, cfg.shard_size, dtype, s["shards"], partial)
     if state["next_piece"]:
         print(f"resuming: {sum(len(w.shards) for w in writers.values())} finished shard(s) kept and verified, "
               f"tokenizing again from piece {state['next_piece']:,} of the stream")
@@ -843,17 +879,20 @@ def main(cfg, sources):
         print(f"note: {cfg.name!r} is not a recipe but resembles {close[0]!r}; preparing {cfg.name!r} from your "
               f"{'--hf' if cfg.hf else '--source'} with the {tokenizer_name} tokenizer")
     out_dir = os.path.join(cfg.out_root, cfg.name)
+    work_dir = os.path.join(out_dir, UNFINISHED_DIR)  # the new dataset, until it is whole: the old one stays usable
     new_dir = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     try:
-        prepare(cfg, recipe, out_dir, val_fraction, tokenizer_name, num_proc, t0)
+        prepare(cfg, recipe, out_dir, work_dir, val_fraction, tokenizer_name, num_proc, t0)
     except BaseException:
+        if not finished_shards(work_dir):  # nothing a re-run could keep: no folder that looks resumable
+            discard(work_dir)
         if new_dir and not os.listdir(out_dir):  # nothing came of it: no empty dataset folder left behind
             os.rmdir(out_dir)
         raise
 
 
-def prepare(cfg, recipe, out_dir, val_fraction, tokenizer_name, num_proc, t0):
+def prepare(cfg, recipe, out_dir, work_dir, val_fraction, tokenizer_name, num_proc, t0):
     user_source = bool(cfg.source)
     if not cfg.source and recipe and recipe.url:
         cfg.source = os.path.join(out_dir, "input.txt")
@@ -863,23 +902,31 @@ def prepare(cfg, recipe, out_dir, val_fraction, tokenizer_name, num_proc, t0):
     docs = lambda: started(documents(cfg, recipe, val_fraction))  # noqa: E731 (read twice for a char vocabulary)
 
     fp = fingerprint(cfg, recipe, val_fraction)
-    tokenizer, writers, skip, stream = start_or_resume(cfg, out_dir, fp, tokenizer_name, docs, num_proc)
+    tokenizer, writers, skip, stream = start_or_resume(cfg, work_dir, fp, tokenizer_name, docs, num_proc)
     dtype = writers["train"].dtype
-    save = lambda next_piece: save_resume_state(out_dir, fp, tokenizer, dtype, next_piece, writers)  # noqa: E731
+    save = lambda next_piece: save_resume_state(work_dir, fp, tokenizer, dtype, next_piece, writers)  # noqa: E731
     save(skip)
     print(f"tokenizer {tokenizer_name} (vocab {tokenizer.vocab_size}, {dtype.name} tokens), {num_proc} process(es), "
           f"shards of {cfg.shard_size:,} tokens")
     t_tokenize = time.time()
     all_text = local_files and all(file_kind(f) == "text" for f in local_files)  # else file sizes are not text sizes
     total_bytes = sum(map(os.path.getsize, local_files)) if all_text and not skip else None
-    docs_per_split, stats = tokenize_into_shards(stream, skip, tokenizer, writers, save, cfg, num_proc, total_bytes)
+    try:
+        docs_per_split, stats = tokenize_into_shards(stream, skip, tokenizer, writers, save, cfg, num_proc,
+                                                     total_bytes)
+        if not stats["text"]:
+            raise UserError(f"the source ({cfg.source or cfg.hf or cfg.name}) holds no text")
+        for split in ("train", "val") + (("test",) if cfg.test_source else ()):
+            if split not in writers or writers[split].num_tokens == 0:
+                raise UserError(f"the {split} split came out empty: "
+                                f"{empty_split_advice(split, cfg, recipe, val_fraction)}")
+    except UserError as e:
+        # the source or the settings must change before this can succeed, and then the run starts over: the shards
+        # written so far are no use to anyone
+        if not isinstance(e, ReadInterrupted):
+            discard(work_dir)
+        raise
     t_tokenize = time.time() - t_tokenize
-
-    if not stats["text"]:
-        raise UserError(f"the source ({cfg.source or cfg.hf or cfg.name}) holds no text")
-    for split in ("train", "val") + (("test",) if cfg.test_source else ()):
-        if split not in writers or writers[split].num_tokens == 0:
-            raise UserError(f"the {split} split came out empty: {empty_split_advice(split, cfg, recipe, val_fraction)}")
     for w in writers.values():
         w.close()
     meta = {
@@ -896,10 +943,8 @@ def prepare(cfg, recipe, out_dir, val_fraction, tokenizer_name, num_proc, t0):
                    "characters": stats["characters"], "documents": docs_per_split},
         "prepare": {"val_fraction": val_fraction, "seed": cfg.seed, "shard_size": cfg.shard_size},
     }
-    write_json(os.path.join(out_dir, "meta.json"), meta)
-    for name in os.listdir(out_dir):  # finished: nothing left to resume
-        if name == "resume.json" or name.startswith("resume-"):
-            os.remove(os.path.join(out_dir, name))
+    write_json(os.path.join(work_dir, "meta.json"), meta)
+    publish(work_dir, out_dir, meta)
 
     for split, w in writers.items():
         print(f"{split}: {w.num_tokens:,} tokens in {len(w.shards)} shard(s)")

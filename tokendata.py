@@ -161,7 +161,8 @@ class Dataset:
         return [Shard(p, headered=self.prepared or None, vocab_size=self.meta["vocab_size"]) for p in paths]
 
 
-PREPARE_FILES = r"(train|val|test)_\d{6}\.bin|resume\.json|resume-.*\.part"  # names only prepare.py writes
+UNFINISHED_DIR = "unfinished"  # where prepare.py writes a dataset until it is whole, then moves it up
+PREPARE_FILES = r"(train|val|test)_\d{6}\.bin|resume\.json|resume-.*\.part|" + UNFINISHED_DIR  # only prepare.py's
 
 
 def read_meta(path):

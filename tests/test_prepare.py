@@ -115,7 +115,7 @@ def test_resume_after_kill_gives_same_bytes(tmp_path, sig):
     stderr = open(tmp_path / "stderr.txt", "w")  # a file: a pipe nobody reads could fill and block the run
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, "prepare.py"), *args], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
-    state_path = tmp_path / "data/docs/resume.json"
+    state_path = tmp_path / "data/docs/unfinished/resume.json"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         try:
@@ -132,16 +132,16 @@ def test_resume_after_kill_gives_same_bytes(tmp_path, sig):
         printed = (tmp_path / "stderr.txt").read_text()
         assert proc.returncode == 130 and printed.endswith("\ninterrupted\n") and "Traceback" not in printed, printed
     # what a kill in the middle of writing a shard leaves (the kill above lands there only sometimes)
-    (tmp_path / "data/docs/train_000099.bin.tmp4242").write_bytes(b"half a shard")
+    (tmp_path / "data/docs/unfinished/train_000099.bin.tmp4242").write_bytes(b"half a shard")
     kept = json.loads(state_path.read_text())["splits"]["train"]["shards"]
-    kept_mtimes = {s["file"]: os.path.getmtime(tmp_path / "data/docs" / s["file"]) for s in kept}
+    kept_mtimes = {s["file"]: os.path.getmtime(tmp_path / "data/docs/unfinished" / s["file"]) for s in kept}
 
     resumed = run_script("prepare.py", *args, cwd=tmp_path)
     assert "resuming: " in resumed.stdout
     assert shard_bytes(tmp_path / "data/docs") == shard_bytes(tmp_path / "clean/docs")
     assert (tmp_path / "data/docs/meta.json").read_text() == (tmp_path / "clean/docs/meta.json").read_text()
     assert {f: os.path.getmtime(tmp_path / "data/docs" / f) for f in kept_mtimes} == kept_mtimes  # not rewritten
-    assert not [p for p in os.listdir(tmp_path / "data/docs") if "resume" in p or ".tmp" in p]
+    assert not [p for p in os.listdir(tmp_path / "data/docs") if "resume" in p or ".tmp" in p or "unfinished" in p]
 
 
 def test_uint32_vocabulary(tmp_path):
@@ -351,7 +351,8 @@ def test_bad_input(tmp_path, case):
                  "good.txt.gz is gzip-compressed, not text; decompress it first (gunzip -k good.txt.gz) and point "
                  "--source at the result"),
         "tokenizer_typo": (["--source=good.txt", "--tokenizer=chars"],
-                           "tokenizer='chars' is neither 'char' (one id per character) nor a tiktoken encoding (gpt2, "),
+                           "tokenizer='chars' is neither 'char' (one id per character) nor a tiktoken encoding "
+                           "(gpt2, "),
     }[case]
     if case == "parquet_column":
         import pyarrow as pa
@@ -367,8 +368,7 @@ def test_bad_input(tmp_path, case):
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()[-1]) > 20
     assert not (tmp_path / "data/mine/meta.json").exists()
-    if case != "empty_test_source":  # the others fail before a token is written
-        assert not (tmp_path / "data/mine").exists()
+    assert not (tmp_path / "data/mine").exists()  # nothing half-written, nothing that looks resumable
     if case == "val_fraction":  # every problem at once
         assert "val_fraction=1.5 must be between 0 and 1" in proc.stderr
     if case == "tokenizer_typo":
@@ -390,18 +390,33 @@ def test_test_source_alone_keeps_carving_val(tmp_path, shakespeare_path):
     assert "".join(chars[i] for i in split_tokens(tmp_path / "data/with_test", "test")) == test_text
 
 
-@pytest.mark.parametrize("failure", ["typo", pytest.param("no_bpe_files", marks=needs_bpe)])
+FAILURES = ["typo", "no_bpe_files", "undecodable", "no_text", "empty_split", "bad_json_line"]
+
+
+@pytest.mark.parametrize("failure", [f if f == "typo" else pytest.param(f, marks=needs_bpe) for f in FAILURES])
 def test_failed_rerun_keeps_the_finished_dataset(tmp_path, shakespeare_path, failure):
-    """A re-run that fails before it has a tokenizer and a readable source (a mistyped --source, BPE files missing
-    offline) leaves the dataset already there complete, meta.json included."""
+    """A re-run that fails leaves the dataset already there complete, meta.json included: before it has a tokenizer and
+    a readable source (a mistyped --source, BPE files missing offline), or on the content of the source, found while
+    tokenizing (GPT-2 BPE reads the text once): an undecodable byte megabytes in, no text, a split that comes out
+    empty, a bad JSON line after the first. The same run into a new folder leaves no folder behind."""
     tokenizer = "--tokenizer=char" if failure == "typo" else "--tokenizer=gpt2"
+    (tmp_path / "no_cache").mkdir()
+    (tmp_path / "bad.txt").write_bytes(b"fine text\n" * 300_000 + b"caf\xe9\n")
+    (tmp_path / "blank.txt").write_text(" \n\n  \n")
+    (tmp_path / "one.txt").write_text("a")
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n' * 50_000 + '{"text": \n')
+    source, env = {"typo": ("shakespere.txt", None),
+                   "no_bpe_files": (shakespeare_path, {"TIKTOKEN_CACHE_DIR": str(tmp_path / "no_cache")}),
+                   "undecodable": ("bad.txt", None), "no_text": ("blank.txt", None),
+                   "empty_split": ("one.txt", None), "bad_json_line": ("bad.jsonl", None)}[failure]
+    failing = [f"--source={source}", tokenizer, "--num_proc=1", "--shard_size=100000"]
+    proc = run_script("prepare.py", "fresh", *failing, cwd=tmp_path, check=False, env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "data/fresh").exists()
+
     run_script("prepare.py", "mine", f"--source={shakespeare_path}", tokenizer, "--num_proc=1", cwd=tmp_path)
     before = {p.name: p.read_bytes() for p in (tmp_path / "data/mine").iterdir()}
-    (tmp_path / "no_cache").mkdir()
-    source, env = (("shakespere.txt", None) if failure == "typo" else
-                   (shakespeare_path, {"TIKTOKEN_CACHE_DIR": str(tmp_path / "no_cache")}))
-    proc = run_script("prepare.py", "mine", f"--source={source}", tokenizer, "--num_proc=1", cwd=tmp_path,
-                      check=False, env=env)
+    proc = run_script("prepare.py", "mine", *failing, cwd=tmp_path, check=False, env=env)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert {p.name: p.read_bytes() for p in (tmp_path / "data/mine").iterdir()} == before
 
@@ -414,10 +429,12 @@ def test_undecodable_bytes_replaced_on_request(tmp_path):
     assert "\ufffd" in meta["tokenizer"]["chars"]
 
 
-HARD_STARTS = [" ", "  ", "\t", "", "", " =", " 12", "'s", " '", "\u00a0", " e\u0301t\u00e9", "\r\n", "\n", "_", "\u3000"]
+HARD_STARTS = [" ", "  ", "\t", "", "", " =", " 12", "'s", " '", "\u00a0", " e\u0301t\u00e9", "\r\n", "\n", "_",
+               "\u3000"]
 HARD_WORDS = ["word", "The", "don't", "it'S", "42", "3.14", "!!", "\u00e9t\u00e9", "e\u0301", "\u4e2d\u6587", " ", "  ",
-              "x_1", "1234567", "\u4e2d\u6587\u3002", "\u4e2d\uff0c\u6587", "\u3001", "a+b/c==", "\u0928\u092e\u0938\u094d\u0924\u0947",
-              "Ⅻ½", "\u2019s", "HTTPServer", "\U0001f600", "\ue000", "\u0378", "\x1c", "\x85", "/n"]
+              "x_1", "1234567", "\u4e2d\u6587\u3002", "\u4e2d\uff0c\u6587", "\u3001", "a+b/c==",
+              "\u0928\u092e\u0938\u094d\u0924\u0947", "Ⅻ½", "\u2019s", "HTTPServer", "\U0001f600", "\ue000",
+              "\u0378", "\x1c", "\x85", "/n"]
 
 
 def hard_text(n, seed=0):

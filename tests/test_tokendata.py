@@ -129,3 +129,12 @@ def test_edited_meta_json_refused(tmp_path, edit, message):
     (tmp_path / "meta.json").write_text(edited if isinstance(edited, str) else json.dumps(edited))
     with pytest.raises(UserError, match=re.escape(message)):
         Dataset(str(tmp_path))
+
+
+def test_first_preparation_still_running_is_unfinished(tmp_path):
+    """prepare.py writes a dataset into unfinished/ until it is whole: a folder holding only that (a first run, killed)
+    is an unfinished preparation, named as one, not a folder with no data."""
+    (tmp_path / "unfinished").mkdir()
+    write_tokens(str(tmp_path / "unfinished/train_000000.bin"), np.arange(100) % 10)
+    with pytest.raises(UserError, match="unfinished preparation"):
+        Dataset(str(tmp_path))
