@@ -194,7 +194,7 @@ def run(main, cls, validate=None, argv=None):
     The entry point of every script: parse argv into `cls`, check it with validate(cfg) -> [problems] (all of them
     reported at once), then call main(cfg, sources). Any UserError becomes one line on stderr and exit code 2, and
     Ctrl-C's KeyboardInterrupt one line and the shell's code for it, 130 (what main was writing has been cleaned up on
-    the way out, as for any other exception).
+    the way out, as for any other exception; main may raise its own KeyboardInterrupt saying what to do next).
     """
     try:
         cfg, sources = parse(cls, sys.argv[1:] if argv is None else argv)
@@ -206,6 +206,6 @@ def run(main, cls, validate=None, argv=None):
         # one write: under torchrun, where every rank may say the same, print's two (text, newline) interleave
         sys.stderr.write(f"error: {e}\n")
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"\ninterrupted{f': {e}' if str(e) else ''}", file=sys.stderr)
         sys.exit(130)

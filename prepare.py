@@ -882,14 +882,26 @@ def main(cfg, sources):
     work_dir = os.path.join(out_dir, UNFINISHED_DIR)  # the new dataset, until it is whole: the old one stays usable
     new_dir = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         prepare(cfg, recipe, out_dir, work_dir, val_fraction, tokenizer_name, num_proc, t0)
-    except BaseException:
-        if not finished_shards(work_dir):  # nothing a re-run could keep: no folder that looks resumable
+    except BaseException as e:
+        kept = finished_shards(work_dir)
+        if not kept:  # nothing a re-run could keep: no folder that looks resumable
             discard(work_dir)
         if new_dir and not os.listdir(out_dir):  # nothing came of it: no empty dataset folder left behind
             os.rmdir(out_dir)
+        if isinstance(e, KeyboardInterrupt):
+            advice = (f"{kept} finished shard(s) kept in {work_dir}; run the same command again to resume from there"
+                      if kept else "no shard was finished yet; run the same command again to start over")
+            raise KeyboardInterrupt(advice) from None
         raise
+
+
+def stop_on_sigterm(signum, frame):
+    """kill, timeout and Slurm send SIGTERM, often to this process alone: stop as Ctrl-C does (workers stopped,
+    one line, resumable), not with this process gone and each orphaned worker printing a broken pipe's traceback."""
+    raise KeyboardInterrupt
 
 
 def prepare(cfg, recipe, out_dir, work_dir, val_fraction, tokenizer_name, num_proc, t0):
