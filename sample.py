@@ -11,6 +11,7 @@ stdout; everything else to stderr, so `> out.txt` keeps just the text.
 """
 
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ class SampleConfig:
     num_beams: int = 1  # beam search with this many beams (deterministic; sampling settings unused); 1: sampling
     length_penalty: float = 1.0  # beam search: scores are log-probability / length**length_penalty; > 0 favours long
     early_stopping: bool = True  # beam search: end once num_beams hypotheses have ended, not at max_new_tokens
-    stop: str = ""  # a string that ends a sample, or a JSON list of strings and token ids: '["\n\n", 50256]'
+    stop: str = ""  # a string that ends a sample (\n: newline, \t: tab), or a JSON list of strings and token ids: '["\n\n", 50256]'
     stream: bool = False  # print the first sample as it is generated, the others when all are done (no beam search)
     compile: bool = False  # decode through torch.compile and a static KV cache (CUDA graphs on GPU): the first call compiles, long generations then run faster
     verbose: bool = False  # report the generation speed at the end
@@ -46,10 +47,16 @@ class SampleConfig:
     dtype: str = "auto"  # 'auto', 'float32', 'bfloat16', 'float16'
 
 
+ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
 def parse_stop(stop):
-    """--stop as (strings, token ids): a JSON list of strings and ints, or one plain string."""
+    r"""
+    --stop as (strings, token ids): a JSON list of strings and ints, or one plain string, in which \n, \t and \\ are
+    a newline, a tab and a backslash (a shell passes --stop="\n\n" as backslashes, which no sample would contain).
+    """
     if not stop.startswith("["):
-        return ([stop] if stop else []), []
+        return ([re.sub(r"\\([nt\\])", lambda m: ESCAPES[m.group(1)], stop)] if stop else []), []
     try:
         items = json.loads(stop)
     except json.JSONDecodeError as e:
@@ -122,6 +129,11 @@ def main(cfg, sources):
     if outside:
         raise UserError(f"--stop={cfg.stop}: token id {outside[0]} is not in this model's vocabulary of "
                         f"{tokenizer.vocab_size} ids (0 to {tokenizer.vocab_size - 1}); no sample could end on it")
+    for text in strings:  # a character-level model cannot write a character it never saw
+        try:
+            tokenizer.encode(text)
+        except UserError as e:
+            raise UserError(f"--stop: no sample could ever end on {text!r}: {e}") from None
     if tokenizer.eot_id is not None:
         stop_ids.append(tokenizer.eot_id)  # a sample ends where its document would
     stop = Stop(stop_ids, strings, tokenizer.decode)

@@ -86,6 +86,14 @@ def test_compiled_decoding_gives_the_same_text(out_dir):
     assert "compiled" in out.stderr
 
 
+def test_stop_escapes():
+    """A shell hands --stop="\\n\\n" over as backslashes and n's: they mean newlines (in a JSON list, JSON says so)."""
+    from sample import parse_stop
+    assert parse_stop(r"\n\n") == (["\n\n"], [])
+    assert parse_stop(r"a\tb\\n") == (["a\tb\\n"], [])  # an escaped backslash stays one backslash, before an n
+    assert parse_stop(r'["\n\n", 50256]') == (["\n\n"], [50256])
+
+
 @pytest.mark.parametrize("args, message", [
     (["--start="], "the prompt is empty and this tokenizer has no end-of-text token"),
     (["--start=ROMEO#"], "characters outside this model's"),
@@ -97,6 +105,7 @@ def test_compiled_decoding_gives_the_same_text(out_dir):
     (["--stop=[\"\\n\", 59]"], "token id 59 is not in this model's vocabulary of 59 ids (0 to 58)"),
     (["--stop=[-1]"], "token id -1 is not in this model's vocabulary"),
     (["--stop=[\"\"]"], "an empty string would never stop a sample"),
+    (["--stop=END@"], "no sample could ever end on 'END@': text has characters outside this model's"),
 ])
 def test_bad_input(out_dir, args, message):
     (out_dir / "latin1.txt").write_bytes("café".encode("latin-1"))
