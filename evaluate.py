@@ -66,7 +66,8 @@ def validate(cfg):
     if cfg.task not in ("perplexity", "hellaswag", "val_loss"):
         problems.append(f"task={cfg.task!r}: expected perplexity, hellaswag or val_loss")
     if cfg.task == "perplexity" and bool(cfg.text) == bool(cfg.dataset):
-        problems.append("perplexity needs one of --text=FILE or --dataset=NAME")
+        problems.append("perplexity needs one of --text=FILE or --dataset=NAME" +
+                        (f", not both (--text={cfg.text}, --dataset={cfg.dataset})" if cfg.text else ""))
     problems += configurator.too_small(cfg, ("block_size", "stride", "max_items"), 0)
     if cfg.block_size and cfg.stride > cfg.block_size:
         problems.append(f"stride={cfg.stride} is longer than the window block_size={cfg.block_size}: tokens "

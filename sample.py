@@ -70,7 +70,7 @@ def parse_stop(stop):
 
 def validate(cfg):
     problems = configurator.too_small(cfg, ("max_new_tokens", "num_samples", "num_beams"), 1)
-    problems += configurator.too_small(cfg, ("temperature", "top_k"), 0)
+    problems += configurator.too_small(cfg, ("temperature", "top_k", "seed"), 0)
     if not 0.0 < cfg.top_p <= 1.0:
         problems.append(f"top_p={cfg.top_p} must be in (0, 1]")
     if cfg.num_beams > 1 and cfg.num_samples > cfg.num_beams:

@@ -164,6 +164,7 @@ def test_ranks_split_the_work(out_dir):  # noqa: F811
     # its endings' first tokens would have nothing before them: NaN scores, and argmin picking ending 0
     (["--task=hellaswag", "--source=hs/no_ctx.jsonl"], "has an empty ctx, and this model's tokenizer has no end-of"),
     (["--dataset=no_such_data"], "python prepare.py no_such_data"),
+    (["--text=verse.txt", "--dataset=shakespeare_char"], "one of --text=FILE or --dataset=NAME, not both"),
 ])
 def test_bad_input(out_dir, args, message):  # noqa: F811
     (out_dir / "verse.txt").write_text("ROMEO:\n")

@@ -105,6 +105,7 @@ def test_stop_escapes():
     (["--stop=[\"\\n\", 59]"], "token id 59 is not in this model's vocabulary of 59 ids (0 to 58)"),
     (["--stop=[-1]"], "token id -1 is not in this model's vocabulary"),
     (["--stop=[\"\"]"], "an empty string would never stop a sample"),
+    (["--seed=-1"], "seed=-1 cannot be negative"),
     (["--stop=END@"], "no sample could ever end on 'END@': text has characters outside this model's"),
 ])
 def test_bad_input(out_dir, args, message):
