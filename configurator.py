@@ -172,7 +172,11 @@ def parse(cls, argv, prog=None):
                 arg = beside if os.path.exists(beside) else arg
             for key, value in _read_config_file(arg).items():
                 if key not in hints:
-                    raise ConfigError(f"{arg}: unknown key {key!r}{_closest(key, known)}")
+                    close = _closest(key, known)
+                    # config/ holds train.py's files: sample.py and evaluate.py take the run's out_dir instead
+                    other = "" if close or "max_iters" in known else (
+                        f"; a config for train.py? give {os.path.basename(sys.argv[0])} the run's --out_dir instead")
+                    raise ConfigError(f"{arg}: unknown key {key!r}{close}{other}")
                 values[key] = _check_value(key, value, hints[key], arg)
                 sources[key] = arg
         else:

@@ -1,5 +1,6 @@
 """sample.py through its real command line, on a tiny char-level checkpoint the test writes itself."""
 
+import os
 import sys
 import types
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from checkpoint import save_checkpoint
-from conftest import run_script
+from conftest import REPO, run_script
 from generate import generate
 from model import GPT, GPTConfig
 
@@ -106,6 +107,7 @@ def test_stop_escapes():
     (["--stop=[-1]"], "token id -1 is not in this model's vocabulary"),
     (["--stop=[\"\"]"], "an empty string would never stop a sample"),
     (["--seed=-1"], "seed=-1 cannot be negative"),
+    ([os.path.join(REPO, "config/train_shakespeare_char.py")], "a config for train.py? give sample.py the run's --out_dir"),
     (["--stop=END@"], "no sample could ever end on 'END@': text has characters outside this model's"),
 ])
 def test_bad_input(out_dir, args, message):
