@@ -325,7 +325,7 @@ class StopFlag:
 
     def __init__(self, say_now=None):
         self.signal, self.say_now = None, say_now
-        self._replaced = {}
+        self._replaced, self._leaving = {}, False
 
     def __enter__(self):
         for name in ("SIGTERM", "SIGUSR1", "SIGINT"):
@@ -334,9 +334,19 @@ class StopFlag:
                 self._replaced[sig] = signal.signal(sig, self._handle)
         return self
 
+    def leaving(self):
+        """
+        The ranks have agreed to stop and rank 0 has saved: from here until the process ends, SIGTERM and SIGUSR1 are
+        ignored. `srun --kill-on-bad-exit` (slurm/train.sbatch) sends SIGTERM to the ranks still running once the
+        first has exited with code 3; by default that would kill them, and srun would then return 143, not the 3
+        the script requeues on.
+        """
+        self._leaving = True
+
     def __exit__(self, *exc):
         for sig, handler in self._replaced.items():
-            signal.signal(sig, handler)
+            leaving = self._leaving and sig in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None))
+            signal.signal(sig, signal.SIG_IGN if leaving else handler)
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
@@ -838,6 +848,8 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
                 again = ("the same command" if cfg.init_from in ("auto", "resume") else
                          "the same command with --init_from=auto")  # from scratch, it would refuse this out_dir
                 exit_code = EXIT_INTERRUPTED if stop.signal == "SIGINT" else EXIT_REQUEUE
+                if launch.distributed:  # the launcher may signal the ranks that have not exited yet
+                    stop.leaving()
                 say(f"exiting with code {exit_code}: run {again} to resume" +
                     (" (slurm/train.sbatch requeues itself)" if exit_code == EXIT_REQUEUE else ""))
                 break

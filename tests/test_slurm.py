@@ -122,7 +122,17 @@ def test_sbatch_job(cluster, srun_reference):
 
 
 def test_preempted_job_requeues_and_resumes_exactly(cluster, srun_reference):
+    """Also with rank 1 slow to exit (on a real cluster, NCCL's teardown can take seconds): the batch script's
+    `srun --kill-on-bad-exit` signals it once rank 0 has exited with code 3, and that must not turn its code into
+    143 (killed by SIGTERM), which the script would not requeue."""
     work, env = cluster
+    slow_exit = work / "slow_exit"
+    slow_exit.mkdir(exist_ok=True)
+    (slow_exit / "sitecustomize.py").write_text(
+        "import atexit, os, time\n"
+        "if os.environ.get('SLURM_PROCID') == '1':\n"
+        "    atexit.register(time.sleep, 3)\n")
+    env = dict(env, PYTHONPATH=os.pathsep.join(filter(None, [str(slow_exit), env.get("PYTHONPATH")])))
     job = sbatch(work, env, "preempt")
     log = work / "preempt/log.jsonl"
 

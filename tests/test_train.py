@@ -217,7 +217,8 @@ def test_earlier_run_is_never_overwritten(data_dir):  # noqa: F811
 
 def test_stop_flag_ctrl_c_twice(monkeypatch):
     """The first Ctrl-C asks for a save at the next step boundary; a second stops at once. The handlers that were
-    there before are back afterwards (pytest's own, here)."""
+    there before are back afterwards (pytest's own, here), except after leaving(): then SIGTERM and SIGUSR1 are
+    ignored."""
     import signal
     from train import StopFlag
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
@@ -230,6 +231,16 @@ def test_stop_flag_ctrl_c_twice(monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert {sig: signal.getsignal(sig) for sig in before} == before
+    # once the ranks have agreed to stop, a launcher's SIGTERM to the ranks still exiting must not kill them
+    try:
+        with StopFlag() as stop:
+            stop.leaving()
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert signal.getsignal(signal.SIGINT) == before[signal.SIGINT]
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def test_stop_with_nothing_new_to_save(data_dir):  # noqa: F811
