@@ -34,14 +34,12 @@ import torch
 from tqdm import tqdm
 
 import configurator
+import hellaswag
 from configurator import UserError
 from distributed import (all_reduce_sum, cleanup_distributed, detect_launch, fast_kernels, init_distributed,
                          pick_device, pick_dtype)
 from inference import load_model, read_text
 from tokendata import Dataset, dataset_dir, first_tokens, window_batch, windows
-
-HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
-
 
 @dataclass
 class EvalConfig:
@@ -137,97 +135,22 @@ def open_dataset(name, data_root, tokenizer):
     return data
 
 
-def hellaswag_items(path):
-    """(context, endings, label) of each item of a HellaSwag jsonl file; anything else is refused by its line number."""
-    items = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-                context, endings, label = item["ctx"], item["endings"], int(item["label"])
-                if not (isinstance(context, str) and isinstance(endings, list) and len(endings) >= 2
-                        and all(isinstance(e, str) for e in endings) and 0 <= label < len(endings)):
-                    raise ValueError
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
-                raise UserError(f"{path}:{n} is not a HellaSwag item: expected a JSON object with ctx (text), "
-                                "endings (a list of 2 or more texts) and label (the index of the right ending)") \
-                    from None
-            items.append((context, endings, label))
-    if not items:
-        raise UserError(f"{path} holds no HellaSwag items")
-    return items
-
-
-def hellaswag_path(cfg):
+def hellaswag_task(cfg, model, tokenizer, device, autocast, launch, say):
     if cfg.source:
         if not os.path.isfile(cfg.source):
             raise UserError(f"--source={cfg.source} " +
                             ("is a folder: name the validation jsonl file in it" if os.path.isdir(cfg.source)
                              else "does not exist"))
-        return cfg.source
-    path = os.path.join(cfg.data_root, "hellaswag", "hellaswag_val.jsonl")
-    if not os.path.exists(path):
-        from prepare import download
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        download(HELLASWAG_URL, path)
-    return path
-
-
-@torch.no_grad()
-def hellaswag_scores(model, tokenizer, items, device, autocast):
-    """
-    For each (context, endings, label): (summed NLL, mean NLL) of every ending given the context, as (items, most
-    endings) tensors; an item with fewer endings than the most has inf in the places it lacks, which argmin passes by.
-    """
-    rows, spans = [], []
-    for context, endings, _ in items:
-        ctx = tokenizer.encode(context)
-        if not ctx:  # an ending's first token needs something before it: end-of-text, a document's start
-            if tokenizer.eot_id is None:
-                raise UserError(f"a HellaSwag item has an empty ctx, and this model's tokenizer has no end-of-text "
-                                f"token to stand for it: give it a context (ending {endings[0]!r})")
-            ctx = [tokenizer.eot_id]
-        for ending in endings:
-            end = tokenizer.encode(" " + ending)  # the space joins the ending to the context, as GPT-2 saw text
-            seq = (ctx + end)[-(model.config.block_size + 1):]  # keep the ending; crop the context on the left
-            rows.append(seq)
-            spans.append(min(len(end), len(seq) - 1))  # a first token with no context before it cannot be scored
-    T = max(len(r) for r in rows) - 1
-    x = torch.zeros(len(rows), T, dtype=torch.long)
-    y = torch.full((len(rows), T), -1, dtype=torch.long)
-    for i, (seq, n) in enumerate(zip(rows, spans)):
-        x[i, :len(seq) - 1] = torch.tensor(seq[:-1])
-        y[i, len(seq) - 1 - n:len(seq) - 1] = torch.tensor(seq[-n:])  # only the ending's tokens count
-    with autocast:
-        nll = token_nll(model, x.to(device), y.to(device)).sum(dim=1).cpu()
-    mean = nll / torch.tensor(spans, dtype=torch.float32)
-    counts = [len(endings) for _, endings, _ in items]
-    totals, means = torch.full((2, len(items), max(counts)), math.inf)
-    item = torch.repeat_interleave(torch.arange(len(items)), torch.tensor(counts))
-    ending = torch.cat([torch.arange(c) for c in counts])
-    totals[item, ending], means[item, ending] = nll, mean
-    return totals, means
-
-
-def hellaswag(cfg, model, tokenizer, device, autocast, launch, say):
-    items = hellaswag_items(hellaswag_path(cfg))
-    if cfg.max_items:
-        items = items[:cfg.max_items]
-    mine = items[launch.rank::launch.world_size]
-    counts = torch.zeros(3, dtype=torch.float64, device=device)  # correct by sum, correct by mean, items
-    for i in tqdm(range(0, len(mine), cfg.batch_size), desc="hellaswag", unit="batch", disable=not launch.is_master,
-                  file=sys.stderr):
-        chunk = mine[i:i + cfg.batch_size]
-        total, mean = hellaswag_scores(model, tokenizer, chunk, device, autocast)
-        labels = torch.tensor([label for _, _, label in chunk])
-        counts += torch.tensor([(total.argmin(1) == labels).sum().item(), (mean.argmin(1) == labels).sum().item(),
-                                len(chunk)], dtype=torch.float64, device=device)
-    all_reduce_sum(counts, launch)
-    acc, acc_norm, n = counts[0].item() / counts[2].item(), counts[1].item() / counts[2].item(), int(counts[2].item())
-    say(f"hellaswag: {n:,} items | acc_norm (mean token loss) {acc_norm:.4f} | acc (summed loss) {acc:.4f}")
-    return {"task": "hellaswag", "items": n, "acc_norm": acc_norm, "acc": acc}
+        path = cfg.source
+    else:
+        path = hellaswag.fetch(hellaswag.default_path(cfg.data_root),
+                               "offline, point --source at a copy of hellaswag_val.jsonl")
+    items = hellaswag.read_items(path)[:cfg.max_items or None]
+    mine = hellaswag.tokenize(items[launch.rank::launch.world_size], tokenizer, path)
+    result = hellaswag.accuracy(model, mine, cfg.batch_size, device, autocast, launch, progress=launch.is_master)
+    say(f"hellaswag: {result['items']:,} items | acc_norm (mean token loss) {result['acc_norm']:.4f} | "
+        f"acc (summed loss) {result['acc']:.4f}")
+    return {"task": "hellaswag", **result}
 
 
 def val_loss(cfg, model, tokenizer, train_config, device, autocast, launch, say):
@@ -276,7 +199,7 @@ def evaluate(cfg, launch, device):
     if cfg.task == "perplexity":
         result = perplexity(cfg, model, tokenizer, device, autocast, launch, say)
     elif cfg.task == "hellaswag":
-        result = hellaswag(cfg, model, tokenizer, device, autocast, launch, say)
+        result = hellaswag_task(cfg, model, tokenizer, device, autocast, launch, say)
     else:
         result = val_loss(cfg, model, tokenizer, train_config, device, autocast, launch, say)
     say(json.dumps({**result, "model": cfg.init_from if cfg.init_from != "resume" else cfg.out_dir}))

@@ -141,7 +141,7 @@ def validate(cfg):
 def download(url, path):
     """Fetch url to path (atomically); a clear error offline."""
     print(f"downloading {url}")
-    tmp = path + ".tmp"
+    tmp = f"{path}.tmp{os.getpid()}"  # several ranks may fetch the same file at once: each into its own
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
             total = int(response.headers.get("Content-Length") or 0) or None

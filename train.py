@@ -28,6 +28,7 @@ import torch
 import torch.distributed
 
 import configurator
+import hellaswag
 from checkpoint import (Writer, load_checkpoint, model_from_checkpoint, save_training_checkpoint, snapshot,
                         step_checkpoints)
 from configurator import UserError
@@ -36,6 +37,7 @@ from distributed import (ATTENTION_CHOICES, DTYPES, all_reduce_sum, cleanup_dist
 from hf import GPT2_NAMES, check_dataset_tokenizer, load_hf_gpt2
 from model import GPT, GPTConfig, peak_flops_for
 from tokendata import BatchSampler, Dataset, dataset_dir, first_tokens, window_batch, windows
+from tokenizer import tokenizer_from_meta
 
 # exit code after saving on SIGTERM/SIGUSR1 or max_runtime: "not finished, run me again" (slurm/train.sbatch requeues)
 EXIT_REQUEUE = 3
@@ -51,6 +53,8 @@ class TrainConfig:
     eval_iters: int = 200  # random batches per split in each evaluation (the same ones every time)
     eval_tokens: int = 0  # instead of eval_iters: each split's first eval_tokens tokens (all of a smaller split), every one predicted once in consecutive windows of block_size; exact, and cheaper where the split is small
     eval_batch_size: int = 0  # most sequences per evaluation forward pass, a multiple of batch_size (0: batch_size); the same sequences are evaluated whatever it is, fewer passes are faster
+    hellaswag: bool = False  # at each evaluation, also score HellaSwag (acc_norm, as GPT-2 is compared): its validation jsonl, downloaded into data_root/hellaswag/ once (offline: put it there), spread over the ranks
+    hellaswag_items: int = 0  # score the first N items only; 0: all 10,042
     eval_only: bool = False  # evaluate once, print the losses (the last line is JSON) and exit, writing nothing to out_dir
     log_interval: int = 1  # steps between log lines
     always_save_checkpoint: bool = True  # save at every eval, not only when val loss improves
@@ -132,7 +136,7 @@ def validate(cfg):
     if cfg.decay_lr and cfg.min_lr > cfg.learning_rate:  # unused without decay (nanoGPT's fine-tuning config)
         problems.append(f"min_lr={cfg.min_lr} is above learning_rate={cfg.learning_rate}")
     # a negative grad_clip or learning rate would not fail: it would turn the updates around, and the loss go up
-    problems += configurator.too_small(cfg, ("total_batch_size", "max_iters", "keep_last_n", "keep_every", "grad_clip",
+    problems += configurator.too_small(cfg, ("total_batch_size", "hellaswag_items", "max_iters", "keep_last_n", "keep_every", "grad_clip",
                                              "learning_rate", "min_lr", "weight_decay", "warmup_iters",
                                              "lr_decay_iters", "peak_flops", "seed"), 0)
     for key in ("beta1", "beta2"):
@@ -583,6 +587,30 @@ def start_wandb(cfg, run_id):
                         "`wandb login`, or set WANDB_MODE=offline to log locally, or drop --wandb_log") from None
 
 
+def hellaswag_items(cfg, tokenizer, launch, device, say):
+    """This rank's share of the HellaSwag items, tokenized, once at start-up. The first process of each node downloads
+    the file (one per node, whether data_root is shared or not); a failure anywhere stops every rank, as one."""
+    path = hellaswag.default_path(cfg.data_root)
+    error, mine = None, None
+    try:
+        if launch.local_rank == 0:
+            hellaswag.fetch(path, f"offline, put a copy of hellaswag_val.jsonl at {path}, or drop --hellaswag")
+    except UserError as e:
+        error = e
+    if not agree(int(error is not None), launch, device):
+        try:
+            items = hellaswag.read_items(path)[:cfg.hellaswag_items or None]
+            mine = hellaswag.tokenize(items[launch.rank::launch.world_size], tokenizer, path)
+            say(f"hellaswag: {len(items):,} items of {path}, scored at each evaluation")
+        except UserError as e:
+            error = e
+    if agree(int(error is not None), launch, device):
+        if error is not None:
+            raise UserError(f"--hellaswag: {error}")
+        raise SystemExit(2)  # another rank says why
+    return mine
+
+
 def main(cfg, sources):
     launch = detect_launch()
     device = init_distributed(launch, pick_device(cfg.device))
@@ -704,6 +732,8 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
 
     eval_sets, described = evaluation_sets({"train": train_shards, "val": val_shards}, cfg, launch, batch_to_device)
     say(described)
+    hellaswag_share = hellaswag_items(cfg, tokenizer_from_meta(data.meta), launch, device, say) if cfg.hellaswag \
+        else None
     peak = cfg.peak_flops or (peak_flops_for(torch.cuda.get_device_name(device)) if device_type == "cuda" else None)
     tokens_per_step = cfg.batch_size * cfg.block_size * grad_accum * launch.world_size
 
@@ -805,13 +835,22 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
                                                   lambda: stop.signal is not None)
                     if losses[split] is None:
                         break
+            if hellaswag_share is not None and losses and None not in losses.values():
+                raw_model.eval()  # uncompiled: its shapes change at every pass
+                with fast_kernels(device, "flash")[0]:  # not cuDNN's attention, which plans anew for every shape
+                    scored = hellaswag.accuracy(raw_model, hellaswag_share, cfg.batch_size, device, autocast, launch,
+                                                stopping=lambda: stop.signal is not None)
+                raw_model.train()
+                losses["hellaswag"] = scored and scored["acc_norm"]
             abandoned = None in losses.values()
             if abandoned:  # a stop signal on some rank: it is handled below, without this evaluation
                 say(f"step {step}: evaluation abandoned to stop")
                 last_eval, losses = None, {}  # not evaluated: a run resumed from this step evaluates it
             elif losses:
-                say(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                say(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}" +
+                    (f", hellaswag {losses['hellaswag']:.4f}" if "hellaswag" in losses else ""))
                 record = {"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
+                          **({"hellaswag": losses["hellaswag"]} if "hellaswag" in losses else {}),
                           "tokens": tokens_seen, "elapsed": time.time() - t_start, "time": time.time()}
                 log(record)
                 if cfg.eval_only:

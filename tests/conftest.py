@@ -51,6 +51,22 @@ def generated_text(n_chars=200_000, seed=0):
     return "".join(out)[:n_chars]
 
 
+def write_hellaswag(path, extra=()):
+    """HellaSwag-style items in words of tiny Shakespeare and of generated_text alike (a char model can write them),
+    one with three endings, then `extra` items; returns the path."""
+    import json
+    items = [{"ctx": "ROMEO:\nthe night is", "endings": ["sweet", "the the the", "death of love", "fair"], "label": 0},
+             {"ctx": "JULIET:\nwhat is in a", "endings": ["name", "of of", "kiss", "moon"], "label": 0},
+             {"ctx": "NURSE:\nthou shall not", "endings": ["be", "rose rose", "and to my"], "label": 2},
+             {"ctx": "ROMEO:\nmy love is", "endings": ["fair", "sword", "in that", "the moon"], "label": 3},
+             {"ctx": "TYBALT:\nthe sword", "endings": ["of death", "is", "with blood", "kiss"], "label": 2},
+             {"ctx": "JULIET:\ngood", "endings": ["night", "day", "heart", "stars"], "label": 1}, *extra]
+    os.makedirs(os.path.dirname(str(path)) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.write("".join(json.dumps(item) + "\n" for item in items))
+    return path
+
+
 @pytest.fixture
 def shakespeare_path(tmp_path):
     """tiny Shakespeare from ../shared/data when present, else generated text of similar character."""

@@ -104,9 +104,11 @@ def run_torchrun(tmp_path, *args, nproc=2):
 
 def test_two_ranks_equal_one_rank_with_accumulation(tmp_path, shakespeare_path):
     """The same training steps, and with eval_tokens the same evaluation (3,001 tokens: 94 windows, the last one
-    short, 47 a rank)."""
+    short, 47 a rank), HellaSwag's items shared out (3 a rank) included."""
+    from conftest import write_hellaswag
     prepare_tiny(tmp_path, shakespeare_path)
-    args = [*COMMON, "--batch_size=4", "--gradient_accumulation_steps=2", "--eval_tokens=3001"]
+    write_hellaswag(tmp_path / "data/hellaswag/hellaswag_val.jsonl")
+    args = [*COMMON, "--batch_size=4", "--gradient_accumulation_steps=2", "--eval_tokens=3001", "--hellaswag=True"]
     run_script("train.py", *args, "--out_dir=one", cwd=tmp_path)
     out = run_torchrun(tmp_path, *args, "--out_dir=two")
     assert "launch: torchrun, 2 process(es)" in out.stdout
@@ -118,7 +120,8 @@ def test_two_ranks_equal_one_rank_with_accumulation(tmp_path, shakespeare_path):
     evals = {}
     for run in ("one", "two"):
         with open(tmp_path / run / "log.jsonl") as f:
-            evals[run] = [(r["step"], r["train_loss"], r["val_loss"]) for r in map(json.loads, f) if "val_loss" in r]
+            evals[run] = [(r["step"], r["train_loss"], r["val_loss"], r["hellaswag"])
+                          for r in map(json.loads, f) if "val_loss" in r]
     assert [e[0] for e in evals["two"]] == [0, 10]
     assert np.allclose(evals["one"], evals["two"], rtol=0, atol=1e-5), evals
 

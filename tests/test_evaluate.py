@@ -108,6 +108,20 @@ def test_hellaswag_items_written_here(out_dir):  # noqa: F811
     assert result["acc_norm"] == pytest.approx(by_mean / 4) and result["acc"] == pytest.approx(by_sum / 4)
 
 
+def test_hellaswag_stops_when_asked():
+    """train.py's Ctrl-C: asked between passes, a true stopping() abandons the scoring (None), on every rank alike."""
+    import hellaswag
+    from tokenizer import CharTokenizer
+    tokenizer = CharTokenizer("abcdefghij ")
+    items = [("abc", ["def", "ghi"], 0, n) for n in range(6)]
+    mine, model = hellaswag.tokenize(items, tokenizer, "items"), tiny()
+    off = torch.autocast("cpu", enabled=False)
+    asked = []
+    result = hellaswag.accuracy(model, mine, 2, "cpu", off, SINGLE, stopping=lambda: asked.append(1) or len(asked) > 1)
+    assert result is None and len(asked) == 2  # one pass scored, then abandoned
+    assert hellaswag.accuracy(model, mine, 2, "cpu", off, SINGLE, stopping=lambda: False)["items"] == 6
+
+
 @pytest.mark.parametrize("evaluation", [["--eval_iters=3"],
                                         ["--eval_iters=3", "--eval_tokens=5000", "--eval_batch_size=8"]])
 def test_val_loss_is_the_number_train_py_reported(tmp_path, evaluation):
@@ -163,6 +177,7 @@ def test_ranks_split_the_work(out_dir):  # noqa: F811
     (["--task=hellaswag", "--source=hs/label.jsonl"], "hs/label.jsonl:1 is not a HellaSwag item"),
     # its endings' first tokens would have nothing before them: NaN scores, and argmin picking ending 0
     (["--task=hellaswag", "--source=hs/no_ctx.jsonl"], "has an empty ctx, and this model's tokenizer has no end-of"),
+    (["--task=hellaswag", "--source=hs/oov.jsonl"], "hs/oov.jsonl:2: text has characters outside this model's"),
     (["--dataset=no_such_data"], "python prepare.py no_such_data"),
     (["--text=verse.txt", "--dataset=shakespeare_char"], "one of --text=FILE or --dataset=NAME, not both"),
 ])
@@ -175,6 +190,7 @@ def test_bad_input(out_dir, args, message):  # noqa: F811
     (out_dir / "hs/string.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({**good, "endings": "Ay me!"}))
     (out_dir / "hs/label.jsonl").write_text(json.dumps({**good, "label": 9}))
     (out_dir / "hs/no_ctx.jsonl").write_text(json.dumps({**good, "ctx": "", "endings": ["A", "B"]}))
+    (out_dir / "hs/oov.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({**good, "endings": ["Ay", "\u2603"]}))
     proc = run_script("evaluate.py", "--out_dir=out", "--device=cpu", *args, cwd=out_dir, check=False)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr

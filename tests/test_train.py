@@ -303,3 +303,27 @@ def test_wandb_that_cannot_start_is_one_line(data_dir, tmp_path):  # noqa: F811
     assert proc.returncode == 2 and "error: wandb could not start a run (" in proc.stderr, proc.stderr[-2000:]
     assert "WANDB_MODE=offline" in proc.stderr and "Traceback" not in proc.stderr
     assert not (data_dir / "out").exists()
+
+
+def test_hellaswag_at_each_evaluation(data_dir):  # noqa: F811
+    """--hellaswag scores the items at each evaluation: the accuracy logged at the last step is what evaluate.py
+    reports for the checkpoint of that step. An item the model's tokenizer cannot write stops the run at start-up,
+    named by its line, before any training."""
+    from conftest import write_hellaswag
+    path = write_hellaswag(data_dir / "data/hellaswag/hellaswag_val.jsonl")
+    run_script("train.py", *ARGS, "--max_iters=6", "--eval_interval=3", "--hellaswag=True", "--hellaswag_items=5",
+               "--out_dir=out", cwd=data_dir)
+    with open(data_dir / "out/log.jsonl") as f:
+        evaluations = [r for r in map(json.loads, f) if "val_loss" in r]
+    assert [r["step"] for r in evaluations] == [0, 3, 6] and all("hellaswag" in r for r in evaluations)
+    proc = run_script("evaluate.py", "--out_dir=out", "--task=hellaswag", f"--source={path}", "--max_items=5",
+                      "--device=cpu", "--batch_size=3", cwd=data_dir)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["items"] == 5 and result["acc_norm"] == pytest.approx(evaluations[-1]["hellaswag"])
+
+    write_hellaswag(path, extra=[{"ctx": "ROMEO:", "endings": ["a snowman \u2603", "night"], "label": 1}])
+    proc = run_script("train.py", *ARGS, "--max_iters=6", "--hellaswag=True", "--out_dir=out2", cwd=data_dir,
+                      check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "hellaswag_val.jsonl:7: text has characters outside this model's" in proc.stderr, proc.stderr
+    assert "step 1 |" not in proc.stdout and not (data_dir / "out2/ckpt.pt").exists()
