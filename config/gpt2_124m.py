@@ -7,7 +7,7 @@ out_dir = "out-gpt2-124m"
 wandb_run_name = "gpt2-124m"
 
 dataset = "openwebtext"
-batch_size = 12  # sequences per GPU per micro-step; raise it if memory allows (32 fits an 80 GB GPU)
+batch_size = 16  # sequences per GPU per micro-step, a power of two (it divides total_batch_size); 32 fits an 80 GB GPU
 block_size = 1024
 total_batch_size = 524288  # 2**19 tokens per optimizer step, about GPT-2's 0.5M; micro-steps are derived from it
 

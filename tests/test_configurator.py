@@ -1,7 +1,9 @@
+import os
 from dataclasses import dataclass
 
 import pytest
 
+from conftest import REPO
 from configurator import ConfigError, help_text, parse
 
 
@@ -63,3 +65,20 @@ def test_help_lists_every_key():
     for key in ("batch_size", "learning_rate", "compile", "out_dir", "decay_lr"):
         assert f"--{key}=" in text
     assert "sequences per step" in text
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(REPO, "config"))))
+def test_every_shipped_config_is_valid(name):
+    """Each config in config/ parses, passes train.py's checks, divides its batch on one process (and, where it sets
+    total_batch_size for a node of GPUs, on 8), and trains on a recipe prepare.py knows, the one its header says to
+    prepare."""
+    import prepare
+    import train
+    path = os.path.join(REPO, "config", name)
+    cfg, _ = parse(train.TrainConfig, [path])
+    assert train.validate(cfg) == []
+    for world_size in (1, 8) if cfg.total_batch_size else (1,):
+        train.micro_steps_per_rank(cfg, world_size)  # raises where total_batch_size does not divide
+    assert cfg.dataset in prepare.RECIPES
+    with open(path) as f:
+        assert f"python prepare.py {cfg.dataset}" in f.read()
