@@ -671,9 +671,12 @@ def shard_intact(work_dir, shard, dtype):
 
 def fingerprint(cfg, recipe, val_fraction):
     """What a resumed run must share with the interrupted one: every setting that changes the tokens, and the size
-    and modification time of each local source file."""
+    and modification time of each local source file, those of an --hf folder included."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("num_proc", "list")}
-    files = [[os.path.abspath(f), os.path.getsize(f), os.path.getmtime(f)] for f in all_source_files(cfg)]
+    local = all_source_files(cfg)
+    if cfg.hf and os.path.isdir(cfg.hf):  # a local copy of a Hub dataset (its hidden cache folders aside)
+        local += sorted(f for f in glob.glob(os.path.join(cfg.hf, "**", "*"), recursive=True) if os.path.isfile(f))
+    files = [[os.path.abspath(f), os.path.getsize(f), os.path.getmtime(f)] for f in local]
     return {"version": STATE_VERSION, "settings": settings, "val_fraction": val_fraction, "files": files,
             "recipe": asdict(recipe) if recipe else None}
 

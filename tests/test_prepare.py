@@ -283,6 +283,20 @@ def test_hf_local_folder(tmp_path):
         assert "".join(chars[i] if i != eot else "\0" for i in split_tokens(data, split)) == "\0".join(docs)
 
 
+def test_hf_local_folder_changes_are_noticed_on_resume(tmp_path, monkeypatch):
+    """A resumed --hf=<folder> run keeps the interrupted run's shards only while the folder's files are the same:
+    they are part of the resume fingerprint, as --source's files are."""
+    import prepare
+    monkeypatch.chdir(tmp_path)
+    os.makedirs(tmp_path / "local")
+    write_jsonl(tmp_path / "local/train.jsonl", stories(20, seed=1))
+    cfg = prepare.PrepareConfig(name="mine", hf="local", tokenizer="char")
+    before = prepare.fingerprint(cfg, None, 0.0)
+    assert prepare.fingerprint(cfg, None, 0.0) == before
+    write_jsonl(tmp_path / "local/train.jsonl", stories(21, seed=1))
+    assert prepare.fingerprint(cfg, None, 0.0) != before
+
+
 def test_name_like_a_recipe_gets_a_note(tmp_path):
     """Any name goes with --source, but one a letter away from a recipe is pointed out, with the tokenizer used (GPT-2
     BPE, not the recipe's characters); the run goes on either way."""
