@@ -75,7 +75,7 @@ def bench_sample(cfg, sources):
     autocast = torch.autocast(device_type=device_type, dtype=getattr(torch, dtype), enabled=(dtype != "float32"))
     name = torch.cuda.get_device_name(device) if device_type == "cuda" else f"{platform.processor() or 'cpu'}, " \
         f"{torch.get_num_threads()} threads"
-    print(f"{model.get_num_params() / 1e6:.0f}M-parameter GPT, {cfg.prompt_tokens}-token prompt, {cfg.new_tokens} new "
+    print(f"{model.get_num_params() / 1e6:.3g}M-parameter GPT, {cfg.prompt_tokens}-token prompt, {cfg.new_tokens} new "
           f"tokens, greedy; {device} ({name}), {dtype}, torch {torch.__version__}")
 
     def timed(prompts, n, **how):
