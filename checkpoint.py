@@ -252,7 +252,14 @@ def load_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"{path} {problem}{_fallback_hint(path)}")
     checkpoint["model"] = clean_state_dict(checkpoint["model"])
     if "meta" not in checkpoint:  # nanoGPT's
-        checkpoint["meta"] = _nanogpt_meta(checkpoint)
+        checkpoint["meta"] = meta = _nanogpt_meta(checkpoint)
+        args = checkpoint["model_args"]
+        if meta and meta["vocab_size"] < (args.get("vocab_size") or 0):
+            from model import GPTConfig
+            if GPTConfig(vocab_size=meta["vocab_size"]).padded_vocab_size == args["vocab_size"]:
+                # nanoGPT writes GPT-2's vocabulary as 50,304, padding included; as the real 50,257 (padded here
+                # too, the weights unchanged) no padding id is sampled, scored or exported
+                checkpoint["model_args"] = {**args, "vocab_size": meta["vocab_size"]}
     return checkpoint
 
 

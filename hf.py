@@ -173,6 +173,10 @@ def resolve(name_or_path):
     if name_or_path not in GPT2_NAMES and "/" not in name_or_path:
         raise UserError(f"{name_or_path!r} is neither a folder nor one of {', '.join(GPT2_NAMES)} (or a Hub "
                         "repository such as user/model)")
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or os.path.exists(name_or_path):
+        # a Hub repository is user/model: this is a path, and not a folder
+        raise UserError(f"{name_or_path}: " + ("not a folder" if os.path.exists(name_or_path) else "no such folder") +
+                        " (a Hugging Face model folder holds config.json and model.safetensors)")
     import huggingface_hub
     weights = ["model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
     small = ["config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"]
@@ -263,7 +267,15 @@ def hf_tokenizer_meta(name_or_path):
             return {"tokenizer": {"type": "char", "chars": "".join(chars), "eot": eot}, "vocab_size": vocab_size,
                     "eot_id": len(chars) if eot else None}
     elif vocab_size == 50257 and spec.get("type", "BPE") == "BPE":
-        return GPT2_META
+        vocab = spec.get("vocab")
+        if vocab is None and os.path.exists(os.path.join(folder, "vocab.json")):
+            with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as f:
+                vocab = json.load(f)
+        if vocab is None or is_gpt2_vocab(vocab):  # weights alone (no tokenizer files): GPT-2's, by its size
+            return GPT2_META
+        raise UserError(f"{name_or_path}'s tokenizer has 50,257 tokens, as GPT-2's, but other ids for them: a BPE of "
+                        "its own, which this toolkit cannot read (it reads GPT-2's BPE and the character-level "
+                        "tokenizer export.py writes)")
     raise UserError(f"cannot tell which tokenizer {name_or_path} uses: this toolkit knows GPT-2 BPE (50257 tokens) "
                     "and the character-level tokenizer export.py writes")
 
@@ -326,6 +338,16 @@ def gpt2_bpe_files():
     vocab = {text(token): rank for token, rank in ranks.items()}
     vocab[EOT] = enc.eot_token
     return json.dumps(vocab), "#version: 0.2\n" + "\n".join(merges) + "\n"
+
+
+def is_gpt2_vocab(vocab):
+    """Whether a Hugging Face BPE vocabulary ({token text: id}, as in vocab.json) gives every token GPT-2's id."""
+    from tokenizer import TiktokenTokenizer
+    enc = TiktokenTokenizer("gpt2").enc
+    to_text = bytes_to_unicode()
+    return len(vocab) == enc.n_vocab and vocab.get(EOT) == enc.eot_token and all(
+        vocab.get("".join(to_text[b] for b in enc.decode_single_token_bytes(i))) == i
+        for i in range(enc.n_vocab) if i != enc.eot_token)
 
 
 def write_tokenizer(meta, folder, max_length):

@@ -97,6 +97,11 @@ def test_import_refusals(tmp_path):
         load_hf_gpt2(str(tmp_path / "ok"))
     with pytest.raises(UserError, match="neither a folder nor one of gpt2"):
         load_hf_gpt2("gpt3")
+    for path in (str(tmp_path / "nowhere"), "./nowhere", "runs/out/hf"):  # a path, not a Hub repository to download
+        with pytest.raises(UserError, match="no such folder"):
+            load_hf_gpt2(path)
+    with pytest.raises(UserError, match="not a folder"):
+        load_hf_gpt2(str(tmp_path / "ok" / "config.json"))
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -164,6 +169,47 @@ def test_trained_model_exported_by_command_line(tmp_path):
     from_hf = run_script("sample.py", "--init_from=hf", *args, cwd=tmp_path).stdout
     from_checkpoint = run_script("sample.py", "--out_dir=out", *args, cwd=tmp_path).stdout
     assert from_hf == from_checkpoint and from_hf.startswith("ROMEO:")
+
+
+@pytest.mark.skipif(not gpt2_bpe_available(), reason="GPT-2 BPE files not available offline")
+def test_nanogpt_gpt2_checkpoint_exports_the_real_vocabulary(tmp_path):
+    """nanoGPT records GPT-2's vocabulary as 50,304 ids, its padding included: exported, the folder holds the 50,257
+    real ones (as GPT-2's does), transformers computes our logits over them, and the folder loads back here."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=50257)).eval()
+    args = {**dataclasses.asdict(model.config), "vocab_size": 50304}
+    state = {"_orig_mod." + k: v for k, v in model.state_dict().items()}
+    os.makedirs(tmp_path / "nano")
+    torch.save({"model": state, "model_args": args, "iter_num": 100, "config": {}}, tmp_path / "nano/ckpt.pt")
+    run_script("export.py", "--out_dir=nano", "--hf_dir=hf", cwd=tmp_path)
+    hf_model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
+    assert hf_model.config.vocab_size == 50257
+    idx = torch.randint(0, 50257, (2, 16))
+    assert (our_logits(model, idx) - hf_logits(hf_model, idx)).abs().max().item() < 1e-4
+    assert hf_tokenizer_meta(str(tmp_path / "hf")) == GPT2_META
+    args = ["--start=Hello", "--temperature=0", "--num_samples=1", "--max_new_tokens=8", "--device=cpu"]
+    assert run_script("sample.py", "--init_from=hf", *args, cwd=tmp_path).stdout == \
+        run_script("sample.py", "--out_dir=nano", *args, cwd=tmp_path).stdout
+
+
+@pytest.mark.skipif(not gpt2_bpe_available(), reason="GPT-2 BPE files not available offline")
+def test_a_bpe_of_its_own_is_not_taken_for_gpt2s(tmp_path):
+    """A folder whose tokenizer has GPT-2's 50,257 tokens under other ids would read and write wrong text with GPT-2's
+    BPE: refused in one line. GPT-2's own vocab.json, or none at all (weights only), reads as GPT-2's."""
+    from hf import gpt2_bpe_files
+    random_hf_gpt2(vocab_size=50257, n_layer=1, n_embd=16).save_pretrained(tmp_path / "own")
+    assert hf_tokenizer_meta(str(tmp_path / "own")) == GPT2_META  # no tokenizer files
+    vocab, merges = gpt2_bpe_files()
+    (tmp_path / "own/vocab.json").write_text(vocab)
+    (tmp_path / "own/merges.txt").write_text(merges)
+    assert hf_tokenizer_meta(str(tmp_path / "own")) == GPT2_META
+    ids = json.loads(vocab)
+    ids["\u0120the"], ids["\u0120of"] = ids["\u0120of"], ids["\u0120the"]  # " the" and " of", byte-level
+    (tmp_path / "own/vocab.json").write_text(json.dumps(ids))
+    proc = run_script("sample.py", "--init_from=own", "--start=Hello", "--device=cpu", "--max_new_tokens=2",
+                      cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "own's tokenizer has 50,257 tokens, as GPT-2's, but other ids for them" in proc.stderr
 
 
 @pytest.mark.skipif(not gpt2_bpe_available(), reason="GPT-2 BPE files not available offline")
@@ -304,3 +350,26 @@ def test_train_finetunes_from_hf_folder(tmp_path, shakespeare_path):
     start = hf_model.state_dict()["transformer.h.0.mlp.c_fc.weight"].t()
     moved = (ckpt["model"]["transformer.h.0.mlp.c_fc.weight"] - start).abs().max().item()
     assert 0 < moved < 0.05  # fine-tuned from the imported weights, not trained from a fresh init
+
+
+@pytest.mark.parametrize("early_stopping, length_penalty", [(True, 1.0), (True, 0.0), (False, 2.0), (False, -1.0)])
+def test_beam_search_matches_transformers(tmp_path, early_stopping, length_penalty):
+    """On the same weights, with end-of-text likely (8 tokens), our beam search returns transformers' hypotheses and
+    scores, best first; --early_stopping=False is transformers' early_stopping='never' (the exact bound)."""
+    from generate import Stop, beam_search
+    hf_model = random_hf_gpt2(vocab_size=8, n_positions=32)
+    hf_model.save_pretrained(tmp_path / "hf")
+    ours = load_hf_gpt2(str(tmp_path / "hf")).eval()
+    for seed in range(4):
+        prompt = torch.randint(1, 8, (5,), generator=torch.Generator().manual_seed(seed)).tolist()
+        found = beam_search(ours, prompt, 10, 3, length_penalty, early_stopping, Stop(ids=[0]))
+        out = hf_model.generate(torch.tensor([prompt]), num_beams=3, num_return_sequences=3, max_new_tokens=10,
+                                do_sample=False, length_penalty=length_penalty,
+                                early_stopping=True if early_stopping else "never", eos_token_id=0, pad_token_id=0,
+                                output_scores=True, return_dict_in_generate=True)
+        theirs = []
+        for seq, score in zip(out.sequences[:, len(prompt):].tolist(), out.sequences_scores.tolist()):
+            end = seq.index(0) if 0 in seq else len(seq)  # the end-of-text and the padding after it
+            theirs.append((score, seq[:end]))
+        assert [tokens for _, tokens in found] == [tokens for _, tokens in theirs], (seed, found, theirs)
+        assert [score for score, _ in found] == pytest.approx([score for score, _ in theirs], abs=1e-4)
