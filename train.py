@@ -691,7 +691,10 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
                            rank=launch.rank, world_size=launch.world_size)
     torch.manual_seed(cfg.seed + launch.rank)  # dropout masks differ between ranks
     if checkpoint is not None:
+        this_run = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         optimizer.load_state_dict(checkpoint["optimizer"])
+        for group, settings in zip(optimizer.param_groups, this_run):
+            group.update(settings)  # moments and step counts from the checkpoint; weight_decay and betas as set now
         scaler.load_state_dict(checkpoint.get("scaler") or {})
         step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
         # counted, not step x tokens per step: the batch may have changed on an earlier resume (checkpoints from

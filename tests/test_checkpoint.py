@@ -471,3 +471,16 @@ def test_wandb_offline_resumes_same_run(data_dir):
     run_ids = {name.rsplit("-", 1)[1] for name in runs if name.startswith("offline-run-")}
     assert len(run_ids) == 1, runs  # both runs logged to one wandb run
     assert torch.load(data_dir / "out/ckpt.pt", weights_only=False)["wandb_run_id"] in run_ids
+
+
+def test_resume_applies_changed_optimizer_settings(data_dir):  # noqa: F811
+    """weight_decay, beta1 and beta2 changed on resume are listed as changed and are what AdamW then uses (the
+    optimizer state loaded from the checkpoint carries the old ones); the no-decay group keeps no weight decay."""
+    args = [*ARGS, "--eval_interval=4", "--out_dir=out"]
+    run_script("train.py", *args, "--max_iters=4", "--weight_decay=0.1", "--beta2=0.95", cwd=data_dir)
+    out = run_script("train.py", *args, "--max_iters=8", "--init_from=auto", "--weight_decay=0.01", "--beta1=0.8",
+                     "--beta2=0.99", cwd=data_dir).stdout
+    assert "weight_decay 0.1 -> 0.01" in out and "beta2 0.95 -> 0.99" in out
+    groups = torch.load(data_dir / "out/ckpt.pt", weights_only=False)["optimizer"]["param_groups"]
+    assert [(g["weight_decay"], tuple(g["betas"])) for g in groups] == [(0.01, (0.8, 0.99)), (0.0, (0.8, 0.99))]
+    assert all(g["lr"] > 0 for g in groups)
