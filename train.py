@@ -419,16 +419,23 @@ def reduce_mean(value, launch):
 
 
 GO_ON, STOP, WRITE_FAILED = 0, 1, 2  # what the ranks agree on before each step: the most serious any rank says
+# why a run stops, agreed too (a signal may reach one rank only): the later wins, Ctrl-C (exit 130, not requeued) first
+STOP_REASONS = (None, "max_runtime", "SIGUSR1", "SIGTERM", "SIGINT")
 
 
 def agree(status, launch, device):
     """The largest `status` of all ranks, on every rank."""
+    return agree_each([status], launch, device)[0]
+
+
+def agree_each(values, launch, device):
+    """The largest of each of `values` (small ints) over all ranks, on every rank."""
     if not launch.distributed:
-        return status
+        return list(values)
     import torch.distributed as dist
-    t = torch.tensor(float(status), device=device)
+    t = torch.tensor([float(v) for v in values], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+    return [int(v) for v in t.tolist()]
 
 
 def gather_to_master(obj, launch):
@@ -870,12 +877,14 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
                 status = last_write_agreed(GO_ON)  # the final checkpoint, if this evaluation wrote one
             else:
                 out_of_time = max_runtime is not None and time.time() - t_start > max_runtime
+                mine = stop.signal or ("max_runtime" if out_of_time else None)
                 # a checkpoint write that failed (in the background, or in save on rank 0) stops every rank now: rank 0
                 # alone would leave the others waiting in their next collective for the process group's timeout
-                status = agree(WRITE_FAILED if write_failed() else STOP if stop.signal or out_of_time else GO_ON,
-                               launch, device)
+                status, agreed = agree_each([WRITE_FAILED if write_failed() else STOP if mine else GO_ON,
+                                             STOP_REASONS.index(mine)], launch, device)
+                why = STOP_REASONS[agreed]
                 if status == STOP:
-                    reason = f"stopping on {stop.signal or 'max_runtime'}"
+                    reason = f"stopping on {why}"
                     if step != saved_step:
                         save(batches.state_dict(), reason)
                     else:  # before the first step (a Ctrl-C while compiling), or just after a save of this step
@@ -889,11 +898,12 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
             if status == STOP:
                 again = ("the same command" if cfg.init_from in ("auto", "resume") else
                          "the same command with --init_from=auto")  # from scratch, it would refuse this out_dir
-                exit_code = EXIT_INTERRUPTED if stop.signal == "SIGINT" else EXIT_REQUEUE
+                exit_code = EXIT_INTERRUPTED if why == "SIGINT" else EXIT_REQUEUE
                 if launch.distributed:  # the launcher may signal the ranks that have not exited yet
                     stop.leaving()
                 say(f"exiting with code {exit_code}: run {again} to resume" +
-                    (" (slurm/train.sbatch requeues itself)" if exit_code == EXIT_REQUEUE else ""))
+                    ("" if exit_code != EXIT_REQUEUE else " (torchrun reports any code but 0 as a failure, and exits 1)"
+                     if launch.mode == "torchrun" else " (slurm/train.sbatch requeues itself)"))
                 break
             if done:
                 break

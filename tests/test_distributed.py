@@ -126,6 +126,41 @@ def test_two_ranks_equal_one_rank_with_accumulation(tmp_path, shakespeare_path):
     assert np.allclose(evals["one"], evals["two"], rtol=0, atol=1e-5), evals
 
 
+def test_a_signal_to_one_rank_stops_every_rank_alike(tmp_path, shakespeare_path):
+    """Ctrl-C's SIGINT reaching rank 1 alone (a terminal's process group, a kill by pid): every rank stops at the same
+    step for that reason, and every rank exits with its code, 130, not the requeue code 3 for the ranks that saw no
+    signal (under srun, the code decides whether the job is requeued)."""
+    import re
+    import signal
+    import time
+    prepare_tiny(tmp_path, shakespeare_path)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    with open(tmp_path / "out.txt", "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 os.path.join(REPO, "train.py"), *COMMON, "--batch_size=4",
+                                 "--gradient_accumulation_steps=2", "--max_iters=100000", "--lr_decay_iters=100000",
+                                 "--out_dir=run"], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            log, deadline, rank1 = tmp_path / "run/log.jsonl", time.time() + 120, None
+            while time.time() < deadline and proc.poll() is None and rank1 is None:
+                time.sleep(0.2)
+                if log.exists() and log.read_text().count('"loss"') >= 5:
+                    for pid in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                              text=True).stdout.split():
+                        with open(f"/proc/{pid}/environ", "rb") as f:
+                            if b"RANK=1" in f.read().split(b"\0"):
+                                rank1 = int(pid)
+            assert rank1 is not None, (tmp_path / "out.txt").read_text()[-3000:]
+            os.kill(rank1, signal.SIGINT)
+            proc.wait(timeout=120)
+        finally:
+            proc.kill()
+    printed = (tmp_path / "out.txt").read_text()
+    assert "(stopping on SIGINT)" in printed and "exiting with code 130" in printed, printed[-3000:]
+    codes = re.findall(r"exitcode\s*:\s*(\d+)", printed)  # torchrun's report of each failed rank
+    assert len(codes) >= 2 and set(codes) == {"130"}, printed[-3000:]
+
+
 def test_total_batch_size_must_divide(tmp_path, shakespeare_path):
     prepare_tiny(tmp_path, shakespeare_path)
     proc = run_script("train.py", *COMMON, "--batch_size=4", "--total_batch_size=1000", cwd=tmp_path, check=False)
