@@ -521,6 +521,19 @@ def check_resume(checkpoint, cfg, data_meta, say):
         say("resuming with changed settings: " + ", ".join(changed))
 
 
+def evaluation_changes(checkpoint, cfg, world_size):
+    """What makes this run's val loss an estimate over other tokens than the checkpoint's best val loss was, as
+    'key old -> new'. With eval_tokens the windows depend on the data and block_size only; with eval_iters on the
+    batches each rank draws too."""
+    old = checkpoint.get("config") or {}
+    keys = ("dataset", "block_size", "eval_tokens") + (() if cfg.eval_tokens else ("batch_size", "eval_iters", "seed"))
+    changes = [f"{k} {old[k]!r} -> {getattr(cfg, k)!r}" for k in keys if k in old and old[k] != getattr(cfg, k)]
+    ranks = len(checkpoint.get("rng") or [])
+    if not cfg.eval_tokens and ranks and ranks != world_size:
+        changes.append(f"processes {ranks} -> {world_size}")
+    return changes
+
+
 def trim_log(path, step):
     """Drop log records past `step` (written after the checkpoint being resumed), so no step appears twice."""
     if not os.path.exists(path):
@@ -717,6 +730,11 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
             say(f"note: the checkpoint holds RNG states of {len(ranks)} rank(s), this run has {launch.world_size}; "
                 "dropout masks will differ from an uninterrupted run")
         say(f"resumed from {ckpt_path} at step {step} (best val loss {best_val_loss:.4f})")
+        changes = evaluation_changes(checkpoint, cfg, launch.world_size)
+        if changes and best_val_loss < float("inf"):  # not to be compared: a save could wait for a number out of reach
+            say(f"note: the val loss is now measured on other tokens ({', '.join(changes)}); the next evaluation "
+                f"sets the best anew, {best_val_loss:.4f} was on the old ones")
+            best_val_loss = float("inf")
         if step >= cfg.max_iters and not cfg.eval_only:
             say(f"nothing to train: the checkpoint is at step {step} and max_iters is {cfg.max_iters}; raise "
                 "--max_iters (and --lr_decay_iters, or the learning rate stays at min_lr) to train on")

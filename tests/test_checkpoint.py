@@ -484,3 +484,23 @@ def test_resume_applies_changed_optimizer_settings(data_dir):  # noqa: F811
     groups = torch.load(data_dir / "out/ckpt.pt", weights_only=False)["optimizer"]["param_groups"]
     assert [(g["weight_decay"], tuple(g["betas"])) for g in groups] == [(0.01, (0.8, 0.99)), (0.0, (0.8, 0.99))]
     assert all(g["lr"] > 0 for g in groups)
+
+
+def test_best_val_loss_is_reset_when_the_evaluation_changes(data_dir):  # noqa: F811
+    """With always_save_checkpoint=False a checkpoint is written only when the val loss beats the best; a resume that
+    evaluates other tokens (here another batch_size, so other random batches) does not compare with the old best,
+    which may be out of reach of the new estimate: the first evaluation sets it anew, and saves. Unchanged
+    settings keep it."""
+    args = [*ARGS, "--eval_interval=4", "--always_save_checkpoint=False", "--out_dir=out"]
+    run_script("train.py", *args, "--max_iters=4", cwd=data_dir)
+    same = run_script("train.py", *args, "--max_iters=4", "--init_from=auto", cwd=data_dir).stdout
+    assert "measured on other tokens" not in same
+    out = run_script("train.py", *args, "--max_iters=8", "--init_from=auto", "--batch_size=8", cwd=data_dir).stdout
+    assert "note: the val loss is now measured on other tokens (batch_size 4 -> 8)" in out, out
+    assert "saved checkpoint out/ckpt.pt at step 8 (val loss improved)" in out
+    checkpoint = torch.load(data_dir / "out/ckpt.pt", weights_only=False)
+    val = [r["val_loss"] for r in log_records(data_dir / "out") if r.get("step") == 8 and "val_loss" in r]
+    assert checkpoint["best_val_loss"] == pytest.approx(val[0])
+    with_tokens = run_script("train.py", *args, "--max_iters=8", "--init_from=auto", "--batch_size=4",
+                             "--eval_tokens=2000", cwd=data_dir).stdout  # nothing left to train: only the note
+    assert "measured on other tokens (eval_tokens 0 -> 2000)" in with_tokens
