@@ -201,10 +201,16 @@ def run(main, cls, validate=None, argv=None):
     the way out, as for any other exception; main may raise its own KeyboardInterrupt saying what to do next).
     """
     try:
-        cfg, sources = parse(cls, sys.argv[1:] if argv is None else argv)
-        problems = validate(cfg) if validate else []
-        if problems:
-            raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+        try:
+            cfg, sources = parse(cls, sys.argv[1:] if argv is None else argv)
+            problems = validate(cfg) if validate else []
+            if problems:
+                raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+        except UserError:  # the same on every process of a launch: said once, by the first
+            from distributed import detect_launch
+            if detect_launch().rank != 0:
+                sys.exit(2)
+            raise
         return main(cfg, sources)
     except UserError as e:
         # one write: under torchrun, where every rank may say the same, print's two (text, newline) interleave

@@ -161,6 +161,16 @@ def test_a_signal_to_one_rank_stops_every_rank_alike(tmp_path, shakespeare_path)
     assert len(codes) >= 2 and set(codes) == {"130"}, printed[-3000:]
 
 
+def test_a_config_error_is_said_once_under_torchrun(tmp_path):
+    """Every rank finds the same typo; the first says it, the others exit with the same code in silence."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           os.path.join(REPO, "train.py"), "--bach_size=4", "--device=cpu"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert (proc.stdout + proc.stderr).count("error: unknown option --bach_size") == 1, proc.stderr[-3000:]
+
+
 def test_total_batch_size_must_divide(tmp_path, shakespeare_path):
     prepare_tiny(tmp_path, shakespeare_path)
     proc = run_script("train.py", *COMMON, "--batch_size=4", "--total_batch_size=1000", cwd=tmp_path, check=False)
