@@ -24,7 +24,7 @@ from tokenizer import spec_problems
 
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
-# (magic, version) -> token dtype; the uint32 pair is llm.c's for vocabularies past 65,535 (Llama 3)
+# (magic, version) -> token dtype; the uint32 pair is llm.c's for vocabularies past 65,536 tokens (Llama 3)
 FORMATS = {(20240520, 1): np.dtype("<u2"), (20240801, 7): np.dtype("<u4")}
 
 
@@ -45,7 +45,7 @@ def write_tokens(path, tokens, dtype=np.dtype("<u2")):
     tokens = np.asarray(tokens)
     if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(dtype).max):
         raise TokenFileError(f"{path}: token id {int(tokens.max())} does not fit {dtype.name}; "
-                             "use a uint32 token file for vocabularies above 65,535")
+                             "use a uint32 token file for vocabularies above 65,536 tokens")
     (magic, version), = [k for k, v in FORMATS.items() if v == dtype]
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = magic, version, len(tokens)

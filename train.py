@@ -136,9 +136,14 @@ def validate(cfg):
     if cfg.decay_lr and cfg.min_lr > cfg.learning_rate:  # unused without decay (nanoGPT's fine-tuning config)
         problems.append(f"min_lr={cfg.min_lr} is above learning_rate={cfg.learning_rate}")
     # a negative grad_clip or learning rate would not fail: it would turn the updates around, and the loss go up
-    problems += configurator.too_small(cfg, ("total_batch_size", "hellaswag_items", "max_iters", "keep_last_n", "keep_every", "grad_clip",
-                                             "learning_rate", "min_lr", "weight_decay", "warmup_iters",
-                                             "lr_decay_iters", "peak_flops", "seed"), 0)
+    problems += configurator.too_small(cfg, ("total_batch_size", "hellaswag_items", "max_iters", "keep_last_n",
+                                             "keep_every", "grad_clip", "learning_rate", "min_lr", "weight_decay",
+                                             "warmup_iters", "lr_decay_iters", "peak_flops", "seed"), 0)
+    if min(cfg.batch_size, cfg.block_size, cfg.gradient_accumulation_steps) >= 1 and cfg.total_batch_size >= 0:
+        try:  # the batch arithmetic, for the number of processes this launch has
+            micro_steps_per_rank(cfg, detect_launch().world_size)
+        except UserError as e:
+            problems.append(str(e))
     for key in ("beta1", "beta2"):
         if not 0.0 <= getattr(cfg, key) < 1.0:
             problems.append(f"{key}={getattr(cfg, key)} must be in [0, 1)")

@@ -58,7 +58,8 @@ def test_bpe_pipeline(tmp_path, shakespeare_path):
 @pytest.mark.parametrize("args, message", [
     (["--batch_sise=4"], "unknown option --batch_sise (did you mean 'batch_size'"),
     (["--n_layer=two"], "--n_layer=two: expected int"),
-    (["--n_embd=100", "--n_head=3", "--dropout=1.5"], "n_embd=100 is not divisible by n_head=3"),
+    (["--n_embd=100", "--n_head=3", "--dropout=1.5", "--total_batch_size=1000"],
+     "n_embd=100 is not divisible by n_head=3"),
     (["--dataset=no_such_data"], "python prepare.py no_such_data"),
     # zeros once ended in a ZeroDivisionError; a negative grad_clip trained the model backwards
     (["--n_head=0", "--batch_size=0", "--grad_clip=-1", "--beta1=1.5", "--max_runtime=-5", "--eval_tokens=-5"],
@@ -71,8 +72,8 @@ def test_train_bad_input(tmp_path, args, message):
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
-    if "--dropout=1.5" in args:  # every cross-field problem is reported at once
-        assert "dropout=1.5" in proc.stderr
+    if "--dropout=1.5" in args:  # every cross-field problem is reported at once, the batch arithmetic's too
+        assert "dropout=1.5" in proc.stderr and "total_batch_size=1,000 tokens is not a multiple of" in proc.stderr
     if "--n_head=0" in args:
         for problem in ("batch_size=0 must be at least 1", "grad_clip=-1.0 cannot be negative",
                         "beta1=1.5 must be in [0, 1)", "max_runtime='-5': expected", "eval_tokens=-5 must be 0"):
