@@ -6,8 +6,8 @@ A Hugging Face GPT-2 is a `GPT2LMHeadModel`: config.json (GPT2Config), model.saf
 pytorch_model.bin) and tokenizer files. Our module names are the same, so the weights are a key-for-key copy except:
 - the four projections are transformers' Conv1D, which stores its matrix as (in, out): the transpose of nn.Linear;
 - our token embedding has padded rows for vocabularies of 1,024 or more (vocab_size rounded up to a multiple of 64,
-  see GPTConfig); the file has the real vocabulary only, so rows are added on import (never used: logits are cut to the real vocabulary) and dropped
-  on export;
+  see GPTConfig); the file has the real vocabulary only, so rows are added on import (never used: logits are cut
+  to the real vocabulary) and dropped on export;
 - lm_head is tied to wte in both; the file usually leaves lm_head out and transformers ties it back;
 - GPT-2 always has biases. A bias=False model is exported with zero biases, which computes exactly the same function
   (a LayerNorm or Linear without bias is one whose bias is zero); it comes back from an import as bias=True.

@@ -612,7 +612,7 @@ def start_wandb(cfg, run_id):
                         "`wandb login`, or set WANDB_MODE=offline to log locally, or drop --wandb_log") from None
 
 
-def hellaswag_items(cfg, tokenizer, launch, device, say):
+def load_hellaswag_share(cfg, tokenizer, launch, device, say):
     """This rank's share of the HellaSwag items, tokenized, once at start-up. The first process of each node downloads
     the file (one per node, whether data_root is shared or not); a failure anywhere stops every rank, as one."""
     path = hellaswag.default_path(cfg.data_root)
@@ -765,8 +765,8 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
 
     eval_sets, described = evaluation_sets({"train": train_shards, "val": val_shards}, cfg, launch, batch_to_device)
     say(described)
-    hellaswag_share = hellaswag_items(cfg, tokenizer_from_meta(data.meta), launch, device, say) if cfg.hellaswag \
-        else None
+    hellaswag_share = (load_hellaswag_share(cfg, tokenizer_from_meta(data.meta), launch, device, say)
+                       if cfg.hellaswag else None)
     peak = cfg.peak_flops or (peak_flops_for(torch.cuda.get_device_name(device)) if device_type == "cuda" else None)
     tokens_per_step = cfg.batch_size * cfg.block_size * grad_accum * launch.world_size
 

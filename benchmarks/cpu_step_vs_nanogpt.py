@@ -5,7 +5,8 @@ process (a ratio holds on a noisy machine, an absolute time does not).
 nanoGPT's step at the same settings differs from ours in: exact-erf GELU (GPT-2 used the tanh approximation, which we
 keep), an output layer exactly vocab_size wide (we pad vocabularies of 1,024 or more to a multiple of 64: not the
 65 characters here, so both are unpadded), and PyTorch's default per-tensor AdamW on CPU (we use the fused kernel).
-The reference below is our model with those choices switched to nanoGPT's; everything else (data, batch, model size, clipping) is identical.
+The reference below is our model with those choices switched to nanoGPT's; everything else (data, batch, model
+size, clipping) is identical.
 
     python prepare.py shakespeare_char && python benchmarks/cpu_step_vs_nanogpt.py
 """

@@ -67,9 +67,18 @@ def test_time_to_loss_bench(tmp_path, shakespeare_path):
     assert "val loss never reached 0.1" in proc.stdout and not json.loads(proc.stdout.splitlines()[-1])["reached"]
 
 
+@pytest.fixture(scope="module")
+def patch_data(tmp_path_factory):
+    """A small char dataset for the patched trees' train.py, prepared once."""
+    folder = tmp_path_factory.mktemp("patch_data")
+    (folder / "text.txt").write_text("To be, or not to be, that is the question.\n" * 200)
+    run_script("prepare.py", "shakespeare_char", "--source=text.txt", cwd=folder)
+    return folder
+
+
 @pytest.mark.parametrize("name", sorted(n for n in os.listdir(os.path.join(REPO, "benchmarks/experiments"))
                                         if n.endswith(".patch")))
-def test_experiment_patch_applies_and_passes_its_tests(tmp_path, name):
+def test_experiment_patch_applies_and_passes_its_tests(tmp_path, patch_data, name):
     """A patch waiting for a GPU measurement (benchmarks/experiments/) still applies to this tree the way
     benchmarks/gpu.sh applies it, the tests its `check:` line names pass with it, and its train.py still trains: the
     GPU session that measures it finds it ready."""
@@ -91,11 +100,9 @@ def test_experiment_patch_applies_and_passes_its_tests(tmp_path, name):
         proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args], cwd=tree,
                               capture_output=True, text=True, check=False, timeout=600)
         assert proc.returncode == 0, f"{name}: pytest {' '.join(args)}\n{proc.stdout[-3000:]}"
-    (tmp_path / "text.txt").write_text("To be, or not to be, that is the question.\n" * 200)
-    run_script("prepare.py", "shakespeare_char", "--source=text.txt", cwd=tmp_path)
     proc = subprocess.run([sys.executable, str(tree / "train.py"), "--dataset=shakespeare_char", "--device=cpu",
                            "--compile=False", "--n_layer=1", "--n_head=1", "--n_embd=16", "--block_size=16",
                            "--batch_size=4", "--max_iters=20", "--eval_iters=2", "--log_interval=10",
-                           "--plot=False", "--out_dir=out"], cwd=tmp_path, capture_output=True, text=True,
-                          check=False, timeout=300)
+                           "--plot=False", f"--out_dir={tmp_path / 'out'}"], cwd=patch_data, capture_output=True,
+                          text=True, check=False, timeout=300)
     assert proc.returncode == 0 and "step 20 |" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
