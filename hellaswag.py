@@ -28,10 +28,7 @@ def fetch(path, offline_hint):
     if not os.path.exists(path):
         from prepare import download
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        try:
-            download(URL, path)
-        except UserError as e:
-            raise UserError(f"{str(e).split('; offline')[0]}; {offline_hint}") from None
+        download(URL, path, offline_hint)
     return path
 
 

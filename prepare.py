@@ -138,8 +138,8 @@ def validate(cfg):
 # ----------------------------------------------------------------------------------------------------------------
 # Reading: every source becomes a stream of documents, each an iterable of text segments, tagged with its split.
 
-def download(url, path):
-    """Fetch url to path (atomically); a clear error offline."""
+def download(url, path, offline_hint="offline, point --source at a local copy"):
+    """Fetch url to path (atomically); a clear error offline, ending with what to do then."""
     print(f"downloading {url}")
     tmp = f"{path}.tmp{os.getpid()}"  # several ranks may fetch the same file at once: each into its own
     try:
@@ -152,7 +152,7 @@ def download(url, path):
     except OSError as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise UserError(f"could not download {url} ({e}); offline, point --source at a local copy") from None
+        raise UserError(f"could not download {url} ({e}); {offline_hint}") from None
     os.replace(tmp, path)
 
 

@@ -196,3 +196,21 @@ def test_bad_input(out_dir, args, message):  # noqa: F811
     assert message in proc.stderr and "Traceback" not in proc.stderr
     if "--batch_size=0" in args or "--stride=9" in args:  # every problem at once
         assert "batch_size=0 must be at least 1" in proc.stderr or "needs one of --text=FILE or" in proc.stderr
+
+
+def test_hellaswag_offline_says_where_to_put_the_file(tmp_path, monkeypatch):
+    """Offline, the download fails in one line that ends with the caller's advice, and leaves no file behind that
+    could pass for the validation set."""
+    import urllib.request
+
+    import hellaswag
+    from configurator import UserError
+
+    def offline(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    path = str(tmp_path / "hellaswag" / "hellaswag_val.jsonl")
+    with pytest.raises(UserError, match=r"could not download .*\(Name or service not known\); offline, put it here$"):
+        hellaswag.fetch(path, "offline, put it here")
+    assert os.listdir(tmp_path / "hellaswag") == []
