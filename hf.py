@@ -271,7 +271,7 @@ def hf_tokenizer_meta(name_or_path):
         if vocab is None and os.path.exists(os.path.join(folder, "vocab.json")):
             with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as f:
                 vocab = json.load(f)
-        if vocab is None or is_gpt2_vocab(vocab):  # weights alone (no tokenizer files): GPT-2's, by its size
+        if vocab is None or vocab == gpt2_vocab():  # weights alone (no tokenizer files): GPT-2's, by its size
             return GPT2_META
         raise UserError(f"{name_or_path}'s tokenizer has 50,257 tokens, as GPT-2's, but other ids for them: a BPE of "
                         "its own, which this toolkit cannot read (it reads GPT-2's BPE and the character-level "
@@ -313,9 +313,7 @@ def gpt2_bpe_files():
     or finds its files as usual). tiktoken keeps only each token's rank; token 256 + i is the result of merge i,
     and its two halves are what byte-pair merging of the token's bytes gives using only earlier merges.
     """
-    from tokenizer import TiktokenTokenizer
-    enc = TiktokenTokenizer("gpt2").enc
-    ranks = {enc.decode_single_token_bytes(i): i for i in range(enc.n_vocab) if i != enc.eot_token}
+    ranks, eot_id = _gpt2_ranks()
     to_text = bytes_to_unicode()
 
     def text(token):
@@ -335,19 +333,24 @@ def gpt2_bpe_files():
         if len(parts) != 2:
             raise UserError(f"tiktoken's GPT-2 token {rank} cannot be split into a merge; its BPE files look damaged")
         merges.append(f"{text(parts[0])} {text(parts[1])}")
-    vocab = {text(token): rank for token, rank in ranks.items()}
-    vocab[EOT] = enc.eot_token
-    return json.dumps(vocab), "#version: 0.2\n" + "\n".join(merges) + "\n"
+    return json.dumps(gpt2_vocab(ranks, eot_id)), "#version: 0.2\n" + "\n".join(merges) + "\n"
 
 
-def is_gpt2_vocab(vocab):
-    """Whether a Hugging Face BPE vocabulary ({token text: id}, as in vocab.json) gives every token GPT-2's id."""
+def _gpt2_ranks():
+    """(each GPT-2 token's bytes -> its id, end-of-text aside; the end-of-text id), from tiktoken's GPT-2 encoding."""
     from tokenizer import TiktokenTokenizer
     enc = TiktokenTokenizer("gpt2").enc
+    return {enc.decode_single_token_bytes(i): i for i in range(enc.n_vocab) if i != enc.eot_token}, enc.eot_token
+
+
+def gpt2_vocab(ranks=None, eot_id=None):
+    """GPT-2's vocab.json: each token's text (bytes_to_unicode) -> its id, end-of-text included."""
+    if ranks is None:
+        ranks, eot_id = _gpt2_ranks()
     to_text = bytes_to_unicode()
-    return len(vocab) == enc.n_vocab and vocab.get(EOT) == enc.eot_token and all(
-        vocab.get("".join(to_text[b] for b in enc.decode_single_token_bytes(i))) == i
-        for i in range(enc.n_vocab) if i != enc.eot_token)
+    vocab = {"".join(to_text[b] for b in token): i for token, i in ranks.items()}
+    vocab[EOT] = eot_id
+    return vocab
 
 
 def write_tokenizer(meta, folder, max_length):
