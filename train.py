@@ -720,7 +720,8 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
         optimizer.load_state_dict(checkpoint["optimizer"])
         for group, settings in zip(optimizer.param_groups, this_run):
             group.update(settings)  # moments and step counts from the checkpoint; weight_decay and betas as set now
-        scaler.load_state_dict(checkpoint.get("scaler") or {})
+        if checkpoint.get("scaler"):  # empty unless the checkpoint's run was float16 (its scaler was off)
+            scaler.load_state_dict(checkpoint["scaler"])
         step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
         # counted, not step x tokens per step: the batch may have changed on an earlier resume (checkpoints from
         # before the count: what was logged then)

@@ -475,7 +475,8 @@ def test_wandb_offline_resumes_same_run(data_dir):
 
 def test_resume_applies_changed_settings(data_dir):  # noqa: F811
     """weight_decay, beta1 and beta2 changed on resume are listed and are what AdamW then uses (the optimizer state
-    loaded from the checkpoint carries the old ones; the no-decay group keeps none). With always_save_checkpoint=False
+    loaded from the checkpoint carries the old ones; the no-decay group keeps none). A float32 run resumes in float16
+    (its checkpoint has no loss scale) and back. With always_save_checkpoint=False
     a checkpoint is written only when the val loss beats the best: a resume that evaluates other tokens (here another
     batch_size, so other random batches) does not compare with the old best, which may be out of reach of the new
     estimate; its first evaluation sets the best anew, and saves. Unchanged settings keep the best."""
@@ -485,13 +486,14 @@ def test_resume_applies_changed_settings(data_dir):  # noqa: F811
                       cwd=data_dir).stdout
     assert "measured on other tokens" not in same and "changed settings" not in same
     out = run_script("train.py", *args, "--max_iters=8", "--init_from=auto", "--batch_size=8", "--weight_decay=0.01",
-                     "--beta1=0.8", "--beta2=0.99", cwd=data_dir).stdout
+                     "--beta1=0.8", "--beta2=0.99", "--dtype=float16", cwd=data_dir).stdout  # float32's scaler was off
     assert "weight_decay 0.1 -> 0.01" in out and "beta2 0.95 -> 0.99" in out
     assert "note: the val loss is now measured on other tokens (batch_size 4 -> 8)" in out, out
     assert "saved checkpoint out/ckpt.pt at step 8 (val loss improved)" in out
     checkpoint = torch.load(data_dir / "out/ckpt.pt", weights_only=False)
     groups = checkpoint["optimizer"]["param_groups"]
     assert [(g["weight_decay"], tuple(g["betas"])) for g in groups] == [(0.01, (0.8, 0.99)), (0.0, (0.8, 0.99))]
+    assert checkpoint["scaler"]["scale"] > 0  # float16 trains with a loss scale, saved for the next resume
     val = [r["val_loss"] for r in log_records(data_dir / "out") if r.get("step") == 8 and "val_loss" in r]
     assert checkpoint["best_val_loss"] == pytest.approx(val[0])
     with_tokens = run_script("train.py", *args, "--max_iters=8", "--init_from=auto", "--batch_size=8",
