@@ -310,17 +310,27 @@ def evaluation_sets(shards, cfg, launch, to_device):
                   f"{described}")
 
 
-def rng_state():
+def rng_state(device):
+    """This process's random states: CUDA's of its own GPU only, since a resume may see fewer GPUs or number them
+    differently (another machine, CUDA_VISIBLE_DEVICES, 2 nodes of 4 instead of 1 of 8)."""
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None}
 
 
-def set_rng_state(state):
+def set_rng_state(state, device):
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or not device.startswith("cuda"):
+        return
+    if isinstance(cuda, (list, tuple)):  # older checkpoints: every visible GPU's state, this process's at its index
+        index = torch.device(device).index
+        index = torch.cuda.current_device() if index is None else index
+        if index >= len(cuda):
+            return
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda, device)
 
 
 class StopFlag:
@@ -731,7 +741,7 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
         sampler.load_state_dict(checkpoint["sampler"])  # the same on every rank: they draw one global batch
         ranks = checkpoint.get("rng") or []
         if launch.rank < len(ranks) and len(ranks) == launch.world_size:
-            set_rng_state(ranks[launch.rank])
+            set_rng_state(ranks[launch.rank], device)
         else:
             say(f"note: the checkpoint holds RNG states of {len(ranks)} rank(s), this run has {launch.world_size}; "
                 "dropout masks will differ from an uninterrupted run")
@@ -811,7 +821,7 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
         """Every rank takes part (the RNG states are gathered); rank 0 writes, by default in the background."""
         nonlocal saved_step
         saved_step = step
-        rngs = gather_to_master(rng_state(), launch)
+        rngs = gather_to_master(rng_state(device), launch)
         if launch.is_master:
             # the previous checkpoint is complete before the next one is taken: one in memory at most. Its failure is
             # not raised here, on rank 0 alone, but at the next vote, on every rank

@@ -55,6 +55,29 @@ def test_exact_resume_two_ranks(data_dir):
     assert all(straight[s] == split[s] for s in range(1, 31))
 
 
+def test_cuda_rng_state_is_this_gpus_own(monkeypatch):
+    """A checkpoint keeps each process's own GPU's random state, and a resume restores it onto the GPU the process
+    uses now, however many GPUs it sees (the states of every visible GPU, saved before, failed to restore where fewer
+    were visible). Older checkpoints' lists give this GPU's entry. torch.cuda is a stand-in: CI has no GPU."""
+    import train
+    states = [torch.full((4,), i, dtype=torch.uint8) for i in range(4)]
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": states[torch.device(device).index])
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda state, device="cuda": restored.update({torch.device(device).index or 0: state}))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    saved = train.rng_state("cuda:3")  # local rank 3 of 4
+    assert saved["cuda"] is states[3]
+    train.set_rng_state(saved, "cuda:0")  # resumed where this rank's GPU is cuda:0 (a 1-GPU job, 4 nodes of 1)
+    assert restored == {0: states[3]}
+    for old, device, expected in [(states, "cuda:2", {2: states[2]}), (states, "cuda", {0: states[0]}),
+                                  (states[:1], "cuda:2", {})]:  # fewer GPUs than its index: left as seeded
+        restored.clear()
+        train.set_rng_state({**saved, "cuda": old}, device)
+        assert restored == expected
+    assert train.rng_state("cpu")["cuda"] is None
+
+
 def test_resume_refuses_other_model(data_dir):
     run_script("train.py", *ARGS, "--max_iters=3", "--eval_interval=3", "--out_dir=out", cwd=data_dir)
     proc = run_script("train.py", *ARGS, "--max_iters=6", "--n_layer=3", "--out_dir=out", "--init_from=resume",
