@@ -114,7 +114,9 @@ def pick_dtype(requested, device_type):
     if requested != "auto":
         return requested
     if device_type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        # not emulated bf16, which torch reports as supported by default: V100 and T4 would train in it with no
+        # loss scaling, and inductor compiles no bf16 graphs for them
+        return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
     return "float32"
 
 

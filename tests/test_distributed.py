@@ -24,6 +24,17 @@ def test_expand_nodelist(nodelist, hosts):
     assert expand_nodelist(nodelist) == hosts
 
 
+@pytest.mark.parametrize("native, expected", [(True, "bfloat16"), (False, "float16")])
+def test_auto_dtype_takes_bf16_only_where_the_gpu_has_it(monkeypatch, native, expected):
+    """dtype=auto: bfloat16 on Ampere and newer, float16 (with loss scaling) on a V100 or T4, whose bf16 torch only
+    emulates and by default reports as supported. torch.cuda is a stand-in: CI has no GPU."""
+    import torch
+    from distributed import pick_dtype
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
+    assert pick_dtype("auto", "cuda") == expected
+    assert pick_dtype("auto", "cpu") == "float32" and pick_dtype("float16", "cuda") == "float16"
+
+
 def test_single_process():
     assert detect_launch({}).mode == "single" and not detect_launch({}).distributed
 
