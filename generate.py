@@ -92,8 +92,11 @@ def compiled_step():
     """
     decode_step under torch.compile, built once per process. reduce-overhead captures a step as a CUDA graph that is
     replayed at every step, so a step costs one graph launch instead of hundreds of kernel launches from Python (the
-    limit at batch 1); static shapes, since each shape is a graph of its own.
+    limit at batch 1); static shapes, since each shape is a graph of its own. Each batch size and cache length is
+    one compilation, so a notebook or bench.py soon passes torch's default of 8 per function, which with fullgraph is
+    an error, not a fallback: the limit is raised to 64 (a process-wide setting; raising it only allows more).
     """
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(decode_step, mode="reduce-overhead", dynamic=False, fullgraph=True)
 
 
