@@ -180,7 +180,9 @@ def fast_kernels(device, attention="auto"):
     PyTorch's heuristic, which has changed between releases. 'auto' tries cuDNN's attention first on Hopper and newer
     GPUs (the fastest there, see README) and flash attention first on older ones; 'cudnn', 'flash', 'efficient' or
     'math' put that one first; 'default' keeps PyTorch's order. A backend that cannot take a call (a head size, a
-    mask, dropout) passes it to the next. Returns (a context manager to run in, a description); a no-op on CPU/MPS.
+    mask, dropout) passes it to the next: after flash, which takes no mask, the memory-efficient kernel, then cuDNN,
+    which takes masks but plans anew for each shape (decoding's change at every step). Returns (a context manager to
+    run in, a description); a no-op on CPU/MPS.
     """
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -191,8 +193,8 @@ def fast_kernels(device, attention="auto"):
     torch.backends.cudnn.allow_tf32 = True
     if attention == "default":
         return contextlib.nullcontext(), "attention: PyTorch's default backend order; TF32 on"
-    names = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    names = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}  # the order after the first
     if attention == "auto":
         attention = "cudnn" if torch.cuda.get_device_capability(device)[0] >= 9 else "flash"
     order = [names[attention]] + [b for name, b in names.items() if name != attention]

@@ -151,7 +151,8 @@ class Decoder:
             self.logits = self._recompute()
 
     def _forward(self, idx, cache, compiled=False):
-        # flash attention first on CUDA: decoding changes the attention's shapes at every step, and cuDNN's attention
+        # flash attention first on CUDA, and the memory-efficient kernel for the steps with a mask (a prefill, padded
+        # rows, the static cache): decoding changes the attention's shapes at every step, and cuDNN's attention
         # (train.py's first choice on Hopper) builds a new plan for each shape, which made an H100 decode at 15
         # tokens/s (bench.py sample, batch 1)
         with fast_kernels(str(idx.device), "flash")[0]:

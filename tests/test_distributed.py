@@ -35,6 +35,18 @@ def test_auto_dtype_takes_bf16_only_where_the_gpu_has_it(monkeypatch, native, ex
     assert pick_dtype("auto", "cpu") == "float32" and pick_dtype("float16", "cuda") == "float16"
 
 
+def test_attention_order():
+    """The chosen backend first, then flash, memory-efficient (both before cuDNN, which plans anew for each of
+    decoding's shapes: a masked call that flash refuses goes to the memory-efficient kernel), cuDNN and math."""
+    from distributed import fast_kernels
+    orders = {name: fast_kernels("cuda", name)[1] for name in ("flash", "cudnn", "efficient")}
+    assert {name: note.replace("_attention", "") for name, note in orders.items()} == {
+        "flash": "attention: flash > efficient > cudnn > math; TF32 on",
+        "cudnn": "attention: cudnn > flash > efficient > math; TF32 on",
+        "efficient": "attention: efficient > flash > cudnn > math; TF32 on"}
+    assert fast_kernels("cpu", "flash")[1] == "attention: PyTorch's scaled_dot_product_attention for this device"
+
+
 def test_single_process():
     assert detect_launch({}).mode == "single" and not detect_launch({}).distributed
 

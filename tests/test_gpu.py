@@ -68,6 +68,21 @@ def test_attention_order_is_applied():
     assert torch.allclose(outs["flash"], outs["math"], atol=2e-2)
 
 
+def test_masked_attention_skips_cudnn_under_flash_first():
+    """Under 'flash' (decoding's and evaluation's choice) a call with a mask, which flash cannot take, goes to the
+    memory-efficient kernel, not to cuDNN's, which plans anew for each of decoding's shapes."""
+    from distributed import fast_kernels
+    q, k, v = (torch.randn(2, 4, 1, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    k, v = torch.randn_like(k.expand(-1, -1, 40, -1)), torch.randn_like(v.expand(-1, -1, 40, -1))
+    mask = torch.ones(2, 1, 1, 40, dtype=torch.bool, device="cuda")
+    mask[0, :, :, :5] = False  # left padding of row 0
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with fast_kernels("cuda", "flash")[0]:
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    ops = {e.key for e in prof.key_averages() if "scaled_dot_product" in e.key}
+    assert "aten::_scaled_dot_product_efficient_attention" in ops and not any("cudnn" in op for op in ops), ops
+
+
 def test_torchrun_one_gpu_matches_python(tmp_path, shakespeare_path):
     """A single-GPU run under torchrun --nproc_per_node=1 follows plain python step for step."""
     prepare_tiny(tmp_path, shakespeare_path)
