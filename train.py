@@ -464,10 +464,12 @@ def gather_to_master(obj, launch):
 
 
 def to_device(x, y, device):
-    """numpy (x, y) batch -> tensors on `device`; on CUDA through pinned memory, so the copy overlaps with compute."""
+    """numpy (x, y) batch -> tensors on `device`; on CUDA through pinned memory, so the copy overlaps with compute
+    (contiguous first: x and y are strided views of one array, and a strided copy goes through pageable memory)."""
     x, y = torch.from_numpy(x), torch.from_numpy(y)
     if device.startswith("cuda"):
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return (x.contiguous().pin_memory().to(device, non_blocking=True),
+                y.contiguous().pin_memory().to(device, non_blocking=True))
     return x.to(device), y.to(device)
 
 

@@ -1,5 +1,6 @@
-"""What only a GPU can show: compiled bf16 training with the fused loss, attention kernel order, decoding through
-CUDA graphs, torchrun on one GPU. Skipped on machines without CUDA (CI); run them on a GPU with python -m pytest -q tests/test_gpu.py."""
+"""What only a GPU can show: compiled bf16 training with the fused loss, attention kernel order, pinned batch copies,
+decoding through CUDA graphs, torchrun on one GPU. Skipped on machines without CUDA (CI); run them on a GPU with
+python -m pytest -q tests/test_gpu.py."""
 
 import pytest
 import torch
@@ -66,6 +67,17 @@ def test_attention_order_is_applied():
         assert note.startswith("attention: ")
     assert torch.allclose(outs["auto"], outs["math"], atol=2e-2)
     assert torch.allclose(outs["flash"], outs["math"], atol=2e-2)
+
+
+def test_batches_reach_the_gpu_whole():
+    """to_device copies a batch's strided views (inputs and targets share one array) to the GPU as they are."""
+    import numpy as np
+    from train import to_device
+    rows = np.arange(4 * 9, dtype=np.int64).reshape(4, 9)
+    x, y = to_device(rows[:, :-1], rows[:, 1:], "cuda")
+    torch.cuda.synchronize()
+    assert x.is_cuda and torch.equal(x.cpu(), torch.from_numpy(rows[:, :-1].copy()))
+    assert torch.equal(y.cpu(), torch.from_numpy(rows[:, 1:].copy()))
 
 
 def test_masked_attention_skips_cudnn_under_flash_first():
