@@ -423,11 +423,12 @@ class GPT(nn.Module):
 # Dense bf16 tensor-core peak FLOP/s by GPU, from the vendors' data sheets (no sparsity). Matched against
 # torch.cuda.get_device_name(); the first matching substring wins, so more specific names come first.
 PEAK_FLOPS_BF16 = [
-    ("H200", 989e12),
-    ("GH200", 989e12),
+    ("H200 NVL", 835e12),
+    ("H200", 989e12),  # SXM, and GH200's
     ("H100 PCIe", 756e12),
     ("H100 NVL", 835e12),
     ("H100", 989e12),  # SXM
+    ("H800 PCIe", 756e12),
     ("H800", 989e12),
     ("B200", 2250e12),
     ("A100", 312e12),

@@ -109,6 +109,8 @@ def test_mfu_uses_the_given_peak():
     assert model.estimate_mfu(1000.0, 1e12) == pytest.approx(model.flops_per_token() * 1000.0 / 1e12)
     assert peak_flops_for("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_flops_for("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops_for("NVIDIA H200 NVL") == 835e12 and peak_flops_for("NVIDIA H200") == 989e12
+    assert peak_flops_for("NVIDIA GH200 480GB") == 989e12 and peak_flops_for("NVIDIA H800 PCIe") == 756e12
     assert peak_flops_for("NVIDIA A100-SXM4-80GB") == 312e12
     assert peak_flops_for("Some Unknown GPU") is None
 
