@@ -11,6 +11,7 @@ graphs on GPU. The logit filters (`top_k_filter`, `top_p_filter`) are pure funct
 """
 
 import functools
+import weakref
 
 import torch
 from torch.nn import functional as F
@@ -100,6 +101,13 @@ def compiled_step():
     return torch.compile(decode_step, mode="reduce-overhead", dynamic=False, fullgraph=True)
 
 
+# each model's last finished static cache, whose storage the next compiled decoding of the same shape takes over: a
+# step's CUDA graph was recorded on it and replays as it is, where new storage would record another graph at every
+# call (kept by the CUDA-graph tree, which then looks through all of them at each step). One per model, the most
+# recent, so that what stays allocated after decoding is one cache, not one per shape.
+SPARE_CACHES = weakref.WeakKeyDictionary()
+
+
 def mark_static(cache):
     """
     Tell torch.compile that the static cache's tensors keep their storage from step to step, so CUDA graphs read and
@@ -143,7 +151,8 @@ class Decoder:
             # cache's length is a shape of the compiled step, so it is rounded up to fewer, reusable sizes
             max_len = longest + max_new_tokens
             max_len = min(self.block_size, -(-max_len // 128) * 128 if self.compile else max_len)
-            self.cache = model.new_cache(max_len, self.pad, static=self.compile)
+            spare = SPARE_CACHES.pop(model, None) if self.compile else None  # taken: never two decoders on one
+            self.cache = model.new_cache(max_len, self.pad, static=self.compile, spare=spare)
             self.logits = self._forward(self.tokens, self.cache)
             if self.compile:
                 mark_static(self.cache)
@@ -182,6 +191,11 @@ class Decoder:
             self.cache = None  # outgrown: see the class comment
             self.logits = self._recompute()
 
+    def release(self):
+        """Decoding is over: a static cache's storage is left for the next compiled decoding (see SPARE_CACHES)."""
+        if self.compile and self.cache is not None and self.cache.k is not None:
+            SPARE_CACHES[self.model] = self.cache
+
     def reorder(self, rows):
         """Keep the listed rows, in that order (beam search's surviving beams); rows may repeat."""
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.tokens.device)
@@ -219,6 +233,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
         if all(done) or step == max_new_tokens - 1:
             break
         decoder.append(ids)
+    decoder.release()
     return new
 
 
@@ -267,4 +282,5 @@ def beam_search(model, prompt, max_new_tokens, num_beams, length_penalty=1.0, ea
         decoder.reorder(rows)
         decoder.append(torch.tensor([seq[-1] for seq in live], dtype=torch.long, device=decoder.tokens.device))
         beams, sums = live, live_sums
+    decoder.release()
     return finished

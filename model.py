@@ -114,12 +114,18 @@ class KVCache:
     which is cheaper without compilation.
     """
 
-    def __init__(self, n_layer, max_len, pad, static=False):
+    def __init__(self, n_layer, max_len, pad, static=False, spare=None):
         self.n_layer, self.max_len, self.static = n_layer, max_len, static
         self.pad = pad  # (B,) left-padding positions per row
         self.padded = bool(pad.any())  # decided once: unpadded batches skip the attention mask
         self.k = self.v = None  # per layer (B, nh, max_len, hs), once allocated
-        self.filled = torch.zeros((), dtype=torch.long, device=pad.device) if static else None
+        # a finished static cache whose storage this one takes over where the shapes and dtype agree, so that a step
+        # captured as a CUDA graph on that storage replays as it is
+        fits = static and spare is not None and spare.k is not None and spare.filled.device == pad.device
+        self.spare = spare if fits else None
+        self.filled = None
+        if static:
+            self.filled = spare.filled.zero_() if fits else torch.zeros((), dtype=torch.long, device=pad.device)
         self._length = 0
 
     @property
@@ -138,8 +144,14 @@ class KVCache:
         """Write k, v (B, nh, T, hs) after the filled positions; return the layer's keys and values to attend to."""
         if self.k is None:
             B, nh, _, hs = k.shape
-            self.k = [k.new_zeros(B, nh, self.max_len, hs) for _ in range(self.n_layer)]
-            self.v = [torch.zeros_like(t) for t in self.k]
+            spare, self.spare = self.spare, None
+            if spare and (spare.k[0].shape, spare.k[0].dtype) == ((B, nh, self.max_len, hs), k.dtype):
+                self.k, self.v = spare.k, spare.v
+                for t in self.k + self.v:
+                    t.zero_()  # in place; masked positions are still multiplied by 0, so no NaN may stay behind
+            else:
+                self.k = [k.new_zeros(B, nh, self.max_len, hs) for _ in range(self.n_layer)]
+                self.v = [torch.zeros_like(t) for t in self.k]
         if self.static:
             slots = self.filled + torch.arange(k.size(2), device=k.device)  # (T,)
             self.k[layer].index_copy_(2, slots, k)
@@ -371,13 +383,14 @@ class GPT(nn.Module):
         mask[self.config.vocab_size:] = float("-inf")
         return mask
 
-    def new_cache(self, max_len, pad, static=False):
+    def new_cache(self, max_len, pad, static=False, spare=None):
         """
         An empty KVCache for len(pad) rows of up to max_len (<= block_size) positions, pad[b] of them left padding;
-        static for decoding under torch.compile / CUDA graphs (see KVCache).
+        static for decoding under torch.compile / CUDA graphs, on a spare static cache's storage if given (see
+        KVCache).
         """
         assert max_len <= self.config.block_size
-        return KVCache(self.config.n_layer, max_len, pad, static)
+        return KVCache(self.config.n_layer, max_len, pad, static, spare)
 
     def crop_block_size(self, block_size):
         """Shorten the context (e.g. to fine-tune GPT-2's 1024 at 256) by cropping the position table."""

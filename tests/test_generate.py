@@ -79,15 +79,23 @@ def test_compiled_decoding_matches_eager_and_compiles_once_per_shape(compile_cou
     """
     compile=True (static cache, one-token steps through torch.compile with fullgraph: no graph breaks) generates what
     the dynamic cache does, for padded batches, sampling, beam search and past block_size; each batch shape and cache
-    length compiles once, however many steps and calls, and more shapes than torch's recompile limit still decode.
+    length compiles once, however many steps and calls, and more shapes than torch's recompile limit still decode. A
+    call takes over the storage of the last call's static cache where its shape fits (so a CUDA graph recorded on it
+    replays instead of recording again), cleared.
     """
     model = tiny(block_size=64, sharp=True)
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9]]  # left padding in the static cache
     eager = generate(model, prompts, 30, temperature=0)
     assert generate(model, prompts, 30, temperature=0, compile=True) == eager
     assert compile_count["graphs"] == 1  # 29 one-token steps, one graph
+    spare = generate_module.SPARE_CACHES[model]  # its storage, which the next call of this shape takes over
+    storage = [t.data_ptr() for t in spare.k + spare.v + [spare.filled]]
+    for t in spare.k + spare.v:
+        t.fill_(float("nan"))  # what a run that overflowed would leave: cleared, not attended to through the mask
     assert generate(model, prompts, 30, temperature=0, compile=True) == eager  # a new cache: same graph
     assert compile_count["graphs"] == 1
+    spare = generate_module.SPARE_CACHES[model]
+    assert [t.data_ptr() for t in spare.k + spare.v + [spare.filled]] == storage  # a CUDA graph's would replay
 
     draw = dict(temperature=1.0, top_k=10, top_p=0.9)
     sampled = generate(model, prompts, 30, generator=torch.Generator().manual_seed(3), **draw)
