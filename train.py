@@ -531,7 +531,7 @@ def check_resume(checkpoint, cfg, data_meta, say):
         problems.append("the dataset's tokenizer differs from the one the checkpoint was trained with")
     if problems:
         raise UserError("cannot resume: the checkpoint was trained with a different model or tokenizer (" +
-                        "; ".join(problems) + "); use another out_dir or init_from=scratch")
+                        "; ".join(problems) + "); resume with the checkpoint's settings, or start a new run in another --out_dir")
     changed = [f"{k} {old[k]!r} -> {getattr(cfg, k)!r}" for k in old
                if hasattr(cfg, k) and k not in ("init_from",) and old[k] != getattr(cfg, k)]
     if changed:
@@ -794,8 +794,9 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
         os.makedirs(cfg.out_dir, exist_ok=True)
         if resume:
             trim_log(log_path, step)
-        elif os.path.exists(log_path):
-            os.remove(log_path)  # a run from scratch starts a new log
+        elif os.path.exists(log_path):  # of a run stopped before its first checkpoint: kept, this run starts anew
+            kept = keep_aside(log_path)
+            say(f"note: {log_path} of an earlier run that saved no checkpoint is kept as {kept}")
         log_file = open(log_path, "a", encoding="utf-8")
     plot = cfg.plot and log_file is not None and matplotlib_available(say)
     writer = Writer(background=cfg.async_save)
@@ -1015,6 +1016,16 @@ def refuse_to_overwrite(out_dir, ckpt_path):
         return
     raise UserError(f"{out_dir} holds the checkpoints of an earlier run: {how}, or start over in a new --out_dir "
                     f"(or delete {out_dir} first)")
+
+
+def keep_aside(path):
+    """Rename `path` (dir/name.ext) to the first free dir/name.N.ext, N = 1, 2, ...; returns the new name."""
+    stem, ext = os.path.splitext(path)
+    n = 1
+    while os.path.exists(f"{stem}.{n}{ext}"):
+        n += 1
+    os.rename(path, f"{stem}.{n}{ext}")
+    return f"{stem}.{n}{ext}"
 
 
 def disk_error(what, error, ckpt_path):

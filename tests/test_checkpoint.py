@@ -464,10 +464,19 @@ def test_full_disk_while_logging_stops_the_run_with_a_message(data_dir, small_di
 
 
 def test_loss_plot_written(data_dir):
-    run_script("train.py", *ARGS, "--max_iters=4", "--eval_interval=2", "--plot=True", "--out_dir=out",
-               cwd=data_dir)
+    """The plot of the run's log. The log of an earlier run there that saved no checkpoint (killed before its first
+    save) is kept aside, not overwritten."""
+    (data_dir / "out").mkdir()
+    earlier = '{"step": 1, "loss": 9.0}\n' * 3
+    for path in ("out/log.jsonl", "out/log.1.jsonl"):
+        (data_dir / path).write_text(earlier)
+    out = run_script("train.py", *ARGS, "--max_iters=4", "--eval_interval=2", "--plot=True", "--out_dir=out",
+                     cwd=data_dir).stdout
     png = data_dir / "out/loss.png"
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "note: out/log.jsonl of an earlier run that saved no checkpoint is kept as out/log.2.jsonl" in out
+    assert (data_dir / "out/log.2.jsonl").read_text() == earlier
+    assert [r["step"] for r in log_records(data_dir / "out") if "loss" in r] == [1, 2, 3, 4]
 
 
 def test_broken_matplotlib_turns_plotting_off(data_dir):
