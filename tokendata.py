@@ -11,6 +11,7 @@ A prepared dataset is a folder data/<name>/ with train_000000.bin ..., val_00000
 optional meta.pkl) is read too.
 """
 
+import difflib
 import glob
 import json
 import os
@@ -129,14 +130,27 @@ def dataset_dir(dataset, data_root):
     return dataset if os.path.isdir(dataset) else os.path.join(data_root, dataset)
 
 
+def missing_dataset_hint(data_dir):
+    """A prepared folder beside data_dir with a close name, or the prepare.py command that makes data_dir."""
+    parent, name = os.path.split(os.path.normpath(data_dir))
+    prepared = sorted(os.path.basename(os.path.dirname(m)) for m in glob.glob(os.path.join(parent, "*", "meta.json")))
+    close = difflib.get_close_matches(name, prepared, n=1)
+    if close:
+        return f"did you mean {close[0]}? (prepared datasets there: {', '.join(prepared)})"
+    from prepare import RECIPES  # here only: prepare.py imports this module
+    if name in RECIPES:
+        return f"prepare it first: python prepare.py {name}"
+    return (f"{name!r} is not one of prepare.py's recipes (python prepare.py --list); prepare your own text with "
+            f"python prepare.py {name} --source=PATH")
+
+
 class Dataset:
     """A prepared dataset folder: its meta (tokenizer, vocab size, ...) and the shards of each split."""
 
     def __init__(self, data_dir):
         self.data_dir = data_dir
         if not os.path.isdir(data_dir):
-            name = os.path.basename(os.path.normpath(data_dir))
-            raise UserError(f"dataset folder {data_dir} does not exist; prepare it first: python prepare.py {name}")
+            raise UserError(f"dataset folder {data_dir} does not exist; {missing_dataset_hint(data_dir)}")
         meta_json = os.path.join(data_dir, "meta.json")
         self.prepared = os.path.exists(meta_json)  # by prepare.py: every shard has a header
         if self.prepared:

@@ -70,8 +70,21 @@ def test_nanogpt_layout(tmp_path):
 
 
 def test_missing_dataset_message(tmp_path):
-    with pytest.raises(Exception, match="python prepare.py nothing_here"):
-        Dataset(str(tmp_path / "nothing_here"))
+    """A missing dataset folder says how to make it: a recipe's prepare.py command, or how to prepare one's own text;
+    a misspelt name of a prepared folder there gets that folder."""
+    with pytest.raises(UserError, match=r"data/shakespeare_char does not exist; prepare it first: "
+                                        r"python prepare.py shakespeare_char$"):
+        Dataset(str(tmp_path / "data/shakespeare_char"))
+    with pytest.raises(UserError, match=r"'nothing_here' is not one of prepare.py's recipes \(python prepare.py "
+                                        r"--list\); prepare your own text with python prepare.py nothing_here --source"):
+        Dataset(str(tmp_path / "data/nothing_here"))
+    for name in ("shakespeare_char", "shakespeare", "notes"):  # prepared, and one that is not
+        (tmp_path / "data" / name).mkdir(parents=True)
+        if name != "notes":
+            (tmp_path / "data" / name / "meta.json").write_text("{}")
+    with pytest.raises(UserError, match=r"data/shakespeare_chr does not exist; did you mean shakespeare_char\? "
+                                        r"\(prepared datasets there: shakespeare, shakespeare_char\)$"):
+        Dataset(str(tmp_path / "data/shakespeare_chr"))
 
 
 def test_sampler_deterministic_and_proportional(tmp_path):
