@@ -938,9 +938,11 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
                 exit_code = EXIT_INTERRUPTED if why == "SIGINT" else EXIT_REQUEUE
                 if launch.distributed:  # the launcher may signal the ranks that have not exited yet
                     stop.leaving()
-                say(f"exiting with code {exit_code}: run {again} to resume" +
+                what = f"run {again} to resume" if step > 0 else "nothing trained to resume; the same command starts anew"
+                say(f"exiting with code {exit_code}: {what}" +
                     ("" if exit_code != EXIT_REQUEUE else " (torchrun reports any code but 0 as a failure, and exits 1)"
-                     if launch.mode == "torchrun" else " (slurm/train.sbatch requeues itself)"))
+                     if launch.mode == "torchrun" else " (slurm/train.sbatch requeues itself, unless the job was "
+                     "cancelled)"))
                 break
             if done:
                 break

@@ -256,6 +256,8 @@ def test_stop_with_nothing_new_to_save(data_dir):  # noqa: F811
     args = [*ARGS, "--max_iters=8", "--eval_interval=4", "--out_dir=out"]
     proc = run_script("train.py", *args, "--max_runtime=0.001", cwd=data_dir, check=False)
     assert proc.returncode == 3 and "stopping on max_runtime: nothing trained yet" in proc.stdout, proc.stderr
+    assert ("exiting with code 3: nothing trained to resume; the same command starts anew (slurm/train.sbatch "
+            "requeues itself, unless the job was cancelled)") in proc.stdout
     assert not os.path.exists(data_dir / "out/ckpt.pt")
     run_script("train.py", *args, "--max_iters=4", cwd=data_dir)
     mtime = os.path.getmtime(data_dir / "out/ckpt.pt")
