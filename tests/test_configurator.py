@@ -42,6 +42,10 @@ def test_unknown_key_in_file(tmp_path):
     path.write_text("learning_rat = 1e-3\n")
     with pytest.raises(ConfigError, match="unknown key 'learning_rat'.*'learning_rate'"):
         parse(Cfg, [str(path)])
+    from train import TrainConfig
+    path.write_text("sequences = 64\nbatch_size = sequences\n")  # a helper name of the file's own
+    with pytest.raises(ConfigError, match=r"unknown key 'sequences'; a name of the file's own starts with _$"):
+        parse(TrainConfig, [str(path)])
 
 
 def test_wrong_types():
