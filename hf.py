@@ -416,6 +416,9 @@ def save_hf_gpt2(model, meta, hf_dir, dtype="float32"):
         _write_text(tmp, "generation_config.json", json.dumps({"bos_token_id": eot_id, "eos_token_id": eot_id}))
         from safetensors.torch import save_file
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        umask = os.umask(0)
+        os.umask(umask)  # safetensors writes its file for its owner only (0600): give it a new file's usual mode, so
+        os.chmod(os.path.join(tmp, "model.safetensors"), 0o666 & ~umask)  # the rest of a shared cluster can read it
         written = sorted(os.listdir(tmp))
         if os.path.exists(hf_dir):  # swap: the old export stays whole until the new one is in place
             old = f"{os.path.abspath(hf_dir)}.old{os.getpid()}"
