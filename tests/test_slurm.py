@@ -75,6 +75,16 @@ def srun_reference(cluster):
     return proc, train_losses(work / "srun")
 
 
+def test_sbatch_script_says_where_train_py_is_missing(tmp_path):
+    """Submitted from a folder without the toolkit (and no GPT_TOOLKIT_DIR), the job says what to do before srun
+    starts anything. Run as Slurm runs it, by bash, from that folder."""
+    env = {k: v for k, v in os.environ.items() if k != "GPT_TOOLKIT_DIR"}
+    proc = subprocess.run(["bash", os.path.join(REPO, "slurm/train.sbatch"), "config/gpt2_124m.py"], cwd=tmp_path,
+                          env=dict(env, SLURM_SUBMIT_DIR=str(tmp_path)), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr == (f"error: no train.py in {tmp_path}: submit from the toolkit's "
+                                                    "folder, or set GPT_TOOLKIT_DIR to it\n"), proc.stderr
+
+
 def test_srun_two_ranks(cluster, srun_reference):
     work, env = cluster
     proc, losses = srun_reference
