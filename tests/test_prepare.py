@@ -108,7 +108,7 @@ def test_resume_after_kill_gives_same_bytes(tmp_path, sig):
     kill, timeout or Slurm would) once it has finished shards; running the same command again keeps those, redoes the
     rest, and writes exactly what an uninterrupted run writes. Ctrl-C and SIGTERM get one line saying so and the
     shell's code for Ctrl-C, 130: no traceback from the main process, nor one from each worker, no worker left."""
-    docs = stories(2500, seed=1)
+    docs = stories(5000, seed=1)  # about 12 shards: the kill after the first lands in a wide window, even on a busy CPU
     write_jsonl(tmp_path / "docs.jsonl", docs)
     tokenizer = "gpt2" if gpt2_bpe_available() else "char"
     args = ["docs", "--source=docs.jsonl", f"--tokenizer={tokenizer}", "--shard_size=20000", "--num_proc=2"]
@@ -121,7 +121,7 @@ def test_resume_after_kill_gives_same_bytes(tmp_path, sig):
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         try:
-            if len(json.loads(state_path.read_text())["splits"]["train"]["shards"]) >= 2:
+            if json.loads(state_path.read_text())["splits"]["train"]["shards"]:
                 break
         except (OSError, ValueError, KeyError):
             pass
