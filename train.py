@@ -531,7 +531,8 @@ def check_resume(checkpoint, cfg, data_meta, say):
         problems.append("the dataset's tokenizer differs from the one the checkpoint was trained with")
     if problems:
         raise UserError("cannot resume: the checkpoint was trained with a different model or tokenizer (" +
-                        "; ".join(problems) + "); resume with the checkpoint's settings, or start a new run in another --out_dir")
+                        "; ".join(problems) + "); resume with the checkpoint's settings, or start a new run in "
+                        "another --out_dir")
     changed = [f"{k} {old[k]!r} -> {getattr(cfg, k)!r}" for k in old
                if hasattr(cfg, k) and k not in ("init_from",) and old[k] != getattr(cfg, k)]
     if changed:
@@ -938,7 +939,8 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
                 exit_code = EXIT_INTERRUPTED if why == "SIGINT" else EXIT_REQUEUE
                 if launch.distributed:  # the launcher may signal the ranks that have not exited yet
                     stop.leaving()
-                what = f"run {again} to resume" if step > 0 else "nothing trained to resume; the same command starts anew"
+                what = (f"run {again} to resume" if step > 0 else
+                        "nothing trained to resume; the same command starts anew")
                 say(f"exiting with code {exit_code}: {what}" +
                     ("" if exit_code != EXIT_REQUEUE else " (torchrun reports any code but 0 as a failure, and exits 1)"
                      if launch.mode == "torchrun" else " (slurm/train.sbatch requeues itself, unless the job was "

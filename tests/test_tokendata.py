@@ -76,7 +76,8 @@ def test_missing_dataset_message(tmp_path):
                                         r"python prepare.py shakespeare_char$"):
         Dataset(str(tmp_path / "data/shakespeare_char"))
     with pytest.raises(UserError, match=r"'nothing_here' is not one of prepare.py's recipes \(python prepare.py "
-                                        r"--list\); prepare your own text with python prepare.py nothing_here --source"):
+                                        r"--list\); prepare your own text with python prepare.py nothing_here "
+                                        r"--source=PATH$"):
         Dataset(str(tmp_path / "data/nothing_here"))
     for name in ("shakespeare_char", "shakespeare", "notes"):  # prepared, and one that is not
         (tmp_path / "data" / name).mkdir(parents=True)
