@@ -102,17 +102,30 @@ def test_same_bytes_whatever_num_proc(tmp_path):
     assert meta["source"]["documents"] == {"val": len(decoded["val"]), "train": len(decoded["train"])}
 
 
+@pytest.fixture(scope="module")
+def kill_source(tmp_path_factory):
+    """Text of 4 worker tasks (prepare.TASK_CHARS each), and what an uninterrupted run makes of it. A task's shards
+    are written together when it comes back, so with one task the kill's window was the 40 ms of writing them all,
+    which a busy CPU missed; from the first task back to the last it is about a second."""
+    from prepare import TASK_CHARS
+    folder = tmp_path_factory.mktemp("kill")
+    docs = stories(20_000, seed=1)
+    assert 3 * TASK_CHARS < sum(map(len, docs)) <= 4 * TASK_CHARS
+    write_jsonl(folder / "docs.jsonl", docs)
+    tokenizer = "gpt2" if gpt2_bpe_available() else "char"
+    args = ["docs", f"--source={folder / 'docs.jsonl'}", f"--tokenizer={tokenizer}", "--shard_size=100000",
+            "--num_proc=2"]
+    run_script("prepare.py", *args[:-1], "--num_proc=1", "--out_root=clean", cwd=folder)
+    return args, folder / "clean"
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
-def test_resume_after_kill_gives_same_bytes(tmp_path, sig):
+def test_resume_after_kill_gives_same_bytes(tmp_path, sig, kill_source):
     """Kill a run (the whole process group, as the OOM killer or Ctrl-C would; SIGTERM to the main process alone, as
     kill, timeout or Slurm would) once it has finished shards; running the same command again keeps those, redoes the
     rest, and writes exactly what an uninterrupted run writes. Ctrl-C and SIGTERM get one line saying so and the
     shell's code for Ctrl-C, 130: no traceback from the main process, nor one from each worker, no worker left."""
-    docs = stories(5000, seed=1)  # about 12 shards: the kill after the first lands in a wide window, even on a busy CPU
-    write_jsonl(tmp_path / "docs.jsonl", docs)
-    tokenizer = "gpt2" if gpt2_bpe_available() else "char"
-    args = ["docs", "--source=docs.jsonl", f"--tokenizer={tokenizer}", "--shard_size=20000", "--num_proc=2"]
-    run_script("prepare.py", *args[:-1], "--num_proc=1", "--out_root=clean", cwd=tmp_path)
+    args, clean = kill_source
 
     stderr = open(tmp_path / "stderr.txt", "w")  # a file: a pipe nobody reads could fill and block the run
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, "prepare.py"), *args], cwd=tmp_path,
@@ -149,8 +162,8 @@ def test_resume_after_kill_gives_same_bytes(tmp_path, sig):
 
     resumed = run_script("prepare.py", *args, cwd=tmp_path)
     assert "resuming: " in resumed.stdout
-    assert shard_bytes(tmp_path / "data/docs") == shard_bytes(tmp_path / "clean/docs")
-    assert (tmp_path / "data/docs/meta.json").read_text() == (tmp_path / "clean/docs/meta.json").read_text()
+    assert shard_bytes(tmp_path / "data/docs") == shard_bytes(clean / "docs")
+    assert (tmp_path / "data/docs/meta.json").read_text() == (clean / "docs/meta.json").read_text()
     assert {f: os.path.getmtime(tmp_path / "data/docs" / f) for f in kept_mtimes} == kept_mtimes  # not rewritten
     assert not [p for p in os.listdir(tmp_path / "data/docs") if "resume" in p or ".tmp" in p or "unfinished" in p]
 
