@@ -18,6 +18,8 @@ from torch.nn import functional as F
 
 from distributed import fast_kernels
 
+# sampling's defaults (nanoGPT's): sample.py's, and those of the samples train.py prints at its evaluations
+TEMPERATURE, TOP_K = 0.8, 200
 
 def top_k_filter(logits, k):
     """

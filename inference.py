@@ -36,6 +36,26 @@ def read_text(path, what):
         raise UserError(f"cannot read {what}: byte {e.start:,} is not UTF-8; convert the file to UTF-8") from None
 
 
+def read_prompt(start, flag="--start"):
+    """A prompt as given on the command line: the text itself, or FILE:path to read it from a file."""
+    return read_text(start[5:], f"the {flag} file {start[5:]}") if start.startswith("FILE:") else start
+
+
+def prompt_ids(tokenizer, prompt, flag="--start"):
+    """The token ids a sample continues: the prompt's, or the end-of-text token for an empty prompt (GPT-2 starts
+    each document after one)."""
+    try:
+        ids = tokenizer.encode(prompt)
+    except UserError as e:  # a character-level model cannot read a character it never saw
+        raise UserError(f"{flag}: {e}") from None
+    if ids:
+        return ids
+    if tokenizer.eot_id is None:
+        raise UserError(f"{flag} is empty and this tokenizer has no end-of-text token to start from; give "
+                        f"{flag}=\"some text\"")
+    return [tokenizer.eot_id]
+
+
 def load_gpt2(name_or_path):
     """GPT-2 weights and the meta of their tokenizer (GPT-2 BPE, or the char-level one export.py writes for a
     character model) through hf.py, imported only here: it pulls in the Hugging Face libraries."""

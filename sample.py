@@ -21,8 +21,8 @@ import torch
 import configurator
 from configurator import UserError
 from distributed import pick_device, pick_dtype
-from generate import Stop, beam_search, generate
-from inference import load_model, read_text
+from generate import TEMPERATURE, TOP_K, Stop, beam_search, generate
+from inference import load_model, prompt_ids, read_prompt
 
 
 @dataclass
@@ -32,8 +32,8 @@ class SampleConfig:
     start: str = "\n"  # the prompt, or FILE:path to read it from a file
     num_samples: int = 3  # samples, generated as one batch (with beam search: the best hypotheses)
     max_new_tokens: int = 500  # tokens generated per sample, at most
-    temperature: float = 0.8  # 1.0 samples the model's distribution; lower is more conservative; 0 is greedy
-    top_k: int = 200  # sample only from the k most likely tokens; 0 disables
+    temperature: float = TEMPERATURE  # 1.0 samples the model's distribution; lower is more conservative; 0 is greedy
+    top_k: int = TOP_K  # sample only from the k most likely tokens; 0 disables
     top_p: float = 1.0  # sample only from the most likely tokens holding this much probability; 1.0 disables
     num_beams: int = 1  # beam search with this many beams (deterministic; sampling settings unused); 1: sampling
     length_penalty: float = 1.0  # beam search: scores are log-probability / length**length_penalty; > 0 favours long
@@ -85,10 +85,6 @@ def validate(cfg):
     return problems
 
 
-def read_prompt(start):
-    return read_text(start[5:], f"the prompt file {start[5:]}") if start.startswith("FILE:") else start
-
-
 class Streamer:
     """Prints row 0's text as it grows, holding back what could still become a stop string or half a character."""
 
@@ -118,12 +114,7 @@ def main(cfg, sources):
     model, tokenizer, _ = load_model(cfg.init_from, cfg.out_dir, device)
 
     prompt = read_prompt(cfg.start)
-    ids = tokenizer.encode(prompt)
-    if not ids:
-        if tokenizer.eot_id is None:
-            raise UserError("the prompt is empty and this tokenizer has no end-of-text token to start from; "
-                            "give --start=\"some text\"")
-        ids = [tokenizer.eot_id]  # GPT-2 starts documents after end-of-text
+    ids = prompt_ids(tokenizer, prompt)
     strings, stop_ids = parse_stop(cfg.stop)
     outside = [i for i in stop_ids if not 0 <= i < tokenizer.vocab_size]
     if outside:

@@ -34,7 +34,9 @@ from checkpoint import (Writer, load_checkpoint, model_from_checkpoint, save_tra
 from configurator import UserError
 from distributed import (ATTENTION_CHOICES, DTYPES, all_reduce_sum, cleanup_distributed, detect_launch,
                          fast_kernels, init_distributed, pick_device, pick_dtype)
+from generate import TEMPERATURE, TOP_K, Stop, generate
 from hf import GPT2_NAMES, check_dataset_tokenizer, load_hf_gpt2
+from inference import prompt_ids, read_prompt
 from model import GPT, GPTConfig, peak_flops_for
 from tokendata import BatchSampler, Dataset, dataset_dir, first_tokens, window_batch, windows
 from tokenizer import tokenizer_from_meta
@@ -64,6 +66,8 @@ class TrainConfig:
     max_runtime: str = ""  # save and exit (code 3) after this wall time, e.g. '3:55:00'; empty: no limit
     max_bad_steps: int = 10  # consecutive steps with a non-finite loss or gradient before the run stops
     plot: bool = True  # redraw out_dir/loss.png (train and val loss against tokens) at every eval
+    sample_tokens: int = 0  # at each evaluation after step 0, rank 0 prints a sample of up to this many new tokens (also appended to log.jsonl); 0: none
+    sample_start: str = "\n"  # the samples' prompt, or FILE:path (empty: end-of-text); drawn as sample.py draws, from the same seed each time, so they differ only as the model does
     seed: int = 1337
     # wandb
     wandb_log: bool = False  # WANDB_MODE=offline works without network
@@ -137,8 +141,8 @@ def validate(cfg):
         problems.append(f"min_lr={cfg.min_lr} is above learning_rate={cfg.learning_rate}")
     # a negative grad_clip or learning rate would not fail: it would turn the updates around, and the loss go up
     problems += configurator.too_small(cfg, ("total_batch_size", "hellaswag_items", "max_iters", "keep_last_n",
-                                             "keep_every", "grad_clip", "learning_rate", "min_lr", "weight_decay",
-                                             "warmup_iters", "lr_decay_iters", "peak_flops", "seed"), 0)
+                                             "keep_every", "sample_tokens", "grad_clip", "learning_rate", "min_lr",
+                                             "weight_decay", "warmup_iters", "lr_decay_iters", "peak_flops", "seed"), 0)
     if min(cfg.batch_size, cfg.block_size, cfg.gradient_accumulation_steps) >= 1 and cfg.total_batch_size >= 0:
         try:  # the batch arithmetic, for the number of processes this launch has
             micro_steps_per_rank(cfg, detect_launch().world_size)
@@ -308,6 +312,23 @@ def evaluation_sets(shards, cfg, launch, to_device):
     return sets, (f"evaluation: each split's first {cfg.eval_tokens:,} tokens, every one predicted once, in passes "
                   f"of {rows} windows of {cfg.block_size} tokens{' per process' if launch.distributed else ''}: "
                   f"{described}")
+
+
+def draw_sample(model, prompt, ids, max_new_tokens, tokenizer, autocast, seed):
+    """
+    The text of one sample of `model` (the plain one: neither compiled nor wrapped in DDP) continuing `prompt`
+    (`ids`, its tokens), drawn as sample.py draws by default and ended at end-of-text. Its random numbers come from
+    a generator of its own, so sampling leaves the training's (dropout, the exact resume) untouched.
+    """
+    generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
+    stop = Stop([tokenizer.eot_id] if tokenizer.eot_id is not None else [])
+    model.eval()
+    try:
+        with autocast:
+            new, = generate(model, [ids], max_new_tokens, TEMPERATURE, TOP_K, stop=stop, generator=generator)
+    finally:
+        model.train()
+    return prompt + tokenizer.decode(new)
 
 
 def rng_state(device):
@@ -678,6 +699,11 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
     data = Dataset(dataset_dir(cfg.dataset, cfg.data_root))
     train_shards, val_shards = data.shards("train"), data.shards("val")
     meta = {k: data.meta.get(k) for k in ("tokenizer", "vocab_size", "eot_id")}
+    tokenizer = tokenizer_from_meta(data.meta) if cfg.hellaswag or cfg.sample_tokens else None
+    sample_from = None  # the prompt of the samples at evaluations, checked before any work
+    if cfg.sample_tokens and not cfg.eval_only:
+        text = read_prompt(cfg.sample_start, "--sample_start")
+        sample_from = (text, prompt_ids(tokenizer, text, "--sample_start"))
 
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if agree(int(lock is not None and lock.holder is not None), launch, device):  # every rank stops, rank 0 says why
@@ -779,8 +805,7 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
 
     eval_sets, described = evaluation_sets({"train": train_shards, "val": val_shards}, cfg, launch, batch_to_device)
     say(described)
-    hellaswag_share = (load_hellaswag_share(cfg, tokenizer_from_meta(data.meta), launch, device, say)
-                       if cfg.hellaswag else None)
+    hellaswag_share = load_hellaswag_share(cfg, tokenizer, launch, device, say) if cfg.hellaswag else None
     peak = cfg.peak_flops or (peak_flops_for(torch.cuda.get_device_name(device)) if device_type == "cuda" else None)
     tokens_per_step = cfg.batch_size * cfg.block_size * grad_accum * launch.world_size
 
@@ -802,7 +827,7 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
     plot = cfg.plot and log_file is not None and matplotlib_available(say)
     writer = Writer(background=cfg.async_save)
 
-    def log(record):
+    def log(record, to_wandb=True):
         nonlocal log_file, log_error
         if log_file:
             try:
@@ -815,7 +840,7 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
                 except OSError:
                     pass
                 log_file = None
-        if wandb_run:
+        if wandb_run and to_wandb:
             wandb_run.log(record, step=record["step"])
 
     def write_failed():
@@ -909,7 +934,11 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
                     save(batches.state_dict(), "val loss improved" if improved else "always_save_checkpoint")
                 if plot:
                     writer.submit(write_plot)
-                t_last = time.time()  # evaluation time is not training time
+                if sample_from is not None and step > 0 and launch.is_master:  # while the checkpoint is written
+                    text = draw_sample(raw_model, *sample_from, cfg.sample_tokens, tokenizer, autocast, cfg.seed)
+                    say(f"step {step}: sample\n{text}\n" + "-" * 15)
+                    log({"step": step, "sample": text}, to_wandb=False)  # a string, which wandb charts do not take
+                t_last = time.time()  # evaluation (and sampling) time is not training time
             done = (step >= cfg.max_iters or cfg.eval_only) and not abandoned
             if done:
                 status = last_write_agreed(GO_ON)  # the final checkpoint, if this evaluation wrote one

@@ -10,6 +10,8 @@ eval_interval = 10
 eval_iters = 40
 log_interval = 1
 always_save_checkpoint = False  # keep only the best model: it starts overfitting within a few hundred steps
+sample_tokens = 64  # at each evaluation, how its Shakespeare reads now
+sample_start = "ROMEO:"
 
 dataset = "shakespeare"
 batch_size = 8

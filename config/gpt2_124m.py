@@ -29,4 +29,6 @@ grad_clip = 1.0
 
 eval_interval = 1000
 eval_iters = 200
+sample_tokens = 32  # a glimpse of what it writes at each evaluation, as build-nanogpt prints
+sample_start = "Hello, I'm a language model,"
 log_interval = 10

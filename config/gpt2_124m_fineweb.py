@@ -32,4 +32,6 @@ grad_clip = 1.0
 eval_interval = 250
 eval_tokens = 10485760  # the first 10M tokens of each split, every one predicted once: the same numbers every time
 hellaswag = True  # 10,042 items at each evaluation, shared by the GPUs: seconds
+sample_tokens = 32  # a glimpse of what it writes at each evaluation, as build-nanogpt prints
+sample_start = "Hello, I'm a language model,"
 log_interval = 10

@@ -30,4 +30,6 @@ weight_decay = 0.1
 
 eval_interval = 500
 eval_tokens = 1048576  # the first 1M tokens of each split, every one predicted once
+sample_tokens = 100  # and a story's start at each evaluation
+sample_start = "Once upon a time"
 log_interval = 10

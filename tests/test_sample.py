@@ -96,13 +96,13 @@ def test_stop_escapes():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--start="], "the prompt is empty and this tokenizer has no end-of-text token"),
-    (["--start=ROMEO#"], "characters outside this model's"),
+    (["--start="], "--start is empty and this tokenizer has no end-of-text token"),
+    (["--start=ROMEO#"], "--start: text has characters outside this model's"),
     (["--max_new_tokens=0", "--top_p=0", "--stop=[\"a\", 1.5]", "--stream", "--num_beams=2"],
      "max_new_tokens=0 must be at least 1"),
     (["--out_dir=nowhere"], "no checkpoint at nowhere/ckpt.pt"),
-    (["--start=FILE:missing.txt"], "cannot read the prompt file missing.txt"),
-    (["--start=FILE:latin1.txt"], "cannot read the prompt file latin1.txt: byte 3 is not UTF-8"),
+    (["--start=FILE:missing.txt"], "cannot read the --start file missing.txt"),
+    (["--start=FILE:latin1.txt"], "cannot read the --start file latin1.txt: byte 3 is not UTF-8"),
     (["--stop=[\"\\n\", 59]"], "token id 59 is not in this model's vocabulary of 59 ids (0 to 58)"),
     (["--stop=[-1]"], "token id -1 is not in this model's vocabulary"),
     (["--stop=[\"\"]"], "an empty string would never stop a sample"),

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from checkpoint import save_checkpoint
 from conftest import REPO, run_script
 from model import GPT, GPTConfig
-from test_checkpoint import ARGS, data_dir  # noqa: F401 (a fixture)
+from test_checkpoint import ARGS, data_dir, log_records  # noqa: F401 (a fixture)
 
 
 def test_eval_passes_one_shape_same_loss(data_dir, monkeypatch, capsys):  # noqa: F811
@@ -336,3 +336,32 @@ def test_hellaswag_at_each_evaluation(data_dir):  # noqa: F811
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "hellaswag_val.jsonl:7: text has characters outside this model's" in proc.stderr, proc.stderr
     assert "step 1 |" not in proc.stdout and not (data_dir / "out2/ckpt.pt").exists()
+
+
+def test_samples_at_evaluations(data_dir):  # noqa: F811
+    """--sample_tokens: a sample at each evaluation after step 0, printed and logged, the one sample.py draws from
+    that step's checkpoint with its default settings and seed; and sampling leaves training untouched (dropout on:
+    a draw from the global random state would change the masks that follow). A prompt the tokenizer cannot write
+    stops the run before any training."""
+    args = [*ARGS, "--max_iters=6", "--eval_interval=3", "--dropout=0.1"]
+    proc = run_script("train.py", *args, "--sample_tokens=20", "--sample_start=ROMEO:", "--out_dir=out",
+                      cwd=data_dir)
+    samples = [r for r in log_records(data_dir / "out") if "sample" in r]
+    assert [r["step"] for r in samples] == [3, 6] and all(r["sample"].startswith("ROMEO:") for r in samples)
+    assert f"step 6: sample\n{samples[-1]['sample']}\n---" in proc.stdout and "step 0: sample" not in proc.stdout
+    drawn = run_script("sample.py", "--out_dir=out", "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=20",
+                       "--device=cpu", cwd=data_dir).stdout
+    assert drawn.split("\n---------------")[0] == samples[-1]["sample"]
+
+    run_script("train.py", *args, "--out_dir=plain", cwd=data_dir)
+    trained = [torch.load(data_dir / d / "ckpt.pt", weights_only=False)["model"] for d in ("out", "plain")]
+    assert all(torch.equal(trained[0][k], trained[1][k]) for k in trained[1])
+    losses = [[r for r in log_records(data_dir / d) if "loss" in r or "val_loss" in r] for d in ("out", "plain")]
+    assert ([[r.get("loss"), r.get("val_loss")] for r in losses[0]] ==
+            [[r.get("loss"), r.get("val_loss")] for r in losses[1]])
+
+    proc = run_script("train.py", *args, "--sample_tokens=20", "--sample_start=ROMEO#", "--out_dir=bad",
+                      cwd=data_dir, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "--sample_start: text has characters outside this model's" in proc.stderr, proc.stderr
+    assert "step 1 |" not in proc.stdout
