@@ -244,11 +244,31 @@ def nanogpt_char_meta(data_dir):
             "eot_id": None}
 
 
+def read_windows(shards, shard_idx, offsets, length):
+    """(x, y) int64 arrays: the windows of `length` tokens at offsets[i] of shards[shard_idx[i]], as inputs and the
+    targets one position later, their ids checked against the vocabulary."""
+    rows = np.stack([shards[s].read(int(o), length) for s, o in zip(shard_idx, offsets)])
+    vocab_size = shards[0].vocab_size
+    if vocab_size is not None and rows.max() >= vocab_size:  # one max over the batch: microseconds
+        for row, s, o in zip(rows, shard_idx, offsets):
+            shards[s].check_ids(int(o), row)
+    rows = rows.astype(np.int64)
+    return rows[:, :-1], rows[:, 1:]
+
+
+def too_short(shards, block_size):
+    longest = max(s.num_tokens for s in shards)
+    return UserError(f"block_size={block_size} needs shards of more than {block_size} tokens, but the longest "
+                     f"({shards[0].path} ...) has {longest}; lower block_size or add data")
+
+
 class BatchSampler:
     """
     Random (x, y) batches of `batch_size` windows of `block_size + 1` tokens from a list of shards. Every valid
-    window start in every shard is equally likely, so shards are drawn in proportion to their size. All randomness
-    comes from one numpy Generator whose state is saved in checkpoints, so a resumed run draws the same batches.
+    window start in every shard is equally likely, so shards are drawn in proportion to their size (nanoGPT's way:
+    with replacement, so over one split's worth of tokens about a third of it is never drawn and a quarter twice or
+    more; EpochSampler goes through it once). All randomness comes from one numpy Generator whose state is saved in
+    checkpoints, so a resumed run draws the same batches.
     Under DDP every rank draws the same global batch of batch_size x world_size windows from the same seed and reads
     only its own slice: ranks see different data, and the data of a step does not depend on how many processes share
     it (2 ranks x 1 micro-step read exactly what 1 rank x 2 micro-steps reads).
@@ -259,9 +279,7 @@ class BatchSampler:
         self.rank, self.world_size = rank, world_size
         starts = [max(s.num_tokens - block_size, 0) for s in shards]
         if sum(starts) == 0:
-            longest = max(s.num_tokens for s in shards)
-            raise UserError(f"block_size={block_size} needs shards of more than {block_size} tokens, but the longest "
-                            f"({shards[0].path} ...) has {longest}; lower block_size or add data")
+            raise too_short(shards, block_size)
         self.cum_starts = np.cumsum(starts)
         self.rng = np.random.default_rng(seed)
 
@@ -271,19 +289,72 @@ class BatchSampler:
         picks = picks[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
         shard_idx = np.searchsorted(self.cum_starts, picks, side="right")
         offsets = picks - np.concatenate(([0], self.cum_starts[:-1]))[shard_idx]
-        rows = np.stack([self.shards[s].read(int(o), self.block_size + 1) for s, o in zip(shard_idx, offsets)])
-        vocab_size = self.shards[0].vocab_size
-        if vocab_size is not None and rows.max() >= vocab_size:  # one max over the batch: microseconds
-            for row, s, o in zip(rows, shard_idx, offsets):
-                self.shards[s].check_ids(int(o), row)
-        rows = rows.astype(np.int64)
-        return rows[:, :-1], rows[:, 1:]
+        return read_windows(self.shards, shard_idx, offsets, self.block_size + 1)
 
     def state_dict(self):
         return {"rng": self.rng.bit_generator.state}
 
     def load_state_dict(self, state):
         self.rng.bit_generator.state = state["rng"]
+
+
+class EpochSampler:
+    """
+    BatchSampler's interface, but in epochs: each shard is cut into consecutive windows of block_size + 1 tokens that
+    overlap by one (window i starts at token i x block_size), so that in every epoch each token but a shard's first
+    and its last few (fewer than block_size) is predicted exactly once, as llm.c and build-nanogpt train. The
+    windows come in an order shuffled anew for each epoch from (seed, epoch), and a batch that reaches the end of an
+    epoch is completed from the next. The same global batch on every rank, each reading its slice, as BatchSampler.
+    The state is the epoch and how many of its windows have been used, so a resumed run goes on where it stopped.
+    """
+
+    def __init__(self, shards, block_size, batch_size, seed, rank=0, world_size=1):
+        self.shards, self.block_size, self.batch_size = shards, block_size, batch_size
+        self.rank, self.world_size = rank, world_size
+        self.cum_windows = np.cumsum([max(s.num_tokens - 1, 0) // block_size for s in shards])
+        self.windows = int(self.cum_windows[-1])
+        if self.windows == 0:
+            raise too_short(shards, block_size)
+        self.seed = [int(v) for v in np.atleast_1d(seed)]
+        self.epoch, self.position, self._order = 0, 0, (None, None)
+
+    def order(self, epoch):
+        """The window indices of an epoch, in the order it uses them (kept for the epoch in progress)."""
+        if self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([*self.seed, epoch]).permutation(self.windows))
+        return self._order[1]
+
+    def next_batch(self):
+        picks = []
+        need = self.batch_size * self.world_size
+        while need:
+            take = min(need, self.windows - self.position)
+            picks.append(self.order(self.epoch)[self.position:self.position + take])
+            self.position += take
+            need -= take
+            if self.position == self.windows:
+                self.epoch, self.position = self.epoch + 1, 0
+        picks = np.concatenate(picks)[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        shard_idx = np.searchsorted(self.cum_windows, picks, side="right")
+        offsets = (picks - np.concatenate(([0], self.cum_windows[:-1]))[shard_idx]) * self.block_size
+        return read_windows(self.shards, shard_idx, offsets, self.block_size + 1)
+
+    @staticmethod
+    def epochs_done(state):
+        """How far the sampler of `state` has gone through the data, in epochs (1.5: half way through the second)."""
+        return state["epoch"] + state["position"] / state["windows"]
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "position": self.position, "windows": self.windows}
+
+    def load_state_dict(self, state):
+        """Resumed in the same epoch at the same window. With a dataset of another size (a resume may change the
+        folder) the epoch's order is another one, so it goes on at the same fraction of the epoch."""
+        self.epoch = state["epoch"]
+        self.position = min(round(state["position"] * self.windows / state["windows"]), self.windows - 1)
+
+
+SAMPLERS = {"random": BatchSampler, "epochs": EpochSampler}
 
 
 def first_tokens(shards, count):

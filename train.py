@@ -38,7 +38,7 @@ from generate import TEMPERATURE, TOP_K, Stop, generate
 from hf import GPT2_NAMES, check_dataset_tokenizer, load_hf_gpt2
 from inference import prompt_ids, read_prompt
 from model import GPT, GPTConfig, peak_flops_for
-from tokendata import BatchSampler, Dataset, dataset_dir, first_tokens, window_batch, windows
+from tokendata import SAMPLERS, BatchSampler, Dataset, EpochSampler, dataset_dir, first_tokens, window_batch, windows
 from tokenizer import tokenizer_from_meta
 
 # exit code after saving on SIGTERM/SIGUSR1 or max_runtime: "not finished, run me again" (slurm/train.sbatch requeues)
@@ -80,6 +80,7 @@ class TrainConfig:
     block_size: int = 1024  # tokens per sequence
     total_batch_size: int = 0  # tokens per optimizer step over all processes; 0: use gradient_accumulation_steps
     gradient_accumulation_steps: int = 1  # micro-steps per optimizer step, summed over all processes (as nanoGPT)
+    data_order: str = "random"  # 'random': windows at random places, with replacement (nanoGPT's); 'epochs': every block_size window of the train split once per epoch, shuffled anew each epoch (llm.c's and build-nanogpt's one pass)
     # model
     n_layer: int = 12
     n_head: int = 12
@@ -133,6 +134,8 @@ def validate(cfg):
         problems.append(f"eval_tokens={cfg.eval_tokens} must be 0 (eval_iters random batches) or more")
     if cfg.batch_size >= 1 and cfg.eval_batch_size % cfg.batch_size:
         problems.append(f"eval_batch_size={cfg.eval_batch_size} is not a multiple of batch_size={cfg.batch_size}")
+    if cfg.data_order not in SAMPLERS:
+        problems.append(f"data_order={cfg.data_order!r}: expected {' or '.join(map(repr, SAMPLERS))}")
     if cfg.dtype not in DTYPES:
         problems.append(f"dtype={cfg.dtype!r}: expected {', '.join(DTYPES)}")
     if cfg.decay_lr and cfg.lr_decay_iters < cfg.warmup_iters:
@@ -728,6 +731,12 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
     say(f"launch: {launch.mode}, {launch.world_size} process(es); device {device}, {dtype}; {kernels_note}")
     say("config:\n" + configurator.describe(cfg, sources))
     say(f"batch: {batch_explain}")
+    tokens_per_step = cfg.batch_size * cfg.block_size * grad_accum * launch.world_size
+    train_tokens = sum(s.num_tokens for s in train_shards)
+    say(f"length: {cfg.max_iters:,} steps = {cfg.max_iters * tokens_per_step:,} tokens, "
+        f"{cfg.max_iters * tokens_per_step / train_tokens:.2f} epochs of the train split ({train_tokens:,} tokens; "
+        f"data_order={cfg.data_order}: " + ("each window once per epoch, shuffled)" if cfg.data_order == "epochs"
+                                            else "windows drawn at random, with replacement)"))
     if checkpoint is not None:
         check_resume(checkpoint, cfg, data.meta, say)
 
@@ -751,8 +760,8 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
     autocast = torch.autocast(device_type=device_type, dtype=getattr(torch, dtype), enabled=(dtype != "float32"))
 
     step, best_val_loss, wandb_id, tokens_seen = 0, float("inf"), None, 0
-    sampler = BatchSampler(train_shards, cfg.block_size, cfg.batch_size, seed=[cfg.seed, 0],
-                           rank=launch.rank, world_size=launch.world_size)
+    sampler = SAMPLERS[cfg.data_order](train_shards, cfg.block_size, cfg.batch_size, seed=[cfg.seed, 0],
+                                       rank=launch.rank, world_size=launch.world_size)
     torch.manual_seed(cfg.seed + launch.rank)  # dropout masks differ between ranks
     if checkpoint is not None:
         this_run = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
@@ -767,7 +776,10 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
         tokens_seen = checkpoint.get("tokens_seen", step * cfg.batch_size * cfg.block_size * grad_accum *
                                      launch.world_size)
         wandb_id = checkpoint.get("wandb_run_id")
-        sampler.load_state_dict(checkpoint["sampler"])  # the same on every rank: they draw one global batch
+        if ("epoch" in checkpoint["sampler"]) == (cfg.data_order == "epochs"):
+            sampler.load_state_dict(checkpoint["sampler"])  # the same on every rank: they draw one global batch
+        else:
+            say(f"note: data_order is now {cfg.data_order}: its batches start anew, from the seed")
         ranks = checkpoint.get("rng") or []
         if launch.rank < len(ranks) and len(ranks) == launch.world_size:
             set_rng_state(ranks[launch.rank], device)
@@ -807,7 +819,6 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
     say(described)
     hellaswag_share = load_hellaswag_share(cfg, tokenizer, launch, device, say) if cfg.hellaswag else None
     peak = cfg.peak_flops or (peak_flops_for(torch.cuda.get_device_name(device)) if device_type == "cuda" else None)
-    tokens_per_step = cfg.batch_size * cfg.block_size * grad_accum * launch.world_size
 
     # only rank 0 touches the file system; the other ranks never wait on a write they do not need. eval_only writes
     # nothing: its one evaluation would be a second record of a step already in the log, of a run it does not extend
@@ -1005,10 +1016,13 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
                 dt = (time.time() - t_last) / steps_since_log
                 tokens_per_sec = tokens_per_step / dt
                 mfu = raw_model.estimate_mfu(tokens_per_sec / launch.world_size, peak)
+                # the sampler's state before the batch in hand: after the batches of `step` steps
+                epoch = {"epoch": EpochSampler.epochs_done(batches.state_dict())} if cfg.data_order == "epochs" else {}
                 say(f"step {step} | loss {loss_value:.4f} | lr {lr:.2e} | norm {grad_norm.item():.3f} | "
-                    f"{dt * 1000:.1f} ms | {tokens_per_sec:,.0f} tok/s | mfu {f'{mfu:.1%}' if mfu else '-'}")
+                    f"{dt * 1000:.1f} ms | {tokens_per_sec:,.0f} tok/s | mfu {f'{mfu:.1%}' if mfu else '-'}" +
+                    (f" | epoch {epoch['epoch']:.3f}" if epoch else ""))
                 log({"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(), "ms": dt * 1000,
-                     "tokens_per_sec": tokens_per_sec, "mfu": mfu, "tokens": tokens_seen,
+                     "tokens_per_sec": tokens_per_sec, "mfu": mfu, "tokens": tokens_seen, **epoch,
                      "elapsed": time.time() - t_start, "time": time.time()})
                 t_last, steps_since_log = time.time(), 0
     except BaseException:

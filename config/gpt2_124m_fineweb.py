@@ -11,6 +11,8 @@ dataset = "fineweb_edu"
 batch_size = 32  # sequences per GPU per micro-step: 32 fits 40 GB and more; on 24 GB GPUs use 16
 block_size = 1024
 total_batch_size = 524288  # 2**19 tokens per optimizer step; micro-steps are derived (2 a step on 8 GPUs)
+# every window once, in a shuffled order: the one pass below (random windows would leave a third of it unseen)
+data_order = "epochs"
 
 n_layer = 12
 n_head = 12

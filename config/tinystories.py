@@ -12,6 +12,7 @@ dataset = "tinystories"
 batch_size = 32
 block_size = 512  # a story is a few hundred tokens
 gradient_accumulation_steps = 4  # 32 x 512 x 4 = 65,536 tokens per step
+data_order = "epochs"  # each story's windows once per pass over the data, shuffled anew each pass
 
 # 25M parameters in the blocks, 26M in the (tied) token embedding of GPT-2's 50,257-token vocabulary
 n_layer = 8

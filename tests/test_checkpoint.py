@@ -46,6 +46,27 @@ def test_exact_resume(data_dir):
     assert steps == list(range(1, 41))  # continued without duplicates
 
 
+def test_epochs_resume_exactly_across_an_epoch(tmp_path, shakespeare_path):
+    """data_order=epochs through train.py: a run stopped in its first epoch and resumed into its second trains what
+    an uninterrupted one does, and log.jsonl says how far through the epochs each step is."""
+    with open(shakespeare_path, encoding="utf-8") as f:
+        (tmp_path / "small.txt").write_text(f.read(6000), encoding="utf-8")
+    run_script("prepare.py", "small", "--source=small.txt", "--tokenizer=char", cwd=tmp_path)
+    # about 5,400 train tokens: 168 windows of 32, an epoch in 10.5 steps of 16
+    args = [*ARGS, "--dataset=small", "--batch_size=16", "--data_order=epochs", "--eval_interval=1000"]
+    run_script("train.py", *args, "--max_iters=14", "--out_dir=straight", cwd=tmp_path)
+    out = run_script("train.py", *args, "--max_iters=6", "--out_dir=split", cwd=tmp_path)
+    assert "epochs of the train split" in out.stdout and "data_order=epochs: each window once per epoch" in out.stdout
+    run_script("train.py", *args, "--max_iters=14", "--out_dir=split", "--init_from=resume", cwd=tmp_path)
+    straight, split = train_losses(tmp_path / "straight"), train_losses(tmp_path / "split")
+    assert all(straight[s] == split[s] for s in range(1, 15))
+    with open(tmp_path / "data/small/meta.json") as f:
+        windows = sum((s["tokens"] - 1) // 32 for s in json.load(f)["shards"]["train"])
+    assert 10 * 16 < windows < 11 * 16  # the second epoch begins in step 11
+    epochs = [r["epoch"] for r in log_records(tmp_path / "split") if "loss" in r]
+    assert epochs == pytest.approx([16 * s / windows for s in range(1, 15)])
+
+
 def test_exact_resume_two_ranks(data_dir):
     args = [*ARGS, "--gradient_accumulation_steps=2", "--dropout=0.1"]  # dropout: each rank's RNG must be restored
     run_torchrun(data_dir, *args, "--max_iters=30", "--eval_interval=1000", "--out_dir=straight")

@@ -69,3 +69,63 @@ def test_resident_memory_flat_over_10000_batches(tmp_path):
             start = rng.integers(len(m) - 257)
             np.asarray(m[start:start + 257]).sum()
     assert rss_mb() - before > 30  # the memmap way: touched pages stay resident
+
+
+def epochs_of_windows(world_size, batch_size, batches, shards, block_size):
+    """The first token of every window the ranks of one launch read, in the order of the global batch, and the
+    targets of each."""
+    from tokendata import EpochSampler
+    samplers = [EpochSampler(shards, block_size, batch_size, seed=[7, 0], rank=r, world_size=world_size)
+                for r in range(world_size)]
+    starts, targets = [], []
+    for _ in range(batches):
+        for sampler in samplers:
+            x, y = sampler.next_batch()
+            assert np.array_equal(x[:, 1:], y[:, :-1])
+            starts += x[:, 0].tolist()
+            targets += list(y)
+    return starts, targets
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_epochs_predict_every_token_once(tmp_path, world_size):
+    """data_order=epochs: within each epoch the windows predict every token of every shard once (but a shard's first
+    and the last few that make no whole window), the next epoch in another order, batches running on across the
+    epoch's end; and the global batch is the same for any number of ranks sharing it."""
+    from tokendata import EpochSampler
+    sizes, block = [300, 521, 40], 16  # windows: 299 // 16 = 18, 520 // 16 = 32, 39 // 16 = 2; 52 in all
+    for i, size in enumerate(sizes):  # ids are positions over all shards: a target says which token it is
+        write_tokens(str(tmp_path / f"s{i}.bin"), sum(sizes[:i]) + np.arange(size), np.dtype("<u4"))
+    shards = [Shard(str(tmp_path / f"s{i}.bin")) for i in range(len(sizes))]
+    per_epoch = sorted(sum(sizes[:i]) + 1 + t for i, size in enumerate(sizes) for t in range((size - 1) // 16 * 16))
+    batch_size = 6 // world_size
+    starts, targets = epochs_of_windows(world_size, batch_size, 20, shards, block)  # 120 windows: 2.3 epochs
+    for epoch in range(2):
+        window_targets = targets[epoch * 52:(epoch + 1) * 52]
+        assert sorted(np.concatenate(window_targets).tolist()) == per_epoch
+    assert starts[:52] != starts[52:104] and sorted(starts[:52]) == sorted(starts[52:104])
+    assert starts == epochs_of_windows(1, 6, 20, shards, block)[0]
+    state = EpochSampler(shards, block, 6, seed=[7, 0])
+    for _ in range(20):
+        state.next_batch()
+    assert EpochSampler.epochs_done(state.state_dict()) == pytest.approx(120 / 52)
+
+
+def test_epochs_resume_where_they_stopped(tmp_path):
+    """An epoch sampler's state carries it on exactly (within an epoch and across its end); with a dataset of another
+    size it goes on at the same fraction of the epoch."""
+    from tokendata import EpochSampler
+    write_tokens(str(tmp_path / "a.bin"), np.arange(5000), np.dtype("<u2"))
+    shards = [Shard(str(tmp_path / "a.bin"))]
+    straight, resumed = EpochSampler(shards, 32, 10, seed=[1, 0]), None  # 156 windows: epoch 0 ends in batch 16
+    for step in range(40):
+        if step in (7, 15, 23):  # in epoch 0, at the batch that crosses into epoch 1, in epoch 1
+            resumed = EpochSampler(shards, 32, 10, seed=[1, 0])
+            resumed.load_state_dict(straight.state_dict())
+        expected = straight.next_batch()[0]
+        if resumed is not None:
+            assert np.array_equal(resumed.next_batch()[0], expected)
+    write_tokens(str(tmp_path / "b.bin"), np.arange(10_000), np.dtype("<u2"))
+    bigger = EpochSampler([Shard(str(tmp_path / "b.bin"))], 32, 10, seed=[1, 0])  # 312 windows
+    bigger.load_state_dict({"epoch": 2, "position": 39, "windows": 156})
+    assert bigger.state_dict() == {"epoch": 2, "position": 78, "windows": 312}
