@@ -94,11 +94,13 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # clip gradients at this global norm; 0 disables
-    # learning-rate schedule: linear warmup, cosine decay to min_lr, then constant
+    # learning-rate schedule: linear warmup, decay to min_lr at lr_decay_iters, then constant
     decay_lr: bool = True
     warmup_iters: int = 2000
     lr_decay_iters: int = 600000  # about max_iters, as in the Chinchilla paper
     min_lr: float = 6e-5  # about learning_rate / 10
+    lr_schedule: str = "cosine"  # the decay: 'cosine', 'linear', or 'wsd' (warmup-stable-decay: learning_rate until the last cooldown_frac of lr_decay_iters, then linear; a run at its stable rate can be extended, or cooled down from a checkpoint)
+    cooldown_frac: float = 0.2  # wsd: the share of lr_decay_iters spent decaying
     # system
     device: str = "auto"  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
     dtype: str = "auto"  # 'auto' (bfloat16 where supported, else float16 on CUDA, float32 elsewhere), 'float32', 'bfloat16', 'float16'
@@ -111,6 +113,7 @@ class TrainConfig:
 
 # what must match between a checkpoint and the run that resumes it; everything else may change (and is reported)
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")
+LR_SCHEDULES = ("cosine", "linear", "wsd")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -140,6 +143,10 @@ def validate(cfg):
         problems.append(f"dtype={cfg.dtype!r}: expected {', '.join(DTYPES)}")
     if cfg.decay_lr and cfg.lr_decay_iters < cfg.warmup_iters:
         problems.append(f"lr_decay_iters={cfg.lr_decay_iters} is shorter than warmup_iters={cfg.warmup_iters}")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        problems.append(f"lr_schedule={cfg.lr_schedule!r}: expected {', '.join(map(repr, LR_SCHEDULES))}")
+    if not 0.0 < cfg.cooldown_frac <= 1.0:
+        problems.append(f"cooldown_frac={cfg.cooldown_frac} must be in (0, 1]")
     if cfg.decay_lr and cfg.min_lr > cfg.learning_rate:  # unused without decay (nanoGPT's fine-tuning config)
         problems.append(f"min_lr={cfg.min_lr} is above learning_rate={cfg.learning_rate}")
     # a negative grad_clip or learning rate would not fail: it would turn the updates around, and the loss go up
@@ -181,15 +188,22 @@ def parse_duration(text):
 
 
 def lr_at(step, cfg):
-    """Learning rate at an optimizer step: linear warmup from 0, cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    """
+    Learning rate at an optimizer step: linear warmup from 0 over warmup_iters, then from learning_rate down to min_lr
+    at lr_decay_iters (cosine or linear from the end of warmup; wsd holds learning_rate until the last cooldown_frac
+    of lr_decay_iters, then decays linearly), then min_lr.
+    """
     if not cfg.decay_lr:
         return cfg.learning_rate
     if step < cfg.warmup_iters:
         return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
     if step >= cfg.lr_decay_iters:
         return cfg.min_lr
-    progress = (step - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
-    coeff = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0
+    start = cfg.warmup_iters
+    if cfg.lr_schedule == "wsd":
+        start = max(start, round(cfg.lr_decay_iters * (1 - cfg.cooldown_frac)))
+    progress = max(0, step - start) / max(1, cfg.lr_decay_iters - start)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.lr_schedule == "cosine" else 1.0 - progress  # 1 -> 0
     return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
 
 

@@ -365,3 +365,22 @@ def test_samples_at_evaluations(data_dir):  # noqa: F811
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "--sample_start: text has characters outside this model's" in proc.stderr, proc.stderr
     assert "step 1 |" not in proc.stdout
+
+
+def test_lr_schedules():
+    """lr_at: the same warmup for every schedule, then down to min_lr at lr_decay_iters and min_lr after, never up;
+    cosine and linear from the end of warmup (half way at the middle, apart at the quarter), wsd flat at
+    learning_rate until the last cooldown_frac of lr_decay_iters, then linear."""
+    from train import TrainConfig, lr_at, validate
+    base = dict(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, lr_decay_iters=110)
+    lrs = {s: [lr_at(step, TrainConfig(lr_schedule=s, **base)) for step in range(130)] for s in ("cosine", "linear",
+                                                                                                  "wsd")}
+    for lr in lrs.values():
+        assert lr[:11] == pytest.approx([1e-3 * (k + 1) / 11 for k in range(10)] + [1e-3])
+        assert lr[110:] == [1e-4] * 20 and all(a >= b for a, b in zip(lr[10:], lr[11:]))
+    assert lrs["cosine"][60] == pytest.approx(5.5e-4) and lrs["linear"][60] == pytest.approx(5.5e-4)
+    assert lrs["cosine"][35] == pytest.approx(1e-4 + 9e-4 * (1 + 2 ** -0.5) / 2)
+    assert lrs["linear"][35] == pytest.approx(1e-4 + 9e-4 * 0.75)
+    assert lrs["wsd"][10:89] == [1e-3] * 79 and lrs["wsd"][99] == pytest.approx(5.5e-4)  # cooldown from step 88
+    assert validate(TrainConfig(lr_schedule="step", cooldown_frac=0)) == [
+        "lr_schedule='step': expected 'cosine', 'linear', 'wsd'", "cooldown_frac=0 must be in (0, 1]"]
