@@ -29,8 +29,8 @@ import torch.distributed
 
 import configurator
 import hellaswag
-from checkpoint import (Writer, load_checkpoint, model_from_checkpoint, save_training_checkpoint, snapshot,
-                        step_checkpoints)
+from checkpoint import (Writer, checkpoint_meta, load_checkpoint, model_from_checkpoint, save_training_checkpoint,
+                        snapshot, step_checkpoints)
 from configurator import UserError
 from distributed import (ATTENTION_CHOICES, DTYPES, all_reduce_sum, cleanup_distributed, detect_launch,
                          fast_kernels, init_distributed, pick_device, pick_dtype)
@@ -50,7 +50,7 @@ EXIT_INTERRUPTED = 130  # after saving on Ctrl-C: the shell's code for SIGINT, w
 class TrainConfig:
     # I/O
     out_dir: str = "out"  # checkpoints, log.jsonl and loss.png go here
-    init_from: str = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt), 'auto' (resume if there is one), or GPT-2 weights to fine-tune: gpt2[-medium|-large|-xl] or a Hugging Face folder
+    init_from: str = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt), 'auto' (resume if there is one), or weights to start from: gpt2[-medium|-large|-xl], a Hugging Face folder, or a checkpoint of this toolkit (a .pt file, or a folder holding ckpt.pt)
     eval_interval: int = 2000  # steps between val-loss evaluations (and checkpoints)
     eval_iters: int = 200  # random batches per split in each evaluation (the same ones every time)
     eval_tokens: int = 0  # instead of eval_iters: each split's first eval_tokens tokens (all of a smaller split), every one predicted once in consecutive windows of block_size; exact, and cheaper where the split is small
@@ -126,9 +126,13 @@ def validate(cfg):
         problems.append(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
     if not 0.0 <= cfg.dropout < 1.0:
         problems.append(f"dropout={cfg.dropout} must be in [0, 1)")
-    if cfg.init_from not in ("scratch", "resume", "auto", *GPT2_NAMES) and not os.path.isdir(cfg.init_from):
+    if cfg.init_from.endswith(".pt") and not os.path.isfile(cfg.init_from):
+        problems.append(f"init_from={cfg.init_from!r}: no such checkpoint file")
+    elif cfg.init_from not in ("scratch", "resume", "auto", *GPT2_NAMES) and not os.path.isdir(cfg.init_from) \
+            and not cfg.init_from.endswith(".pt"):
         problems.append(f"init_from={cfg.init_from!r}: expected 'scratch', 'resume', 'auto', "
-                        f"{', '.join(GPT2_NAMES)} or a Hugging Face GPT-2 folder")
+                        f"{', '.join(GPT2_NAMES)}, a Hugging Face GPT-2 folder or a checkpoint (a .pt file, or a "
+                        "folder holding ckpt.pt)")
     if cfg.attention not in ATTENTION_CHOICES:
         problems.append(f"attention={cfg.attention!r}: expected one of {', '.join(ATTENTION_CHOICES)}")
     if cfg.compile_mode not in COMPILE_MODES:
@@ -737,9 +741,16 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
     checkpoint = load_checkpoint(ckpt_path) if resume else None
     if checkpoint is not None and "step" not in checkpoint:
         raise UserError(f"{ckpt_path} holds no training state to resume (a nanoGPT checkpoint?): sample from it, "
-                        "evaluate it, or export it (python export.py) and fine-tune with --init_from=<that folder>")
+                        f"evaluate it, or train on from its weights in another --out_dir with --init_from={ckpt_path}")
     pretrained = pretrained_name(cfg)
-    if pretrained:
+    start_from = None  # a checkpoint of this toolkit whose weights, and nothing else, this run starts from
+    if pretrained and (pretrained.endswith(".pt") or os.path.isfile(os.path.join(pretrained, "ckpt.pt"))):
+        start_from = load_checkpoint(pretrained)
+        trained_on = checkpoint_meta(start_from, pretrained)
+        if (trained_on["tokenizer"], trained_on["vocab_size"]) != (data.meta["tokenizer"], data.meta["vocab_size"]):
+            raise UserError(f"{pretrained} was trained on tokens of another tokenizer than this dataset's; prepare the "
+                            "dataset with the checkpoint's tokenizer (the one of the dataset it was trained on)")
+    elif pretrained:
         check_dataset_tokenizer(pretrained, data.meta)  # before downloading the weights
 
     say(f"launch: {launch.mode}, {launch.world_size} process(es); device {device}, {dtype}; {kernels_note}")
@@ -757,6 +768,17 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     if checkpoint is not None:
         model = model_from_checkpoint(checkpoint, dropout=cfg.dropout)
+    elif start_from is not None:
+        model = model_from_checkpoint(start_from, dropout=cfg.dropout)
+        if cfg.block_size > model.config.block_size:
+            raise UserError(f"block_size={cfg.block_size} exceeds the context of {pretrained}'s model, "
+                            f"{model.config.block_size} tokens; use --block_size={model.config.block_size} or less")
+        if cfg.block_size < model.config.block_size:
+            model.crop_block_size(cfg.block_size)
+        at = start_from.get("step", start_from.get("iter_num"))  # iter_num: nanoGPT's
+        say(f"initialised from the weights of {pretrained} ({f'its step {at}; ' if at is not None else ''}n_layer, "
+            "n_head, n_embd and bias come from it); the optimizer, the step count and the schedule start anew")
+        start_from = None  # free the memory
     elif pretrained:
         model = load_hf_gpt2(pretrained, dropout=cfg.dropout, block_size=cfg.block_size)
         say(f"initialised from {pretrained} (n_layer, n_head, n_embd and bias come from it)")

@@ -384,3 +384,29 @@ def test_lr_schedules():
     assert lrs["wsd"][10:89] == [1e-3] * 79 and lrs["wsd"][99] == pytest.approx(5.5e-4)  # cooldown from step 88
     assert validate(TrainConfig(lr_schedule="step", cooldown_frac=0)) == [
         "lr_schedule='step': expected 'cosine', 'linear', 'wsd'", "cooldown_frac=0 must be in (0, 1]"]
+
+
+def test_init_from_a_checkpoint_starts_a_new_run_from_its_weights(data_dir):  # noqa: F811
+    """--init_from=<a checkpoint or its folder>: the weights of another run (its shape too), with a fresh optimizer,
+    step count and schedule, in a new out_dir: its step-0 val loss is the one the old run logged for those weights.
+    A longer context than the checkpoint's, or a dataset of another tokenizer, is refused before any training."""
+    run_script("train.py", *ARGS, "--max_iters=6", "--eval_interval=3", "--out_dir=pre", cwd=data_dir)
+    pre = {r["step"]: r["val_loss"] for r in log_records(data_dir / "pre") if "val_loss" in r}
+    for source, steps in (("pre", 6), ("pre/ckpt_00000003.pt", 3)):
+        out = run_script("train.py", *ARGS, "--n_layer=3", "--max_iters=2", "--eval_interval=2", f"--init_from={source}",
+                         "--out_dir=fine", "--learning_rate=1e-4", cwd=data_dir).stdout
+        assert f"initialised from the weights of {source} (its step {steps};" in out
+        fine = [r for r in log_records(data_dir / "fine") if "val_loss" in r]
+        assert [r["step"] for r in fine] == [0, 2] and fine[0]["val_loss"] == pytest.approx(pre[steps], abs=1e-6)
+        assert torch.load(data_dir / "fine/ckpt.pt", weights_only=False)["model_args"]["n_layer"] == 2
+        subprocess.run(["rm", "-r", str(data_dir / "fine")], check=True)
+
+    proc = run_script("train.py", *ARGS, "--block_size=64", "--max_iters=2", "--init_from=pre", "--out_dir=long",
+                      cwd=data_dir, check=False)
+    assert proc.returncode == 2 and "block_size=64 exceeds the context of pre's model, 32 tokens" in proc.stderr
+    (data_dir / "digits.txt").write_text("0123456789 \n" * 2000)
+    run_script("prepare.py", "digits", "--source=digits.txt", "--tokenizer=char", cwd=data_dir)
+    proc = run_script("train.py", *ARGS, "--dataset=digits", "--max_iters=2", "--init_from=pre", "--out_dir=out_digits",
+                      cwd=data_dir, check=False)
+    assert proc.returncode == 2 and "pre was trained on tokens of another tokenizer" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and "step 1 |" not in proc.stdout
