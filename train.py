@@ -60,6 +60,7 @@ class TrainConfig:
     eval_only: bool = False  # evaluate once, print the losses (the last line is JSON) and exit, writing nothing to out_dir
     log_interval: int = 1  # steps between log lines
     always_save_checkpoint: bool = True  # save at every eval, not only when val loss improves
+    save_interval: int = 0  # also save every this many steps between evaluations, without evaluating (against losing work to a crash that gives no signal); 0: at evaluations only
     async_save: bool = True  # write checkpoints and loss.png on a background thread while training goes on; the checkpoint being written is held in CPU memory meanwhile (False: training waits for each write)
     keep_last_n: int = 2  # numbered checkpoints ckpt_<step>.pt kept besides ckpt.pt (the latest)
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this, for good; 0: none
@@ -155,8 +156,9 @@ def validate(cfg):
         problems.append(f"min_lr={cfg.min_lr} is above learning_rate={cfg.learning_rate}")
     # a negative grad_clip or learning rate would not fail: it would turn the updates around, and the loss go up
     problems += configurator.too_small(cfg, ("total_batch_size", "hellaswag_items", "max_iters", "keep_last_n",
-                                             "keep_every", "sample_tokens", "grad_clip", "learning_rate", "min_lr",
-                                             "weight_decay", "warmup_iters", "lr_decay_iters", "peak_flops", "seed"), 0)
+                                             "keep_every", "save_interval", "sample_tokens", "grad_clip",
+                                             "learning_rate", "min_lr", "weight_decay", "warmup_iters",
+                                             "lr_decay_iters", "peak_flops", "seed"), 0)
     if min(cfg.batch_size, cfg.block_size, cfg.gradient_accumulation_steps) >= 1 and cfg.total_batch_size >= 0:
         try:  # the batch arithmetic, for the number of processes this launch has
             micro_steps_per_rank(cfg, detect_launch().world_size)
@@ -986,6 +988,8 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
                     say(f"step {step}: sample\n{text}\n" + "-" * 15)
                     log({"step": step, "sample": text}, to_wandb=False)  # a string, which wandb charts do not take
                 t_last = time.time()  # evaluation (and sampling) time is not training time
+            if cfg.save_interval and step % cfg.save_interval == 0 and step > saved_step and not cfg.eval_only:
+                save(batches.state_dict(), f"save_interval={cfg.save_interval}")  # unless this evaluation saved
             done = (step >= cfg.max_iters or cfg.eval_only) and not abandoned
             if done:
                 status = last_write_agreed(GO_ON)  # the final checkpoint, if this evaluation wrote one

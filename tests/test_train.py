@@ -410,3 +410,19 @@ def test_init_from_a_checkpoint_starts_a_new_run_from_its_weights(data_dir):  # 
                       cwd=data_dir, check=False)
     assert proc.returncode == 2 and "pre was trained on tokens of another tokenizer" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and "step 1 |" not in proc.stdout
+
+
+def test_save_interval_saves_between_evaluations(data_dir):  # noqa: F811
+    """--save_interval: checkpoints every N steps without an evaluation, besides those at evaluations, and one that
+    resumes trains on as the uninterrupted run did."""
+    out = run_script("train.py", *ARGS, "--max_iters=7", "--eval_interval=1000", "--save_interval=3",
+                     "--keep_last_n=5", "--out_dir=out", cwd=data_dir).stdout
+    assert "at step 3 (save_interval=3)" in out and "at step 6 (save_interval=3)" in out
+    assert sorted(p.name for p in (data_dir / "out").glob("ckpt_*.pt")) == [f"ckpt_0000000{s}.pt" for s in (3, 6, 7)]
+    assert [r["step"] for r in log_records(data_dir / "out") if "val_loss" in r] == [0, 7]  # no evaluation added
+    os.makedirs(data_dir / "again")
+    os.link(data_dir / "out/ckpt_00000003.pt", data_dir / "again/ckpt.pt")
+    run_script("train.py", *ARGS, "--max_iters=7", "--eval_interval=1000", "--init_from=resume", "--out_dir=again",
+               cwd=data_dir)
+    losses = [{r["step"]: r["loss"] for r in log_records(data_dir / d) if "loss" in r} for d in ("out", "again")]
+    assert losses[1] == {s: losses[0][s] for s in range(4, 8)}
