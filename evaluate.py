@@ -117,8 +117,7 @@ def perplexity(cfg, model, tokenizer, device, autocast, launch, say):
     say(f"{what}: {len(tokens):,} tokens, windows of {window} moving {stride} at a time")
     nll, count = strided_nll(model, tokens, window, stride, cfg.batch_size, device, autocast, launch,
                              progress=launch.is_master)
-    scored = [t for t in tokens[1:].tolist() if t != tokenizer.eot_id]
-    n_bytes = len(tokenizer.decode(scored).encode("utf-8"))
+    n_bytes = int(tokenizer.byte_lengths()[tokens[1:]].sum())  # of the scored tokens' text (end-of-text has none)
     mean = nll / count
     result = {"task": "perplexity", "source": what, "tokens": count, "window": window, "stride": stride,
               "nll": mean, "perplexity": math.exp(mean), "bits_per_byte": nll / math.log(2) / max(n_bytes, 1)}
@@ -155,7 +154,7 @@ def hellaswag_task(cfg, model, tokenizer, device, autocast, launch, say):
 
 def val_loss(cfg, model, tokenizer, train_config, device, autocast, launch, say):
     """train.py's estimate_loss over what its evaluations score, with the checkpoint's training settings."""
-    from train import TrainConfig, estimate_loss, evaluation_sets, to_device
+    from train import TrainConfig, bytes_per_token, estimate_loss, evaluation_sets, to_device
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     tc = TrainConfig(**{k: v for k, v in (train_config or {}).items() if k in fields})
     if cfg.dataset:
@@ -172,8 +171,10 @@ def val_loss(cfg, model, tokenizer, train_config, device, autocast, launch, say)
         "process(es)")
     loss = estimate_loss(model, sets[cfg.split], autocast, launch)
     model.eval()  # estimate_loss hands the model back in train mode
-    say(f"{cfg.split} loss {loss:.4f}")
-    return {"task": "val_loss", "split": cfg.split, "loss": loss, "dataset": data.data_dir,
+    per_token = bytes_per_token(sets[cfg.split], tokenizer.byte_lengths(), launch, device)
+    bpb = loss / math.log(2) / per_token if per_token else None
+    say(f"{cfg.split} loss {loss:.4f}" + (f" ({bpb:.4f} bits per byte)" if bpb is not None else ""))
+    return {"task": "val_loss", "split": cfg.split, "loss": loss, "bits_per_byte": bpb, "dataset": data.data_dir,
             "eval_iters": tc.eval_iters, "eval_tokens": tc.eval_tokens, "batch_size": tc.batch_size,
             "block_size": tc.block_size, "processes": launch.world_size}
 

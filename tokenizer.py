@@ -50,6 +50,11 @@ class CharTokenizer:
         n = len(self.chars)
         return "".join(self.chars[i] for i in ids if i < n)
 
+    def byte_lengths(self):
+        """(vocab_size,) int64: the UTF-8 bytes of each id's text; 0 for end-of-text, which stands for none."""
+        return np.array([len(ch.encode("utf-8")) for ch in self.chars] + [0] * (self.eot_id is not None),
+                        dtype=np.int64)
+
     def meta(self):
         return {"type": "char", "chars": self.chars, "eot": self.eot_id is not None}
 
@@ -86,6 +91,18 @@ class TiktokenTokenizer:
 
     def decode(self, ids):
         return self.enc.decode([i for i in ids if i < self.vocab_size])
+
+    def byte_lengths(self):
+        """(vocab_size,) int64: the bytes of each id's text; 0 for special tokens (end-of-text) and unused ids."""
+        special = {self.enc.encode_single_token(s) for s in self.enc.special_tokens_set}
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        for i in range(self.vocab_size):
+            if i not in special:
+                try:
+                    lengths[i] = len(self.enc.decode_single_token_bytes(i))
+                except KeyError:  # a gap in the encoding's ids
+                    pass
+        return lengths
 
     def meta(self):
         return {"type": "tiktoken", "encoding": self.encoding}

@@ -258,6 +258,21 @@ def estimate_loss(model, batches, autocast, launch, stopping=None):
     return None if abandoned else total / count
 
 
+def bytes_per_token(batches, byte_lengths, launch, device):
+    """
+    The mean UTF-8 bytes of the targets that `batches` score, over every rank (their text's bytes, end-of-text
+    none): what turns an evaluation's loss in nats per token into bits per byte, which compares models of any
+    tokenizer (a char model with a BPE one). The same batches at every evaluation, so it is reckoned once.
+    """
+    table = torch.as_tensor(byte_lengths, device=device)
+    total = torch.zeros(2, dtype=torch.long, device=device)  # bytes, targets
+    for _, y in batches:
+        scored = y >= 0
+        total += torch.stack([(table[y.clamp(min=0)] * scored).sum(), scored.sum()])
+    n_bytes, n_targets = all_reduce_sum(total, launch).tolist()
+    return n_bytes / n_targets if n_bytes else None
+
+
 class EvalBatches:
     """The same eval_iters batches of a split at every evaluation: a generator reseeded each time, apart from the
     training sampler, so evaluating (or changing eval_interval) never changes which batches training sees."""
@@ -722,9 +737,16 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
     data = Dataset(dataset_dir(cfg.dataset, cfg.data_root))
     train_shards, val_shards = data.shards("train"), data.shards("val")
     meta = {k: data.meta.get(k) for k in ("tokenizer", "vocab_size", "eot_id")}
-    tokenizer = tokenizer_from_meta(data.meta) if cfg.hellaswag or cfg.sample_tokens else None
+    try:  # for HellaSwag, the samples, and bits per byte; a GPT-2 BPE that cannot load (offline) costs only the last two
+        tokenizer = tokenizer_from_meta(data.meta)
+    except UserError as e:
+        if cfg.hellaswag:
+            raise
+        tokenizer = None
+        no_tokenizer = f"note: without the dataset's tokenizer ({e}) no bits per byte are reported" + \
+            (" and no samples drawn" if cfg.sample_tokens else "")
     sample_from = None  # the prompt of the samples at evaluations, checked before any work
-    if cfg.sample_tokens and not cfg.eval_only:
+    if cfg.sample_tokens and not cfg.eval_only and tokenizer is not None:
         text = read_prompt(cfg.sample_start, "--sample_start")
         sample_from = (text, prompt_ids(tokenizer, text, "--sample_start"))
 
@@ -756,6 +778,8 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
         check_dataset_tokenizer(pretrained, data.meta)  # before downloading the weights
 
     say(f"launch: {launch.mode}, {launch.world_size} process(es); device {device}, {dtype}; {kernels_note}")
+    if tokenizer is None:
+        say(no_tokenizer)
     say("config:\n" + configurator.describe(cfg, sources))
     say(f"batch: {batch_explain}")
     tokens_per_step = cfg.batch_size * cfg.block_size * grad_accum * launch.world_size
@@ -855,6 +879,8 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
 
     eval_sets, described = evaluation_sets({"train": train_shards, "val": val_shards}, cfg, launch, batch_to_device)
     say(described)
+    val_bytes = (bytes_per_token(eval_sets["val"], tokenizer.byte_lengths(), launch, device)
+                 if tokenizer is not None else None)
     hellaswag_share = load_hellaswag_share(cfg, tokenizer, launch, device, say) if cfg.hellaswag else None
     peak = cfg.peak_flops or (peak_flops_for(torch.cuda.get_device_name(device)) if device_type == "cuda" else None)
 
@@ -969,9 +995,13 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
                 say(f"step {step}: evaluation abandoned to stop")
                 last_eval, losses = None, {}  # not evaluated: a run resumed from this step evaluates it
             elif losses:
+                if val_bytes:  # nats per token -> bits per byte
+                    losses["val_bpb"] = losses["val"] / math.log(2) / val_bytes
                 say(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}" +
+                    (f" ({losses['val_bpb']:.4f} bits per byte)" if "val_bpb" in losses else "") +
                     (f", hellaswag {losses['hellaswag']:.4f}" if "hellaswag" in losses else ""))
                 record = {"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
+                          **({"val_bpb": losses["val_bpb"]} if "val_bpb" in losses else {}),
                           **({"hellaswag": losses["hellaswag"]} if "hellaswag" in losses else {}),
                           "tokens": tokens_seen, "elapsed": time.time() - t_start, "time": time.time()}
                 log(record)

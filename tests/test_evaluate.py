@@ -126,8 +126,10 @@ def test_hellaswag_stops_when_asked():
                                         ["--eval_iters=3", "--eval_tokens=5000", "--eval_batch_size=8"]])
 def test_val_loss_is_the_number_train_py_reported(tmp_path, evaluation):
     """Random batches, or the first eval_tokens tokens (train 5,000, val all of its 4,000: passes shaped by the
-    train split)."""
-    (tmp_path / "text.txt").write_text(generated_text(40_000))
+    train split). Bits per byte too, train.py's and evaluate.py's, of a text with 2- and 3-byte characters: for all
+    of val, its loss in bits over the UTF-8 bytes of the characters it predicts."""
+    text = generated_text(40_000).replace("sweet", "sw\u00e9et").replace("moon", "m\u2609on")
+    (tmp_path / "text.txt").write_text(text, encoding="utf-8")
     run_script("prepare.py", "shakespeare_char", "--source=text.txt", cwd=tmp_path)
     run_script("train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--n_layer=2",
                "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--dropout=0.0", *evaluation,
@@ -139,6 +141,17 @@ def test_val_loss_is_the_number_train_py_reported(tmp_path, evaluation):
     result = evaluate_json(run_script("evaluate.py", "--out_dir=out", "--task=val_loss", "--device=cpu",
                                       cwd=tmp_path))
     assert result["loss"] == pytest.approx(reported["val_loss"], abs=1e-6)
+    assert result["bits_per_byte"] == pytest.approx(reported["val_bpb"], abs=1e-6)
+    if "--eval_tokens=5000" in evaluation:
+        from tokendata import Dataset
+        data = Dataset(str(tmp_path / "data/shakespeare_char"))
+        chars = data.meta["tokenizer"]["chars"]
+        shard = data.shards("val")[0]
+        val = [chars[t] for t in shard.read(0, shard.num_tokens)]
+        n_bytes = len("".join(val[1:]).encode("utf-8"))  # every character but the first is predicted
+        assert n_bytes > len(val) + 20  # the multi-byte characters are in it
+        assert reported["val_bpb"] == pytest.approx(reported["val_loss"] * (len(val) - 1) / math.log(2) / n_bytes,
+                                                    rel=1e-6)
     assert (result["eval_iters"], result["batch_size"], result["block_size"]) == (3, 4, 32)
     assert result["eval_tokens"] == (5000 if "--eval_tokens=5000" in evaluation else 0)
 

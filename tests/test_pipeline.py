@@ -48,11 +48,23 @@ def test_bpe_pipeline(tmp_path, shakespeare_path):
     run_script("prepare.py", "shakespeare", f"--source={shakespeare_path}", cwd=tmp_path)
     meta = json.loads((tmp_path / "data/shakespeare/meta.json").read_text())
     assert meta["tokenizer"] == {"type": "tiktoken", "encoding": "gpt2"} and meta["eot_id"] == 50256
-    run_script("train.py", "--dataset=shakespeare", *TINY, "--max_iters=10", "--eval_interval=10",
-               "--out_dir=out", cwd=tmp_path)
+    out = run_script("train.py", "--dataset=shakespeare", *TINY, "--max_iters=10", "--eval_interval=10",
+                     "--out_dir=out", cwd=tmp_path).stdout
+    assert "step 10: train loss" in out and "bits per byte)" in out
     sample = run_script("sample.py", "--out_dir=out", "--start=Hello", "--num_samples=1", "--max_new_tokens=10",
                         "--device=cpu", cwd=tmp_path)
     assert sample.stdout.startswith("Hello")
+
+    # a node without the BPE files and no way to download them (a cluster's compute node) still trains: only the
+    # bits per byte and the samples, which need the tokenizer, are off, and a note says so
+    os.makedirs(tmp_path / "no_cache")
+    offline = {"TIKTOKEN_CACHE_DIR": str(tmp_path / "no_cache"), "HTTPS_PROXY": "http://127.0.0.1:9",
+               "https_proxy": "http://127.0.0.1:9"}
+    out = run_script("train.py", "--dataset=shakespeare", *TINY, "--max_iters=2", "--eval_interval=2",
+                     "--sample_tokens=8", "--out_dir=offline", cwd=tmp_path, env=offline).stdout
+    assert "note: without the dataset's tokenizer (could not load the 'gpt2' BPE files" in out
+    assert "no bits per byte are reported and no samples drawn" in out
+    assert "step 2: train loss" in out and "bits per byte)" not in out and "sample" not in out.split("step 0:")[1]
 
 
 @pytest.mark.parametrize("args, message", [

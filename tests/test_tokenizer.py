@@ -13,6 +13,7 @@ def test_char_round_trip():
     assert tok.decode(ids) == text
     again = tokenizer_from_meta({"tokenizer": tok.meta()})
     assert again.encode(text) == ids
+    assert CharTokenizer("a\u00e9\u2609", eot=True).byte_lengths().tolist() == [1, 2, 3, 0]  # end-of-text: none
 
 
 def test_char_out_of_vocabulary():
@@ -29,3 +30,7 @@ def test_gpt2_round_trip():
     assert ids[:2] == [15496, 995]  # GPT-2's ids for "Hello" and " world"
     assert 50256 not in ids  # special tokens in text are plain text
     assert tok.decode(ids) == "Hello world<|endoftext|>"
+    # bits per byte count each token's bytes: together those of the text; end-of-text none
+    text = "caf\u00e9 \u2609 na\u00efve"
+    lengths = tok.byte_lengths()
+    assert lengths[tok.encode(text)].sum() == len(text.encode("utf-8")) and lengths[tok.eot_id] == 0
