@@ -164,7 +164,7 @@ def run_train_bench(cfg, device, dtype, grad_accum, batch_explain, vocab_size, s
     torch.manual_seed(cfg.seed)
     model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
                           bias=cfg.bias, vocab_size=vocab_size, dropout=cfg.dropout)).to(device)
-    model.fused_loss = cfg.fused_loss
+    model.fused_loss, model.recompute = cfg.fused_loss, cfg.recompute
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2))
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     autocast = torch.autocast(device_type=device_type, dtype=getattr(torch, dtype), enabled=(dtype != "float32"))
@@ -203,7 +203,7 @@ def run_train_bench(cfg, device, dtype, grad_accum, batch_explain, vocab_size, s
     result = {
         "bench": "train", "device": device_name(device), "torch": torch.__version__, "dtype": dtype,
         "compile": cfg.compile_mode if use_compile else False, "attention": cfg.attention,
-        "fused_loss": cfg.fused_loss, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "block_size": cfg.block_size,
+        "fused_loss": cfg.fused_loss, "recompute": cfg.recompute, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "block_size": cfg.block_size,
         "batch_size": cfg.batch_size, "grad_accum": grad_accum, "params_M": round(model.get_num_params() / 1e6, 2),
         "ms_per_step": round(ms, 2), "tokens_per_sec": round(tokens_per_step / (ms / 1000)),
         "ms_per_step_back_to_back": round(ms_back_to_back, 2),
@@ -212,7 +212,8 @@ def run_train_bench(cfg, device, dtype, grad_accum, batch_explain, vocab_size, s
         "first_step_s": round(times[0], 2),  # includes torch.compile when it is on
     }
     print(f"train: {batch_explain}; {result['params_M']}M parameters on {result['device']}, {dtype}, "
-          f"compile {cfg.compile_mode if use_compile else 'off'}, fused loss {'on' if cfg.fused_loss else 'off'}; "
+          f"compile {cfg.compile_mode if use_compile else 'off'}, fused loss {'on' if cfg.fused_loss else 'off'}"
+          f"{', recompute on' if cfg.recompute else ''}; "
           f"{kernels_note}")
     print(f"  {ms:.1f} ms/step (median of {cfg.steps}) | {result['tokens_per_sec']:,} tokens/s | "
           f"mfu {f'{mfu:.1%}' if mfu else '-'} | peak memory "

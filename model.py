@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from torch.nn import functional as F
 
 
@@ -277,6 +278,10 @@ class GPT(nn.Module):
     # train.py and bench.py set it from their fused_loss key (off by default: it saves memory but is slower to train
     # on an H100); scoring without gradients (evaluate.py) keeps it on, where it only saves memory
     fused_loss = True
+    # activation checkpointing: in training, each block's activations are recomputed in the backward pass instead of
+    # kept from the forward one (torch.utils.checkpoint, random state restored so dropout masks match): a block's
+    # input is all it keeps, for about a third more compute. train.py and bench.py set it from their `recompute` key
+    recompute = False
 
     def __init__(self, config):
         super().__init__()
@@ -342,8 +347,12 @@ class GPT(nn.Module):
             # positions stay below block_size because the cache holds at most block_size (see new_cache)
             pos, mask = cache.positions_and_mask(T)  # (B, T), (B, 1, T, S) or None
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        recompute = self.recompute and self.training and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache, i, mask)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(block, x, None, i, None, use_reentrant=False)
+            else:
+                x = block(x, cache, i, mask)
         if cache is not None:
             cache.advance(T)
         x = self.transformer.ln_f(x)

@@ -107,6 +107,7 @@ class TrainConfig:
     dtype: str = "auto"  # 'auto' (bfloat16 where supported, else float16 on CUDA, float32 elsewhere), 'float32', 'bfloat16', 'float16'
     compile: bool | None = None  # torch.compile the model; None: on for CUDA only
     compile_mode: str = "default"  # torch.compile mode: 'default', 'reduce-overhead' (CUDA graphs: for small, launch-bound models), 'max-autotune', 'max-autotune-no-cudagraphs'
+    recompute: bool = False  # activation checkpointing: recompute each block's activations in the backward pass instead of keeping them, for larger batches or models in the same memory at about a third more compute; the same gradients
     fused_loss: bool = False  # the output layer and loss in chunks (model.LinearCrossEntropy): less memory (GPT-2 small, batch 32, H100: 15.6 instead of 21.3 GiB) but slower (79.5 instead of 71.2 ms/step, measured before its products were aligned)
     attention: str = "auto"  # CUDA attention kernel tried first: 'auto' (cudnn on Hopper and newer, else flash), 'cudnn', 'flash', 'efficient', 'math', 'default' (PyTorch's order)
     peak_flops: float = 0.0  # the device's peak FLOP/s for MFU; 0: look the GPU up in model.PEAK_FLOPS_BF16
@@ -812,7 +813,7 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
         model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
                               bias=cfg.bias, vocab_size=data.meta["vocab_size"], dropout=cfg.dropout))
     model_args = dataclasses.asdict(model.config)
-    model.fused_loss = cfg.fused_loss
+    model.fused_loss, model.recompute = cfg.fused_loss, cfg.recompute
     model.to(device)
     say(f"model: {model.get_num_params() / 1e6:.2f}M parameters, vocab {model.config.vocab_size} "
         f"(padded to {model.config.padded_vocab_size})")

@@ -153,3 +153,31 @@ def test_fused_loss_matches_logits_then_cross_entropy(vocab_size, monkeypatch):
         assert fused(idx, targets)[1].item() == pytest.approx(losses[1], rel=1e-6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert fused(idx, targets)[1].item() == pytest.approx(plain(idx, targets)[1].item(), rel=1e-3)
+
+
+def test_recompute_gives_the_same_gradients_and_keeps_less():
+    """recompute=True (activation checkpointing): the same loss and gradients, bit for bit, dropout included (its
+    random state is restored for the recomputation), and the forward pass keeps a fraction of what it keeps without
+    (the bytes autograd saves for the backward pass)."""
+    config = GPTConfig(n_layer=4, n_head=4, n_embd=64, block_size=64, vocab_size=100, dropout=0.1)
+    idx = torch.randint(0, 100, (4, 64), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        model = GPT(config)
+        model.recompute = recompute
+        saved = []
+
+        def keep(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        torch.manual_seed(1)
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            _, loss = model(idx, idx)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        results[recompute] = loss.item(), grads, sum(saved)
+    assert results[True][0] == results[False][0]
+    assert all(torch.equal(results[True][1][n], results[False][1][n]) for n in results[False][1])
+    assert results[True][2] < results[False][2] / 3, (results[True][2], results[False][2])
