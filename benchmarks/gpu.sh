@@ -20,7 +20,8 @@ if [[ "$other" == *.patch ]]; then  # an experiment: this tree's code with the p
     patch -d "$tree" -p1 --quiet < "$other" || { echo "$other does not apply to this tree" >&2; exit 1; }
     other="$tree/train.py"
 fi
-OPT_IN="baby_short baby_short_eval500 baby_eval_tokens100 baby_b128 gpt2_b32_cdt gpt2_b32_autotune"  # only when named
+OPT_IN="baby_short baby_short_eval500 baby_eval_tokens100 baby_b128"  # only when named
+OPT_IN+=" gpt2_b32_cdt gpt2_b32_autotune gpt2_b32_recompute"
 run() {  # name, command...
     local name=$1; shift
     if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
@@ -58,6 +59,7 @@ run baby_profile $py bench.py train config/train_shakespeare_char.py --compile_m
 gpt2=(config/gpt2_124m.py --total_batch_size=0 --gradient_accumulation_steps=1 --steps=20 --warmup=5)
 run gpt2_b32 $py bench.py train "${gpt2[@]}" --batch_size=32 --profile=True
 run gpt2_b32_fused $py bench.py train "${gpt2[@]}" --batch_size=32 --fused_loss=True
+run gpt2_b32_recompute $py bench.py train "${gpt2[@]}" --batch_size=32 --recompute=True  # its memory and time
 # compiler settings that change no math, measured before any becomes a default (long compiles: OPT_IN)
 run gpt2_b32_cdt env TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 $py bench.py train "${gpt2[@]}" --batch_size=32
 run gpt2_b32_autotune $py bench.py train "${gpt2[@]}" --batch_size=32 --compile_mode=max-autotune-no-cudagraphs

@@ -35,6 +35,36 @@ def test_compiled_fused_loss_matches_unfused_in_bf16():
         assert cos > 0.999, (name, cos.item())
 
 
+def test_compiled_recompute_matches_and_holds_less_memory():
+    """recompute=True under torch.compile and bf16: the loss and gradients of the plain model, and a lower peak of
+    GPU memory over the step."""
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=8, n_head=8, n_embd=512, block_size=512, vocab_size=512)  # the blocks' memory rules
+    idx = torch.randint(0, 512, (16, 512), device="cuda")
+    results = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        model = GPT(config).cuda()
+        model.recompute = recompute
+        compiled = torch.compile(model)
+        for _ in range(2):  # the first step compiles; the second is measured
+            model.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                _, loss = compiled(idx, idx)
+            loss.backward()
+        results.append((loss.item(), [p.grad.float() for p in model.parameters()],
+                        torch.cuda.max_memory_allocated() - before))
+        del model, compiled
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-3)
+    assert all(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
+               for a, b in zip(results[0][1], results[1][1]))
+    assert results[1][2] < 0.6 * results[0][2], (results[1][2], results[0][2])
+
+
 def test_cuda_graph_decoding_matches_eager():
     """sample.py --compile on CUDA (reduce-overhead: CUDA graphs, replayed with the static cache written in place)
     generates the eager cache's tokens, across two calls (a new cache: re-recorded, not wrong), from a one-token prompt,
