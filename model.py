@@ -407,8 +407,12 @@ class GPT(nn.Module):
         self.config.block_size = block_size
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas):
-        """AdamW with weight decay on matrices and embeddings (>= 2-D) only, never on biases and LayerNorm gains."""
+    def configure_optimizers(self, weight_decay, learning_rate, betas, make=torch.optim.AdamW):
+        """
+        AdamW with weight decay on matrices and embeddings (>= 2-D) only, never on biases and LayerNorm gains.
+        make(groups, **settings) builds it: torch.optim.AdamW, or a wrapper that takes the same arguments (train.py's
+        shard_optimizer passes ZeroRedundancyOptimizer with AdamW inside).
+        """
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
@@ -416,9 +420,9 @@ class GPT(nn.Module):
         # the fused kernel updates every tensor in one pass: on a laptop CPU it cuts the optimizer step ~5x against
         # the per-tensor loop PyTorch uses there by default; fall back where a device has no fused AdamW
         try:
-            return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=True)
+            return make(groups, lr=learning_rate, betas=betas, fused=True)
         except (RuntimeError, TypeError):
-            return torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
+            return make(groups, lr=learning_rate, betas=betas)
 
     def flops_per_token(self):
         """Training FLOPs per token (forward + backward): 6N for the matmuls with weights plus 12·L·H·Q·T for attention

@@ -68,12 +68,22 @@ def test_epochs_resume_exactly_across_an_epoch(tmp_path, shakespeare_path):
 
 
 def test_exact_resume_two_ranks(data_dir):
+    """Two ranks, stopped and resumed: the same losses bit for bit, and the same final weights and AdamW state.
+    The resumed half shards AdamW's state over the ranks (--shard_optimizer, ZeRO-1): it loads the unsharded
+    checkpoint, takes the same steps, and gathers a whole optimizer state into its own final checkpoint."""
     args = [*ARGS, "--gradient_accumulation_steps=2", "--dropout=0.1"]  # dropout: each rank's RNG must be restored
     run_torchrun(data_dir, *args, "--max_iters=30", "--eval_interval=1000", "--out_dir=straight")
     run_torchrun(data_dir, *args, "--max_iters=13", "--eval_interval=1000", "--out_dir=split")
-    run_torchrun(data_dir, *args, "--max_iters=30", "--eval_interval=1000", "--out_dir=split", "--init_from=resume")
+    out = run_torchrun(data_dir, *args, "--max_iters=30", "--eval_interval=1000", "--out_dir=split",
+                       "--init_from=resume", "--shard_optimizer=True")
+    assert "its state sharded over the 2 processes (ZeRO-1)" in out.stdout
     straight, split = train_losses(data_dir / "straight"), train_losses(data_dir / "split")
     assert all(straight[s] == split[s] for s in range(1, 31))
+    ends = [torch.load(data_dir / d / "ckpt.pt", weights_only=False) for d in ("straight", "split")]
+    assert all(torch.equal(ends[0]["model"][k], ends[1]["model"][k]) for k in ends[0]["model"])
+    states = [end["optimizer"]["state"] for end in ends]
+    assert sorted(states[1]) == sorted(states[0]) == list(range(len(states[0])))
+    assert all(torch.equal(states[0][i][k], states[1][i][k]) for i in states[0] for k in ("exp_avg", "exp_avg_sq"))
 
 
 def test_cuda_rng_state_is_this_gpus_own(monkeypatch):
