@@ -203,8 +203,9 @@ def run_train_bench(cfg, device, dtype, grad_accum, batch_explain, vocab_size, s
     result = {
         "bench": "train", "device": device_name(device), "torch": torch.__version__, "dtype": dtype,
         "compile": cfg.compile_mode if use_compile else False, "attention": cfg.attention,
-        "fused_loss": cfg.fused_loss, "recompute": cfg.recompute, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "block_size": cfg.block_size,
-        "batch_size": cfg.batch_size, "grad_accum": grad_accum, "params_M": round(model.get_num_params() / 1e6, 2),
+        "fused_loss": cfg.fused_loss, "recompute": cfg.recompute, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd,
+        "block_size": cfg.block_size, "batch_size": cfg.batch_size, "grad_accum": grad_accum,
+        "params_M": round(model.get_num_params() / 1e6, 2),
         "ms_per_step": round(ms, 2), "tokens_per_sec": round(tokens_per_step / (ms / 1000)),
         "ms_per_step_back_to_back": round(ms_back_to_back, 2),
         "mfu": round(mfu, 4) if mfu else None,

@@ -154,7 +154,7 @@ def hellaswag_task(cfg, model, tokenizer, device, autocast, launch, say):
 
 def val_loss(cfg, model, tokenizer, train_config, device, autocast, launch, say):
     """train.py's estimate_loss over what its evaluations score, with the checkpoint's training settings."""
-    from train import TrainConfig, bytes_per_token, estimate_loss, evaluation_sets, to_device
+    from train import TrainConfig, estimate_loss, evaluation_sets, to_device
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     tc = TrainConfig(**{k: v for k, v in (train_config or {}).items() if k in fields})
     if cfg.dataset:
@@ -169,10 +169,9 @@ def val_loss(cfg, model, tokenizer, train_config, device, autocast, launch, say)
                                       lambda x, y: to_device(x, y, device))
     say(f"{data.data_dir}, {described.replace('evaluation: ', '', 1)}; seed {tc.seed}, on {launch.world_size} "
         "process(es)")
-    loss = estimate_loss(model, sets[cfg.split], autocast, launch)
+    loss, bpb = estimate_loss(model, sets[cfg.split], autocast, launch,
+                              byte_lengths=torch.as_tensor(tokenizer.byte_lengths(), device=device))
     model.eval()  # estimate_loss hands the model back in train mode
-    per_token = bytes_per_token(sets[cfg.split], tokenizer.byte_lengths(), launch, device)
-    bpb = loss / math.log(2) / per_token if per_token else None
     say(f"{cfg.split} loss {loss:.4f}" + (f" ({bpb:.4f} bits per byte)" if bpb is not None else ""))
     return {"task": "val_loss", "split": cfg.split, "loss": loss, "bits_per_byte": bpb, "dataset": data.data_dir,
             "eval_iters": tc.eval_iters, "eval_tokens": tc.eval_tokens, "batch_size": tc.batch_size,

@@ -21,6 +21,7 @@ from distributed import fast_kernels
 # sampling's defaults (nanoGPT's): sample.py's, and those of the samples train.py prints at its evaluations
 TEMPERATURE, TOP_K = 0.8, 200
 
+
 def top_k_filter(logits, k):
     """
     Keep exactly the k largest logits of each row (B, V), the rest -inf. Ties at the k-th place go to the lower token

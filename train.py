@@ -236,16 +236,20 @@ def micro_steps_per_rank(cfg, world_size):
 
 
 @torch.no_grad()
-def estimate_loss(model, batches, autocast, launch, stopping=None):
+def estimate_loss(model, batches, autocast, launch, stopping=None, byte_lengths=None):
     """
-    Mean loss of `model` over the targets (those not -1) of (x, y) batches on every rank, in eval mode: one all-reduce,
-    one sync at the end. None when `stopping()` (a host-side check, made before each batch) said to give up on any
-    rank: every rank then returns None, so they go on alike (a Ctrl-C need not wait for a long evaluation).
+    (mean loss, bits per byte) of `model` over the targets (those not -1) of (x, y) batches on every rank, in eval
+    mode: one all-reduce, one sync at the end. Bits per byte, given byte_lengths (each id's UTF-8 bytes, a tensor on
+    the model's device: Tokenizer.byte_lengths), are the loss in bits over the bytes of the text the targets stand
+    for, which compares models of any tokenizer (a char model with a BPE one); else None. None instead of the pair
+    when `stopping()` (a host-side check, made before each batch) said to give up on any rank: every rank then
+    returns None, so they go on alike (a Ctrl-C need not wait for a long evaluation).
     """
     device = next(model.parameters()).device
     model.eval()
     total = torch.zeros((), device=device)
     count = torch.zeros((), dtype=torch.long, device=device)
+    n_bytes = torch.zeros((), dtype=torch.long, device=device)
     abandoned = False
     for x, y in batches:
         if stopping is not None and stopping():
@@ -255,25 +259,13 @@ def estimate_loss(model, batches, autocast, launch, stopping=None):
             _, nll = model(x, y, reduction="none")
         total = total + nll.float().sum()  # a new tensor: a CUDA graph may reuse `nll` on the next call
         count = count + (y >= 0).sum()
+        if byte_lengths is not None:
+            n_bytes = n_bytes + (byte_lengths[y.clamp(min=0)] * (y >= 0)).sum()
     model.train()
-    sums = all_reduce_sum(torch.stack([total, count.float(), torch.tensor(float(abandoned), device=device)]), launch)
-    total, count, abandoned = sums.tolist()
-    return None if abandoned else total / count
-
-
-def bytes_per_token(batches, byte_lengths, launch, device):
-    """
-    The mean UTF-8 bytes of the targets that `batches` score, over every rank (their text's bytes, end-of-text
-    none): what turns an evaluation's loss in nats per token into bits per byte, which compares models of any
-    tokenizer (a char model with a BPE one). The same batches at every evaluation, so it is reckoned once.
-    """
-    table = torch.as_tensor(byte_lengths, device=device)
-    total = torch.zeros(2, dtype=torch.long, device=device)  # bytes, targets
-    for _, y in batches:
-        scored = y >= 0
-        total += torch.stack([(table[y.clamp(min=0)] * scored).sum(), scored.sum()])
-    n_bytes, n_targets = all_reduce_sum(total, launch).tolist()
-    return n_bytes / n_targets if n_bytes else None
+    sums = all_reduce_sum(torch.stack([total, count.float(), n_bytes.float(),
+                                       torch.tensor(float(abandoned), device=device)]), launch)
+    total, count, n_bytes, abandoned = sums.tolist()
+    return None if abandoned else (total / count, total / math.log(2) / n_bytes if n_bytes else None)
 
 
 class EvalBatches:
@@ -740,14 +732,15 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
     data = Dataset(dataset_dir(cfg.dataset, cfg.data_root))
     train_shards, val_shards = data.shards("train"), data.shards("val")
     meta = {k: data.meta.get(k) for k in ("tokenizer", "vocab_size", "eot_id")}
-    try:  # for HellaSwag, the samples, and bits per byte; a GPT-2 BPE that cannot load (offline) costs only the last two
-        tokenizer = tokenizer_from_meta(data.meta)
+    try:  # for HellaSwag, the samples and bits per byte; a GPT-2 BPE that cannot load (offline) costs only the last two
+        tokenizer, why_not = tokenizer_from_meta(data.meta), None
     except UserError as e:
         if cfg.hellaswag:
             raise
-        tokenizer = None
-        no_tokenizer = f"note: without the dataset's tokenizer ({e}) no bits per byte are reported" + \
-            (" and no samples drawn" if cfg.sample_tokens else "")
+        tokenizer, why_not = None, str(e)
+    # alike on every rank (bits per byte are summed over them): tiktoken's cache may be on one node and not another
+    if agree(int(tokenizer is None), launch, device) and tokenizer is not None:
+        tokenizer, why_not = None, "another process could not load it"
     sample_from = None  # the prompt of the samples at evaluations, checked before any work
     if cfg.sample_tokens and not cfg.eval_only and tokenizer is not None:
         text = read_prompt(cfg.sample_start, "--sample_start")
@@ -782,7 +775,8 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
 
     say(f"launch: {launch.mode}, {launch.world_size} process(es); device {device}, {dtype}; {kernels_note}")
     if tokenizer is None:
-        say(no_tokenizer)
+        say(f"note: without the dataset's tokenizer ({why_not}) no bits per byte are reported" +
+            (" and no samples drawn" if cfg.sample_tokens else ""))
     say("config:\n" + configurator.describe(cfg, sources))
     say(f"batch: {batch_explain}")
     tokens_per_step = cfg.batch_size * cfg.block_size * grad_accum * launch.world_size
@@ -891,8 +885,7 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
 
     eval_sets, described = evaluation_sets({"train": train_shards, "val": val_shards}, cfg, launch, batch_to_device)
     say(described)
-    val_bytes = (bytes_per_token(eval_sets["val"], tokenizer.byte_lengths(), launch, device)
-                 if tokenizer is not None else None)
+    byte_lengths = torch.as_tensor(tokenizer.byte_lengths(), device=device) if tokenizer is not None else None
     hellaswag_share = load_hellaswag_share(cfg, tokenizer, launch, device, say) if cfg.hellaswag else None
     peak = cfg.peak_flops or (peak_flops_for(torch.cuda.get_device_name(device)) if device_type == "cuda" else None)
 
@@ -989,14 +982,17 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
     try:
         while True:
             due = step % cfg.eval_interval == 0 or step == cfg.max_iters
-            losses = {}
+            losses, bits_per_byte = {}, None
             if cfg.eval_only or (due and step != last_eval):
                 last_eval = step
                 for split, split_batches in eval_sets.items():
-                    losses[split] = estimate_loss(model, split_batches, autocast, launch,
-                                                  lambda: stop.signal is not None)
-                    if losses[split] is None:
+                    scored = estimate_loss(model, split_batches, autocast, launch, lambda: stop.signal is not None,
+                                           byte_lengths)
+                    losses[split] = scored and scored[0]
+                    if scored is None:
                         break
+                    if split == "val":
+                        bits_per_byte = scored[1]
             if hellaswag_share is not None and losses and None not in losses.values():
                 raw_model.eval()  # uncompiled: its shapes change at every pass
                 with fast_kernels(device, "flash")[0]:  # not cuDNN's attention, which plans anew for every shape
@@ -1009,8 +1005,8 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
                 say(f"step {step}: evaluation abandoned to stop")
                 last_eval, losses = None, {}  # not evaluated: a run resumed from this step evaluates it
             elif losses:
-                if val_bytes:  # nats per token -> bits per byte
-                    losses["val_bpb"] = losses["val"] / math.log(2) / val_bytes
+                if bits_per_byte is not None:
+                    losses["val_bpb"] = bits_per_byte
                 say(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}" +
                     (f" ({losses['val_bpb']:.4f} bits per byte)" if "val_bpb" in losses else "") +
                     (f", hellaswag {losses['hellaswag']:.4f}" if "hellaswag" in losses else ""))

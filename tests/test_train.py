@@ -97,7 +97,8 @@ def test_eval_tokens_loss_is_the_mean_over_every_token(tmp_path):
     tokens = np.random.default_rng(0).integers(0, 11, size=53)
     batches = EvalWindows(tokens, windows(53, 8, 8), 8, Launch("single"), rows=4,
                           to_device=lambda x, y: (torch.from_numpy(x), torch.from_numpy(y)))
-    loss = estimate_loss(model, batches, nullcontext(), Launch("single"))
+    loss, bits_per_byte = estimate_loss(model, batches, nullcontext(), Launch("single"))
+    assert bits_per_byte is None  # no byte lengths given
     model.eval()
     with torch.no_grad():
         ends = [(b, min(b + 8, 52)) for b in range(0, 52, 8)]  # the last window: 4 inputs, 4 targets
