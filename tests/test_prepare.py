@@ -149,8 +149,8 @@ def test_resume_after_kill_gives_same_bytes(tmp_path, sig, kill_source):
     proc.wait(timeout=60)
     time.sleep(1)  # what orphaned workers would print, they print by now
     stderr.close()
-    assert not (tmp_path / "data/docs/meta.json").exists(), \
-        f"the run finished before it could be killed (a finished shard seen first: {seen}; ended before the kill: {ended})"
+    assert not (tmp_path / "data/docs/meta.json").exists(), ("the run finished before it could be killed (a "
+                                                             f"finished shard seen: {seen}; ended first: {ended})")
     if sig != signal.SIGKILL:
         printed = (tmp_path / "stderr.txt").read_text()
         said = re.search(r"\ninterrupted: \d+ finished shard\(s\) kept in data/docs/unfinished; run the same command "
