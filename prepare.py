@@ -23,8 +23,11 @@ import hashlib
 import json
 import multiprocessing
 import os
+import pickle
 import re
+import shutil
 import signal
+import tempfile
 import time
 import urllib.request
 from collections import deque
@@ -548,6 +551,14 @@ def encode_task(task):
     return encode_pieces(_worker["tokenizer"], task, _worker["dtype"])
 
 
+def run_spooled(fn, path):
+    """In a worker: fn of the task pickled at path, which is removed once read (see Workers)."""
+    with open(path, "rb") as f:
+        task = pickle.load(f)
+    os.remove(path)
+    return fn(task)
+
+
 def chars_of_task(task):
     chars = set()
     for text, _ in task:
@@ -560,9 +571,16 @@ def num_cores():
 
 
 class Workers:
-    """fn over tasks in `num_proc` processes, results in task order, at most a few tasks in flight (memory stays
-    bounded however long the stream). num_proc=1 runs in this process. Processes are spawned, not forked, on every
-    platform, so Linux runs exercise what macOS and Windows do."""
+    """
+    fn over tasks in `num_proc` processes, results in task order, at most a few tasks in flight (memory stays bounded
+    however long the stream). num_proc=1 runs in this process. Processes are spawned, not forked, on every platform,
+    so Linux runs exercise what macOS and Windows do.
+
+    A task reaches its worker as a file in a temporary folder, not down the pool's pipe. Pool.terminate() (on Ctrl-C,
+    SIGTERM or an error) joins the thread that writes tasks into that pipe, and CPython drains the pipe for it only
+    while there is something to read: a task of a megabyte that the thread began to write just then filled the pipe,
+    and with the workers gone the process hung for ever (2 of 13 runs of the kill test's text interrupted by hand).
+    """
 
     def __init__(self, num_proc, init_args):
         self.num_proc = num_proc
@@ -570,6 +588,7 @@ class Workers:
             init_worker(*init_args)
             self.pool = None
         else:
+            self.spool = tempfile.mkdtemp(prefix="prepare-tasks-")
             self.pool = multiprocessing.get_context("spawn").Pool(num_proc, init_pool_worker, init_args)
 
     def map(self, fn, tasks):
@@ -577,8 +596,11 @@ class Workers:
             yield from ((task, fn(task)) for task in tasks)
             return
         in_flight = deque()
-        for task in tasks:
-            in_flight.append((task, self.pool.apply_async(fn, (task,))))
+        for i, task in enumerate(tasks):
+            path = os.path.join(self.spool, f"{i}.pkl")
+            with open(path, "wb") as f:
+                pickle.dump(task, f, protocol=pickle.HIGHEST_PROTOCOL)
+            in_flight.append((task, self.pool.apply_async(run_spooled, (fn, path))))
             if len(in_flight) > 2 * self.num_proc:
                 task, result = in_flight.popleft()
                 yield task, result.get()
@@ -590,6 +612,7 @@ class Workers:
         if self.pool is not None:
             self.pool.terminate()
             self.pool.join()
+            shutil.rmtree(self.spool, ignore_errors=True)
 
 
 def char_vocabulary(docs, workers):

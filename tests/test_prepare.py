@@ -150,7 +150,8 @@ def test_resume_after_kill_gives_same_bytes(tmp_path, sig, kill_source):
     time.sleep(1)  # what orphaned workers would print, they print by now
     stderr.close()
     assert not (tmp_path / "data/docs/meta.json").exists(), ("the run finished before it could be killed (a "
-                                                             f"finished shard seen: {seen}; ended first: {ended})")
+                                                             f"finished shard seen: {seen}; ended first: {ended}; "
+                                                             f"exit code {proc.returncode})")
     if sig != signal.SIGKILL:
         printed = (tmp_path / "stderr.txt").read_text()
         said = re.search(r"\ninterrupted: \d+ finished shard\(s\) kept in data/docs/unfinished; run the same command "
@@ -582,3 +583,19 @@ def test_cjk_and_base64_tokens_unchanged(tmp_path):
     assert split_tokens(data, "train").tolist() == enc.encode_ordinary(text[:cut])
     assert split_tokens(data, "val").tolist() == enc.encode_ordinary(text[cut:])
     assert meta["source"]["characters"] == len(text)
+
+
+def test_workers_pass_large_tasks_and_stop_midway():
+    """Tasks far larger than a pipe (Workers hands them over as files) come back right and in order, and closing the
+    workers with tasks still in flight (what Ctrl-C does) returns promptly and leaves no task file behind."""
+    import threading
+    from prepare import Workers, chars_of_task
+    tasks = [[(chr(ord("a") + i) * (2 << 20), False)] for i in range(8)]  # 2M characters each
+    workers = Workers(2, (None, None))
+    results = workers.map(chars_of_task, iter(tasks))
+    assert [next(results)[1] for _ in range(2)] == [{"a"}, {"b"}]
+    closing = threading.Thread(target=workers.close)
+    closing.start()
+    closing.join(timeout=60)
+    assert not closing.is_alive(), "Workers.close() hung with tasks in flight"
+    assert not os.path.exists(workers.spool)
