@@ -126,8 +126,10 @@ class Shard:
 
 
 def dataset_dir(dataset, data_root):
-    """The folder a --dataset names: a folder as given, or a name under --data_root."""
-    return dataset if os.path.isdir(dataset) else os.path.join(data_root, dataset)
+    """The folder a --dataset names: a name under --data_root, or else a folder as given. The name comes first: an
+    out_dir called like the dataset (`--dataset=tinystories --out_dir=tinystories`) must not be taken for it."""
+    under_root = os.path.join(data_root, dataset)
+    return dataset if os.path.isdir(dataset) and not os.path.isdir(under_root) else under_root
 
 
 def missing_dataset_hint(data_dir):

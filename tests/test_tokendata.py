@@ -152,3 +152,16 @@ def test_first_preparation_still_running_is_unfinished(tmp_path):
     write_tokens(str(tmp_path / "unfinished/train_000000.bin"), np.arange(100) % 10)
     with pytest.raises(UserError, match="unfinished preparation"):
         Dataset(str(tmp_path))
+
+
+def test_dataset_name_before_a_folder_of_that_name(tmp_path, monkeypatch):
+    """--dataset=NAME is data_root/NAME when that exists, even beside a folder NAME (an out_dir named like the
+    dataset); a path is taken as given otherwise."""
+    from tokendata import dataset_dir
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("data/tinystories")
+    os.makedirs("tinystories")  # --out_dir=tinystories, say
+    os.makedirs("elsewhere/mine")
+    assert dataset_dir("tinystories", "data") == os.path.join("data", "tinystories")
+    assert dataset_dir("elsewhere/mine", "data") == "elsewhere/mine"
+    assert dataset_dir("missing", "data") == os.path.join("data", "missing")
