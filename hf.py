@@ -237,12 +237,19 @@ def load_hf_gpt2(name_or_path, dropout=0.0, block_size=None):
         model.load_state_dict(state)
     except RuntimeError as e:
         raise UserError(f"{name_or_path}'s weights do not fit its config.json: {e}") from None
-    if block_size is not None and block_size != config.block_size:
-        if block_size > config.block_size:
-            raise UserError(f"block_size={block_size} exceeds {name_or_path}'s context of {config.block_size} "
-                            f"tokens; use --block_size={config.block_size} or less")
-        model.crop_block_size(block_size)
+    if block_size is not None:
+        fit_context(model, block_size, name_or_path)
     return model
+
+
+def fit_context(model, block_size, name):
+    """Crop a pretrained model's position table to a smaller block_size (GPT-2's 1024 is often more than fine-tuning
+    needs); a larger one is refused: those positions were never trained. `name` says where the weights came from."""
+    if block_size > model.config.block_size:
+        raise UserError(f"block_size={block_size} exceeds {name}'s context of {model.config.block_size} tokens; use "
+                        f"--block_size={model.config.block_size} or less")
+    if block_size < model.config.block_size:
+        model.crop_block_size(block_size)
 
 
 def hf_tokenizer_meta(name_or_path):

@@ -36,7 +36,7 @@ from configurator import UserError
 from distributed import (ATTENTION_CHOICES, DTYPES, all_reduce_sum, cleanup_distributed, detect_launch,
                          fast_kernels, init_distributed, pick_device, pick_dtype)
 from generate import TEMPERATURE, TOP_K, Stop, generate
-from hf import GPT2_NAMES, check_dataset_tokenizer, load_hf_gpt2
+from hf import GPT2_NAMES, check_dataset_tokenizer, fit_context, load_hf_gpt2
 from inference import prompt_ids, read_prompt
 from model import GPT, GPTConfig, peak_flops_for
 from tokendata import SAMPLERS, BatchSampler, Dataset, EpochSampler, dataset_dir, first_tokens, window_batch, windows
@@ -793,11 +793,7 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
         model = model_from_checkpoint(checkpoint, dropout=cfg.dropout)
     elif start_from is not None:
         model = model_from_checkpoint(start_from, dropout=cfg.dropout)
-        if cfg.block_size > model.config.block_size:
-            raise UserError(f"block_size={cfg.block_size} exceeds the context of {pretrained}'s model, "
-                            f"{model.config.block_size} tokens; use --block_size={model.config.block_size} or less")
-        if cfg.block_size < model.config.block_size:
-            model.crop_block_size(cfg.block_size)
+        fit_context(model, cfg.block_size, pretrained)
         at = start_from.get("step", start_from.get("iter_num"))  # iter_num: nanoGPT's
         say(f"initialised from the weights of {pretrained} ({f'its step {at}; ' if at is not None else ''}n_layer, "
             "n_head, n_embd and bias come from it); the optimizer, the step count and the schedule start anew")

@@ -404,7 +404,7 @@ def test_init_from_a_checkpoint_starts_a_new_run_from_its_weights(data_dir):  # 
 
     proc = run_script("train.py", *ARGS, "--block_size=64", "--max_iters=2", "--init_from=pre", "--out_dir=long",
                       cwd=data_dir, check=False)
-    assert proc.returncode == 2 and "block_size=64 exceeds the context of pre's model, 32 tokens" in proc.stderr
+    assert proc.returncode == 2 and "block_size=64 exceeds pre's context of 32 tokens" in proc.stderr
     (data_dir / "digits.txt").write_text("0123456789 \n" * 2000)
     run_script("prepare.py", "digits", "--source=digits.txt", "--tokenizer=char", cwd=data_dir)
     proc = run_script("train.py", *ARGS, "--dataset=digits", "--max_iters=2", "--init_from=pre", "--out_dir=out_digits",
