@@ -246,9 +246,14 @@ def nanogpt_char_meta(data_dir):
             "eot_id": None}
 
 
-def read_windows(shards, shard_idx, offsets, length):
-    """(x, y) int64 arrays: the windows of `length` tokens at offsets[i] of shards[shard_idx[i]], as inputs and the
-    targets one position later, their ids checked against the vocabulary."""
+def read_windows(shards, cumulative, picks, length, stride=1):
+    """
+    (x, y) int64 arrays: windows of `length` tokens as inputs and the targets one position later, their ids checked
+    against the vocabulary. picks number them over all shards, `cumulative` counting each shard's (np.cumsum); pick
+    number i of a shard starts at token i x stride.
+    """
+    shard_idx = np.searchsorted(cumulative, picks, side="right")
+    offsets = (picks - np.concatenate(([0], cumulative[:-1]))[shard_idx]) * stride
     rows = np.stack([shards[s].read(int(o), length) for s, o in zip(shard_idx, offsets)])
     vocab_size = shards[0].vocab_size
     if vocab_size is not None and rows.max() >= vocab_size:  # one max over the batch: microseconds
@@ -289,9 +294,7 @@ class BatchSampler:
         """Two int64 arrays of shape (batch_size, block_size): inputs and the targets one position later."""
         picks = self.rng.integers(0, self.cum_starts[-1], size=self.batch_size * self.world_size)
         picks = picks[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        shard_idx = np.searchsorted(self.cum_starts, picks, side="right")
-        offsets = picks - np.concatenate(([0], self.cum_starts[:-1]))[shard_idx]
-        return read_windows(self.shards, shard_idx, offsets, self.block_size + 1)
+        return read_windows(self.shards, self.cum_starts, picks, self.block_size + 1)
 
     def state_dict(self):
         return {"rng": self.rng.bit_generator.state}
@@ -339,9 +342,7 @@ class EpochSampler:
             if self.position == self.windows:
                 self.epoch, self.position = self.epoch + 1, 0
         picks = np.concatenate(picks)[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        shard_idx = np.searchsorted(self.cum_windows, picks, side="right")
-        offsets = (picks - np.concatenate(([0], self.cum_windows[:-1]))[shard_idx]) * self.block_size
-        return read_windows(self.shards, shard_idx, offsets, self.block_size + 1)
+        return read_windows(self.shards, self.cum_windows, picks, self.block_size + 1, stride=self.block_size)
 
     @staticmethod
     def epochs_done(state):
