@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -394,13 +395,13 @@ def test_init_from_a_checkpoint_starts_a_new_run_from_its_weights(data_dir):  # 
     run_script("train.py", *ARGS, "--max_iters=6", "--eval_interval=3", "--out_dir=pre", cwd=data_dir)
     pre = {r["step"]: r["val_loss"] for r in log_records(data_dir / "pre") if "val_loss" in r}
     for source, steps in (("pre", 6), ("pre/ckpt_00000003.pt", 3)):
-        out = run_script("train.py", *ARGS, "--n_layer=3", "--max_iters=2", "--eval_interval=2", f"--init_from={source}",
-                         "--out_dir=fine", "--learning_rate=1e-4", cwd=data_dir).stdout
+        out = run_script("train.py", *ARGS, "--n_layer=3", "--max_iters=2", "--eval_interval=2",
+                         f"--init_from={source}", "--out_dir=fine", "--learning_rate=1e-4", cwd=data_dir).stdout
         assert f"initialised from the weights of {source} (its step {steps};" in out
         fine = [r for r in log_records(data_dir / "fine") if "val_loss" in r]
         assert [r["step"] for r in fine] == [0, 2] and fine[0]["val_loss"] == pytest.approx(pre[steps], abs=1e-6)
         assert torch.load(data_dir / "fine/ckpt.pt", weights_only=False)["model_args"]["n_layer"] == 2
-        subprocess.run(["rm", "-r", str(data_dir / "fine")], check=True)
+        shutil.rmtree(data_dir / "fine")
 
     proc = run_script("train.py", *ARGS, "--block_size=64", "--max_iters=2", "--init_from=pre", "--out_dir=long",
                       cwd=data_dir, check=False)
