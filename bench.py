@@ -165,7 +165,8 @@ def run_train_bench(cfg, device, dtype, grad_accum, batch_explain, vocab_size, s
     model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
                           bias=cfg.bias, vocab_size=vocab_size, dropout=cfg.dropout)).to(device)
     model.fused_loss, model.recompute = cfg.fused_loss, cfg.recompute
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2))
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                           muon=cfg.optimizer == "muon")
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     autocast = torch.autocast(device_type=device_type, dtype=getattr(torch, dtype), enabled=(dtype != "float32"))
     use_compile = cfg.compile if cfg.compile is not None else device_type == "cuda"

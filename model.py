@@ -407,22 +407,33 @@ class GPT(nn.Module):
         self.config.block_size = block_size
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, make=torch.optim.AdamW):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, make=None, muon=False):
         """
         AdamW with weight decay on matrices and embeddings (>= 2-D) only, never on biases and LayerNorm gains.
-        make(groups, **settings) builds it: torch.optim.AdamW, or a wrapper that takes the same arguments (train.py's
-        shard_optimizer passes ZeroRedundancyOptimizer with AdamW inside).
+        muon: the blocks' weight matrices go to Muon instead (torch.optim.Muon, as in modded-nanogpt and nanochat),
+        stepped together with AdamW for the rest (Optimizers). Its updates are scaled to AdamW's RMS (Moonshot's
+        match_rms_adamw), so the same learning rate and weight decay carry over. Muon orthogonalises each matrix
+        whole, q, k and v together in c_attn.
+        make(optimizer_class, groups, **settings) builds each optimizer: the class itself by default, or a wrapper
+        (train.py's shard_optimizer passes ZeroRedundancyOptimizer).
         """
+        make = make or (lambda optimizer_class, groups, **settings: optimizer_class(groups, **settings))
         params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
+        matrices = {id(p) for p in self.transformer.h.parameters() if p.dim() == 2} if muon else set()
+        decay = [p for p in params if p.dim() >= 2 and id(p) not in matrices]
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         # the fused kernel updates every tensor in one pass: on a laptop CPU it cuts the optimizer step ~5x against
         # the per-tensor loop PyTorch uses there by default; fall back where a device has no fused AdamW
         try:
-            return make(groups, lr=learning_rate, betas=betas, fused=True)
+            adamw = make(torch.optim.AdamW, groups, lr=learning_rate, betas=betas, fused=True)
         except (RuntimeError, TypeError):
-            return make(groups, lr=learning_rate, betas=betas)
+            adamw = make(torch.optim.AdamW, groups, lr=learning_rate, betas=betas)
+        if not muon:
+            return adamw
+        muon_groups = [{"params": [p for p in params if id(p) in matrices], "weight_decay": weight_decay}]
+        return Optimizers(adamw=adamw, muon=make(torch.optim.Muon, muon_groups, lr=learning_rate,
+                                                 adjust_lr_fn="match_rms_adamw"))
 
     def flops_per_token(self):
         """Training FLOPs per token (forward + backward): 6N for the matmuls with weights plus 12·L·H·Q·T for attention
@@ -444,6 +455,42 @@ class GPT(nn.Module):
         block_size (crops the context). The format lives in hf.py, imported only when this is used."""
         from hf import load_hf_gpt2
         return load_hf_gpt2(name_or_path, **overrides)
+
+
+class Optimizers:
+    """
+    Several optimizers stepped as one, by name (configure_optimizers' Muon with AdamW): what train.py and
+    torch.amp.GradScaler use of an optimizer. param_groups lists every group, each optimizer's in turn; the state
+    dict holds each one's under its name.
+    """
+
+    def __init__(self, **optimizers):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self):
+        return [group for optimizer in self.optimizers.values() for group in optimizer.param_groups]
+
+    def step(self):
+        for optimizer in self.optimizers.values():
+            optimizer.step()
+
+    def zero_grad(self, set_to_none=True):
+        for optimizer in self.optimizers.values():
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def consolidate_state_dict(self, to=0):  # each one sharded by ZeroRedundancyOptimizer
+        for optimizer in self.optimizers.values():
+            optimizer.consolidate_state_dict(to=to)
+
+    def state_dict(self):
+        return {name: optimizer.state_dict() for name, optimizer in self.optimizers.items()}
+
+    def load_state_dict(self, state):
+        if set(state) != set(self.optimizers):
+            raise ValueError(f"an optimizer state for {sorted(state)}, not {sorted(self.optimizers)}")
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(state[name])
 
 
 # Dense bf16 tensor-core peak FLOP/s by GPU, from the vendors' data sheets (no sparsity). Matched against

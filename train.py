@@ -10,7 +10,6 @@ boundary (SIGTERM, SIGUSR1, max_runtime) and resumed exactly: the checkpoint hol
 """
 
 import dataclasses
-import functools
 import importlib.util
 import json
 import math
@@ -89,7 +88,8 @@ class TrainConfig:
     n_embd: int = 768
     dropout: float = 0.0  # 0 for pretraining, try 0.1+ for fine-tuning
     bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2
-    # AdamW
+    # optimizer
+    optimizer: str = "adamw"  # 'adamw', or 'muon': Muon (torch.optim.Muon) for the blocks' weight matrices and AdamW for embeddings, gains and biases, at the same learning_rate and weight_decay (Muon's updates are scaled to AdamW's size)
     learning_rate: float = 6e-4  # peak learning rate
     max_iters: int = 600000  # optimizer steps in all
     weight_decay: float = 0.1
@@ -118,6 +118,7 @@ class TrainConfig:
 # what must match between a checkpoint and the run that resumes it; everything else may change (and is reported)
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")
 LR_SCHEDULES = ("cosine", "linear", "wsd")
+OPTIMIZER_NAMES = {"adamw": "AdamW", "muon": "Muon for the blocks' weight matrices, AdamW for the rest"}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -153,6 +154,8 @@ def validate(cfg):
         problems.append(f"lr_decay_iters={cfg.lr_decay_iters} is shorter than warmup_iters={cfg.warmup_iters}")
     if cfg.lr_schedule not in LR_SCHEDULES:
         problems.append(f"lr_schedule={cfg.lr_schedule!r}: expected {', '.join(map(repr, LR_SCHEDULES))}")
+    if cfg.optimizer not in OPTIMIZER_NAMES:
+        problems.append(f"optimizer={cfg.optimizer!r}: expected {', '.join(map(repr, OPTIMIZER_NAMES))}")
     if not 0.0 < cfg.cooldown_frac <= 1.0:
         problems.append(f"cooldown_frac={cfg.cooldown_frac} must be in (0, 1]")
     if cfg.decay_lr and cfg.min_lr > cfg.learning_rate:  # unused without decay (nanoGPT's fine-tuning config)
@@ -583,6 +586,10 @@ def check_resume(checkpoint, cfg, data_meta, say):
     old_meta = checkpoint.get("meta") or {}
     if old_meta.get("tokenizer") not in (None, data_meta.get("tokenizer")):
         problems.append("the dataset's tokenizer differs from the one the checkpoint was trained with")
+    if old.get("optimizer", "adamw") != cfg.optimizer:  # one optimizer's state means nothing to the other
+        raise UserError(f"cannot resume: the checkpoint was trained with optimizer={old.get('optimizer', 'adamw')!r}"
+                        f", this run asks for {cfg.optimizer!r}; resume with the checkpoint's optimizer, or start a "
+                        f"new run from its weights: --init_from={cfg.out_dir} --out_dir=<another folder>")
     if problems:
         raise UserError("cannot resume: the checkpoint was trained with a different model or tokenizer (" +
                         "; ".join(problems) + "); resume with the checkpoint's settings, or start a new run in "
@@ -813,13 +820,16 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
     sharded = cfg.shard_optimizer and launch.distributed
     if sharded:  # each rank steps its share of the parameters and broadcasts them (a collective, once a step)
         from torch.distributed.optim import ZeroRedundancyOptimizer
-        make = functools.partial(ZeroRedundancyOptimizer, optimizer_class=torch.optim.AdamW)
-        optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), make)
-        say(f"optimizer: AdamW, its state sharded over the {launch.world_size} processes (ZeRO-1)")
+        def make(optimizer_class, groups, **settings):
+            return ZeroRedundancyOptimizer(groups, optimizer_class=optimizer_class, **settings)
     else:
-        optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2))
+        make = None
         if cfg.shard_optimizer:
-            say("note: shard_optimizer has nothing to share out in one process; AdamW keeps its whole state here")
+            say("note: shard_optimizer has nothing to share out in one process; each keeps its whole state here")
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), make,
+                                           muon=cfg.optimizer == "muon")
+    say(f"optimizer: {OPTIMIZER_NAMES[cfg.optimizer]}" +
+        (f", its state sharded over the {launch.world_size} processes (ZeRO-1)" if sharded else ""))
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     autocast = torch.autocast(device_type=device_type, dtype=getattr(torch, dtype), enabled=(dtype != "float32"))
 

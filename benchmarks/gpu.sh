@@ -21,7 +21,7 @@ if [[ "$other" == *.patch ]]; then  # an experiment: this tree's code with the p
     other="$tree/train.py"
 fi
 OPT_IN="baby_short baby_short_eval500 baby_eval_tokens100 baby_b128"  # only when named
-OPT_IN+=" gpt2_b32_cdt gpt2_b32_autotune gpt2_b32_recompute"
+OPT_IN+=" gpt2_b32_cdt gpt2_b32_autotune gpt2_b32_recompute baby_muon gpt2_b32_muon"
 run() {  # name, command...
     local name=$1; shift
     if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
@@ -55,11 +55,16 @@ run baby_eval_tokens100 $py benchmarks/time_to_loss.py --target=1.47 --runs=2 "$
 # scaled by the square root of the batch); new shapes, so the first run compiles cold
 run baby_b128 $py benchmarks/time_to_loss.py --target=1.47 --runs=2 "${fast[@]}" "${exact[@]}" --batch_size=128 \
     --max_iters=1000 --lr_decay_iters=1000 --learning_rate=1.4e-3 --warmup_iters=50 --eval_interval=50
+# Muon (changes the optimizer, so opt-in): on the CPU quickstart it reached AdamW's 2,000-step val loss in under
+# 1,250 steps (README), so a shorter schedule
+run baby_muon $py benchmarks/time_to_loss.py --target=1.47 --runs=2 "${fast[@]}" "${exact[@]}" --optimizer=muon \
+    --max_iters=1500 --lr_decay_iters=1500 --eval_interval=100
 run baby_profile $py bench.py train config/train_shakespeare_char.py --compile_mode=reduce-overhead --profile=True
 gpt2=(config/gpt2_124m.py --total_batch_size=0 --gradient_accumulation_steps=1 --steps=20 --warmup=5)
 run gpt2_b32 $py bench.py train "${gpt2[@]}" --batch_size=32 --profile=True
 run gpt2_b32_fused $py bench.py train "${gpt2[@]}" --batch_size=32 --fused_loss=True
 run gpt2_b32_recompute $py bench.py train "${gpt2[@]}" --batch_size=32 --recompute=True  # its memory and time
+run gpt2_b32_muon $py bench.py train "${gpt2[@]}" --batch_size=32 --optimizer=muon  # what Newton-Schulz costs a step
 # compiler settings that change no math, measured before any becomes a default (long compiles: OPT_IN)
 run gpt2_b32_cdt env TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 $py bench.py train "${gpt2[@]}" --batch_size=32
 run gpt2_b32_autotune $py bench.py train "${gpt2[@]}" --batch_size=32 --compile_mode=max-autotune-no-cudagraphs

@@ -86,6 +86,31 @@ def test_exact_resume_two_ranks(data_dir):
     assert all(torch.equal(states[0][i][k], states[1][i][k]) for i in states[0] for k in ("exp_avg", "exp_avg_sq"))
 
 
+def test_muon_resumes_exactly_sharded_or_not(data_dir):
+    """optimizer=muon on two ranks: a run whose first half shards Muon's and AdamW's states (ZeRO-1) and whose second
+    half resumes unsharded matches an uninterrupted unsharded run bit for bit, losses, weights and both optimizers'
+    states; a resume that asks for the other optimizer is refused in one line, the checkpoint untouched."""
+    args = [*ARGS, "--gradient_accumulation_steps=2", "--dropout=0.1", "--optimizer=muon", "--eval_interval=1000"]
+    run_torchrun(data_dir, *args, "--max_iters=20", "--out_dir=straight")
+    out = run_torchrun(data_dir, *args, "--max_iters=9", "--out_dir=split", "--shard_optimizer=True")
+    assert "optimizer: Muon for the blocks' weight matrices, AdamW for the rest, its state sharded over the 2" \
+        in out.stdout
+    before = (data_dir / "split/ckpt.pt").read_bytes()
+    refused = run_script("train.py", *args, "--max_iters=20", "--out_dir=split", "--init_from=resume",
+                         "--optimizer=adamw", cwd=data_dir, check=False)
+    assert refused.returncode != 0 and "trained with optimizer='muon', this run asks for 'adamw'" in refused.stderr
+    assert (data_dir / "split/ckpt.pt").read_bytes() == before
+    run_torchrun(data_dir, *args, "--max_iters=20", "--out_dir=split", "--init_from=resume")
+    straight, split = train_losses(data_dir / "straight"), train_losses(data_dir / "split")
+    assert sorted(split) == list(range(1, 21)) and all(straight[s] == split[s] for s in range(1, 21))
+    ends = [torch.load(data_dir / d / "ckpt.pt", weights_only=False) for d in ("straight", "split")]
+    assert all(torch.equal(ends[0]["model"][k], ends[1]["model"][k]) for k in ends[0]["model"])
+    for name, keys in (("muon", ("momentum_buffer",)), ("adamw", ("exp_avg", "exp_avg_sq"))):
+        states = [end["optimizer"][name]["state"] for end in ends]
+        assert sorted(states[0]) == sorted(states[1]) and states[0]
+        assert all(torch.equal(states[0][i][k], states[1][i][k]) for i in states[0] for k in keys)
+
+
 def test_cuda_rng_state_is_this_gpus_own(monkeypatch):
     """A checkpoint keeps each process's own GPU's random state, and a resume restores it onto the GPU the process
     uses now, however many GPUs it sees (the states of every visible GPU, saved before, failed to restore where fewer

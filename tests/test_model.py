@@ -89,6 +89,37 @@ def test_optimizer_decays_only_matrices():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    """optimizer=muon: each parameter in exactly one group; Muon has the blocks' weight matrices, AdamW the (tied)
+    embeddings with decay and the gains and biases without; both step, and the pair's state dict loads back."""
+    model = tiny()
+    opt = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95), muon=True)
+    names = {id(p): name for name, p in model.named_parameters()}
+    muon = [names[id(p)] for group in opt.optimizers["muon"].param_groups for p in group["params"]]
+    decay, no_decay = ([names[id(p)] for p in group["params"]] for group in opt.optimizers["adamw"].param_groups)
+    assert sorted(muon + decay + no_decay) == sorted(names.values())
+    assert sorted(muon) == sorted(n for n, p in model.named_parameters() if n.startswith("transformer.h.")
+                                  and p.dim() == 2) and len(muon) == 4 * model.config.n_layer
+    assert sorted(decay) == ["transformer.wpe.weight", "transformer.wte.weight"]
+    assert all(model.get_parameter(n).dim() == 1 for n in no_decay)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0, 0.1]
+    idx = torch.randint(0, 50, (4, 16))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for _ in range(3):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters())  # every parameter moved
+    state = opt.state_dict()
+    again = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95), muon=True)
+    again.load_state_dict(state)
+    assert torch.equal(again.optimizers["muon"].state_dict()["state"][0]["momentum_buffer"],
+                       state["muon"]["state"][0]["momentum_buffer"])
+    with pytest.raises(ValueError, match="an optimizer state for"):
+        again.load_state_dict(state["adamw"])  # a plain AdamW checkpoint's
+
+
 def test_no_bias():
     names = [name for name, _ in tiny(bias=False).named_parameters()]
     assert names and not any(name.endswith("bias") for name in names)
