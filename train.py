@@ -17,6 +17,7 @@ import os
 import platform
 import random
 import signal
+import statistics
 import threading
 import time
 import traceback
@@ -65,7 +66,9 @@ class TrainConfig:
     keep_last_n: int = 2  # numbered checkpoints ckpt_<step>.pt kept besides ckpt.pt (the latest)
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this, for good; 0: none
     max_runtime: str = ""  # save and exit (code 3) after this wall time, e.g. '3:55:00'; empty: no limit
-    max_bad_steps: int = 10  # consecutive steps with a non-finite loss or gradient before the run stops
+    max_bad_steps: int = 10  # consecutive skipped steps (a non-finite loss or gradient, or a spike) before the run stops
+    skip_spikes: float = 0.0  # skip an update whose loss or gradient norm is more than this many standard deviations above the mean of the last spike_window steps' (llm.c's -sl and -sg; 5 is a usual choice); 0: never
+    spike_window: int = 128  # steps in that mean
     plot: bool = True  # redraw out_dir/loss.png (train and val loss against tokens) at every eval
     sample_tokens: int = 0  # at each evaluation after step 0, rank 0 prints a sample of up to this many new tokens (also appended to log.jsonl); 0: none
     sample_start: str = "\n"  # the samples' prompt, or FILE:path (empty: end-of-text); drawn as sample.py draws, from the same seed each time, so they differ only as the model does
@@ -126,9 +129,11 @@ def validate(cfg):
     """Every cross-field problem of a TrainConfig, all at once, before any work."""
     problems = configurator.too_small(cfg, ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "eval_interval",
                                             "eval_iters", "log_interval", "gradient_accumulation_steps",
-                                            "max_bad_steps"), 1)
+                                            "max_bad_steps", "spike_window"), 1)
     if cfg.n_head >= 1 and cfg.n_embd % cfg.n_head:
         problems.append(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
+    if cfg.skip_spikes < 0:
+        problems.append(f"skip_spikes={cfg.skip_spikes} must be 0 (off) or a number of standard deviations")
     if not 0.0 <= cfg.dropout < 1.0:
         problems.append(f"dropout={cfg.dropout} must be in [0, 1)")
     if cfg.init_from.endswith(".pt") and not os.path.isfile(cfg.init_from):
@@ -549,10 +554,12 @@ class Prefetcher:
         return self._state
 
 
-def accumulate_gradients(model, batches, grad_accum, autocast, scaler, optimizer, grad_clip, distributed):
+def accumulate_gradients(model, batches, grad_accum, autocast, scaler, optimizer, grad_clip, distributed,
+                         spike=None):
     """
     One optimizer step over grad_accum micro-batches drawn from `batches`. Returns (summed micro-step losses, global
-    gradient norm, whether the step was taken): a step whose gradient norm is not finite is not applied.
+    gradient norm, why the step was skipped or None): a step whose gradient norm is not finite is not applied, nor one
+    that spike(losses, norm) calls a spike.
     """
     loss_sum = 0.0
     for micro in range(grad_accum):
@@ -569,11 +576,49 @@ def accumulate_gradients(model, batches, grad_accum, autocast, scaler, optimizer
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
     if not torch.isfinite(grad_norm):
-        return loss_sum, grad_norm, False
+        return loss_sum, grad_norm, "non-finite"
+    skip = spike(loss_sum, grad_norm) if spike else None
+    if skip:
+        return loss_sum, grad_norm, skip
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, grad_norm, True
+    return loss_sum, grad_norm, None
+
+
+class SpikeGuard:
+    """
+    Skips outlier updates, as llm.c's -sl and -sg do: a step whose loss or gradient norm lies more than `threshold`
+    standard deviations above the mean of the last `window` steps' is not applied. A skipped step's values join the
+    window too, so a lasting change of level (other data after a resume) soon becomes the norm instead of being
+    refused for ever. Its state (the windows) goes into the checkpoint: a resumed run skips what the uninterrupted one
+    would.
+    """
+
+    def __init__(self, threshold, window):
+        self.threshold, self.window = threshold, window
+        self.history = {"loss": [], "grad_norm": []}
+
+    def check(self, values):
+        """The spikes among values ({'loss': x, 'grad_norm': y}), described, after adding the values to the windows."""
+        spikes = []
+        for name, x in values.items():
+            past = self.history[name]
+            if len(past) == self.window:
+                mean = statistics.fmean(past)
+                sd = statistics.pstdev(past, mean)
+                if sd > 0 and (x - mean) / sd > self.threshold:
+                    spikes.append(f"{name} {x:.4g}, {(x - mean) / sd:.1f} standard deviations above the mean of the "
+                                  f"last {self.window} steps' ({mean:.4g})")
+            past.append(x)
+            del past[:-self.window]
+        return "; ".join(spikes)
+
+    def state_dict(self):
+        return {name: list(values) for name, values in self.history.items()}
+
+    def load_state_dict(self, state):
+        self.history = {name: list(state.get(name, []))[-self.window:] for name in self.history}
 
 
 def check_resume(checkpoint, cfg, data_meta, say):
@@ -834,6 +879,7 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
     autocast = torch.autocast(device_type=device_type, dtype=getattr(torch, dtype), enabled=(dtype != "float32"))
 
     step, best_val_loss, wandb_id, tokens_seen = 0, float("inf"), None, 0
+    spikes = SpikeGuard(cfg.skip_spikes, cfg.spike_window)
     sampler = SAMPLERS[cfg.data_order](train_shards, cfg.block_size, cfg.batch_size, seed=[cfg.seed, 0],
                                        rank=launch.rank, world_size=launch.world_size)
     torch.manual_seed(cfg.seed + launch.rank)  # dropout masks differ between ranks
@@ -850,6 +896,7 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
         tokens_seen = checkpoint.get("tokens_seen", step * cfg.batch_size * cfg.block_size * grad_accum *
                                      launch.world_size)
         wandb_id = checkpoint.get("wandb_run_id")
+        spikes.load_state_dict(checkpoint.get("spikes") or {})
         if ("epoch" in checkpoint["sampler"]) == (cfg.data_order == "epochs"):
             sampler.load_state_dict(checkpoint["sampler"])  # the same on every rank: they draw one global batch
         else:
@@ -950,6 +997,7 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
                 "model_args": model_args, "step": step, "best_val_loss": best_val_loss,
                 "config": dataclasses.asdict(cfg), "meta": meta, "sampler": sampler_state, "rng": rngs,
                 "wandb_run_id": wandb_id, "tokens_seen": tokens_seen, "evaluated": last_eval == step,
+                "spikes": spikes.state_dict(),
             }
             if writer.background:
                 state = snapshot(state)  # this step's weights, while the next steps update them in place
@@ -984,6 +1032,9 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
 
     batches = Prefetcher(sampler, batch_to_device)
     t_last, steps_since_log, bad_steps = time.time(), 0, 0
+
+    def spiked(loss_sum, grad_norm):  # the values of the whole step: the loss's mean over ranks (one more all-reduce)
+        return spikes.check({"loss": reduce_mean(loss_sum, launch).item(), "grad_norm": grad_norm.item()})
     exit_code = 0
     try:
         while True:
@@ -1078,19 +1129,28 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum, grad_norm, finite = accumulate_gradients(model, batches, grad_accum, autocast, scaler, optimizer,
-                                                               cfg.grad_clip, launch.distributed)
-            if not finite:  # every rank sees the same all-reduced norm and takes the same decision
+            loss_sum, grad_norm, skipped = accumulate_gradients(model, batches, grad_accum, autocast, scaler, optimizer,
+                                                                cfg.grad_clip, launch.distributed,
+                                                                spiked if cfg.skip_spikes > 0 else None)
+            if skipped:  # every rank sees the same all-reduced norm and loss, and takes the same decision
                 bad_steps += 1
                 optimizer.zero_grad(set_to_none=True)
-                scaler.update()  # fp16: lowers the loss scale, which is the usual cause
-                what = f"loss {loss_sum.item()}, gradient norm {grad_norm.item()}"
-                say(f"step {step}: non-finite {what}; step skipped ({bad_steps} in a row)")
-                log({"step": step, "skipped": True, "bad_steps": bad_steps})
+                scaler.update()  # fp16: lowers the loss scale, which is the usual cause of a non-finite step
+                if skipped == "non-finite":
+                    what = f"loss {loss_sum.item()}, gradient norm {grad_norm.item()}"
+                    say(f"step {step}: non-finite {what}; step skipped ({bad_steps} in a row)")
+                    log({"step": step, "skipped": True, "bad_steps": bad_steps})
+                else:
+                    say(f"step {step}: a spike, {skipped}; step skipped ({bad_steps} in a row)")
+                    log({"step": step, "skipped": True, "bad_steps": bad_steps, "spike": skipped,
+                         "loss": spikes.history["loss"][-1], "grad_norm": spikes.history["grad_norm"][-1]})
                 if bad_steps >= cfg.max_bad_steps:
                     raise UserError(f"stopping: {bad_steps} steps in a row up to step {step} had a non-finite loss or "
                                     f"gradient ({what}); nothing was saved from them. Lower learning_rate or resume "
-                                    "from the last checkpoint")
+                                    "from the last checkpoint" if skipped == "non-finite" else
+                                    f"stopping: {bad_steps} steps in a row up to step {step} were skipped as spikes "
+                                    f"(the last: {skipped}); nothing was saved from them. Lower learning_rate and "
+                                    "resume from the last checkpoint, or raise skip_spikes")
                 continue
             bad_steps = 0
             step += 1

@@ -4,6 +4,7 @@ import contextlib
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -65,6 +66,64 @@ def test_epochs_resume_exactly_across_an_epoch(tmp_path, shakespeare_path):
     assert 10 * 16 < windows < 11 * 16  # the second epoch begins in step 11
     epochs = [r["epoch"] for r in log_records(tmp_path / "split") if "loss" in r]
     assert epochs == pytest.approx([16 * s / windows for s in range(1, 15)])
+
+
+def test_a_spike_is_skipped_and_training_goes_on(data_dir, monkeypatch, capsys):
+    """skip_spikes: a step whose loss jumps fourfold, once the window of 10 steps is full, is not applied (the
+    optimizer steps max_iters times, over one more batch); the run goes on and logs why it skipped."""
+    import configurator
+    import model as model_module
+    import train
+
+    real_forward, real_step = model_module.GPT.forward, torch.optim.AdamW.step
+    calls, steps = {"n": 0}, []
+
+    def spiky_forward(self, idx, targets=None, **kwargs):
+        logits, loss = real_forward(self, idx, targets, **kwargs)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 15:  # step 14's
+                loss = loss * 4
+        return logits, loss
+
+    def counted_step(self, *args, **kwargs):
+        steps.append(1)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(model_module.GPT, "forward", spiky_forward)
+    monkeypatch.setattr(torch.optim.AdamW, "step", counted_step)
+    monkeypatch.chdir(data_dir)
+    cfg, sources = configurator.parse(train.TrainConfig, [*ARGS, "--max_iters=30", "--eval_interval=100",
+                                                          "--skip_spikes=5", "--spike_window=10", "--out_dir=out"])
+    train.main(cfg, sources)
+    assert "step 14: a spike, loss " in capsys.readouterr().out
+    skipped = [r for r in log_records(data_dir / "out") if r.get("skipped")]
+    assert [r["step"] for r in skipped] == [14] and skipped[0]["spike"].startswith("loss ")
+    assert calls["n"] == 31 and len(steps) == 30
+    assert load_checkpoint(str(data_dir / "out"))["step"] == 30
+
+
+def test_spike_rule_and_exact_resume(data_dir):
+    """skip_spikes set so low that ordinary noise trips it: each step's decision is the rule recomputed from log.jsonl
+    (over the 5 steps before, skipped ones included), and a run stopped and resumed skips what the uninterrupted one
+    does, since the windows are in the checkpoint."""
+    args = [*ARGS, "--skip_spikes=1", "--spike_window=5", "--eval_interval=1000", "--max_bad_steps=100"]
+    run_script("train.py", *args, "--max_iters=40", "--out_dir=straight", cwd=data_dir)
+    run_script("train.py", *args, "--max_iters=17", "--out_dir=split", cwd=data_dir)
+    run_script("train.py", *args, "--max_iters=40", "--out_dir=split", "--init_from=resume", cwd=data_dir)
+    records = [r for r in log_records(data_dir / "straight") if "grad_norm" in r]
+    decisions = []
+    for i, record in enumerate(records):
+        before = records[i - 5:i] if i >= 5 else []
+        z = [(record[k] - statistics.fmean(v)) / statistics.pstdev(v) for k in ("loss", "grad_norm")
+             if (v := [r[k] for r in before])]
+        decisions.append((any(x > 1 for x in z), bool(record.get("skipped"))))
+    assert all(expected == skipped for expected, skipped in decisions), decisions
+    assert 0 < sum(skipped for _, skipped in decisions) == len(decisions) - 40  # both ways; 40 steps taken
+    straight, split = train_losses(data_dir / "straight"), train_losses(data_dir / "split")
+    assert sorted(split) == list(range(1, 41)) and all(straight[s] == split[s] for s in range(1, 41))
+    assert ([r["step"] for r in log_records(data_dir / "split") if r.get("skipped")] ==
+            [r["step"] for r in records if r.get("skipped")])
 
 
 def test_exact_resume_two_ranks(data_dir):
