@@ -359,7 +359,22 @@ class EpochSampler:
         self.position = min(round(state["position"] * self.windows / state["windows"]), self.windows - 1)
 
 
-SAMPLERS = {"random": BatchSampler, "epochs": EpochSampler}
+class OneBatchSampler(BatchSampler):
+    """
+    BatchSampler's first batch, every time: the check that a model, its loss and its optimizer can learn at all,
+    since together they should drive the loss on one batch close to zero (Karpathy's "overfit one batch", llm.c's
+    overfit_single_batch). Under DDP each rank has its slice of that one global batch.
+    """
+
+    def __init__(self, shards, block_size, batch_size, seed, rank=0, world_size=1):
+        super().__init__(shards, block_size, batch_size, seed, rank, world_size)
+        self.batch = super().next_batch()
+
+    def next_batch(self):
+        return tuple(a.copy() for a in self.batch)  # the consumer's to keep
+
+
+SAMPLERS = {"random": BatchSampler, "epochs": EpochSampler, "one_batch": OneBatchSampler}
 
 
 def first_tokens(shards, count):

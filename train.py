@@ -84,7 +84,7 @@ class TrainConfig:
     block_size: int = 1024  # tokens per sequence
     total_batch_size: int = 0  # tokens per optimizer step over all processes; 0: use gradient_accumulation_steps
     gradient_accumulation_steps: int = 1  # micro-steps per optimizer step, summed over all processes (as nanoGPT)
-    data_order: str = "random"  # 'random': windows at random places, with replacement (nanoGPT's); 'epochs': every block_size window of the train split once per epoch, shuffled anew each epoch (llm.c's and build-nanogpt's one pass)
+    data_order: str = "random"  # 'random': windows at random places, with replacement (nanoGPT's); 'epochs': every block_size window of the train split once per epoch, shuffled anew each epoch (llm.c's and build-nanogpt's one pass); 'one_batch': the same batch every step, a debugging check (the loss should fall close to 0)
     # model
     n_layer: int = 12
     n_head: int = 12
@@ -121,6 +121,8 @@ class TrainConfig:
 # what must match between a checkpoint and the run that resumes it; everything else may change (and is reported)
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")
 LR_SCHEDULES = ("cosine", "linear", "wsd")
+DATA_ORDERS = {"random": "windows drawn at random, with replacement", "epochs": "each window once per epoch, shuffled",
+               "one_batch": "one batch, the same every step: its loss should fall close to 0; a check, not training"}
 OPTIMIZER_NAMES = {"adamw": "AdamW", "muon": "Muon for the blocks' weight matrices, AdamW for the rest"}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -152,7 +154,7 @@ def validate(cfg):
     if cfg.batch_size >= 1 and cfg.eval_batch_size % cfg.batch_size:
         problems.append(f"eval_batch_size={cfg.eval_batch_size} is not a multiple of batch_size={cfg.batch_size}")
     if cfg.data_order not in SAMPLERS:
-        problems.append(f"data_order={cfg.data_order!r}: expected {' or '.join(map(repr, SAMPLERS))}")
+        problems.append(f"data_order={cfg.data_order!r}: expected {', '.join(map(repr, SAMPLERS))}")
     if cfg.dtype not in DTYPES:
         problems.append(f"dtype={cfg.dtype!r}: expected {', '.join(DTYPES)}")
     if cfg.decay_lr and cfg.lr_decay_iters < cfg.warmup_iters:
@@ -835,8 +837,7 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
     train_tokens = sum(s.num_tokens for s in train_shards)
     say(f"length: {cfg.max_iters:,} steps = {cfg.max_iters * tokens_per_step:,} tokens, "
         f"{cfg.max_iters * tokens_per_step / train_tokens:.2f} epochs of the train split ({train_tokens:,} tokens; "
-        f"data_order={cfg.data_order}: " + ("each window once per epoch, shuffled)" if cfg.data_order == "epochs"
-                                            else "windows drawn at random, with replacement)"))
+        f"data_order={cfg.data_order}: " + DATA_ORDERS[cfg.data_order] + ")")
     if checkpoint is not None:
         check_resume(checkpoint, cfg, data.meta, say)
 

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from tokendata import BatchSampler, Dataset, Shard, write_tokens
+from tokendata import BatchSampler, Dataset, OneBatchSampler, Shard, write_tokens
 
 
 def rss_mb():
@@ -129,3 +129,17 @@ def test_epochs_resume_where_they_stopped(tmp_path):
     bigger = EpochSampler([Shard(str(tmp_path / "b.bin"))], 32, 10, seed=[1, 0])  # 312 windows
     bigger.load_state_dict({"epoch": 2, "position": 39, "windows": 156})
     assert bigger.state_dict() == {"epoch": 2, "position": 78, "windows": 312}
+
+
+def test_one_batch_is_the_first_random_batch_every_time(tmp_path):
+    """data_order=one_batch: BatchSampler's first global batch at every step, each rank its slice of it, and what a
+    step's consumer does to its arrays never reaches the next step's."""
+    write_tokens(str(tmp_path / "a.bin"), np.arange(5000) % 60000, np.dtype("<u2"))
+    shards = [Shard(str(tmp_path / "a.bin"))]
+    first = BatchSampler(shards, block_size=16, batch_size=6, seed=[3, 0]).next_batch()
+    ranks = [OneBatchSampler(shards, block_size=16, batch_size=3, seed=[3, 0], rank=r, world_size=2) for r in (0, 1)]
+    for _ in range(3):
+        batches = [sampler.next_batch() for sampler in ranks]
+        for i in (0, 1):  # inputs, targets
+            assert np.array_equal(np.concatenate([batch[i] for batch in batches]), first[i])
+        batches[0][0][:] = -1
