@@ -103,14 +103,17 @@ def test_a_spike_is_skipped_and_training_goes_on(data_dir, monkeypatch, capsys):
     assert load_checkpoint(str(data_dir / "out"))["step"] == 30
 
 
-def test_spike_rule_and_exact_resume(data_dir):
+def test_spike_rule_and_exact_resume(data_dir, monkeypatch):
     """skip_spikes set so low that ordinary noise trips it: each step's decision is the rule recomputed from log.jsonl
     (over the 5 steps before, skipped ones included), and a run stopped and resumed skips what the uninterrupted one
-    does, since the windows are in the checkpoint."""
+    does, since the windows are in the checkpoint. (train.main in this process: no interpreter starts.)"""
+    import configurator
+    import train
+    monkeypatch.chdir(data_dir)
     args = [*ARGS, "--skip_spikes=1", "--spike_window=5", "--eval_interval=1000", "--max_bad_steps=100"]
-    run_script("train.py", *args, "--max_iters=40", "--out_dir=straight", cwd=data_dir)
-    run_script("train.py", *args, "--max_iters=17", "--out_dir=split", cwd=data_dir)
-    run_script("train.py", *args, "--max_iters=40", "--out_dir=split", "--init_from=resume", cwd=data_dir)
+    for more in (["--max_iters=40", "--out_dir=straight"], ["--max_iters=17", "--out_dir=split"],
+                 ["--max_iters=40", "--out_dir=split", "--init_from=resume"]):
+        train.main(*configurator.parse(train.TrainConfig, [*args, *more]))
     records = [r for r in log_records(data_dir / "straight") if "grad_norm" in r]
     decisions = []
     for i, record in enumerate(records):

@@ -430,12 +430,15 @@ def test_save_interval_saves_between_evaluations(data_dir):  # noqa: F811
     assert losses[1] == {s: losses[0][s] for s in range(4, 8)}
 
 
-def test_one_batch_is_learned_by_heart(data_dir):  # noqa: F811
+def test_one_batch_is_learned_by_heart(data_dir, monkeypatch):  # noqa: F811
     """data_order=one_batch, the debugging check: the same batch every step, so the training loss falls close to 0
     while the val loss, on other text, rises above where it began."""
-    run_script("train.py", *ARGS, "--data_order=one_batch", "--max_iters=100", "--lr_decay_iters=100",
-               "--learning_rate=1e-2", "--min_lr=1e-3", "--warmup_iters=10", "--eval_interval=100",
-               "--out_dir=out", cwd=data_dir)
+    import configurator
+    import train
+    monkeypatch.chdir(data_dir)
+    train.main(*configurator.parse(train.TrainConfig, [
+        *ARGS, "--data_order=one_batch", "--max_iters=100", "--lr_decay_iters=100", "--learning_rate=1e-2",
+        "--min_lr=1e-3", "--warmup_iters=10", "--eval_interval=100", "--out_dir=out"]))
     records = log_records(data_dir / "out")
     losses = [r["loss"] for r in records if "loss" in r]
     val = [r["val_loss"] for r in records if "val_loss" in r]
