@@ -66,7 +66,7 @@ class TrainConfig:
     keep_last_n: int = 2  # numbered checkpoints ckpt_<step>.pt kept besides ckpt.pt (the latest)
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this, for good; 0: none
     max_runtime: str = ""  # save and exit (code 3) after this wall time, e.g. '3:55:00'; empty: no limit
-    max_bad_steps: int = 10  # consecutive skipped steps (a non-finite loss or gradient, or a spike) before the run stops
+    max_bad_steps: int = 10  # consecutive steps with a non-finite loss or gradient before the run stops
     skip_spikes: float = 0.0  # skip an update whose loss or gradient norm is more than this many standard deviations above the mean of the last spike_window steps' (llm.c's -sl and -sg; 5 is a usual choice); 0: never
     spike_window: int = 128  # steps in that mean
     plot: bool = True  # redraw out_dir/loss.png (train and val loss against tokens) at every eval
@@ -131,11 +131,13 @@ def validate(cfg):
     """Every cross-field problem of a TrainConfig, all at once, before any work."""
     problems = configurator.too_small(cfg, ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "eval_interval",
                                             "eval_iters", "log_interval", "gradient_accumulation_steps",
-                                            "max_bad_steps", "spike_window"), 1)
+                                            "max_bad_steps"), 1)
     if cfg.n_head >= 1 and cfg.n_embd % cfg.n_head:
         problems.append(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
     if cfg.skip_spikes < 0:
         problems.append(f"skip_spikes={cfg.skip_spikes} must be 0 (off) or a number of standard deviations")
+    if cfg.spike_window < 2:
+        problems.append(f"spike_window={cfg.spike_window} must be at least 2 (a standard deviation needs two steps)")
     if not 0.0 <= cfg.dropout < 1.0:
         problems.append(f"dropout={cfg.dropout} must be in [0, 1)")
     if cfg.init_from.endswith(".pt") and not os.path.isfile(cfg.init_from):
@@ -163,6 +165,8 @@ def validate(cfg):
         problems.append(f"lr_schedule={cfg.lr_schedule!r}: expected {', '.join(map(repr, LR_SCHEDULES))}")
     if cfg.optimizer not in OPTIMIZER_NAMES:
         problems.append(f"optimizer={cfg.optimizer!r}: expected {', '.join(map(repr, OPTIMIZER_NAMES))}")
+    elif cfg.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
+        problems.append(f"optimizer=muon needs torch.optim.Muon, from PyTorch 2.9 on (this is {torch.__version__})")
     if not 0.0 < cfg.cooldown_frac <= 1.0:
         problems.append(f"cooldown_frac={cfg.cooldown_frac} must be in (0, 1]")
     if cfg.decay_lr and cfg.min_lr > cfg.learning_rate:  # unused without decay (nanoGPT's fine-tuning config)
@@ -839,6 +843,8 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
         f"{cfg.max_iters * tokens_per_step / train_tokens:.2f} epochs of the train split ({train_tokens:,} tokens; "
         f"data_order={cfg.data_order}: " + DATA_ORDERS[cfg.data_order] + ")")
     if checkpoint is not None:
+        if cfg.eval_only:  # it only evaluates: whichever optimizer trained the weights
+            cfg = dataclasses.replace(cfg, optimizer=(checkpoint.get("config") or {}).get("optimizer", "adamw"))
         check_resume(checkpoint, cfg, data.meta, say)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -1133,25 +1139,25 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
             loss_sum, grad_norm, skipped = accumulate_gradients(model, batches, grad_accum, autocast, scaler, optimizer,
                                                                 cfg.grad_clip, launch.distributed,
                                                                 spiked if cfg.skip_spikes > 0 else None)
-            if skipped:  # every rank sees the same all-reduced norm and loss, and takes the same decision
+            if skipped == "non-finite":  # every rank sees the same all-reduced norm and takes the same decision
                 bad_steps += 1
                 optimizer.zero_grad(set_to_none=True)
-                scaler.update()  # fp16: lowers the loss scale, which is the usual cause of a non-finite step
-                if skipped == "non-finite":
-                    what = f"loss {loss_sum.item()}, gradient norm {grad_norm.item()}"
-                    say(f"step {step}: non-finite {what}; step skipped ({bad_steps} in a row)")
-                    log({"step": step, "skipped": True, "bad_steps": bad_steps})
-                else:
-                    say(f"step {step}: a spike, {skipped}; step skipped ({bad_steps} in a row)")
-                    log({"step": step, "skipped": True, "bad_steps": bad_steps, "spike": skipped,
-                         "loss": spikes.history["loss"][-1], "grad_norm": spikes.history["grad_norm"][-1]})
+                scaler.update()  # fp16: lowers the loss scale, which is the usual cause
+                what = f"loss {loss_sum.item()}, gradient norm {grad_norm.item()}"
+                say(f"step {step}: non-finite {what}; step skipped ({bad_steps} in a row)")
+                log({"step": step, "skipped": True, "bad_steps": bad_steps})
                 if bad_steps >= cfg.max_bad_steps:
                     raise UserError(f"stopping: {bad_steps} steps in a row up to step {step} had a non-finite loss or "
                                     f"gradient ({what}); nothing was saved from them. Lower learning_rate or resume "
-                                    "from the last checkpoint" if skipped == "non-finite" else
-                                    f"stopping: {bad_steps} steps in a row up to step {step} were skipped as spikes "
-                                    f"(the last: {skipped}); nothing was saved from them. Lower learning_rate and "
-                                    "resume from the last checkpoint, or raise skip_spikes")
+                                    "from the last checkpoint")
+                continue
+            if skipped:  # a spike, judged alike on every rank (all-reduced loss and norm). Not one of max_bad_steps:
+                # its values join the window, so a lasting change of level stops being skipped of itself
+                optimizer.zero_grad(set_to_none=True)
+                scaler.update()
+                say(f"step {step}: a spike, {skipped}; step skipped")
+                log({"step": step, "skipped": True, "spike": skipped, "loss": spikes.history["loss"][-1],
+                     "grad_norm": spikes.history["grad_norm"][-1]})
                 continue
             bad_steps = 0
             step += 1

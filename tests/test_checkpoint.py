@@ -110,7 +110,7 @@ def test_spike_rule_and_exact_resume(data_dir, monkeypatch):
     import configurator
     import train
     monkeypatch.chdir(data_dir)
-    args = [*ARGS, "--skip_spikes=1", "--spike_window=5", "--eval_interval=1000", "--max_bad_steps=100"]
+    args = [*ARGS, "--skip_spikes=1", "--spike_window=5", "--eval_interval=1000"]
     for more in (["--max_iters=40", "--out_dir=straight"], ["--max_iters=17", "--out_dir=split"],
                  ["--max_iters=40", "--out_dir=split", "--init_from=resume"]):
         train.main(*configurator.parse(train.TrainConfig, [*args, *more]))
@@ -151,7 +151,8 @@ def test_exact_resume_two_ranks(data_dir):
 def test_muon_resumes_exactly_sharded_or_not(data_dir):
     """optimizer=muon on two ranks: a run whose first half shards Muon's and AdamW's states (ZeRO-1) and whose second
     half resumes unsharded matches an uninterrupted unsharded run bit for bit, losses, weights and both optimizers'
-    states; a resume that asks for the other optimizer is refused in one line, the checkpoint untouched."""
+    states; a resume that asks for the other optimizer is refused in one line, the checkpoint untouched, while an
+    evaluation of it takes the checkpoint's optimizer."""
     args = [*ARGS, "--gradient_accumulation_steps=2", "--dropout=0.1", "--optimizer=muon", "--eval_interval=1000"]
     run_torchrun(data_dir, *args, "--max_iters=20", "--out_dir=straight")
     out = run_torchrun(data_dir, *args, "--max_iters=9", "--out_dir=split", "--shard_optimizer=True")
@@ -171,6 +172,10 @@ def test_muon_resumes_exactly_sharded_or_not(data_dir):
         states = [end["optimizer"][name]["state"] for end in ends]
         assert sorted(states[0]) == sorted(states[1]) and states[0]
         assert all(torch.equal(states[0][i][k], states[1][i][k]) for i in states[0] for k in keys)
+    # an evaluation of the checkpoint needs no --optimizer: it takes the checkpoint's
+    out = run_script("train.py", *[a for a in args if a != "--optimizer=muon"], "--out_dir=split", "--eval_only=True",
+                     "--init_from=auto", cwd=data_dir)
+    assert json.loads(out.stdout.strip().splitlines()[-1])["step"] == 20
 
 
 def test_cuda_rng_state_is_this_gpus_own(monkeypatch):

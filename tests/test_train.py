@@ -388,6 +388,20 @@ def test_lr_schedules():
         "lr_schedule='step': expected 'cosine', 'linear', 'wsd'", "cooldown_frac=0 must be in (0, 1]"]
 
 
+def test_optimizer_and_spike_settings_validated(monkeypatch):
+    """A misspelt optimizer, Muon on a PyTorch without it (before 2.9), and spike settings that could never skip or
+    make no sense are each refused before any work."""
+    from train import TrainConfig, validate
+    assert validate(TrainConfig(optimizer="Muon", skip_spikes=-1, spike_window=1)) == [
+        "skip_spikes=-1 must be 0 (off) or a number of standard deviations",
+        "spike_window=1 must be at least 2 (a standard deviation needs two steps)",
+        "optimizer='Muon': expected 'adamw', 'muon'"]
+    assert validate(TrainConfig(optimizer="muon")) == []
+    monkeypatch.delattr(torch.optim, "Muon")
+    assert validate(TrainConfig(optimizer="muon")) == [
+        f"optimizer=muon needs torch.optim.Muon, from PyTorch 2.9 on (this is {torch.__version__})"]
+
+
 def test_init_from_a_checkpoint_starts_a_new_run_from_its_weights(data_dir):  # noqa: F811
     """--init_from=<a checkpoint or its folder>: the weights of another run (its shape too), with a fresh optimizer,
     step count and schedule, in a new out_dir: its step-0 val loss is the one the old run logged for those weights.
