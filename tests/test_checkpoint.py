@@ -151,9 +151,10 @@ def test_exact_resume_two_ranks(data_dir):
 def test_muon_resumes_exactly_sharded_or_not(data_dir):
     """optimizer=muon on two ranks: a run whose first half shards Muon's and AdamW's states (ZeRO-1) and whose second
     half resumes unsharded matches an uninterrupted unsharded run bit for bit, losses, weights and both optimizers'
-    states; a resume that asks for the other optimizer is refused in one line, the checkpoint untouched, while an
-    evaluation of it takes the checkpoint's optimizer."""
-    args = [*ARGS, "--gradient_accumulation_steps=2", "--dropout=0.1", "--optimizer=muon", "--eval_interval=1000"]
+    states, and spike skips (set to trip on noise); a resume that asks for the other optimizer is refused in one line,
+    the checkpoint untouched, while an evaluation of it takes the checkpoint's optimizer."""
+    args = [*ARGS, "--gradient_accumulation_steps=2", "--dropout=0.1", "--optimizer=muon", "--eval_interval=1000",
+            "--skip_spikes=1", "--spike_window=5"]  # spikes too: the ranks must skip alike, across the resume
     run_torchrun(data_dir, *args, "--max_iters=20", "--out_dir=straight")
     out = run_torchrun(data_dir, *args, "--max_iters=9", "--out_dir=split", "--shard_optimizer=True")
     assert "optimizer: Muon for the blocks' weight matrices, AdamW for the rest, its state sharded over the 2" \
@@ -166,6 +167,8 @@ def test_muon_resumes_exactly_sharded_or_not(data_dir):
     run_torchrun(data_dir, *args, "--max_iters=20", "--out_dir=split", "--init_from=resume")
     straight, split = train_losses(data_dir / "straight"), train_losses(data_dir / "split")
     assert sorted(split) == list(range(1, 21)) and all(straight[s] == split[s] for s in range(1, 21))
+    skips = [[r["step"] for r in log_records(data_dir / d) if r.get("skipped")] for d in ("straight", "split")]
+    assert skips[0] == skips[1] and skips[0]
     ends = [torch.load(data_dir / d / "ckpt.pt", weights_only=False) for d in ("straight", "split")]
     assert all(torch.equal(ends[0]["model"][k], ends[1]["model"][k]) for k in ends[0]["model"])
     for name, keys in (("muon", ("momentum_buffer",)), ("adamw", ("exp_avg", "exp_avg_sq"))):
