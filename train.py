@@ -627,6 +627,17 @@ class SpikeGuard:
         self.history = {name: list(state.get(name, []))[-self.window:] for name in self.history}
 
 
+def forget_gathered_state(optimizer):
+    """
+    ZeroRedundancyOptimizer keeps what consolidate_state_dict gathered on rank 0 (every rank's share: the whole
+    optimizer state, in CPU memory, 12.5 GB for GPT-2 1558M with AdamW) until the next consolidation. Once the
+    checkpoint's state dict holds it, that copy is only memory taken from rank 0 between saves: let it go.
+    """
+    for each in getattr(optimizer, "optimizers", {"": optimizer}).values():  # Muon's pair: each one's
+        if hasattr(each, "_all_state_dicts"):  # ZeRO's list (private; a later torch without it keeps its copy)
+            each._all_state_dicts = []
+
+
 def check_resume(checkpoint, cfg, data_meta, say):
     """Refuse to resume into a different model or dataset; report the settings that changed."""
     old = checkpoint.get("config") or {}
@@ -991,7 +1002,7 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
         nonlocal saved_step
         saved_step = step
         rngs = gather_to_master(rng_state(device), launch)
-        if sharded:  # every rank's share of AdamW's state, gathered on rank 0 in the format of an unsharded AdamW
+        if sharded:  # every rank's share of the optimizer state, gathered on rank 0 in the format of an unsharded one
             optimizer.consolidate_state_dict(to=0)
         if launch.is_master:
             # the previous checkpoint is complete before the next one is taken: one in memory at most. Its failure is
@@ -1006,6 +1017,8 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
                 "wandb_run_id": wandb_id, "tokens_seen": tokens_seen, "evaluated": last_eval == step,
                 "spikes": spikes.state_dict(),
             }
+            if sharded:
+                forget_gathered_state(optimizer)
             if writer.background:
                 state = snapshot(state)  # this step's weights, while the next steps update them in place
             writer.submit(write_checkpoint, state, reason)
