@@ -204,7 +204,8 @@ def run_train_bench(cfg, device, dtype, grad_accum, batch_explain, vocab_size, s
     result = {
         "bench": "train", "device": device_name(device), "torch": torch.__version__, "dtype": dtype,
         "compile": cfg.compile_mode if use_compile else False, "attention": cfg.attention,
-        "fused_loss": cfg.fused_loss, "recompute": cfg.recompute, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd,
+        "fused_loss": cfg.fused_loss, "recompute": cfg.recompute, "optimizer": cfg.optimizer, "n_layer": cfg.n_layer,
+        "n_embd": cfg.n_embd,
         "block_size": cfg.block_size, "batch_size": cfg.batch_size, "grad_accum": grad_accum,
         "params_M": round(model.get_num_params() / 1e6, 2),
         "ms_per_step": round(ms, 2), "tokens_per_sec": round(tokens_per_step / (ms / 1000)),
@@ -215,7 +216,7 @@ def run_train_bench(cfg, device, dtype, grad_accum, batch_explain, vocab_size, s
     }
     print(f"train: {batch_explain}; {result['params_M']}M parameters on {result['device']}, {dtype}, "
           f"compile {cfg.compile_mode if use_compile else 'off'}, fused loss {'on' if cfg.fused_loss else 'off'}"
-          f"{', recompute on' if cfg.recompute else ''}; "
+          f"{', recompute on' if cfg.recompute else ''}{', Muon' if cfg.optimizer == 'muon' else ''}; "
           f"{kernels_note}")
     print(f"  {ms:.1f} ms/step (median of {cfg.steps}) | {result['tokens_per_sec']:,} tokens/s | "
           f"mfu {f'{mfu:.1%}' if mfu else '-'} | peak memory "
