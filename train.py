@@ -1055,6 +1055,7 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
 
     def spiked(loss_sum, grad_norm):  # the values of the whole step: the loss's mean over ranks (one more all-reduce)
         return spikes.check({"loss": reduce_mean(loss_sum, launch).item(), "grad_norm": grad_norm.item()})
+
     exit_code = 0
     try:
         while True:
