@@ -141,7 +141,9 @@ def init_distributed(launch, device):
         # imported; DDP and torch.compile import it (through torch._dynamo) after the group exists, and that default
         # then keeps the group alive past destroy_process_group, its gloo threads until interpreter shutdown, where
         # one taking the interpreter lock aborts the process. Imported before there is a group, the default is None.
+        # ZeroRedundancyOptimizer's module (shard_optimizer) has such a function too (_broadcast_object).
         import torch.distributed.nn  # noqa: F401
+        import torch.distributed.optim.zero_redundancy_optimizer  # noqa: F401
         os.environ.setdefault("MASTER_ADDR", launch.master_addr or "localhost")
         os.environ.setdefault("MASTER_PORT", str(launch.master_port or 29500))
         backend = "nccl" if device_type == "cuda" else "gloo"

@@ -211,7 +211,11 @@ launch = Launch("torchrun", int(sys.argv[2]), int(sys.argv[2]), 2, "127.0.0.1", 
 init_distributed(launch, "cpu")
 model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
 model(torch.ones(1, 2)).sum().backward()
-del model
+from torch.distributed.optim import ZeroRedundancyOptimizer  # as train.py's shard_optimizer: after the group exists
+optimizer = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.SGD, lr=0.1)
+optimizer.step()
+optimizer.consolidate_state_dict(to=0)
+del model, optimizer
 cleanup_distributed()
 print(json.dumps(sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))))
 """
@@ -219,10 +223,11 @@ print(json.dumps(sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t i
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="lists threads through Linux's /proc")
 def test_cleanup_frees_the_process_group(tmp_path):
-    """After DDP, destroy_process_group must free the gloo group and stop its threads. Left alive (DDP imports
-    torch.distributed.nn, whose functions keep the group as a default argument), they are torn down during interpreter
-    shutdown, where a gloo thread taking the interpreter lock aborts the process ('terminate called without an active
-    exception', seen once at the end of a 2-rank Slurm job)."""
+    """After DDP and ZeRO, destroy_process_group must free the gloo group and stop its threads. Left alive (DDP
+    imports torch.distributed.nn, and shard_optimizer ZeroRedundancyOptimizer's module, whose functions keep the group
+    as a default argument), they are torn down during interpreter shutdown, where a gloo thread taking the interpreter
+    lock aborts the process ('terminate called without an active exception', seen at the end of a 2-rank Slurm job,
+    and of a sharded 2-rank run in CI)."""
     port = free_port()
     script = tmp_path / "cleanup.py"
     script.write_text(CLEANUP_SCRIPT)
