@@ -27,6 +27,17 @@ def data_dir(tmp_path, shakespeare_path):
     return tmp_path
 
 
+def train_here(capsys, *args):
+    """train.py's main in this process, from its command-line arguments, in the working directory (a test's
+    monkeypatch.chdir): what it printed. For tests of what a run does, without an interpreter start each (about 3 s);
+    the exact-resume tests run train.py itself, in fresh processes, as users do."""
+    import configurator
+    import train
+    capsys.readouterr()
+    train.main(*configurator.parse(train.TrainConfig, list(args)))
+    return capsys.readouterr().out
+
+
 def log_records(out_dir):
     with open(os.path.join(out_dir, "log.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -71,9 +82,7 @@ def test_epochs_resume_exactly_across_an_epoch(tmp_path, shakespeare_path):
 def test_a_spike_is_skipped_and_training_goes_on(data_dir, monkeypatch, capsys):
     """skip_spikes: a step whose loss jumps fourfold, once the window of 10 steps is full, is not applied (the
     optimizer steps max_iters times, over one more batch); the run goes on and logs why it skipped."""
-    import configurator
     import model as model_module
-    import train
 
     real_forward, real_step = model_module.GPT.forward, torch.optim.AdamW.step
     calls, steps = {"n": 0}, []
@@ -93,27 +102,24 @@ def test_a_spike_is_skipped_and_training_goes_on(data_dir, monkeypatch, capsys):
     monkeypatch.setattr(model_module.GPT, "forward", spiky_forward)
     monkeypatch.setattr(torch.optim.AdamW, "step", counted_step)
     monkeypatch.chdir(data_dir)
-    cfg, sources = configurator.parse(train.TrainConfig, [*ARGS, "--max_iters=30", "--eval_interval=100",
-                                                          "--skip_spikes=5", "--spike_window=10", "--out_dir=out"])
-    train.main(cfg, sources)
-    assert "step 14: a spike, loss " in capsys.readouterr().out
+    out = train_here(capsys, *ARGS, "--max_iters=30", "--eval_interval=100", "--skip_spikes=5", "--spike_window=10",
+                     "--out_dir=out")
+    assert "step 14: a spike, loss " in out
     skipped = [r for r in log_records(data_dir / "out") if r.get("skipped")]
     assert [r["step"] for r in skipped] == [14] and skipped[0]["spike"].startswith("loss ")
     assert calls["n"] == 31 and len(steps) == 30
     assert load_checkpoint(str(data_dir / "out"))["step"] == 30
 
 
-def test_spike_rule_and_exact_resume(data_dir, monkeypatch):
+def test_spike_rule_and_exact_resume(data_dir, monkeypatch, capsys):
     """skip_spikes set so low that ordinary noise trips it: each step's decision is the rule recomputed from log.jsonl
     (over the 5 steps before, skipped ones included), and a run stopped and resumed skips what the uninterrupted one
-    does, since the windows are in the checkpoint. (train.main in this process: no interpreter starts.)"""
-    import configurator
-    import train
+    does, since the windows are in the checkpoint. (In this process: what is tested is the rule and its state.)"""
     monkeypatch.chdir(data_dir)
     args = [*ARGS, "--skip_spikes=1", "--spike_window=5", "--eval_interval=1000"]
     for more in (["--max_iters=40", "--out_dir=straight"], ["--max_iters=17", "--out_dir=split"],
                  ["--max_iters=40", "--out_dir=split", "--init_from=resume"]):
-        train.main(*configurator.parse(train.TrainConfig, [*args, *more]))
+        train_here(capsys, *args, *more)
     records = [r for r in log_records(data_dir / "straight") if "grad_norm" in r]
     decisions = []
     for i, record in enumerate(records):
@@ -632,20 +638,20 @@ def test_wandb_offline_resumes_same_run(data_dir):
     assert torch.load(data_dir / "out/ckpt.pt", weights_only=False)["wandb_run_id"] in run_ids
 
 
-def test_resume_applies_changed_settings(data_dir):  # noqa: F811
+def test_resume_applies_changed_settings(data_dir, monkeypatch, capsys):  # noqa: F811
     """weight_decay, beta1 and beta2 changed on resume are listed and are what AdamW then uses (the optimizer state
     loaded from the checkpoint carries the old ones; the no-decay group keeps none). A float32 run resumes in float16
     (its checkpoint has no loss scale) and back. With always_save_checkpoint=False
     a checkpoint is written only when the val loss beats the best: a resume that evaluates other tokens (here another
     batch_size, so other random batches) does not compare with the old best, which may be out of reach of the new
     estimate; its first evaluation sets the best anew, and saves. Unchanged settings keep the best."""
+    monkeypatch.chdir(data_dir)
     args = [*ARGS, "--eval_interval=4", "--always_save_checkpoint=False", "--out_dir=out"]
-    run_script("train.py", *args, "--max_iters=4", "--weight_decay=0.1", "--beta2=0.95", cwd=data_dir)
-    same = run_script("train.py", *args, "--max_iters=4", "--init_from=auto", "--weight_decay=0.1", "--beta2=0.95",
-                      cwd=data_dir).stdout
+    train_here(capsys, *args, "--max_iters=4", "--weight_decay=0.1", "--beta2=0.95")
+    same = train_here(capsys, *args, "--max_iters=4", "--init_from=auto", "--weight_decay=0.1", "--beta2=0.95")
     assert "measured on other tokens" not in same and "changed settings" not in same
-    out = run_script("train.py", *args, "--max_iters=8", "--init_from=auto", "--batch_size=8", "--weight_decay=0.01",
-                     "--beta1=0.8", "--beta2=0.99", "--dtype=float16", cwd=data_dir).stdout  # float32's scaler was off
+    out = train_here(capsys, *args, "--max_iters=8", "--init_from=auto", "--batch_size=8", "--weight_decay=0.01",
+                     "--beta1=0.8", "--beta2=0.99", "--dtype=float16")  # float32's scaler was off
     assert "weight_decay 0.1 -> 0.01" in out and "beta2 0.95 -> 0.99" in out
     assert "note: the val loss is now measured on other tokens (batch_size 4 -> 8)" in out, out
     assert "saved checkpoint out/ckpt.pt at step 8 (val loss improved)" in out
@@ -655,7 +661,7 @@ def test_resume_applies_changed_settings(data_dir):  # noqa: F811
     assert checkpoint["scaler"]["scale"] > 0  # float16 trains with a loss scale, saved for the next resume
     val = [r["val_loss"] for r in log_records(data_dir / "out") if r.get("step") == 8 and "val_loss" in r]
     assert checkpoint["best_val_loss"] == pytest.approx(val[0])
-    with_tokens = run_script("train.py", *args, "--max_iters=8", "--init_from=auto", "--batch_size=8",
-                             "--weight_decay=0.01", "--beta1=0.8", "--beta2=0.99", "--eval_tokens=2000",
-                             cwd=data_dir).stdout  # nothing left to train: only the note
+    with_tokens = train_here(capsys, *args, "--max_iters=8", "--init_from=auto", "--batch_size=8",
+                             "--weight_decay=0.01", "--beta1=0.8", "--beta2=0.99",
+                             "--eval_tokens=2000")  # nothing left to train: only the note
     assert "measured on other tokens (eval_tokens 0 -> 2000)" in with_tokens

@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from checkpoint import save_checkpoint
 from conftest import REPO, run_script
 from model import GPT, GPTConfig
-from test_checkpoint import ARGS, data_dir, log_records  # noqa: F401 (a fixture)
+from test_checkpoint import ARGS, data_dir, log_records, train_here  # noqa: F401 (a fixture)
 
 
 def test_eval_passes_one_shape_same_loss(data_dir, monkeypatch, capsys):  # noqa: F811
@@ -292,12 +292,13 @@ def test_a_second_run_in_the_same_out_dir_is_refused(data_dir):  # noqa: F811
     assert "resumed from out/ckpt.pt" in out
 
 
-def test_tokens_seen_are_counted_across_a_batch_size_change(data_dir):  # noqa: F811
+def test_tokens_seen_are_counted_across_a_batch_size_change(data_dir, monkeypatch, capsys):  # noqa: F811
     """log.jsonl's tokens (the plot's x axis) after a resume with another batch size: counted on, not step x the new
     tokens per step (which went backwards)."""
+    monkeypatch.chdir(data_dir)
     args = [*ARGS, "--eval_interval=4", "--out_dir=out"]
-    run_script("train.py", *args, "--batch_size=8", "--max_iters=4", cwd=data_dir)
-    run_script("train.py", *args, "--batch_size=4", "--max_iters=8", "--init_from=resume", cwd=data_dir)
+    train_here(capsys, *args, "--batch_size=8", "--max_iters=4")
+    train_here(capsys, *args, "--batch_size=4", "--max_iters=8", "--init_from=resume")
     with open(data_dir / "out/log.jsonl") as f:
         tokens = {r["step"]: r["tokens"] for r in map(json.loads, f) if "loss" in r}
     assert tokens == {s: 8 * 32 * min(s, 4) + 4 * 32 * max(s - 4, 0) for s in range(1, 9)}
@@ -402,15 +403,16 @@ def test_optimizer_and_spike_settings_validated(monkeypatch):
         f"optimizer=muon needs torch.optim.Muon, from PyTorch 2.9 on (this is {torch.__version__})"]
 
 
-def test_init_from_a_checkpoint_starts_a_new_run_from_its_weights(data_dir):  # noqa: F811
+def test_init_from_a_checkpoint_starts_a_new_run_from_its_weights(data_dir, monkeypatch, capsys):  # noqa: F811
     """--init_from=<a checkpoint or its folder>: the weights of another run (its shape too), with a fresh optimizer,
     step count and schedule, in a new out_dir: its step-0 val loss is the one the old run logged for those weights.
     A longer context than the checkpoint's, or a dataset of another tokenizer, is refused before any training."""
-    run_script("train.py", *ARGS, "--max_iters=6", "--eval_interval=3", "--out_dir=pre", cwd=data_dir)
+    monkeypatch.chdir(data_dir)
+    train_here(capsys, *ARGS, "--max_iters=6", "--eval_interval=3", "--out_dir=pre")
     pre = {r["step"]: r["val_loss"] for r in log_records(data_dir / "pre") if "val_loss" in r}
     for source, steps in (("pre", 6), ("pre/ckpt_00000003.pt", 3)):
-        out = run_script("train.py", *ARGS, "--n_layer=3", "--max_iters=2", "--eval_interval=2",
-                         f"--init_from={source}", "--out_dir=fine", "--learning_rate=1e-4", cwd=data_dir).stdout
+        out = train_here(capsys, *ARGS, "--n_layer=3", "--max_iters=2", "--eval_interval=2", f"--init_from={source}",
+                         "--out_dir=fine", "--learning_rate=1e-4")
         assert f"initialised from the weights of {source} (its step {steps};" in out
         fine = [r for r in log_records(data_dir / "fine") if "val_loss" in r]
         assert [r["step"] for r in fine] == [0, 2] and fine[0]["val_loss"] == pytest.approx(pre[steps], abs=1e-6)
@@ -444,15 +446,12 @@ def test_save_interval_saves_between_evaluations(data_dir):  # noqa: F811
     assert losses[1] == {s: losses[0][s] for s in range(4, 8)}
 
 
-def test_one_batch_is_learned_by_heart(data_dir, monkeypatch):  # noqa: F811
+def test_one_batch_is_learned_by_heart(data_dir, monkeypatch, capsys):  # noqa: F811
     """data_order=one_batch, the debugging check: the same batch every step, so the training loss falls close to 0
     while the val loss, on other text, rises above where it began."""
-    import configurator
-    import train
     monkeypatch.chdir(data_dir)
-    train.main(*configurator.parse(train.TrainConfig, [
-        *ARGS, "--data_order=one_batch", "--max_iters=100", "--lr_decay_iters=100", "--learning_rate=1e-2",
-        "--min_lr=1e-3", "--warmup_iters=10", "--eval_interval=100", "--out_dir=out"]))
+    train_here(capsys, *ARGS, "--data_order=one_batch", "--max_iters=100", "--lr_decay_iters=100",
+               "--learning_rate=1e-2", "--min_lr=1e-3", "--warmup_iters=10", "--eval_interval=100", "--out_dir=out")
     records = log_records(data_dir / "out")
     losses = [r["loss"] for r in records if "loss" in r]
     val = [r["val_loss"] for r in records if "val_loss" in r]
