@@ -390,14 +390,13 @@ def test_bad_steps_skipped_then_stop(data_dir, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("ending", ["done", "stop", "error"])
-def test_model_is_gone_before_the_process_group(data_dir, monkeypatch, ending):
+def test_model_is_gone_before_the_process_group(data_dir, monkeypatch, capsys, ending):
     """train.main leaves the process group only once the model is freed, however the run ends: freed after the group,
     the DDP reducer destroys it while holding the interpreter lock, and a gloo rank can hang at exit (it did, after
     a preemption stop under srun: the stop path left the group before raising SystemExit). Checked in one process,
     where the same code runs without DDP, by whether the model still exists when cleanup is called."""
     import weakref
 
-    import configurator
     import model as model_module
     import train
 
@@ -418,12 +417,10 @@ def test_model_is_gone_before_the_process_group(data_dir, monkeypatch, ending):
                         lambda: alive_at_cleanup.append([m() is not None for m in models]))
     monkeypatch.chdir(data_dir)
     max_runtime = ["--max_runtime=0:00:00", "--max_iters=100000"] if ending == "stop" else ["--max_iters=3"]
-    cfg, sources = configurator.parse(train.TrainConfig, [*ARGS, *max_runtime, "--eval_interval=100000",
-                                                          "--out_dir=out"])
     expected = {"done": contextlib.nullcontext(), "stop": pytest.raises(SystemExit, match="3"),
                 "error": pytest.raises(RuntimeError, match="a failing step")}[ending]
     with expected:
-        train.main(cfg, sources)
+        train_here(capsys, *ARGS, *max_runtime, "--eval_interval=100000", "--out_dir=out")
     assert len(models) == 1 and alive_at_cleanup == [[False]]
 
 

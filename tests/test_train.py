@@ -23,17 +23,12 @@ def test_eval_passes_one_shape_same_loss(data_dir, monkeypatch, capsys):  # noqa
     """batch_size 4 and eval_iters 6: eval_batch_size 16 would allow 4 batches per pass, but 6 = 4 + 2 would end
     with a smaller pass (torch.compile would compile again), so passes take 3; the loss is the same either way.
     (train.main in this process: four eval_only runs without four interpreter starts.)"""
-    import configurator
-    import train
     monkeypatch.chdir(data_dir)
     val_loss = {}
     for eval_batch_size, passes in ((0, "6 passes of 4 sequences"), (16, "2 passes of 12 sequences"),
                                     (24, "1 pass of 24 sequences"), (32, "1 pass of 24 sequences")):
-        cfg, sources = configurator.parse(train.TrainConfig, [*ARGS, "--eval_iters=6",
-                                                              f"--eval_batch_size={eval_batch_size}",
-                                                              "--eval_only=True", f"--out_dir=out{eval_batch_size}"])
-        train.main(cfg, sources)
-        out = capsys.readouterr().out
+        out = train_here(capsys, *ARGS, "--eval_iters=6", f"--eval_batch_size={eval_batch_size}", "--eval_only=True",
+                         f"--out_dir=out{eval_batch_size}")
         assert f"evaluation: 6 batches per split, in {passes}" in out
         # a note says why 16 gives passes of 12 sequences, not 16 (32, one pass of all 24, needs none)
         assert ("allows 4 batches a pass, but only 3 divides eval_iters=6" in out) == (eval_batch_size == 16)
