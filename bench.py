@@ -36,6 +36,7 @@ class SampleBenchConfig:
     n_embd: int = 768
     block_size: int = 1024
     vocab_size: int = 50257
+    rope: bool = False  # rotary position embeddings instead of the learned position table (train.py's rope)
     prompt_tokens: int = 64  # prompt length
     new_tokens: int = 256  # tokens generated per sequence
     batch_sizes: str = "1,8"  # comma-separated batch sizes to measure
@@ -71,7 +72,7 @@ def bench_sample(cfg, sources):
     dtype = pick_dtype(cfg.dtype, device_type)
     torch.manual_seed(cfg.seed)
     model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                          vocab_size=cfg.vocab_size)).eval().to(device)
+                          vocab_size=cfg.vocab_size, rope=cfg.rope)).eval().to(device)
     autocast = torch.autocast(device_type=device_type, dtype=getattr(torch, dtype), enabled=(dtype != "float32"))
     name = torch.cuda.get_device_name(device) if device_type == "cuda" else f"{platform.processor() or 'cpu'}, " \
         f"{torch.get_num_threads()} threads"
@@ -163,7 +164,7 @@ def run_train_bench(cfg, device, dtype, grad_accum, batch_explain, vocab_size, s
     device_type = device.split(":")[0]
     torch.manual_seed(cfg.seed)
     model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                          bias=cfg.bias, vocab_size=vocab_size, dropout=cfg.dropout)).to(device)
+                          bias=cfg.bias, rope=cfg.rope, vocab_size=vocab_size, dropout=cfg.dropout)).to(device)
     model.fused_loss, model.recompute = cfg.fused_loss, cfg.recompute
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                            muon=cfg.optimizer == "muon")

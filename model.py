@@ -27,6 +27,10 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2; False is a bit better and faster
+    # rotary position embeddings (RoFormer, Su et al. 2021; as LLaMA and nanochat): queries and keys are rotated by
+    # their positions, so attention scores depend on the distance between tokens, instead of GPT-2's learned position
+    # table (wpe) added to the input. Not a GPT-2 any more: such a model cannot be exported to GPT2LMHeadModel
+    rope: bool = False
 
     @property
     def padded_vocab_size(self):
@@ -34,6 +38,21 @@ class GPTConfig:
         # as they are: padding a 65-character vocabulary to 128 would double the output layer, a measured 4% slower
         # step for the baby Shakespeare model on CPU (benchmarks/cpu_step_vs_nanogpt.py)
         return (self.vocab_size + 63) // 64 * 64 if self.vocab_size >= 1024 else self.vocab_size
+
+
+def rotary_tables(max_len, head_size, base=10000.0):
+    """cos and sin (max_len, head_size/2) of RoPE's angles: position m turns its i-th pair of dimensions by
+    m·base^(-2i/head_size), fast pairs for near tokens, slow ones for far (RoFormer, section 3.2)."""
+    inv_freq = base ** (-torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)  # (hs/2,)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)  # (max_len, hs/2)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate x (..., T, hs) pairwise: dimension i with i + hs/2 (the half-split pairing of GPT-NeoX and LLaMA), by
+    the angles whose cos and sin (..., T, hs/2) are given."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
 class CausalSelfAttention(nn.Module):
@@ -47,17 +66,21 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.dropout = config.dropout
 
-    def forward(self, x, cache=None, layer=0, mask=None):
+    def forward(self, x, cache=None, layer=0, mask=None, rotary=None):
         """
         Without a cache: causal attention over x. With a KVCache (decoding), this call's keys and values are stored
         in cache layer `layer` and the queries attend to every position stored so far, as `mask` (B, 1, T, S)
-        allows; mask None means every stored position is visible.
+        allows; mask None means every stored position is visible. rotary: RoPE's (cos, sin) for x's positions, each
+        (T, hs/2) or (B, T, hs/2), or None without RoPE.
         """
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if rotary is not None:  # keys are cached rotated: a key's rotation depends on its own position only
+            cos, sin = (t.to(q.dtype).unsqueeze(-3) for t in rotary)  # (1 or B, 1, T, hs/2): the same for each head
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is None:
             # flash / memory-efficient kernels on GPU; softmax(q k^T / sqrt(hs)) v with a causal mask everywhere
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
@@ -92,8 +115,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None, layer=0, mask=None):
-        x = x + self.attn(self.ln_1(x), cache, layer, mask)
+    def forward(self, x, cache=None, layer=0, mask=None, rotary=None):
+        x = x + self.attn(self.ln_1(x), cache, layer, mask, rotary)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -289,11 +312,17 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            **({} if config.rope else dict(wpe=nn.Embedding(config.block_size, config.n_embd))),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
+        if config.rope:  # computed, not learned: buffers outside the state dict, so checkpoints hold weights only
+            head_size = config.n_embd // config.n_head
+            assert head_size % 2 == 0, f"RoPE rotates pairs of dimensions: head size {head_size} must be even"
+            cos, sin = rotary_tables(config.block_size, head_size)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hs/2)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         # weight tying (Press & Wolf 2017, as GPT-2): the output layer reuses the token embedding matrix
         self.transformer.wte.weight = self.lm_head.weight
@@ -303,7 +332,8 @@ class GPT(nn.Module):
     def init_weights(self):
         """
         GPT-2's initialisation, every parameter:
-        - Linear weights and both embeddings: normal(0, 0.02); wte doubles as lm_head through tying.
+        - Linear weights and both embeddings: normal(0, 0.02); wte doubles as lm_head through tying. With rope there
+          is no position table (RoPE's angles are fixed buffers).
         - The two projections that write into the residual stream (attn.c_proj, mlp.c_proj): normal(0, 0.02/sqrt(2·n_layer)),
           so the residual stream's variance does not grow with depth (GPT-2 paper, section 2.3).
         - Linear biases: zero. LayerNorm: weight one, bias zero.
@@ -324,7 +354,7 @@ class GPT(nn.Module):
     def get_num_params(self, non_embedding=True):
         """Parameter count; by default without the position embedding (the token embedding counts, being lm_head too)."""
         n_params = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and not self.config.rope:
             n_params -= self.transformer.wpe.weight.numel()
         return n_params
 
@@ -346,13 +376,18 @@ class GPT(nn.Module):
         else:
             # positions stay below block_size because the cache holds at most block_size (see new_cache)
             pos, mask = cache.positions_and_mask(T)  # (B, T), (B, 1, T, S) or None
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if self.config.rope:
+            rotary = self.rope_cos[pos], self.rope_sin[pos]  # (T, hs/2) or (B, T, hs/2), for every layer
+        else:
+            rotary, x = None, x + self.transformer.wpe(pos)
+        x = self.transformer.drop(x)
         recompute = self.recompute and self.training and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.transformer.h):
             if recompute:
-                x = torch.utils.checkpoint.checkpoint(block, x, None, i, None, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, None, i, None, rotary, use_reentrant=False)
             else:
-                x = block(x, cache, i, mask)
+                x = block(x, cache, i, mask, rotary)
         if cache is not None:
             cache.advance(T)
         x = self.transformer.ln_f(x)
@@ -405,7 +440,10 @@ class GPT(nn.Module):
         """Shorten the context (e.g. to fine-tune GPT-2's 1024 at 256) by cropping the position table."""
         assert block_size <= self.config.block_size
         self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        if self.config.rope:
+            self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
+        else:
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, make=None, muon=False):
         """

@@ -91,6 +91,7 @@ class TrainConfig:
     n_embd: int = 768
     dropout: float = 0.0  # 0 for pretraining, try 0.1+ for fine-tuning
     bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2
+    rope: bool = False  # rotary position embeddings (as LLaMA, nanochat) instead of GPT-2's learned position table; such a model cannot be exported to Hugging Face GPT-2
     # optimizer
     optimizer: str = "adamw"  # 'adamw', or 'muon': Muon (torch.optim.Muon) for the blocks' weight matrices and AdamW for embeddings, gains and biases, at the same learning_rate and weight_decay (Muon's updates are scaled to AdamW's size)
     learning_rate: float = 6e-4  # peak learning rate
@@ -119,7 +120,7 @@ class TrainConfig:
 
 
 # what must match between a checkpoint and the run that resumes it; everything else may change (and is reported)
-SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "rope")
 LR_SCHEDULES = ("cosine", "linear", "wsd")
 DATA_ORDERS = {"random": "windows drawn at random, with replacement", "epochs": "each window once per epoch, shuffled",
                "one_batch": "one batch, the same every step: its loss should fall close to 0; a check, not training"}
@@ -134,6 +135,9 @@ def validate(cfg):
                                             "max_bad_steps"), 1)
     if cfg.n_head >= 1 and cfg.n_embd % cfg.n_head:
         problems.append(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
+    elif cfg.rope and cfg.n_head >= 1 and cfg.n_embd // cfg.n_head % 2:
+        problems.append(f"rope rotates pairs of dimensions: the head size n_embd/n_head={cfg.n_embd // cfg.n_head} "
+                        "must be even")
     if cfg.skip_spikes < 0:
         problems.append(f"skip_spikes={cfg.skip_spikes} must be 0 (off) or a number of standard deviations")
     if cfg.spike_window < 2:
@@ -866,14 +870,14 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
         fit_context(model, cfg.block_size, pretrained)
         at = start_from.get("step", start_from.get("iter_num"))  # iter_num: nanoGPT's
         say(f"initialised from the weights of {pretrained} ({f'its step {at}; ' if at is not None else ''}n_layer, "
-            "n_head, n_embd and bias come from it); the optimizer, the step count and the schedule start anew")
+            "n_head, n_embd, bias and rope come from it); the optimizer, the step count and the schedule start anew")
         start_from = None  # free the memory
     elif pretrained:
         model = load_hf_gpt2(pretrained, dropout=cfg.dropout, block_size=cfg.block_size)
-        say(f"initialised from {pretrained} (n_layer, n_head, n_embd and bias come from it)")
+        say(f"initialised from {pretrained} (n_layer, n_head, n_embd and bias come from it; GPT-2 has no rope)")
     else:
         model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                              bias=cfg.bias, vocab_size=data.meta["vocab_size"], dropout=cfg.dropout))
+                              bias=cfg.bias, rope=cfg.rope, vocab_size=data.meta["vocab_size"], dropout=cfg.dropout))
     model_args = dataclasses.asdict(model.config)
     model.fused_loss, model.recompute = cfg.fused_loss, cfg.recompute
     model.to(device)

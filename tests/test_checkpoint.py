@@ -218,6 +218,24 @@ def test_resume_refuses_other_model(data_dir):
     assert proc.returncode == 2 and "cannot resume" in proc.stderr and "n_layer: checkpoint 2, now 3" in proc.stderr
 
 
+def test_rope_model_trains_samples_and_resumes_only_as_rope(data_dir, monkeypatch, capsys):
+    """--rope=True: the run learns, its checkpoint says rope and has no position table, sample.py writes from it,
+    and a resume that leaves rope out is refused (the weights were trained for rotated queries and keys)."""
+    monkeypatch.chdir(data_dir)
+    train_here(capsys, *ARGS, "--rope=True", "--max_iters=30", "--eval_interval=30", "--learning_rate=1e-2",
+               "--out_dir=out")
+    evals = [r["val_loss"] for r in log_records("out") if "val_loss" in r]
+    assert len(evals) == 2 and evals[1] < evals[0] - 0.5, evals
+    checkpoint = load_checkpoint("out")
+    assert checkpoint["model_args"]["rope"] is True and not any("wpe" in k for k in checkpoint["model"])
+    sample = run_script("sample.py", "--out_dir=out", "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=40",
+                        "--device=cpu", cwd=data_dir)
+    assert sample.stdout.startswith("ROMEO:") and len(sample.stdout) > 40
+    proc = run_script("train.py", *ARGS, "--max_iters=40", "--out_dir=out", "--init_from=resume", cwd=data_dir,
+                      check=False)
+    assert proc.returncode == 2 and "rope: checkpoint True, now False" in proc.stderr
+
+
 def test_auto_resume(data_dir):
     out = run_script("train.py", *ARGS, "--max_iters=3", "--eval_interval=3", "--out_dir=out", "--init_from=auto",
                      cwd=data_dir)

@@ -12,9 +12,10 @@ from generate import Stop, beam_search, generate, next_token, top_k_filter, top_
 from model import GPT, GPTConfig
 
 
-def tiny(vocab_size=50, block_size=16, seed=0, sharp=False):
+def tiny(vocab_size=50, block_size=16, seed=0, sharp=False, rope=False):
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size, vocab_size=vocab_size)).eval()
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size, vocab_size=vocab_size,
+                          rope=rope)).eval()
     if sharp:  # a separate, larger output layer: peaked distributions that do not just repeat the last token
         model.lm_head.weight = torch.nn.Parameter(torch.randn(model.lm_head.weight.shape) * 0.5)
     return model
@@ -37,9 +38,10 @@ def log_prob(model, prompt, tokens):
     return logp.gather(1, torch.tensor(tokens)[:, None]).sum().item()
 
 
+@pytest.mark.parametrize("rope", [False, True])
 @pytest.mark.parametrize("static", [False, True])
-def test_cached_logits_match_full_forward(static):
-    model = tiny()
+def test_cached_logits_match_full_forward(static, rope):
+    model = tiny(rope=rope)
     idx = torch.randint(0, 50, (3, 12))
     full, _ = model(idx, all_logits=True)  # (3, 12, V): every position
     cache = model.new_cache(16, torch.zeros(3, dtype=torch.long), static=static)  # 4 positions never filled
@@ -75,7 +77,8 @@ def compile_count(monkeypatch):
     torch._dynamo.reset()
 
 
-def test_compiled_decoding_matches_eager_and_compiles_once_per_shape(compile_count):
+@pytest.mark.parametrize("rope", [False, True])
+def test_compiled_decoding_matches_eager_and_compiles_once_per_shape(compile_count, rope):
     """
     compile=True (static cache, one-token steps through torch.compile with fullgraph: no graph breaks) generates what
     the dynamic cache does, for padded batches, sampling, beam search and past block_size; each batch shape and cache
@@ -83,7 +86,7 @@ def test_compiled_decoding_matches_eager_and_compiles_once_per_shape(compile_cou
     call takes over the storage of the last call's static cache where its shape fits (so a CUDA graph recorded on it
     replays instead of recording again), cleared.
     """
-    model = tiny(block_size=64, sharp=True)
+    model = tiny(block_size=64, sharp=True, rope=rope)
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9]]  # left padding in the static cache
     eager = generate(model, prompts, 30, temperature=0)
     assert generate(model, prompts, 30, temperature=0, compile=True) == eager
@@ -124,8 +127,10 @@ def test_greedy_with_cache_equals_recomputation_over_block_boundary():
         assert generate(model, [prompt], 24, temperature=0, use_cache=False) == [expected]
 
 
-def test_batch_of_different_lengths_equals_each_prompt_alone():
-    model = tiny(block_size=16)
+@pytest.mark.parametrize("rope", [False, True])
+def test_batch_of_different_lengths_equals_each_prompt_alone(rope):
+    """Left padding: each row's positions (the learned table's, or RoPE's rotations) start at its first token."""
+    model = tiny(block_size=16, rope=rope)
     prompts = [[3], [4, 5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]  # left padding of 7, 0 and 5 positions
     together = generate(model, prompts, 30, temperature=0)
     assert together == [naive_greedy(model, p, 30) for p in prompts]

@@ -263,14 +263,8 @@ def test_export_refusals_leave_nothing_behind(tmp_path):
 
 
 def test_export_refuses_what_gpt2_cannot_express():
-    from dataclasses import dataclass
-
-    @dataclass
-    class FutureConfig(GPTConfig):
-        rotary: bool = False  # a stand-in for an architecture option GPT2Config has no field for
-
-    model = GPT(FutureConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20, rotary=True))
-    with pytest.raises(UserError, match="GPT-2 cannot express this model \\(rotary=True\\)"):
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20, rope=True))
+    with pytest.raises(UserError, match="GPT-2 cannot express this model \\(rope=True\\)"):
         save_hf_gpt2(model, GPT2_META, "never-written")
     assert not os.path.exists("never-written")
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from generate import generate
-from model import GPT, GPTConfig, peak_flops_for
+from model import GPT, GPTConfig, apply_rotary, peak_flops_for, rotary_tables
 
 
 def tiny(**overrides):
@@ -32,9 +32,10 @@ def test_shapes_and_padding():
     assert GPTConfig(vocab_size=50257).padded_vocab_size == 50304
 
 
-def test_causality():
+@pytest.mark.parametrize("rope", [False, True])
+def test_causality(rope):
     """Changing token t never changes the logits at positions before t."""
-    model = tiny().eval()
+    model = tiny(rope=rope).eval()
     idx = torch.randint(0, 50, (2, 16))
     logits, _ = model(idx, all_logits=True)
     for t in (0, 5, 15):
@@ -120,6 +121,45 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
         again.load_state_dict(state["adamw"])  # a plain AdamW checkpoint's
 
 
+def test_rotary_is_roformers_rotation_by_position():
+    """apply_rotary on rotary_tables' angles is RoFormer's rotation written with complex numbers: pair j of a head
+    (dimensions j and j + hs/2) as x_j + i·x_(j+hs/2), times e^(i·m·θ_j) at position m, θ_j = 10000^(-2j/hs). So
+    a query at position m and a key at n score as a function of m - n alone."""
+    hs, T = 8, 12
+    cos, sin = rotary_tables(T, hs)
+    x = torch.randn(3, T, hs, dtype=torch.float64)
+    theta = 10000.0 ** (-2 * torch.arange(hs // 2, dtype=torch.float64) / hs)
+    turn = torch.polar(torch.ones(T, hs // 2, dtype=torch.float64), torch.arange(T)[:, None] * theta)  # (T, hs/2)
+    z = torch.complex(x[..., :hs // 2], x[..., hs // 2:]) * turn
+    assert torch.allclose(apply_rotary(x.float(), cos, sin), torch.cat([z.real, z.imag], -1).float(), atol=1e-6)
+
+    q, k = torch.randn(hs), torch.randn(hs)
+
+    def score(m, n):
+        return (apply_rotary(q, cos[m], sin[m]) @ apply_rotary(k, cos[n], sin[n])).item()
+    assert score(5, 2) == pytest.approx(score(11, 8), abs=1e-5) and score(4, 4) == pytest.approx((q @ k).item())
+    assert score(5, 2) != pytest.approx(score(5, 3), abs=1e-3)
+
+
+def test_rope_model_has_no_position_table():
+    """rope=True: no learned position table and nothing new in the state dict (RoPE's angles are computed buffers),
+    so a checkpoint holds weights only and loads into a fresh model; every parameter counts as non-embedding; a
+    cropped context gives the uncropped model's logits for the positions it keeps."""
+    model = tiny(rope=True).eval()
+    assert set(model.state_dict()) == set(tiny().state_dict()) - {"transformer.wpe.weight"}
+    assert model.get_num_params() == model.get_num_params(non_embedding=False)
+    again = tiny(rope=True, vocab_size=50)
+    again.load_state_dict(model.state_dict())
+    idx = torch.randint(0, 50, (2, 16))
+    full, _ = model(idx, all_logits=True)
+    assert torch.equal(again.eval()(idx, all_logits=True)[0], full)
+    model.crop_block_size(8)
+    assert torch.allclose(model(idx[:, :8], all_logits=True)[0], full[:, :8], atol=1e-6)
+    assert model.rope_cos.shape == (8, 8)
+    with pytest.raises(AssertionError, match="must be even"):
+        tiny(rope=True, n_embd=30, n_head=2)  # head size 15
+
+
 def test_no_bias():
     names = [name for name, _ in tiny(bias=False).named_parameters()]
     assert names and not any(name.endswith("bias") for name in names)
@@ -186,11 +226,12 @@ def test_fused_loss_matches_logits_then_cross_entropy(vocab_size, monkeypatch):
         assert fused(idx, targets)[1].item() == pytest.approx(plain(idx, targets)[1].item(), rel=1e-3)
 
 
-def test_recompute_gives_the_same_gradients_and_keeps_less():
+@pytest.mark.parametrize("rope", [False, True])
+def test_recompute_gives_the_same_gradients_and_keeps_less(rope):
     """recompute=True (activation checkpointing): the same loss and gradients, bit for bit, dropout included (its
     random state is restored for the recomputation), and the forward pass keeps a fraction of what it keeps without
     (the bytes autograd saves for the backward pass)."""
-    config = GPTConfig(n_layer=4, n_head=4, n_embd=64, block_size=64, vocab_size=100, dropout=0.1)
+    config = GPTConfig(n_layer=4, n_head=4, n_embd=64, block_size=64, vocab_size=100, dropout=0.1, rope=rope)
     idx = torch.randint(0, 100, (4, 64), generator=torch.Generator().manual_seed(0))
     results = {}
     for recompute in (False, True):

@@ -398,6 +398,13 @@ def test_optimizer_and_spike_settings_validated(monkeypatch):
         f"optimizer=muon needs torch.optim.Muon, from PyTorch 2.9 on (this is {torch.__version__})"]
 
 
+def test_rope_needs_an_even_head_size():
+    from train import TrainConfig, validate
+    assert validate(TrainConfig(rope=True, n_embd=30, n_head=2)) == [
+        "rope rotates pairs of dimensions: the head size n_embd/n_head=15 must be even"]
+    assert validate(TrainConfig(rope=True)) == [] and validate(TrainConfig(n_embd=30, n_head=2)) == []
+
+
 def test_init_from_a_checkpoint_starts_a_new_run_from_its_weights(data_dir, monkeypatch, capsys):  # noqa: F811
     """--init_from=<a checkpoint or its folder>: the weights of another run (its shape too), with a fresh optimizer,
     step count and schedule, in a new out_dir: its step-0 val loss is the one the old run logged for those weights.
