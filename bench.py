@@ -23,7 +23,7 @@ import torch
 import configurator
 from distributed import Launch, fast_kernels, init_distributed, pick_device, pick_dtype
 from generate import generate
-from model import GPT, GPTConfig, peak_flops_for
+from model import GPT, GPTConfig, head_problems, peak_flops_for
 from tokendata import BatchSampler, Dataset, dataset_dir
 from train import (Prefetcher, TrainConfig, accumulate_gradients, micro_steps_per_rank, to_device,
                    validate as validate_train_config)
@@ -61,9 +61,7 @@ def validate_sample(cfg):
     if cfg.prompt_tokens < 1 or cfg.new_tokens < 1:
         problems.append("prompt_tokens and new_tokens must be at least 1")
     problems += configurator.too_small(cfg, ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"), 1)
-    if cfg.n_head >= 1 and cfg.n_embd % cfg.n_head:
-        problems.append(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
-    return problems
+    return problems + head_problems(cfg.n_embd, cfg.n_head, cfg.rope)
 
 
 def bench_sample(cfg, sources):

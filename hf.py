@@ -27,7 +27,7 @@ import shutil
 import torch
 
 from configurator import UserError
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, head_problems
 from tokendata import GPT2_META
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's four GPT-2s on the Hub
@@ -118,7 +118,7 @@ def config_from_hf(hf, where="config.json"):
     """The GPTConfig of a GPT2Config (as a dict); every feature GPT-2 allows but this GPT lacks is reported at once.
     Missing keys take GPT2Config's defaults."""
     n_embd, n_head = hf.get("n_embd", 768), hf.get("n_head", 12)
-    problems = [f"n_embd={n_embd} is not divisible by n_head={n_head}"] if n_embd % n_head else []
+    problems = head_problems(n_embd, n_head)
     if hf.get("model_type") != "gpt2":
         problems.append(f"model_type is {hf.get('model_type')!r}, not 'gpt2'")
     if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -243,13 +243,14 @@ def load_hf_gpt2(name_or_path, dropout=0.0, block_size=None):
 
 
 def fit_context(model, block_size, name):
-    """Crop a pretrained model's position table to a smaller block_size (GPT-2's 1024 is often more than fine-tuning
-    needs); a larger one is refused: those positions were never trained. `name` says where the weights came from."""
-    if block_size > model.config.block_size:
+    """Fit a pretrained model to this run's block_size: crop its position table to a smaller one (GPT-2's 1024 is
+    often more than fine-tuning needs); a larger one is refused, those positions were never trained, except for a
+    rope model, whose angles are computed for any length. `name` says where the weights came from."""
+    if block_size > model.config.block_size and not model.config.rope:
         raise UserError(f"block_size={block_size} exceeds {name}'s context of {model.config.block_size} tokens; use "
                         f"--block_size={model.config.block_size} or less")
-    if block_size < model.config.block_size:
-        model.crop_block_size(block_size)
+    if block_size != model.config.block_size:
+        model.set_block_size(block_size)
 
 
 def hf_tokenizer_meta(name_or_path):

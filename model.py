@@ -40,6 +40,18 @@ class GPTConfig:
         return (self.vocab_size + 63) // 64 * 64 if self.vocab_size >= 1024 else self.vocab_size
 
 
+def head_problems(n_embd, n_head, rope=False):
+    """What keeps n_embd split into n_head heads (rotated in pairs, with rope) from being a GPT, in words: for the
+    scripts' validate(), before any work."""
+    if n_head < 1:
+        return []  # reported as too small by the caller
+    if n_embd % n_head:
+        return [f"n_embd={n_embd} is not divisible by n_head={n_head}"]
+    if rope and n_embd // n_head % 2:
+        return [f"rope rotates pairs of dimensions: the head size n_embd/n_head={n_embd // n_head} must be even"]
+    return []
+
+
 def rotary_tables(max_len, head_size, base=10000.0):
     """cos and sin (max_len, head_size/2) of RoPE's angles: position m turns its i-th pair of dimensions by
     m·base^(-2i/head_size), fast pairs for near tokens, slow ones for far (RoFormer, section 3.2)."""
@@ -436,12 +448,15 @@ class GPT(nn.Module):
         assert max_len <= self.config.block_size
         return KVCache(self.config.n_layer, max_len, pad, static, spare)
 
-    def crop_block_size(self, block_size):
-        """Shorten the context (e.g. to fine-tune GPT-2's 1024 at 256) by cropping the position table."""
-        assert block_size <= self.config.block_size
+    def set_block_size(self, block_size):
+        """Change the longest context: crop the learned position table (e.g. to fine-tune GPT-2's 1024 at 256; it
+        cannot grow, those positions were never trained), or with rope compute the angles for any length, longer ones
+        included (RoPE has nothing learned per position; the model still has to learn to use a longer context)."""
+        assert self.config.rope or block_size <= self.config.block_size, "a learned position table cannot grow"
         self.config.block_size = block_size
         if self.config.rope:
-            self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
+            cos, sin = rotary_tables(block_size, self.config.n_embd // self.config.n_head)
+            self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
         else:
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 

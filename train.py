@@ -38,7 +38,7 @@ from distributed import (ATTENTION_CHOICES, DTYPES, all_reduce_sum, cleanup_dist
 from generate import TEMPERATURE, TOP_K, Stop, generate
 from hf import GPT2_NAMES, check_dataset_tokenizer, fit_context, load_hf_gpt2
 from inference import prompt_ids, read_prompt
-from model import GPT, GPTConfig, peak_flops_for
+from model import GPT, GPTConfig, head_problems, peak_flops_for
 from tokendata import SAMPLERS, BatchSampler, Dataset, EpochSampler, dataset_dir, first_tokens, window_batch, windows
 from tokenizer import tokenizer_from_meta
 
@@ -133,11 +133,7 @@ def validate(cfg):
     problems = configurator.too_small(cfg, ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "eval_interval",
                                             "eval_iters", "log_interval", "gradient_accumulation_steps",
                                             "max_bad_steps"), 1)
-    if cfg.n_head >= 1 and cfg.n_embd % cfg.n_head:
-        problems.append(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
-    elif cfg.rope and cfg.n_head >= 1 and cfg.n_embd // cfg.n_head % 2:
-        problems.append(f"rope rotates pairs of dimensions: the head size n_embd/n_head={cfg.n_embd // cfg.n_head} "
-                        "must be even")
+    problems += head_problems(cfg.n_embd, cfg.n_head, cfg.rope)
     if cfg.skip_spikes < 0:
         problems.append(f"skip_spikes={cfg.skip_spikes} must be 0 (off) or a number of standard deviations")
     if cfg.spike_window < 2:
@@ -867,7 +863,11 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
         model = model_from_checkpoint(checkpoint, dropout=cfg.dropout)
     elif start_from is not None:
         model = model_from_checkpoint(start_from, dropout=cfg.dropout)
+        trained_at = model.config.block_size
         fit_context(model, cfg.block_size, pretrained)
+        if cfg.block_size > trained_at:  # a rope model's
+            say(f"note: block_size={cfg.block_size} is longer than the {trained_at} tokens {pretrained} was trained "
+                "on: RoPE's angles reach the new positions, but using them well takes training at this length")
         at = start_from.get("step", start_from.get("iter_num"))  # iter_num: nanoGPT's
         say(f"initialised from the weights of {pretrained} ({f'its step {at}; ' if at is not None else ''}n_layer, "
             "n_head, n_embd, bias and rope come from it); the optimizer, the step count and the schedule start anew")

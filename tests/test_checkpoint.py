@@ -218,9 +218,10 @@ def test_resume_refuses_other_model(data_dir):
     assert proc.returncode == 2 and "cannot resume" in proc.stderr and "n_layer: checkpoint 2, now 3" in proc.stderr
 
 
-def test_rope_model_trains_samples_and_resumes_only_as_rope(data_dir, monkeypatch, capsys):
+def test_rope_model_trains_samples_resumes_and_grows_its_context(data_dir, monkeypatch, capsys):
     """--rope=True: the run learns, its checkpoint says rope and has no position table, sample.py writes from it,
-    and a resume that leaves rope out is refused (the weights were trained for rotated queries and keys)."""
+    a resume that leaves rope out is refused (the weights were trained for rotated queries and keys), and a new run
+    from its weights may take a longer context."""
     monkeypatch.chdir(data_dir)
     train_here(capsys, *ARGS, "--rope=True", "--max_iters=30", "--eval_interval=30", "--learning_rate=1e-2",
                "--out_dir=out")
@@ -234,6 +235,12 @@ def test_rope_model_trains_samples_and_resumes_only_as_rope(data_dir, monkeypatc
     proc = run_script("train.py", *ARGS, "--max_iters=40", "--out_dir=out", "--init_from=resume", cwd=data_dir,
                       check=False)
     assert proc.returncode == 2 and "rope: checkpoint True, now False" in proc.stderr
+    out = train_here(capsys, *ARGS, "--rope=True", "--block_size=64", "--max_iters=4", "--eval_interval=4",
+                     "--init_from=out", "--out_dir=long")  # twice the context: a learned table could not grow
+    assert "note: block_size=64 is longer than the 32 tokens out was trained on" in out
+    longer = [r["val_loss"] for r in log_records("long") if "val_loss" in r]
+    assert len(longer) == 2 and longer[0] < evals[0] - 0.5  # it starts from the trained weights
+    assert load_checkpoint("long")["model_args"]["block_size"] == 64
 
 
 def test_auto_resume(data_dir):

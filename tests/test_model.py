@@ -144,7 +144,7 @@ def test_rotary_is_roformers_rotation_by_position():
 def test_rope_model_has_no_position_table():
     """rope=True: no learned position table and nothing new in the state dict (RoPE's angles are computed buffers),
     so a checkpoint holds weights only and loads into a fresh model; every parameter counts as non-embedding; a
-    cropped context gives the uncropped model's logits for the positions it keeps."""
+    shorter or longer context gives the first model's logits for the positions they share."""
     model = tiny(rope=True).eval()
     assert set(model.state_dict()) == set(tiny().state_dict()) - {"transformer.wpe.weight"}
     assert model.get_num_params() == model.get_num_params(non_embedding=False)
@@ -153,9 +153,15 @@ def test_rope_model_has_no_position_table():
     idx = torch.randint(0, 50, (2, 16))
     full, _ = model(idx, all_logits=True)
     assert torch.equal(again.eval()(idx, all_logits=True)[0], full)
-    model.crop_block_size(8)
+    model.set_block_size(8)
     assert torch.allclose(model(idx[:, :8], all_logits=True)[0], full[:, :8], atol=1e-6)
     assert model.rope_cos.shape == (8, 8)
+    model.set_block_size(32)  # longer than it was built for: nothing learned per position, the angles are computed
+    longer = torch.randint(0, 50, (2, 32))
+    longer[:, :16] = idx
+    assert torch.allclose(model(longer, all_logits=True)[0][:, :16], full, atol=1e-6)
+    with pytest.raises(AssertionError, match="cannot grow"):
+        tiny().set_block_size(32)
     with pytest.raises(AssertionError, match="must be even"):
         tiny(rope=True, n_embd=30, n_head=2)  # head size 15
 
