@@ -222,6 +222,12 @@ def read_config(folder):
         raise UserError(f"{path} is not valid JSON ({e})") from None
 
 
+def pretrained_config(name_or_path):
+    """The GPTConfig of a Hugging Face GPT-2 (see load_hf_gpt2 for the names), from its config.json alone: the shape
+    of the model its weights make."""
+    return config_from_hf(read_config(resolve(name_or_path)), where=f"{name_or_path}/config.json")
+
+
 def load_hf_gpt2(name_or_path, dropout=0.0, block_size=None):
     """
     A GPT (float32, CPU) with the weights of a Hugging Face GPT-2: one of gpt2, gpt2-medium, gpt2-large, gpt2-xl
@@ -229,7 +235,7 @@ def load_hf_gpt2(name_or_path, dropout=0.0, block_size=None):
     a smaller block_size crops the position table (GPT-2's 1024 is often more than fine-tuning needs).
     """
     folder = resolve(name_or_path)
-    config = config_from_hf(read_config(folder), where=f"{name_or_path}/config.json")
+    config = pretrained_config(name_or_path)
     config.dropout = dropout
     state = from_hf_state_dict(read_weights(folder), config, where=f"{name_or_path}'s weights")
     model = GPT(config)

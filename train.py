@@ -36,7 +36,7 @@ from configurator import UserError
 from distributed import (ATTENTION_CHOICES, DTYPES, all_reduce_sum, cleanup_distributed, detect_launch,
                          fast_kernels, init_distributed, pick_device, pick_dtype)
 from generate import TEMPERATURE, TOP_K, Stop, generate
-from hf import GPT2_NAMES, check_dataset_tokenizer, fit_context, load_hf_gpt2
+from hf import GPT2_NAMES, check_dataset_tokenizer, fit_context, load_hf_gpt2, pretrained_config
 from inference import prompt_ids, read_prompt
 from model import GPT, GPTConfig, head_problems, peak_flops_for
 from tokendata import SAMPLERS, BatchSampler, Dataset, EpochSampler, dataset_dir, first_tokens, window_batch, windows
@@ -638,6 +638,29 @@ def forget_gathered_state(optimizer):
             each._all_state_dicts = []
 
 
+def shape_from_weights(cfg, sources, model_args, name, say):
+    """
+    A run on given weights (a new run from a checkpoint or GPT-2, or eval_only) has their model: the SHAPE_KEYS come
+    from model_args, so that the config this run saves says what it trains, and block_size too unless it is set (a
+    smaller one crops the context; a longer one takes rope: fit_context). A shape key set on the command line to
+    another value is refused, as a request for another model; one a config file sets (a recipe's from-scratch
+    shape) gives way, with a note.
+    """
+    shape = {k: model_args.get(k, GPTConfig.__dataclass_fields__[k].default) for k in SHAPE_KEYS}
+    fixed = [k for k in SHAPE_KEYS if k != "block_size" or k not in sources]
+    differ = [k for k in fixed if k in sources and getattr(cfg, k) != shape[k]]
+    asked = [f"--{k}={getattr(cfg, k)} ({name} has {shape[k]})" for k in differ if sources[k] == "command line"]
+    if asked:
+        raise UserError(f"{name}'s weights fix the model's shape: {', '.join(asked)}; leave "
+                        f"{'these settings' if len(asked) > 1 else 'it'} out, or train a model of that shape from "
+                        "scratch")
+    if differ:
+        say(f"note: the model's shape comes from {name}: " +
+            ", ".join(f"{k}={shape[k]!r}, not {getattr(cfg, k)!r} ({sources[k]})" for k in differ))
+    return (dataclasses.replace(cfg, **{k: shape[k] for k in fixed}),
+            {**sources, **{k: f"the weights of {name}" for k in fixed}})
+
+
 def check_resume(checkpoint, cfg, data_meta, say):
     """Refuse to resume into a different model or dataset; report the settings that changed."""
     old = checkpoint.get("config") or {}
@@ -797,7 +820,6 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
     max_runtime = parse_duration(cfg.max_runtime)
     device_type = device.split(":")[0]
     dtype = pick_dtype(cfg.dtype, device_type)
-    grad_accum, batch_explain = micro_steps_per_rank(cfg, launch.world_size)
     data = Dataset(dataset_dir(cfg.dataset, cfg.data_root))
     train_shards, val_shards = data.shards("train"), data.shards("val")
     meta = {k: data.meta.get(k) for k in ("tokenizer", "vocab_size", "eot_id")}
@@ -839,8 +861,14 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
         if (trained_on["tokenizer"], trained_on["vocab_size"]) != (data.meta["tokenizer"], data.meta["vocab_size"]):
             raise UserError(f"{pretrained} was trained on tokens of another tokenizer than this dataset's; prepare the "
                             "dataset with the checkpoint's tokenizer (the one of the dataset it was trained on)")
+        cfg, sources = shape_from_weights(cfg, sources, start_from["model_args"], pretrained, say)
     elif pretrained:
         check_dataset_tokenizer(pretrained, data.meta)  # before downloading the weights
+        cfg, sources = shape_from_weights(cfg, sources, dataclasses.asdict(pretrained_config(pretrained)), pretrained,
+                                          say)
+    elif checkpoint is not None and cfg.eval_only:  # it evaluates the checkpoint, whatever shape it has
+        cfg, sources = shape_from_weights(cfg, sources, checkpoint["model_args"], ckpt_path, say)
+    grad_accum, batch_explain = micro_steps_per_rank(cfg, launch.world_size)
 
     say(f"launch: {launch.mode}, {launch.world_size} process(es); device {device}, {dtype}; {kernels_note}")
     if tokenizer is None:
@@ -869,12 +897,12 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
             say(f"note: block_size={cfg.block_size} is longer than the {trained_at} tokens {pretrained} was trained "
                 "on: RoPE's angles reach the new positions, but using them well takes training at this length")
         at = start_from.get("step", start_from.get("iter_num"))  # iter_num: nanoGPT's
-        say(f"initialised from the weights of {pretrained} ({f'its step {at}; ' if at is not None else ''}n_layer, "
-            "n_head, n_embd, bias and rope come from it); the optimizer, the step count and the schedule start anew")
+        say(f"initialised from the weights of {pretrained}{f' (its step {at})' if at is not None else ''}; the "
+            "optimizer, the step count and the schedule start anew")
         start_from = None  # free the memory
     elif pretrained:
         model = load_hf_gpt2(pretrained, dropout=cfg.dropout, block_size=cfg.block_size)
-        say(f"initialised from {pretrained} (n_layer, n_head, n_embd and bias come from it; GPT-2 has no rope)")
+        say(f"initialised from {pretrained}")
     else:
         model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
                               bias=cfg.bias, rope=cfg.rope, vocab_size=data.meta["vocab_size"], dropout=cfg.dropout))

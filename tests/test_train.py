@@ -14,6 +14,7 @@ import torch
 from torch.nn import functional as F
 
 from checkpoint import save_checkpoint
+from configurator import UserError
 from conftest import REPO, run_script
 from model import GPT, GPTConfig
 from test_checkpoint import ARGS, data_dir, log_records, train_here  # noqa: F401 (a fixture)
@@ -152,7 +153,6 @@ def test_resume_survives_a_partial_last_log_line(tmp_path):
 def test_resume_into_another_dataset_folder_needs_the_same_tokenizer():
     """Data moved, or training continued on other text: another dataset folder resumes, reported as a changed
     setting; a different tokenizer is refused (the model's ids would mean other things)."""
-    from configurator import UserError
     from train import TrainConfig, check_resume
     char = {"type": "char", "chars": "ab", "eot": False}
     checkpoint = {"config": {"dataset": "shakespeare_char", "data_root": "data"}, "meta": {"tokenizer": char}}
@@ -182,7 +182,8 @@ def test_failed_plot_leaves_no_half_written_file(tmp_path, monkeypatch):
 def test_earlier_run_is_never_overwritten(data_dir):  # noqa: F811
     """A second run from scratch in the same out_dir is refused before it touches anything (its first save would
     replace ckpt.pt, and the older numbered checkpoints would outlive its own); --init_from=auto continues instead.
-    --eval_only writes nothing there: no second record of the step in log.jsonl, the losses as JSON on stdout."""
+    --eval_only writes nothing there: no second record of the step in log.jsonl, the losses as JSON on stdout; it
+    evaluates the checkpoint's model without its shape given again."""
     args = [*ARGS, "--max_iters=4", "--eval_interval=2", "--out_dir=out"]
     run_script("train.py", *args, cwd=data_dir)
     def files():  # train.lock names the last process to run there, refused or not
@@ -201,7 +202,8 @@ def test_earlier_run_is_never_overwritten(data_dir):  # noqa: F811
         assert "error: out holds the checkpoints of an earlier run: continue it with --init_from=auto" in proc.stderr
         assert unchanged()
 
-    proc = run_script("train.py", *args, "--init_from=resume", "--eval_only=True", cwd=data_dir)
+    shapeless = [a for a in args if not a.startswith(("--n_layer", "--n_head", "--n_embd", "--block_size"))]
+    proc = run_script("train.py", *shapeless, "--init_from=resume", "--eval_only=True", cwd=data_dir)  # its shape
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["step"] == 4 and unchanged()
     fresh = run_script("train.py", *args, "--eval_only=True", cwd=data_dir).stdout  # from scratch: it says so
@@ -405,25 +407,58 @@ def test_rope_needs_an_even_head_size():
     assert validate(TrainConfig(rope=True)) == [] and validate(TrainConfig(n_embd=30, n_head=2)) == []
 
 
+def test_shape_from_weights():
+    """What a run on given weights trains: their shape. A config file's shape gives way with a note, the command
+    line's is refused, block_size is kept where it is set (fit_context crops or refuses it), and a checkpoint of
+    before rope reads as rope=False."""
+    from train import TrainConfig, shape_from_weights
+    model_args = {"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 64, "bias": False, "vocab_size": 65}
+    recipe = {k: "config/x.py" for k in ("n_layer", "n_head", "block_size")}
+    notes = []
+    cfg, sources = shape_from_weights(TrainConfig(n_layer=6, n_head=4, block_size=256, rope=True),
+                                      {**recipe, "rope": "config/x.py"}, model_args, "pre", notes.append)
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.bias, cfg.rope) == (2, 4, 64, 256, False, False)
+    assert notes == ["note: the model's shape comes from pre: n_layer=2, not 6 (config/x.py), rope=False, not True "
+                     "(config/x.py)"]
+    assert sources["n_embd"] == "the weights of pre" and sources["block_size"] == "config/x.py"
+    assert shape_from_weights(TrainConfig(), {}, model_args, "pre", notes.append)[0].block_size == 64
+    with pytest.raises(UserError, match=r"pre's weights fix the model's shape: --n_embd=128 \(pre has 64\), "
+                                        r"--bias=True \(pre has False\); leave these settings out"):
+        shape_from_weights(TrainConfig(n_embd=128, bias=True), {"n_embd": "command line", "bias": "command line"},
+                           model_args, "pre", notes.append)
+
+
 def test_init_from_a_checkpoint_starts_a_new_run_from_its_weights(data_dir, monkeypatch, capsys):  # noqa: F811
     """--init_from=<a checkpoint or its folder>: the weights of another run (its shape too), with a fresh optimizer,
     step count and schedule, in a new out_dir: its step-0 val loss is the one the old run logged for those weights.
-    A longer context than the checkpoint's, or a dataset of another tokenizer, is refused before any training."""
+    A longer context than the checkpoint's, another shape asked for on the command line, or a dataset of another
+    tokenizer, is refused before any training."""
     monkeypatch.chdir(data_dir)
     train_here(capsys, *ARGS, "--max_iters=6", "--eval_interval=3", "--out_dir=pre")
     pre = {r["step"]: r["val_loss"] for r in log_records(data_dir / "pre") if "val_loss" in r}
     for source, steps in (("pre", 6), ("pre/ckpt_00000003.pt", 3)):
-        out = train_here(capsys, *ARGS, "--n_layer=3", "--max_iters=2", "--eval_interval=2", f"--init_from={source}",
+        out = train_here(capsys, *ARGS, "--max_iters=2", "--eval_interval=2", f"--init_from={source}",
                          "--out_dir=fine", "--learning_rate=1e-4")
-        assert f"initialised from the weights of {source} (its step {steps};" in out
+        assert f"initialised from the weights of {source} (its step {steps});" in out
         fine = [r for r in log_records(data_dir / "fine") if "val_loss" in r]
         assert [r["step"] for r in fine] == [0, 2] and fine[0]["val_loss"] == pytest.approx(pre[steps], abs=1e-6)
-        assert torch.load(data_dir / "fine/ckpt.pt", weights_only=False)["model_args"]["n_layer"] == 2
         shutil.rmtree(data_dir / "fine")
+    # the shape comes from the weights, block_size too when not given, and the new run's config says so: resuming
+    # it with that shape works (its config once kept the defaults, 12 layers, and refused the true ones)
+    short = [a for a in ARGS if not a.startswith(("--n_layer", "--n_head", "--n_embd", "--block_size"))]
+    train_here(capsys, *short, "--max_iters=2", "--eval_interval=2", "--init_from=pre", "--out_dir=fine")
+    saved = torch.load(data_dir / "fine/ckpt.pt", weights_only=False)
+    assert {k: saved["config"][k] for k in ("n_layer", "n_embd", "block_size")} == {"n_layer": 2, "n_embd": 32,
+                                                                                   "block_size": 32}
+    assert "resumed from fine/ckpt.pt at step 2" in train_here(capsys, *ARGS, "--max_iters=4", "--out_dir=fine",
+                                                                "--init_from=resume")
 
     proc = run_script("train.py", *ARGS, "--block_size=64", "--max_iters=2", "--init_from=pre", "--out_dir=long",
                       cwd=data_dir, check=False)
     assert proc.returncode == 2 and "block_size=64 exceeds pre's context of 32 tokens" in proc.stderr
+    proc = run_script("train.py", *ARGS, "--n_layer=3", "--max_iters=2", "--init_from=pre", "--out_dir=deeper",
+                      cwd=data_dir, check=False)
+    assert proc.returncode == 2 and "pre's weights fix the model's shape: --n_layer=3 (pre has 2)" in proc.stderr
     (data_dir / "digits.txt").write_text("0123456789 \n" * 2000)
     run_script("prepare.py", "digits", "--source=digits.txt", "--tokenizer=char", cwd=data_dir)
     proc = run_script("train.py", *ARGS, "--dataset=digits", "--max_iters=2", "--init_from=pre", "--out_dir=out_digits",
