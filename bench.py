@@ -74,8 +74,9 @@ def bench_sample(cfg, sources):
     autocast = torch.autocast(device_type=device_type, dtype=getattr(torch, dtype), enabled=(dtype != "float32"))
     name = torch.cuda.get_device_name(device) if device_type == "cuda" else f"{platform.processor() or 'cpu'}, " \
         f"{torch.get_num_threads()} threads"
-    print(f"{model.get_num_params() / 1e6:.3g}M-parameter GPT, {cfg.prompt_tokens}-token prompt, {cfg.new_tokens} new "
-          f"tokens, greedy; {device} ({name}), {dtype}, torch {torch.__version__}")
+    print(f"{model.get_num_params() / 1e6:.3g}M-parameter GPT{' with rope' if cfg.rope else ''}, "
+          f"{cfg.prompt_tokens}-token prompt, {cfg.new_tokens} new tokens, greedy; {device} ({name}), {dtype}, "
+          f"torch {torch.__version__}")
 
     def timed(prompts, n, **how):
         if device_type == "cuda":
@@ -114,7 +115,7 @@ def bench_sample(cfg, sources):
               f"without {row['no_cache_tokens_per_s']:9,.1f} tokens/s ({row['no_cache_seconds']:.1f} s) | "
               f"{row['speedup']:.1f}x | {compiled}same tokens: {'yes' if row['same_tokens'] else 'no'}", flush=True)
     print(json.dumps({"bench": "sample", "device": device, "device_name": name, "dtype": dtype,
-                      "torch": torch.__version__, "prompt_tokens": cfg.prompt_tokens, "new_tokens": cfg.new_tokens,
+                      "torch": torch.__version__, "rope": cfg.rope, "prompt_tokens": cfg.prompt_tokens, "new_tokens": cfg.new_tokens,
                       "rows": rows}))
 
 
@@ -203,8 +204,8 @@ def run_train_bench(cfg, device, dtype, grad_accum, batch_explain, vocab_size, s
     result = {
         "bench": "train", "device": device_name(device), "torch": torch.__version__, "dtype": dtype,
         "compile": cfg.compile_mode if use_compile else False, "attention": cfg.attention,
-        "fused_loss": cfg.fused_loss, "recompute": cfg.recompute, "optimizer": cfg.optimizer, "n_layer": cfg.n_layer,
-        "n_embd": cfg.n_embd, "block_size": cfg.block_size, "batch_size": cfg.batch_size, "grad_accum": grad_accum,
+        "fused_loss": cfg.fused_loss, "recompute": cfg.recompute, "optimizer": cfg.optimizer, "rope": cfg.rope,
+        "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "block_size": cfg.block_size, "batch_size": cfg.batch_size, "grad_accum": grad_accum,
         "params_M": round(model.get_num_params() / 1e6, 2),
         "ms_per_step": round(ms, 2), "tokens_per_sec": round(tokens_per_step / (ms / 1000)),
         "ms_per_step_back_to_back": round(ms_back_to_back, 2),
@@ -214,7 +215,8 @@ def run_train_bench(cfg, device, dtype, grad_accum, batch_explain, vocab_size, s
     }
     print(f"train: {batch_explain}; {result['params_M']}M parameters on {result['device']}, {dtype}, "
           f"compile {cfg.compile_mode if use_compile else 'off'}, fused loss {'on' if cfg.fused_loss else 'off'}"
-          f"{', recompute on' if cfg.recompute else ''}{', Muon' if cfg.optimizer == 'muon' else ''}; "
+          f"{', recompute on' if cfg.recompute else ''}{', Muon' if cfg.optimizer == 'muon' else ''}"
+          f"{', rope' if cfg.rope else ''}; "
           f"{kernels_note}")
     print(f"  {ms:.1f} ms/step (median of {cfg.steps}) | {result['tokens_per_sec']:,} tokens/s | "
           f"mfu {f'{mfu:.1%}' if mfu else '-'} | peak memory "

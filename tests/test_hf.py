@@ -339,6 +339,7 @@ def test_train_finetunes_from_hf_folder(tmp_path, shakespeare_path):
     assert "initialised from hf-tiny" in out.stdout
     ckpt = torch.load(tmp_path / "out/ckpt.pt", weights_only=False)
     assert ckpt["model_args"]["n_layer"] == 2 and ckpt["model_args"]["block_size"] == 32
+    assert (ckpt["config"]["n_layer"], ckpt["config"]["n_embd"]) == (2, 32)  # the shape trained, not the defaults
     start = hf_model.state_dict()["transformer.h.0.mlp.c_fc.weight"].t()
     moved = (ckpt["model"]["transformer.h.0.mlp.c_fc.weight"] - start).abs().max().item()
     assert 0 < moved < 0.05  # fine-tuned from the imported weights, not trained from a fresh init
