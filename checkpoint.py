@@ -227,6 +227,12 @@ class Writer:
                 self._pool.shutdown()
 
 
+def is_checkpoint(path):
+    """Whether an --init_from names one of this toolkit's checkpoints (a .pt file, or a run's folder holding ckpt.pt)
+    rather than Hugging Face GPT-2 weights."""
+    return path.endswith(".pt") or os.path.isfile(os.path.join(path, "ckpt.pt"))
+
+
 def load_checkpoint(path, map_location="cpu"):
     """
     Read a checkpoint written by save_checkpoint (or an older nanoGPT ckpt.pt) from a file or an out_dir. A truncated

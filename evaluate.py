@@ -43,7 +43,7 @@ from tokendata import Dataset, dataset_dir, first_tokens, window_batch, windows
 
 @dataclass
 class EvalConfig:
-    init_from: str = "resume"  # 'resume' (out_dir's checkpoint), or gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a Hugging Face GPT-2 folder
+    init_from: str = "resume"  # 'resume' (out_dir's checkpoint), another checkpoint (a .pt file, or a run's folder holding ckpt.pt), or gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a Hugging Face GPT-2 folder
     out_dir: str = "out"  # the folder holding ckpt.pt
     task: str = "perplexity"  # 'perplexity', 'hellaswag' or 'val_loss'
     text: str = ""  # perplexity: a UTF-8 text file to score

@@ -5,7 +5,7 @@ Both use the plain, uncompiled model: generation and evaluation change shapes at
 make torch.compile recompile again and again for no gain.
 """
 
-from checkpoint import checkpoint_meta, load_checkpoint, model_from_checkpoint
+from checkpoint import checkpoint_meta, is_checkpoint, load_checkpoint, model_from_checkpoint
 from configurator import UserError
 from tokenizer import tokenizer_from_meta
 
@@ -13,12 +13,14 @@ from tokenizer import tokenizer_from_meta
 def load_model(init_from, out_dir, device):
     """
     (model in eval mode on `device`, tokenizer, the training config dict or None) for init_from 'resume' (the
-    checkpoint in out_dir) or GPT-2 weights (gpt2, gpt2-medium, gpt2-large, gpt2-xl or a local Hugging Face folder).
+    checkpoint in out_dir), another checkpoint (a .pt file, or a run's folder holding ckpt.pt, as train.py takes), or
+    GPT-2 weights (gpt2, gpt2-medium, gpt2-large, gpt2-xl or a local Hugging Face folder).
     """
-    if init_from == "resume":
-        checkpoint = load_checkpoint(out_dir)
+    if init_from == "resume" or is_checkpoint(init_from):
+        where = out_dir if init_from == "resume" else init_from
+        checkpoint = load_checkpoint(where)
         model = model_from_checkpoint(checkpoint, dropout=0.0)
-        meta, train_config = checkpoint_meta(checkpoint, out_dir), checkpoint.get("config")
+        meta, train_config = checkpoint_meta(checkpoint, where), checkpoint.get("config")
     else:
         model, meta = load_gpt2(init_from)
         train_config = None

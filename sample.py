@@ -27,7 +27,7 @@ from inference import load_model, prompt_ids, read_prompt
 
 @dataclass
 class SampleConfig:
-    init_from: str = "resume"  # 'resume' (out_dir's checkpoint), or gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a Hugging Face GPT-2 folder
+    init_from: str = "resume"  # 'resume' (out_dir's checkpoint), another checkpoint (a .pt file, or a run's folder holding ckpt.pt), or gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a Hugging Face GPT-2 folder
     out_dir: str = "out"  # the folder holding ckpt.pt
     start: str = "\n"  # the prompt, or FILE:path to read it from a file
     num_samples: int = 3  # samples, generated as one batch (with beam search: the best hypotheses)

@@ -30,8 +30,8 @@ import torch.distributed
 
 import configurator
 import hellaswag
-from checkpoint import (Writer, checkpoint_meta, load_checkpoint, model_from_checkpoint, save_training_checkpoint,
-                        snapshot, step_checkpoints)
+from checkpoint import (Writer, checkpoint_meta, is_checkpoint, load_checkpoint, model_from_checkpoint,
+                        save_training_checkpoint, snapshot, step_checkpoints)
 from configurator import UserError
 from distributed import (ATTENTION_CHOICES, DTYPES, all_reduce_sum, cleanup_distributed, detect_launch,
                          fast_kernels, init_distributed, pick_device, pick_dtype)
@@ -855,7 +855,7 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
                         f"evaluate it, or train on from its weights in another --out_dir with --init_from={ckpt_path}")
     pretrained = pretrained_name(cfg)
     start_from = None  # a checkpoint of this toolkit whose weights, and nothing else, this run starts from
-    if pretrained and (pretrained.endswith(".pt") or os.path.isfile(os.path.join(pretrained, "ckpt.pt"))):
+    if pretrained and is_checkpoint(pretrained):
         start_from = load_checkpoint(pretrained)
         trained_on = checkpoint_meta(start_from, pretrained)
         if (trained_on["tokenizer"], trained_on["vocab_size"]) != (data.meta["tokenizer"], data.meta["vocab_size"]):

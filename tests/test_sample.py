@@ -75,6 +75,11 @@ def test_seed_reproduces_and_beams(out_dir, tmp_path):
                    "--stop=[\"\\n\\n\", 1]")
     texts = samples_of(beams.stdout)
     assert len(texts) == 2 and texts[0] != texts[1] and all(t.startswith("A") for t in texts)
+    # the checkpoint named as train.py's --init_from takes it, its folder or its file, from anywhere
+    for init_from in ("out", "out/ckpt.pt"):
+        named = run_script("sample.py", f"--init_from={init_from}", "--out_dir=elsewhere", "--device=cpu", *args,
+                           "--seed=5", cwd=out_dir)
+        assert named.stdout.replace(init_from, "out") == first.stdout
 
 
 def test_compiled_decoding_gives_the_same_text(out_dir):
