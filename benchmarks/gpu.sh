@@ -21,7 +21,7 @@ if [[ "$other" == *.patch ]]; then  # an experiment: this tree's code with the p
     other="$tree/train.py"
 fi
 OPT_IN="baby_short baby_short_eval500 baby_eval_tokens100 baby_b128"  # only when named
-OPT_IN+=" gpt2_b32_cdt gpt2_b32_autotune gpt2_b32_recompute baby_muon gpt2_b32_muon"
+OPT_IN+=" gpt2_b32_cdt gpt2_b32_autotune gpt2_b32_recompute baby_muon gpt2_b32_muon baby_rope"
 run() {  # name, command...
     local name=$1; shift
     if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
@@ -58,6 +58,10 @@ run baby_b128 $py benchmarks/time_to_loss.py --target=1.47 --runs=2 "${fast[@]}"
 # Muon (changes the optimizer, so opt-in): on the CPU quickstart it reached AdamW's 2,000-step val loss in under
 # 1,250 steps (README), so a shorter schedule
 run baby_muon $py benchmarks/time_to_loss.py --target=1.47 --runs=2 "${fast[@]}" "${exact[@]}" --optimizer=muon \
+    --max_iters=1500 --lr_decay_iters=1500 --eval_interval=100
+# RoPE (changes the model, so opt-in): on the CPU quickstart it passed the learned table's 2,000-step val loss
+# between steps 1,000 and 1,250 (README), at about 6% more per step; the same shorter schedule as Muon's
+run baby_rope $py benchmarks/time_to_loss.py --target=1.47 --runs=2 "${fast[@]}" "${exact[@]}" --rope=True \
     --max_iters=1500 --lr_decay_iters=1500 --eval_interval=100
 run baby_profile $py bench.py train config/train_shakespeare_char.py --compile_mode=reduce-overhead --profile=True
 gpt2=(config/gpt2_124m.py --total_batch_size=0 --gradient_accumulation_steps=1 --steps=20 --warmup=5)
