@@ -981,7 +981,9 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
         model = torch.compile(model, mode=cfg.compile_mode)
     if launch.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[launch.local_rank] if device_type == "cuda" else None)
+        # broadcast_buffers off: the model's only buffers are rope's angles, computed alike on every rank, which DDP
+        # would otherwise send from rank 0 before every forward pass
+        model = DDP(model, device_ids=[launch.local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
 
     def batch_to_device(x, y):
         return to_device(x, y, device)

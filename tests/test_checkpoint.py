@@ -138,8 +138,10 @@ def test_spike_rule_and_exact_resume(data_dir, monkeypatch, capsys):
 def test_exact_resume_two_ranks(data_dir):
     """Two ranks, stopped and resumed: the same losses bit for bit, and the same final weights and AdamW state.
     The resumed half shards AdamW's state over the ranks (--shard_optimizer, ZeRO-1): it loads the unsharded
-    checkpoint, takes the same steps, and gathers a whole optimizer state into its own final checkpoint."""
-    args = [*ARGS, "--gradient_accumulation_steps=2", "--dropout=0.1"]  # dropout: each rank's RNG must be restored
+    checkpoint, takes the same steps, and gathers a whole optimizer state into its own final checkpoint. With rope,
+    whose angles (buffers) DDP does not broadcast: every rank computes them alike."""
+    args = [*ARGS, "--gradient_accumulation_steps=2", "--dropout=0.1",  # dropout: each rank's RNG must be restored
+            "--rope=True"]
     run_torchrun(data_dir, *args, "--max_iters=30", "--eval_interval=1000", "--out_dir=straight")
     run_torchrun(data_dir, *args, "--max_iters=13", "--eval_interval=1000", "--out_dir=split")
     out = run_torchrun(data_dir, *args, "--max_iters=30", "--eval_interval=1000", "--out_dir=split",
