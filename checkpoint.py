@@ -111,11 +111,12 @@ def step_checkpoints(out_dir):
     return sorted(found)
 
 
-def save_training_checkpoint(out_dir, checkpoint, step, keep_last_n, keep_every):
+def save_training_checkpoint(out_dir, checkpoint, step, keep_last_n, keep_every=()):
     """
     Save `checkpoint` as out_dir/ckpt.pt (always the latest complete one) and as ckpt_<step>.pt (a hard link: no
     extra space). Numbered checkpoints beyond the newest `keep_last_n` are deleted, except milestones whose step is a
-    multiple of `keep_every`, which are kept for good.
+    multiple of one of the intervals in `keep_every` (every keep_every the run has had: a resume that drops or
+    changes it never deletes the milestones kept before), which are kept for good.
     """
     latest = os.path.join(out_dir, "ckpt.pt")
     save_checkpoint(latest, checkpoint)
@@ -128,7 +129,7 @@ def save_training_checkpoint(out_dir, checkpoint, step, keep_last_n, keep_every)
     os.replace(tmp, numbered)
     numbered_all = step_checkpoints(out_dir)
     for s, path in numbered_all[:max(len(numbered_all) - keep_last_n, 0)]:
-        if not (keep_every and s % keep_every == 0):
+        if not any(s % every == 0 for every in keep_every if every):
             os.remove(path)
 
 

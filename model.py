@@ -1,5 +1,5 @@
 """
-The GPT language model, GPT-2 architecture, in plain PyTorch; every script shares it.
+The GPT language model, GPT-2 architecture (rotary positions optional), in plain PyTorch; every script shares it.
 
 Module names follow Hugging Face / OpenAI GPT-2 (wte, wpe, h, ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc,
 mlp.c_proj, ln_f, lm_head), so loading GPT-2 weights is a key-for-key copy (with the Conv1D transposes).

@@ -929,6 +929,7 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
     autocast = torch.autocast(device_type=device_type, dtype=getattr(torch, dtype), enabled=(dtype != "float32"))
 
     step, best_val_loss, wandb_id, tokens_seen = 0, float("inf"), None, 0
+    keep_every = [cfg.keep_every] if cfg.keep_every else []  # every keep_every the run has had: their milestones stay
     spikes = SpikeGuard(cfg.skip_spikes, cfg.spike_window)
     sampler = SAMPLERS[cfg.data_order](train_shards, cfg.block_size, cfg.batch_size, seed=[cfg.seed, 0],
                                        rank=launch.rank, world_size=launch.world_size)
@@ -947,6 +948,11 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
                                      launch.world_size)
         wandb_id = checkpoint.get("wandb_run_id")
         spikes.load_state_dict(checkpoint.get("spikes") or {})
+        before = set(checkpoint.get("keep_every", [(checkpoint.get("config") or {}).get("keep_every", 0)])) - {0}
+        if before - {cfg.keep_every}:
+            say(f"note: the milestones kept for good so far (steps that are multiples of "
+                f"{', '.join(map(str, sorted(before)))}) stay kept; delete them by hand to let them go")
+        keep_every = sorted(before | {cfg.keep_every} - {0})
         if ("epoch" in checkpoint["sampler"]) == (cfg.data_order == "epochs"):
             sampler.load_state_dict(checkpoint["sampler"])  # the same on every rank: they draw one global batch
         else:
@@ -981,9 +987,11 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
         model = torch.compile(model, mode=cfg.compile_mode)
     if launch.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        # broadcast_buffers off: the model's only buffers are rope's angles, computed alike on every rank, which DDP
-        # would otherwise send from rank 0 before every forward pass
-        model = DDP(model, device_ids=[launch.local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
+        model = DDP(model, device_ids=[launch.local_rank] if device_type == "cuda" else None)
+        # the model's only buffers are rope's angles, computed alike on every rank, which DDP would otherwise send
+        # from rank 0 before every forward pass; set after construction, the one spelling torch 2.4 to 2.13 all take
+        # without a warning (2.13 deprecates the argument for forward_sync_buffers, which older ones lack)
+        model.broadcast_buffers = False
 
     def batch_to_device(x, y):
         return to_device(x, y, device)
@@ -1049,7 +1057,7 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
                 "model_args": model_args, "step": step, "best_val_loss": best_val_loss,
                 "config": dataclasses.asdict(cfg), "meta": meta, "sampler": sampler_state, "rng": rngs,
                 "wandb_run_id": wandb_id, "tokens_seen": tokens_seen, "evaluated": last_eval == step,
-                "spikes": spikes.state_dict(),
+                "spikes": spikes.state_dict(), "keep_every": keep_every,
             }
             if sharded:
                 forget_gathered_state(optimizer)
@@ -1059,7 +1067,7 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
 
     def write_checkpoint(state, reason):
         try:
-            save_training_checkpoint(cfg.out_dir, state, state["step"], cfg.keep_last_n, cfg.keep_every)
+            save_training_checkpoint(cfg.out_dir, state, state["step"], cfg.keep_last_n, state["keep_every"])
         except (OSError, RuntimeError) as e:
             # torch.save's zip writer reports a full disk as "[enforce fail at inline_container.cc:...] unexpected
             # pos" (or "PytorchStreamWriter failed writing"); any other RuntimeError is a real error, with its trace

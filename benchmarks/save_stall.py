@@ -65,7 +65,7 @@ def main():
         plot_losses(log_path, png_path)  # matplotlib's import, once, outside the timings
 
         def save(st, writer, step):
-            writer.submit(save_training_checkpoint, out_dir, st | {"step": step}, step, 2, 0)
+            writer.submit(save_training_checkpoint, out_dir, st | {"step": step}, step, 2)
             writer.submit(plot_losses, log_path, png_path)
 
         results = {"in the loop": [], "writer thread": [], "write": [], "alone": [], "during": []}

@@ -12,7 +12,8 @@ import time
 import pytest
 import torch
 
-from checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_training_checkpoint, snapshot
+from checkpoint import (CheckpointError, load_checkpoint, save_checkpoint, save_training_checkpoint, snapshot,
+                        step_checkpoints)
 from conftest import REPO, free_port, run_script
 from test_distributed import run_torchrun, train_losses
 
@@ -286,15 +287,28 @@ def test_kill_during_save_keeps_previous(tmp_path):
 def test_rolling_and_milestone_checkpoints(tmp_path):
     for step in range(100, 1100, 100):
         save_training_checkpoint(str(tmp_path), big_checkpoint(step) | {"step": step}, step, keep_last_n=2,
-                                 keep_every=500)
+                                 keep_every=[500] if step < 700 else [300, 500])  # a resume at 700 added 300
     names = sorted(n for n in os.listdir(tmp_path) if n.endswith(".pt"))
-    assert names == ["ckpt.pt", "ckpt_00000500.pt", "ckpt_00000900.pt", "ckpt_00001000.pt"]
+    assert names == ["ckpt.pt", "ckpt_00000500.pt", "ckpt_00000600.pt", "ckpt_00000900.pt", "ckpt_00001000.pt"]
     assert load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 1000
+
+
+def test_milestones_outlive_a_resume_without_keep_every(data_dir, monkeypatch, capsys):
+    """Checkpoints kept "for good" stay when a resume leaves keep_every out (or changes it): it once took them for
+    rolling ones and deleted them, with only "keep_every 20 -> 0" among the changed settings to say so."""
+    monkeypatch.chdir(data_dir)
+    args = [*ARGS, "--eval_interval=1000", "--save_interval=10", "--keep_last_n=2", "--out_dir=out"]
+    train_here(capsys, *args, "--max_iters=40", "--keep_every=20")
+    out = train_here(capsys, *args, "--max_iters=70", "--init_from=resume")
+    assert "the milestones kept for good so far (steps that are multiples of 20) stay kept" in out
+    assert sorted(s for s, _ in step_checkpoints("out")) == [20, 40, 60, 70]
+    train_here(capsys, *args, "--max_iters=90", "--init_from=resume", "--keep_every=30")  # both now
+    assert sorted(s for s, _ in step_checkpoints("out")) == [20, 40, 60, 80, 90]
 
 
 def test_corrupt_checkpoint_detected(tmp_path):
     for step in (100, 200):
-        save_training_checkpoint(str(tmp_path), big_checkpoint(step), step, keep_last_n=5, keep_every=0)
+        save_training_checkpoint(str(tmp_path), big_checkpoint(step), step, keep_last_n=5)
     os.unlink(tmp_path / "ckpt_00000200.pt")  # keep the 100 one as the fallback; ckpt.pt is step 200
     data = bytearray((tmp_path / "ckpt.pt").read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte inside the tensor data: torch.load alone does not notice
@@ -310,7 +324,7 @@ def test_fallback_hint_works_through_hard_links(tmp_path):
     """ckpt.pt is a hard link to the newest numbered checkpoint: the command the error suggests must not write the
     older checkpoint's bytes into the newer one's name."""
     for step in (100, 200):
-        save_training_checkpoint(str(tmp_path), big_checkpoint(step), step, keep_last_n=5, keep_every=0)
+        save_training_checkpoint(str(tmp_path), big_checkpoint(step), step, keep_last_n=5)
     (tmp_path / "ckpt.pt").write_bytes(b"garbage")  # through the link: ckpt_00000200.pt is damaged too
     with pytest.raises(CheckpointError) as error:
         load_checkpoint(str(tmp_path))
