@@ -15,6 +15,7 @@ key with its default. Problems are raised as ConfigError so scripts print one li
 import ast
 import dataclasses
 import difflib
+import errno
 import inspect
 import os
 import re
@@ -216,6 +217,12 @@ def run(main, cls, validate=None, argv=None):
     except UserError as e:
         # one write: under torchrun, where every rank may say the same, print's two (text, newline) interleave
         sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
+    except OSError as e:  # a folder the user may not write to (permissions, a read-only file system) is theirs to fix
+        if not (isinstance(e, PermissionError) or e.errno == errno.EROFS):
+            raise
+        sys.stderr.write(f"error: {e.filename or 'a file'}: {e.strerror}; fix its permissions, or choose a folder "
+                         "this user can write to (--out_dir, --out_root, --data_root)\n")
         sys.exit(2)
     except KeyboardInterrupt as e:
         print(f"\ninterrupted{f': {e}' if str(e) else ''}", file=sys.stderr)

@@ -86,3 +86,27 @@ def test_every_shipped_config_is_valid(name):
     assert cfg.dataset in prepare.RECIPES
     with open(path) as f:
         assert f"python prepare.py {cfg.dataset}" in f.read()
+
+
+@pytest.mark.parametrize("error", [PermissionError(13, "Permission denied", "/data/out"),
+                                   OSError(30, "Read-only file system", "/data/out")])
+def test_a_folder_that_cannot_be_written_is_one_line(error, capsys):
+    """What a script meets in a folder it may not write to (found with a read-only out_dir, where train.py and
+    prepare.py ended in a traceback) is the user's to fix: one line naming the path, exit code 2."""
+    from configurator import run
+
+    @dataclass
+    class Settings:
+        out_dir: str = "out"
+
+    def main(cfg, sources):
+        raise error
+
+    with pytest.raises(SystemExit) as stop:
+        run(main, Settings, argv=[])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (f"error: /data/out: {error.strerror}; fix its permissions, or choose a folder "
+                                       "this user can write to (--out_dir, --out_root, --data_root)\n")
+    with pytest.raises(FileNotFoundError):  # any other OSError is not assumed to be the user's
+        run(lambda cfg, sources: open("/no/such/file"), Settings, argv=[])
+
