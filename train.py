@@ -65,7 +65,7 @@ class TrainConfig:
     async_save: bool = True  # write checkpoints and loss.png on a background thread while training goes on; the checkpoint being written is held in CPU memory meanwhile (False: training waits for each write)
     keep_last_n: int = 2  # numbered checkpoints ckpt_<step>.pt kept besides ckpt.pt (the latest)
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this, for good; 0: none
-    max_runtime: str = ""  # save and exit (code 3) after this wall time, e.g. '3:55:00'; empty: no limit
+    max_runtime: str = ""  # save and exit (code 3) after this wall time: '3:55:00', '55:00', '90' (seconds), or with days as Slurm writes them, '1-12' (1 day 12 hours), '1-12:30:00'; empty: no limit
     max_bad_steps: int = 10  # consecutive steps with a non-finite loss or gradient before the run stops
     skip_spikes: float = 0.0  # skip an update whose loss or gradient norm is more than this many standard deviations above the mean of the last spike_window steps' (llm.c's -sl and -sg; 5 is a usual choice); 0: never
     spike_window: int = 128  # steps in that mean
@@ -196,7 +196,11 @@ def validate(cfg):
 
 
 def parse_duration(text):
-    """'3:55:00' / '55:00' / '90' (seconds) / '1-00:00:00' (Slurm's days-hours) -> seconds; '' -> None."""
+    """
+    A wall time -> seconds ('' -> None): hours:minutes:seconds ('3:55:00'), minutes:seconds ('55:00'), seconds
+    ('90': Slurm's --time would read minutes), or with days as Slurm writes them, the clock then read from the
+    hours: days-hours ('1-5'), days-hours:minutes ('1-5:30'), days-hours:minutes:seconds ('1-05:30:00').
+    """
     if not text:
         return None
     days, dash, clock = text.rpartition("-")
@@ -204,6 +208,8 @@ def parse_duration(text):
         parts = [float(p) for p in clock.split(":")]
         if len(parts) > 3 or not all(0 <= p < math.inf for p in parts) or (dash and not days.isdigit()):
             raise ValueError
+        if dash:
+            parts += [0.0] * (3 - len(parts))  # after days, the first field is hours (Slurm's reading)
         seconds = sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
         return seconds + (int(days) * 86400 if days else 0)
     except ValueError:

@@ -400,6 +400,17 @@ def test_optimizer_and_spike_settings_validated(monkeypatch):
         f"optimizer=muon needs torch.optim.Muon, from PyTorch 2.9 on (this is {torch.__version__})"]
 
 
+def test_wall_times_read_as_slurm_writes_them():
+    """max_runtime: the forms of Slurm's --time with days read as Slurm reads them (the clock after the days starts
+    at hours: '1-5' was once 1 day and 5 seconds), and a bare number as seconds, as documented."""
+    from train import parse_duration
+    assert [parse_duration(t) for t in ("3:55:00", "55:00", "90", "1-5", "1-5:30", "1-05:30:15", "0-0:00:30", "")] \
+        == [14100, 3300, 90, 104400, 106200, 106215, 30, None]
+    for bad in ("x", "1:2:3:4", "-5", "a-5", "5:-1"):
+        with pytest.raises(ValueError, match="expected"):
+            parse_duration(bad)
+
+
 def test_rope_needs_an_even_head_size():
     from train import TrainConfig, validate
     assert validate(TrainConfig(rope=True, n_embd=30, n_head=2)) == [
