@@ -875,6 +875,13 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
     elif checkpoint is not None and cfg.eval_only:  # it evaluates the checkpoint, whatever shape it has
         cfg, sources = shape_from_weights(cfg, sources, checkpoint["model_args"], ckpt_path, say)
     grad_accum, batch_explain = micro_steps_per_rank(cfg, launch.world_size)
+    given = sources.get("gradient_accumulation_steps")
+    if cfg.total_batch_size and given and cfg.gradient_accumulation_steps != grad_accum * launch.world_size:
+        unused = (f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} ({given}) is not used: "
+                  f"total_batch_size={cfg.total_batch_size:,} makes it {grad_accum * launch.world_size}")
+        if given == "command line":  # asked for now, and it would be ignored
+            raise UserError(f"{unused}; give --total_batch_size=0 with it, or leave it out")
+        say(f"note: {unused}")
 
     say(f"launch: {launch.mode}, {launch.world_size} process(es); device {device}, {dtype}; {kernels_note}")
     if tokenizer is None:

@@ -400,6 +400,20 @@ def test_optimizer_and_spike_settings_validated(monkeypatch):
         f"optimizer=muon needs torch.optim.Muon, from PyTorch 2.9 on (this is {torch.__version__})"]
 
 
+def test_accumulation_steps_that_total_batch_size_overrides(data_dir, monkeypatch, capsys):  # noqa: F811
+    """total_batch_size decides the micro-steps: a gradient_accumulation_steps asked for on the command line beside it
+    that disagrees is refused (it was silently ignored); one from a config file gets a note."""
+    monkeypatch.chdir(data_dir)
+    proc = run_script("train.py", *ARGS, "--total_batch_size=256", "--gradient_accumulation_steps=8",
+                      "--max_iters=1", "--out_dir=refused", cwd=data_dir, check=False)
+    assert proc.returncode == 2 and ("gradient_accumulation_steps=8 (command line) is not used: "
+                                     "total_batch_size=256 makes it 2; give --total_batch_size=0") in proc.stderr
+    (data_dir / "recipe.py").write_text("gradient_accumulation_steps = 8\n")
+    out = train_here(capsys, "recipe.py", *ARGS, "--total_batch_size=256", "--max_iters=1", "--out_dir=noted")
+    assert "note: gradient_accumulation_steps=8 (recipe.py) is not used: total_batch_size=256 makes it 2" in out
+    assert "x 2 micro-steps = 256 tokens per optimizer step" in out
+
+
 def test_wall_times_read_as_slurm_writes_them():
     """max_runtime: the forms of Slurm's --time with days read as Slurm reads them (the clock after the days starts
     at hours: '1-5' was once 1 day and 5 seconds), and a bare number as seconds, as documented."""
