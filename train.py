@@ -891,8 +891,11 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
     say(f"batch: {batch_explain}")
     tokens_per_step = cfg.batch_size * cfg.block_size * grad_accum * launch.world_size
     train_tokens = sum(s.num_tokens for s in train_shards)
-    say(f"length: {cfg.max_iters:,} steps = {cfg.max_iters * tokens_per_step:,} tokens, "
-        f"{cfg.max_iters * tokens_per_step / train_tokens:.2f} epochs of the train split ({train_tokens:,} tokens; "
+    done = (checkpoint or {}).get("step", 0)  # a resume's steps so far, at the tokens per step they had
+    run_tokens = (checkpoint or {}).get("tokens_seen", done * tokens_per_step) + \
+        max(cfg.max_iters - done, 0) * tokens_per_step
+    say(f"length: {cfg.max_iters:,} steps = {run_tokens:,} tokens, "
+        f"{run_tokens / train_tokens:.2f} epochs of the train split ({train_tokens:,} tokens; "
         f"data_order={cfg.data_order}: " + DATA_ORDERS[cfg.data_order] + ")")
     if checkpoint is not None:
         if cfg.eval_only:  # it only evaluates: whichever optimizer trained the weights
@@ -973,7 +976,7 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
         ranks = checkpoint.get("rng") or []
         if launch.rank < len(ranks) and len(ranks) == launch.world_size:
             set_rng_state(ranks[launch.rank], device)
-        else:
+        elif cfg.dropout:  # the random state only draws dropout masks (batches have their own generators)
             say(f"note: the checkpoint holds RNG states of {len(ranks)} rank(s), this run has {launch.world_size}; "
                 "dropout masks will differ from an uninterrupted run")
         say(f"resumed from {ckpt_path} at step {step} (best val loss {best_val_loss:.4f})")
@@ -983,8 +986,10 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
                 f"sets the best anew, {best_val_loss:.4f} was on the old ones")
             best_val_loss = float("inf")
         if step >= cfg.max_iters and not cfg.eval_only:
+            ended = cfg.decay_lr and cfg.lr_decay_iters <= step  # the schedule is at its end too
             say(f"nothing to train: the checkpoint is at step {step} and max_iters is {cfg.max_iters}; raise "
-                "--max_iters (and --lr_decay_iters, or the learning rate stays at min_lr) to train on")
+                "--max_iters" + (" (and --lr_decay_iters, or the learning rate stays at min_lr)" if ended else "") +
+                " to train on")
         # an evaluation due at the resumed step is not repeated, unless a stop signal cut it short
         last_eval = step if checkpoint.get("evaluated", True) else None
         checkpoint = None  # free the memory

@@ -291,11 +291,12 @@ def test_a_second_run_in_the_same_out_dir_is_refused(data_dir):  # noqa: F811
 
 def test_tokens_seen_are_counted_across_a_batch_size_change(data_dir, monkeypatch, capsys):  # noqa: F811
     """log.jsonl's tokens (the plot's x axis) after a resume with another batch size: counted on, not step x the new
-    tokens per step (which went backwards)."""
+    tokens per step (which went backwards); the run's length at start is counted the same way."""
     monkeypatch.chdir(data_dir)
     args = [*ARGS, "--eval_interval=4", "--out_dir=out"]
     train_here(capsys, *args, "--batch_size=8", "--max_iters=4")
-    train_here(capsys, *args, "--batch_size=4", "--max_iters=8", "--init_from=resume")
+    out = train_here(capsys, *args, "--batch_size=4", "--max_iters=8", "--init_from=resume")
+    assert f"length: 8 steps = {8 * 32 * 4 + 4 * 32 * 4:,} tokens," in out
     with open(data_dir / "out/log.jsonl") as f:
         tokens = {r["step"]: r["tokens"] for r in map(json.loads, f) if "loss" in r}
     assert tokens == {s: 8 * 32 * min(s, 4) + 4 * 32 * max(s - 4, 0) for s in range(1, 9)}
