@@ -359,7 +359,7 @@ def test_list_names_every_recipe(tmp_path):
 
 @pytest.mark.parametrize("case", ["missing", "empty", "undecodable", "no_field", "not_json", "parquet_column",
                                   "hf_offline", "val_fraction", "missing_val_source", "empty_test_source",
-                                  "tokenizer_typo", "json_array", "json_object", "gzip"])
+                                  "tokenizer_typo", "json_array", "json_object", "gzip", "two_vals"])
 def test_bad_input(tmp_path, case):
     """One line that says what is wrong and what to do, exit code 2, no traceback, no meta.json, no empty folder."""
     (tmp_path / "bad.txt").write_bytes(b"fine text\n" * 100 + b"caf\xe9\n")
@@ -384,6 +384,8 @@ def test_bad_input(tmp_path, case):
         "hf_offline": (["--hf=nobody/no_such_dataset", "--tokenizer=char"], "point --source at them"),
         "val_fraction": (["--source=bad.txt", "--val_fraction=1.5", "--shard_size=0"],
                          "shard_size=0 must be between 1 and 2,147,483,647"),
+        "two_vals": (["--source=good.txt", "--val_source=good.txt", "--val_fraction=0.5", "--tokenizer=char"],
+                     "--val_fraction carves val out of --source, and --val_source is val already: give one"),
         "missing_val_source": (["--source=good.txt", "--val_source=nope.txt", "--tokenizer=char"],
                                "--val_source=nope.txt: no such file"),
         "empty_test_source": (["--source=good.txt", "--test_source=nothing.txt", "--tokenizer=char"],
