@@ -287,6 +287,8 @@ def jsonl_documents(path, field, errors):
         offset, first = 0, True
         for lineno, raw in enumerate(f, 1):
             line = decode(raw, path, offset, errors).strip()
+            if lineno == 1:
+                line = line.removeprefix("\ufeff").strip()  # the byte-order mark some Windows tools begin with
             offset += len(raw)
             if not line:
                 continue

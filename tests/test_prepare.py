@@ -226,7 +226,8 @@ def test_jsonl_parquet_and_glob_sources_agree(tmp_path):
     run_script("prepare.py", "c", "--source=parts/*.jsonl", *common, cwd=tmp_path)
     # .json is JSON Lines too (datasets' to_json names its output so), in a folder as well
     os.makedirs(tmp_path / "json_parts")
-    (tmp_path / "json_parts/a.json").write_bytes((tmp_path / "parts/a.jsonl").read_bytes())
+    # with the byte-order mark Windows tools write first: not text, and once refused as not JSON
+    (tmp_path / "json_parts/a.json").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "parts/a.jsonl").read_bytes())
     (tmp_path / "json_parts/b.jsonl").write_bytes((tmp_path / "parts/b.jsonl").read_bytes())
     (tmp_path / "all.json").write_bytes((tmp_path / "all.jsonl").read_bytes())
     run_script("prepare.py", "d", "--source=all.json", *common, cwd=tmp_path)
