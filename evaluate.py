@@ -40,6 +40,8 @@ from distributed import (all_reduce_sum, cleanup_distributed, detect_launch, fas
                          pick_device, pick_dtype)
 from inference import load_model, read_text
 from tokendata import Dataset, dataset_dir, first_tokens, window_batch, windows
+from tokenizer import describe
+
 
 @dataclass
 class EvalConfig:
@@ -67,7 +69,7 @@ def validate(cfg):
         problems.append("perplexity needs one of --text=FILE or --dataset=NAME" +
                         (f", not both (--text={cfg.text}, --dataset={cfg.dataset})" if cfg.text else ""))
     problems += configurator.too_small(cfg, ("block_size", "stride", "max_items"), 0)
-    if cfg.block_size and cfg.stride > cfg.block_size:
+    if cfg.block_size > 0 and cfg.stride > cfg.block_size:
         problems.append(f"stride={cfg.stride} is longer than the window block_size={cfg.block_size}: tokens "
                         "between windows would never be scored")
     problems += configurator.too_small(cfg, ("batch_size",), 1)
@@ -129,8 +131,8 @@ def perplexity(cfg, model, tokenizer, device, autocast, launch, say):
 def open_dataset(name, data_root, tokenizer):
     data = Dataset(dataset_dir(name, data_root))
     if data.meta.get("tokenizer") != tokenizer.meta():
-        raise UserError(f"{data.data_dir} was tokenized with {data.meta.get('tokenizer')} but the model with "
-                        f"{tokenizer.meta()}; evaluate on data prepared with the model's tokenizer")
+        raise UserError(f"{data.data_dir} was tokenized with {describe(data.meta.get('tokenizer'))}, the model "
+                        f"with {describe(tokenizer.meta())}; evaluate on data prepared with the model's tokenizer")
     return data
 
 

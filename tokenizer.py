@@ -126,6 +126,15 @@ def spec_problems(spec, vocab_size=None):
     return []
 
 
+def describe(spec):
+    """A tokenizer description (meta["tokenizer"]) in a few words, for messages."""
+    if isinstance(spec, dict) and spec.get("type") == "char" and isinstance(spec.get("chars"), str):
+        return f"a {len(spec['chars'])}-character vocabulary" + (" with end-of-text" if spec.get("eot") else "")
+    if isinstance(spec, dict) and spec.get("type") == "tiktoken":
+        return f"the tiktoken encoding {spec.get('encoding', 'gpt2')!r}"
+    return repr(spec)
+
+
 def tokenizer_from_meta(meta):
     """The tokenizer described by meta["tokenizer"] (meta.json of a dataset, or a checkpoint's copy of it)."""
     spec = meta.get("tokenizer")

@@ -1,7 +1,7 @@
 import pytest
 
 from conftest import gpt2_bpe_available
-from tokenizer import CharTokenizer, TiktokenTokenizer, tokenizer_from_meta
+from tokenizer import CharTokenizer, TiktokenTokenizer, describe, tokenizer_from_meta
 
 
 def test_char_round_trip():
@@ -34,3 +34,10 @@ def test_gpt2_round_trip():
     text = "caf\u00e9 \u2609 na\u00efve"
     lengths = tok.byte_lengths()
     assert lengths[tok.encode(text)].sum() == len(text.encode("utf-8")) and lengths[tok.eot_id] == 0
+
+
+def test_describe_names_a_tokenizer_in_a_few_words():
+    """For messages: a char vocabulary by its size (the whole dict once filled an error line), tiktoken by name."""
+    assert describe(CharTokenizer("abc", eot=True).meta()) == "a 3-character vocabulary with end-of-text"
+    assert describe({"type": "tiktoken", "encoding": "gpt2"}) == "the tiktoken encoding 'gpt2'"
+    assert describe(None) == "None"
