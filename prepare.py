@@ -1019,9 +1019,11 @@ def empty_split_advice(split, cfg, recipe, val_fraction):
 
 
 def parse_args(argv):
-    """`prepare.py NAME --key=value`: the dataset name may come first, as a bare word."""
-    if argv and not argv[0].startswith("-"):
-        argv = [f"--name={argv[0]}"] + argv[1:]
+    """`prepare.py NAME --key=value`: the dataset name as a bare word, first or among the options (the first bare
+    word that is not a config file)."""
+    for i, arg in enumerate(argv):
+        if not arg.startswith("-") and not arg.endswith(".py"):
+            return argv[:i] + [f"--name={arg}"] + argv[i + 1:]
     return argv
 
 

@@ -327,6 +327,9 @@ def test_name_like_a_recipe_gets_a_note(tmp_path):
             "from your --source with the gpt2 tokenizer") in typo.stdout
     other = run_script("prepare.py", "mynotes", "--source=a.txt", "--tokenizer=char", "--num_proc=1", cwd=tmp_path)
     assert "note:" not in other.stdout and (tmp_path / "data/mynotes/meta.json").exists()
+    # the name among the options, where it was once "unexpected argument 'later'"
+    run_script("prepare.py", "--tokenizer=char", "later", "--source=a.txt", "--num_proc=1", cwd=tmp_path)
+    assert (tmp_path / "data/later/meta.json").exists()
 
 
 def test_saved_dataset_folder_points_to_hf(tmp_path):
