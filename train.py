@@ -644,6 +644,12 @@ def forget_gathered_state(optimizer):
             each._all_state_dicts = []
 
 
+def weights_shape(model_args):
+    """The SHAPE_KEYS of a model as its checkpoint's model_args give them (rope is False in checkpoints from before
+    it)."""
+    return {k: model_args.get(k, GPTConfig.__dataclass_fields__[k].default) for k in SHAPE_KEYS}
+
+
 def shape_from_weights(cfg, sources, model_args, name, say):
     """
     A run on given weights (a new run from a checkpoint or GPT-2, or eval_only) has their model: the SHAPE_KEYS come
@@ -652,7 +658,7 @@ def shape_from_weights(cfg, sources, model_args, name, say):
     another value is refused, as a request for another model; one a config file sets (a recipe's from-scratch
     shape) gives way, with a note.
     """
-    shape = {k: model_args.get(k, GPTConfig.__dataclass_fields__[k].default) for k in SHAPE_KEYS}
+    shape = weights_shape(model_args)
     fixed = [k for k in SHAPE_KEYS if k != "block_size" or k not in sources]
     differ = [k for k in fixed if k in sources and getattr(cfg, k) != shape[k]]
     asked = [f"--{k}={getattr(cfg, k)} ({name} has {shape[k]})" for k in differ if sources[k] == "command line"]
@@ -670,8 +676,10 @@ def shape_from_weights(cfg, sources, model_args, name, say):
 def check_resume(checkpoint, cfg, data_meta, say):
     """Refuse to resume into a different model or dataset; report the settings that changed."""
     old = checkpoint.get("config") or {}
-    problems = [f"{k}: checkpoint {old[k]!r}, now {getattr(cfg, k)!r}"
-                for k in SHAPE_KEYS if k in old and old[k] != getattr(cfg, k)]
+    # the model's own record: a run from --init_from once saved the command line's default shape in its config
+    shape = weights_shape(checkpoint.get("model_args") or {})
+    problems = [f"{k}: checkpoint {shape[k]!r}, now {getattr(cfg, k)!r}"
+                for k in SHAPE_KEYS if shape[k] != getattr(cfg, k)]
     # another dataset folder is allowed (data moved, or training continued on other text), as a changed setting
     # below; another tokenizer is not: the model's ids would mean other things
     old_meta = checkpoint.get("meta") or {}
@@ -686,7 +694,7 @@ def check_resume(checkpoint, cfg, data_meta, say):
                         "; ".join(problems) + "); resume with the checkpoint's settings, or start a new run in "
                         "another --out_dir")
     changed = [f"{k} {old[k]!r} -> {getattr(cfg, k)!r}" for k in old
-               if hasattr(cfg, k) and k not in ("init_from",) and old[k] != getattr(cfg, k)]
+               if hasattr(cfg, k) and k not in ("init_from", *SHAPE_KEYS) and old[k] != getattr(cfg, k)]
     if changed:
         say("resuming with changed settings: " + ", ".join(changed))
 

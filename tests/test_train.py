@@ -164,6 +164,21 @@ def test_resume_into_another_dataset_folder_needs_the_same_tokenizer():
                      said.append)
 
 
+def test_resume_checks_the_shape_the_model_has():
+    """The shape a resume must keep is the model's (model_args), not the config's: a run from --init_from once saved
+    the default 12 layers in its config for a 2-layer model, and its true shape was refused."""
+    from train import TrainConfig, check_resume
+    char = {"type": "char", "chars": "ab", "eot": False}
+    checkpoint = {"config": {"n_layer": 12, "n_embd": 768}, "meta": {"tokenizer": char},
+                  "model_args": {"n_layer": 2, "n_head": 12, "n_embd": 48, "block_size": 1024, "bias": True}}
+    said = []
+    check_resume(checkpoint, TrainConfig(n_layer=2, n_embd=48), {"tokenizer": char}, said.append)
+    assert said == []  # nor reported as changed settings
+    with pytest.raises(UserError, match=r"n_layer: checkpoint 2, now 12; n_embd: checkpoint 48, now 768; rope: "
+                                        r"checkpoint False, now True"):
+        check_resume(checkpoint, TrainConfig(rope=True), {"tokenizer": char}, said.append)
+
+
 def test_failed_plot_leaves_no_half_written_file(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     from matplotlib.figure import Figure
