@@ -418,7 +418,7 @@ class StopFlag:
 
     def __init__(self, say_now=None):
         self.signal, self.say_now = None, say_now
-        self._replaced, self._leaving = {}, False
+        self._replaced, self._leaving, self._interrupts = {}, False, 0
 
     def __enter__(self):
         for name in ("SIGTERM", "SIGUSR1", "SIGINT"):
@@ -443,7 +443,8 @@ class StopFlag:
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
-        if name == "SIGINT" and self.signal == "SIGINT":
+        self._interrupts += name == "SIGINT"
+        if self._interrupts > 1:  # counted apart: a Ctrl-C after a SIGTERM is the first one (it once never stopped)
             raise KeyboardInterrupt
         self.signal = self.signal or name
         if name == "SIGINT" and self.say_now:

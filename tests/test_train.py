@@ -251,6 +251,12 @@ def test_stop_flag_ctrl_c_twice(monkeypatch):
         assert stop.signal == "SIGINT"
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
+    with StopFlag(say_now=said.append) as stop:  # Slurm's SIGTERM first: the next Ctrl-C is still the first
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signal == "SIGTERM" and "Ctrl-C again: stop now" in said[-1]
+        with pytest.raises(KeyboardInterrupt):  # and the second stops, as it says (it once never did)
+            os.kill(os.getpid(), signal.SIGINT)
     assert {sig: signal.getsignal(sig) for sig in before} == before
     # once the ranks have agreed to stop, a launcher's SIGTERM to the ranks still exiting must not kill them
     try:
