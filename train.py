@@ -657,10 +657,14 @@ def shape_from_weights(cfg, sources, model_args, name, say):
     from model_args, so that the config this run saves says what it trains, and block_size too unless it is set (a
     smaller one crops the context; a longer one takes rope: fit_context). A shape key set on the command line to
     another value is refused, as a request for another model; one a config file sets (a recipe's from-scratch
-    shape) gives way, with a note.
+    shape) gives way, with a note, block_size where the weights cannot take it.
     """
     shape = weights_shape(model_args)
-    fixed = [k for k in SHAPE_KEYS if k != "block_size" or k not in sources]
+    # block_size may differ where set: shorter crops the context, longer takes rope (fit_context), but a config
+    # file's longer one for a learned position table gives way like its other shape keys
+    longer = sources.get("block_size", "command line") != "command line" and cfg.block_size > shape["block_size"] \
+        and not shape["rope"]
+    fixed = [k for k in SHAPE_KEYS if k != "block_size" or k not in sources or longer]
     differ = [k for k in fixed if k in sources and getattr(cfg, k) != shape[k]]
     asked = [f"--{k}={getattr(cfg, k)} ({name} has {shape[k]})" for k in differ if sources[k] == "command line"]
     if asked:

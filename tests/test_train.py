@@ -456,19 +456,24 @@ def test_rope_needs_an_even_head_size():
 
 def test_shape_from_weights():
     """What a run on given weights trains: their shape. A config file's shape gives way with a note, the command
-    line's is refused, block_size is kept where it is set (fit_context crops or refuses it), and a checkpoint of
-    before rope reads as rope=False."""
+    line's is refused; block_size is kept where it is set and the weights can take it (fit_context crops it, or
+    refuses a longer one on the command line), and a checkpoint of before rope reads as rope=False."""
     from train import TrainConfig, shape_from_weights
     model_args = {"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 64, "bias": False, "vocab_size": 65}
     recipe = {k: "config/x.py" for k in ("n_layer", "n_head", "block_size")}
     notes = []
     cfg, sources = shape_from_weights(TrainConfig(n_layer=6, n_head=4, block_size=256, rope=True),
                                       {**recipe, "rope": "config/x.py"}, model_args, "pre", notes.append)
-    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.bias, cfg.rope) == (2, 4, 64, 256, False, False)
-    assert notes == ["note: the model's shape comes from pre: n_layer=2, not 6 (config/x.py), rope=False, not True "
-                     "(config/x.py)"]
-    assert sources["n_embd"] == "the weights of pre" and sources["block_size"] == "config/x.py"
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.bias, cfg.rope) == (2, 4, 64, 64, False, False)
+    assert notes == ["note: the model's shape comes from pre: n_layer=2, not 6 (config/x.py), block_size=64, not 256 "
+                     "(config/x.py), rope=False, not True (config/x.py)"]  # the recipe's own model, continued
+    assert sources["n_embd"] == sources["block_size"] == "the weights of pre"
     assert shape_from_weights(TrainConfig(), {}, model_args, "pre", notes.append)[0].block_size == 64
+    for block_size, rope, where in ((32, False, "config/x.py"), (256, True, "config/x.py"),
+                                    (256, False, "command line")):
+        cfg, _ = shape_from_weights(TrainConfig(block_size=block_size), {"block_size": where},
+                                    {**model_args, "rope": rope}, "pre", notes.append)
+        assert cfg.block_size == block_size  # cropped, grown with rope, or refused by fit_context
     with pytest.raises(UserError, match=r"pre's weights fix the model's shape: --n_embd=128 \(pre has 64\), "
                                         r"--bias=True \(pre has False\); leave these settings out"):
         shape_from_weights(TrainConfig(n_embd=128, bias=True), {"n_embd": "command line", "bias": "command line"},
