@@ -218,9 +218,9 @@ def run_train_bench(cfg, device, dtype, grad_accum, batch_explain, vocab_size, s
           f"{', recompute on' if cfg.recompute else ''}{', Muon' if cfg.optimizer == 'muon' else ''}"
           f"{', rope' if cfg.rope else ''}; "
           f"{kernels_note}")
+    memory = "-" if result["peak_memory_GiB"] is None else f"{result['peak_memory_GiB']} GiB"
     print(f"  {ms:.1f} ms/step (median of {cfg.steps}) | {result['tokens_per_sec']:,} tokens/s | "
-          f"mfu {f'{mfu:.1%}' if mfu else '-'} | peak memory "
-          f"{result['peak_memory_GiB'] if result['peak_memory_GiB'] is not None else '-'} GiB | "
+          f"mfu {f'{mfu:.1%}' if mfu else '-'} | peak memory {memory} | "
           f"first step {times[0]:.1f} s")
     print(f"  {ms_back_to_back:.1f} ms/step back to back ({cfg.steps} steps, one wait for the device at the end)")
     if cfg.profile:

@@ -363,7 +363,8 @@ def evaluation_sets(shards, cfg, launch, to_device):
                           f"{sets[split].passes} pass{'es' if sets[split].passes > 1 else ''}"
                           for split, t in tokens.items())
     return sets, (f"evaluation: each split's first {cfg.eval_tokens:,} tokens, every one predicted once, in passes "
-                  f"of {rows} windows of {cfg.block_size} tokens{' per process' if launch.distributed else ''}: "
+                  f"of {rows} window{'s' if rows > 1 else ''} of {cfg.block_size} tokens"
+                  f"{' per process' if launch.distributed else ''}: "
                   f"{described}")
 
 
