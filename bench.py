@@ -115,8 +115,8 @@ def bench_sample(cfg, sources):
               f"without {row['no_cache_tokens_per_s']:9,.1f} tokens/s ({row['no_cache_seconds']:.1f} s) | "
               f"{row['speedup']:.1f}x | {compiled}same tokens: {'yes' if row['same_tokens'] else 'no'}", flush=True)
     print(json.dumps({"bench": "sample", "device": device, "device_name": name, "dtype": dtype,
-                      "torch": torch.__version__, "rope": cfg.rope, "prompt_tokens": cfg.prompt_tokens, "new_tokens": cfg.new_tokens,
-                      "rows": rows}))
+                      "torch": torch.__version__, "rope": cfg.rope, "prompt_tokens": cfg.prompt_tokens,
+                      "new_tokens": cfg.new_tokens, "rows": rows}))
 
 
 @dataclass
@@ -205,7 +205,8 @@ def run_train_bench(cfg, device, dtype, grad_accum, batch_explain, vocab_size, s
         "bench": "train", "device": device_name(device), "torch": torch.__version__, "dtype": dtype,
         "compile": cfg.compile_mode if use_compile else False, "attention": cfg.attention,
         "fused_loss": cfg.fused_loss, "recompute": cfg.recompute, "optimizer": cfg.optimizer, "rope": cfg.rope,
-        "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "block_size": cfg.block_size, "batch_size": cfg.batch_size, "grad_accum": grad_accum,
+        "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "block_size": cfg.block_size, "batch_size": cfg.batch_size,
+        "grad_accum": grad_accum,
         "params_M": round(model.get_num_params() / 1e6, 2),
         "ms_per_step": round(ms, 2), "tokens_per_sec": round(tokens_per_step / (ms / 1000)),
         "ms_per_step_back_to_back": round(ms_back_to_back, 2),

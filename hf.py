@@ -235,7 +235,7 @@ def load_hf_gpt2(name_or_path, dropout=0.0, block_size=None):
     a smaller block_size crops the position table (GPT-2's 1024 is often more than fine-tuning needs).
     """
     folder = resolve(name_or_path)
-    config = pretrained_config(name_or_path)
+    config = config_from_hf(read_config(folder), where=f"{name_or_path}/config.json")
     config.dropout = dropout
     state = from_hf_state_dict(read_weights(folder), config, where=f"{name_or_path}'s weights")
     model = GPT(config)

@@ -330,9 +330,9 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         if config.rope:  # computed, not learned: buffers outside the state dict, so checkpoints hold weights only
-            head_size = config.n_embd // config.n_head
-            assert head_size % 2 == 0, f"RoPE rotates pairs of dimensions: head size {head_size} must be even"
-            cos, sin = rotary_tables(config.block_size, head_size)
+            problems = head_problems(config.n_embd, config.n_head, rope=True)
+            assert not problems, problems[0]
+            cos, sin = rotary_tables(config.block_size, config.n_embd // config.n_head)
             self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hs/2)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)

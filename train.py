@@ -886,8 +886,9 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
         check_dataset_tokenizer(pretrained, data.meta)  # before downloading the weights
         cfg, sources = shape_from_weights(cfg, sources, dataclasses.asdict(pretrained_config(pretrained)), pretrained,
                                           say)
-    elif checkpoint is not None and cfg.eval_only:  # it evaluates the checkpoint, whatever shape it has
+    elif checkpoint is not None and cfg.eval_only:  # it evaluates the checkpoint, whatever shape and optimizer
         cfg, sources = shape_from_weights(cfg, sources, checkpoint["model_args"], ckpt_path, say)
+        cfg = dataclasses.replace(cfg, optimizer=(checkpoint.get("config") or {}).get("optimizer", "adamw"))
     grad_accum, batch_explain = micro_steps_per_rank(cfg, launch.world_size)
     given = sources.get("gradient_accumulation_steps")
     if cfg.total_batch_size and given and cfg.gradient_accumulation_steps != grad_accum * launch.world_size:
@@ -912,8 +913,6 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
         f"{run_tokens / train_tokens:.2f} epochs of the train split ({train_tokens:,} tokens; "
         f"data_order={cfg.data_order}: " + DATA_ORDERS[cfg.data_order] + ")")
     if checkpoint is not None:
-        if cfg.eval_only:  # it only evaluates: whichever optimizer trained the weights
-            cfg = dataclasses.replace(cfg, optimizer=(checkpoint.get("config") or {}).get("optimizer", "adamw"))
         check_resume(checkpoint, cfg, data.meta, say)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
