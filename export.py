@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import configurator
 from checkpoint import checkpoint_meta, load_checkpoint, model_from_checkpoint
 from hf import EXPORT_DTYPES, save_hf_gpt2
+from tokenizer import describe
 
 
 @dataclass
@@ -41,7 +42,7 @@ def main(cfg, sources):
     del checkpoint
     files = save_hf_gpt2(model, meta, hf_dir, cfg.dtype)
     c = model.config
-    kind = "GPT-2 BPE" if meta["tokenizer"]["type"] == "tiktoken" else f"char-level, {c.vocab_size} tokens"
+    kind = "GPT-2 BPE" if meta["tokenizer"]["type"] == "tiktoken" else describe(meta["tokenizer"])
     print(f"wrote {hf_dir}: GPT-2 with n_layer={c.n_layer}, n_head={c.n_head}, n_embd={c.n_embd}, "
           f"context {c.block_size}, vocab {c.vocab_size} ({kind}), {cfg.dtype} weights"
           f"{'' if c.bias else ', zero biases for bias=False'}")

@@ -29,9 +29,9 @@ import torch
 from configurator import UserError
 from model import GPT, GPTConfig, head_problems
 from tokendata import GPT2_META
+from tokenizer import EOT, BPETokenizer, bpe_json_problems, describe
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's four GPT-2s on the Hub
-EOT = "<|endoftext|>"
 # weights transformers keeps in Conv1D layout (in, out); nn.Linear keeps (out, in)
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # causal-mask buffers older transformers versions saved with the weights; not weights at all
@@ -40,7 +40,8 @@ MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
 GPT2_FIELDS = {"block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias"}
 # every file an export writes: a re-export may replace a folder holding only these
 TOKENIZER_FILES = {"tiktoken": ("vocab.json", "merges.txt", "tokenizer_config.json"),
-                   "char": ("tokenizer.json", "tokenizer_config.json")}
+                   "char": ("tokenizer.json", "tokenizer_config.json"),
+                   "bpe": ("tokenizer.json", "tokenizer_config.json")}
 EXPORT_FILES = {"config.json", "generation_config.json", "model.safetensors", *sum(TOKENIZER_FILES.values(), ())}
 # the weights' dtypes an export writes (export.py --dtype); import reads any of them into float32
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
@@ -262,17 +263,19 @@ def fit_context(model, block_size, name):
 def hf_tokenizer_meta(name_or_path):
     """
     The tokenizer meta (as in a dataset's meta.json) of a Hugging Face GPT-2: GPT-2 BPE for OpenAI's models; for a
-    folder, read from its tokenizer files: GPT-2 BPE, or the char-level tokenizer export.py writes.
+    folder, read from its tokenizer files: GPT-2 BPE, the char-level tokenizer export.py writes, or a byte-level BPE
+    of its own with end-of-text (what prepare.py --tokenizer=bpe:N trains).
     """
     if name_or_path in GPT2_NAMES and not os.path.isdir(name_or_path):  # a local folder wins, as in resolve()
         return GPT2_META
     folder = resolve(name_or_path)
     vocab_size = read_config(folder).get("vocab_size", 50257)
     path = os.path.join(folder, "tokenizer.json")
-    spec = {}
+    text, spec = "", {}
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
-            spec = json.load(f)["model"]
+            text = f.read()
+        spec = json.loads(text)["model"]
     if spec.get("type") == "WordLevel":  # ours: one token per character, then maybe <|endoftext|>
         tokens = [t for t, _ in sorted(spec["vocab"].items(), key=lambda item: item[1])]
         eot = tokens[-1:] == [EOT]
@@ -280,27 +283,40 @@ def hf_tokenizer_meta(name_or_path):
         if all(len(t) == 1 for t in chars) and len(tokens) == vocab_size:
             return {"tokenizer": {"type": "char", "chars": "".join(chars), "eot": eot}, "vocab_size": vocab_size,
                     "eot_id": len(chars) if eot else None}
-    elif vocab_size == 50257 and spec.get("type", "BPE") == "BPE":
+    elif spec.get("type", "BPE") == "BPE":
         vocab = spec.get("vocab")
         if vocab is None and os.path.exists(os.path.join(folder, "vocab.json")):
             with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as f:
                 vocab = json.load(f)
-        if vocab is None or vocab == gpt2_vocab():  # weights alone (no tokenizer files): GPT-2's, by its size
+        if vocab_size == 50257 and (vocab is None or vocab == gpt2_vocab()):  # weights alone: GPT-2's, by size
             return GPT2_META
-        raise UserError(f"{name_or_path}'s tokenizer has 50,257 tokens, as GPT-2's, but other ids for them: a BPE of "
-                        "its own, which this toolkit cannot read (it reads GPT-2's BPE and the character-level "
-                        "tokenizer export.py writes)")
-    raise UserError(f"cannot tell which tokenizer {name_or_path} uses: this toolkit knows GPT-2 BPE (50257 tokens) "
-                    "and the character-level tokenizer export.py writes")
+        if text and byte_level_bpe(text, vocab_size):
+            return {"tokenizer": {"type": "bpe", "tokenizer_json": text}, "vocab_size": vocab_size,
+                    "eot_id": BPETokenizer(text).eot_id}
+        if vocab_size == 50257:
+            raise UserError(f"{name_or_path}'s tokenizer has 50,257 tokens, as GPT-2's, but other ids for them, and "
+                            f"no tokenizer.json of a byte-level BPE with {EOT}: a BPE this toolkit cannot read")
+    raise UserError(f"cannot tell which tokenizer {name_or_path} uses: this toolkit knows GPT-2 BPE (50257 tokens), "
+                    f"the character-level tokenizer export.py writes, and byte-level BPEs with {EOT} in a "
+                    f"tokenizer.json (what prepare.py --tokenizer=bpe:N trains)")
+
+
+def byte_level_bpe(text, vocab_size):
+    """Whether a tokenizer.json is one BPETokenizer runs as it was meant to: a byte-level BPE (every id's text is its
+    bytes, one character each) with end-of-text, nothing done to the text before or ids added after, and exactly
+    vocab_size ids (the model's)."""
+    spec = json.loads(text)
+    return (not bpe_json_problems(text, vocab_size) and (spec.get("decoder") or {}).get("type") == "ByteLevel"
+            and not spec.get("normalizer") and (spec.get("post_processor") or {}).get("type") in (None, "ByteLevel"))
 
 
 def check_dataset_tokenizer(name_or_path, data_meta):
     """UserError unless a dataset was tokenized the way the pretrained model `name_or_path` expects."""
     want = hf_tokenizer_meta(name_or_path)
     if data_meta["tokenizer"] != want["tokenizer"] or data_meta["vocab_size"] != want["vocab_size"]:
-        what = "GPT-2 BPE" if want["tokenizer"]["type"] == "tiktoken" else "its character-level vocabulary"
+        what = describe(want["tokenizer"])
         raise UserError(f"{name_or_path} reads {what}, but the dataset was tokenized with "
-                        f"{data_meta['tokenizer']['type']} ({data_meta['vocab_size']} tokens); prepare the "
+                        f"{describe(data_meta['tokenizer'])} ({data_meta['vocab_size']} tokens); prepare the "
                         "dataset with the model's tokenizer (python prepare.py NAME --tokenizer=gpt2 for GPT-2)")
 
 
@@ -382,6 +398,9 @@ def write_tokenizer(meta, folder, max_length):
         _write_text(folder, "merges.txt", merges)
         config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": EOT, "eos_token": EOT, "unk_token": EOT,
                   "add_prefix_space": False, **common}
+    elif kind == "bpe":
+        _write_text(folder, "tokenizer.json", spec["tokenizer_json"])
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOT, "eos_token": EOT, **common}
     elif kind == "char":
         from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
         chars, eot = spec["chars"], spec.get("eot", False)

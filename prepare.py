@@ -5,6 +5,8 @@ Turn a text corpus into token shards that train.py reads:
     python prepare.py openwebtext                       OpenWebText, GPT-2 BPE (nanoGPT's GPT-2 reproduction)
     python prepare.py tinystories --tokenizer=char      TinyStories, one id per character (+ end-of-text)
     python prepare.py mytext --source="notes/*.txt" --tokenizer=char
+    python prepare.py tinystories --tokenizer=bpe:4096  TinyStories, a 4,096-token BPE trained on its own text
+    python prepare.py mine --source=my.txt --tokenizer=out-tinystories   tokenized as that run's model reads
     python prepare.py --list                            every recipe
 
 Writes data/<name>/train_000000.bin ..., val_000000.bin ... (the llm.c token-file format, see tokendata.py) and
@@ -39,8 +41,9 @@ from tqdm import tqdm
 
 import configurator
 from configurator import UserError
-from tokendata import UNFINISHED_DIR, TokenFileError, read_header, read_tokens, token_dtype, write_tokens
-from tokenizer import CharTokenizer, make_tokenizer, tokenizer_from_meta
+from tokendata import (UNFINISHED_DIR, Dataset, TokenFileError, read_header, read_meta, read_tokens, token_dtype,
+                       write_tokens)
+from tokenizer import BPETokenizer, CharTokenizer, bpe_vocab_size, make_tokenizer, tokenizer_from_meta
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 PIECE_CHARS = 1 << 18  # documents longer than this are cut into pieces of about this size (see safe_cut)
@@ -95,7 +98,9 @@ class PrepareConfig:
     hf_config: str = ""  # its configuration, e.g. sample-100BT for fineweb_edu; empty: the recipe's
     split: str = "train"  # with --hf: the dataset's splits to read, comma-separated (validation/test kept apart)
     text_field: str = "text"  # the field holding the text in .jsonl, .parquet and Hugging Face rows
-    tokenizer: str = ""  # 'char' or a tiktoken encoding such as 'gpt2'; empty: the recipe's default (gpt2 otherwise)
+    tokenizer: str = ""  # 'char', 'bpe:N' (an N-token BPE trained here), a tiktoken encoding such as 'gpt2', or the
+    # tokenizer of a prepared dataset, a training run or a Hugging Face model folder, by path; empty: the recipe's
+    bpe_train_chars: int = 1_000_000_000  # a BPE learns from at most this many characters of the train split
     val_fraction: float | None = None  # share of the text that becomes val when no val split is given; None: recipe's
     seed: int = 2357  # picks the random val documents (nanoGPT's seed for openwebtext)
     shard_size: int = 100_000_000  # tokens per shard file
@@ -130,14 +135,57 @@ def validate(cfg):
         problems.append(f"num_proc={cfg.num_proc} must be 0 (all cores) or more")
     if cfg.decode_errors not in ("strict", "replace"):
         problems.append(f"decode_errors={cfg.decode_errors!r} must be 'strict' or 'replace'")
-    if cfg.tokenizer and cfg.tokenizer != "char":
-        import tiktoken  # the names only: no BPE files are read
-        known = ["char"] + tiktoken.list_encoding_names()
-        if cfg.tokenizer not in known:
+    try:
+        trained_bpe = bpe_vocab_size(cfg.tokenizer) is not None
+    except ValueError as e:
+        problems.append(f"tokenizer={cfg.tokenizer!r}: {e}")
+        trained_bpe = True
+    if cfg.tokenizer and cfg.tokenizer != "char" and not trained_bpe:
+        known = ["char", "bpe"] + tiktoken_names()
+        if cfg.tokenizer not in known and not borrowed_path(cfg.tokenizer, cfg.out_root):
             close = difflib.get_close_matches(cfg.tokenizer, known, n=1)
-            problems.append(f"tokenizer={cfg.tokenizer!r} is neither 'char' (one id per character) nor a tiktoken "
-                            f"encoding ({', '.join(known[1:])}){f'; did you mean {close[0]!r}?' if close else ''}")
+            problems.append(f"tokenizer={cfg.tokenizer!r} is neither 'char' (one id per character), 'bpe:N' (an "
+                            f"N-token BPE trained on this text), a tiktoken encoding ({', '.join(known[2:])}) nor "
+                            "a dataset, run or model folder to take the tokenizer of"
+                            f"{f'; did you mean {close[0]!r}?' if close else ''}")
+    if cfg.bpe_train_chars < 1:
+        problems.append(f"bpe_train_chars={cfg.bpe_train_chars} must be 1 or more")
     return problems
+
+
+def tiktoken_names():
+    import tiktoken  # the names only: no BPE files are read
+    return tiktoken.list_encoding_names()
+
+
+def borrowed_path(name, out_root):
+    """What a --tokenizer that names no tokenizer points at, if anything: a dataset under out_root, else a path."""
+    for path in (os.path.join(out_root, name), name):
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def borrowed_tokenizer(name, out_root):
+    """
+    The tokenizer of what --tokenizer=NAME points at, so new text (a fine-tuning set) is tokenized exactly as a model
+    reads: a prepared dataset (a name under out_root, a folder, or its meta.json), a training run (its folder or a
+    .pt checkpoint) or a Hugging Face GPT-2 folder (its tokenizer files).
+    """
+    from checkpoint import checkpoint_meta, is_checkpoint, load_checkpoint  # torch: only for a checkpoint
+    path = borrowed_path(name, out_root)
+    if path.endswith(".json") and os.path.isfile(path):
+        meta = read_meta(path)
+    elif is_checkpoint(path):
+        meta = checkpoint_meta(load_checkpoint(path), path)
+    elif os.path.isfile(os.path.join(path, "config.json")):
+        from hf import hf_tokenizer_meta
+        meta = hf_tokenizer_meta(path)
+    elif os.path.isdir(path):
+        meta = Dataset(path).meta  # prepare.py's, or nanoGPT's train.bin/meta.pkl
+    else:
+        raise UserError(f"--tokenizer={name}: {path} is not a dataset's meta.json, a .pt checkpoint or a folder")
+    return tokenizer_from_meta(meta)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -538,7 +586,9 @@ def encode_pieces(tokenizer, task, dtype):
         ids = tokenizer.encode_array(text)
         if eot_before:
             if tokenizer.eot_id is None:
-                raise ValueError("documents to separate, but the tokenizer has no end-of-text id")
+                raise UserError("the source holds several documents, but the tokenizer has no end-of-text id to put "
+                                "between them (a char vocabulary made from a single text); give the text as one "
+                                ".txt file")
             ids = np.concatenate([np.array([tokenizer.eot_id], dtype=ids.dtype), ids])
         arrays.append(ids)
         lengths.append(len(ids))
@@ -636,6 +686,36 @@ def char_vocabulary(docs, workers):
     if not "".join(sorted(chars)).strip():
         return None
     return CharTokenizer(sorted(chars), eot=max(counts.values(), default=0) > 1)
+
+
+def train_bpe(docs, vocab_size, max_chars):
+    """A byte-level BPE learned from the first max_chars characters of the train split, in pieces cut where no word
+    is split. With llm.c's fineweb rule (val is the first shard's tokens, known only once tokenized) it learns from
+    the whole stream, val included, as GPT-2's BPE did from its WebText."""
+    read = {"chars": 0}
+
+    def texts():
+        with tqdm(desc="bpe words", unit="char", unit_scale=True) as bar:  # tokenizers counts words as it reads
+            for split, text, _ in pieces(docs, safe_cut):
+                if split in ("train", "first_shard"):
+                    text = text[:max_chars - read["chars"]]
+                    yield text
+                    read["chars"] += len(text)
+                    bar.update(len(text))
+                    if read["chars"] == max_chars:
+                        break
+        print(f"learning up to {vocab_size - 257:,} merges from {read['chars']:,} characters")
+
+    t0 = time.time()
+    tokenizer = BPETokenizer.train(texts(), vocab_size, show_progress=False)  # its bars would tangle with tqdm's
+    if read["chars"] == 0:
+        return None
+    cap = f"its first {max_chars:,} (--bpe_train_chars)" if read["chars"] == max_chars else "all of it"
+    print(f"learned a {tokenizer.vocab_size:,}-token BPE from {read['chars']:,} characters of the train split "
+          f"({cap}) in {time.time() - t0:.1f} s")
+    if tokenizer.vocab_size < vocab_size:
+        print(f"note: {vocab_size:,} tokens asked for, but this text has pairs for {tokenizer.vocab_size:,} only")
+    return tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -807,7 +887,8 @@ def start_or_resume(cfg, work_dir, fp, tokenizer_name, docs, num_proc):
     """(tokenizer, writers, index of the first piece still to tokenize, the stream of documents): from the resume.json
     in work_dir when a killed run of this same preparation left one, else from scratch (a char vocabulary takes a
     first pass over the text). A killed run's work is cleared only once the tokenizer is made and the source has
-    answered: missing BPE files or an unreachable source leave it to resume."""
+    answered: missing BPE files or an unreachable source leave it to resume. A BPE to train is learned in a first pass
+    too, and kept in resume.json."""
     state = load_resume_state(work_dir, fp)
     if state is None:
         if tokenizer_name == "char":
@@ -818,8 +899,15 @@ def start_or_resume(cfg, work_dir, fp, tokenizer_name, docs, num_proc):
                 workers.close()
             if tokenizer is None:
                 raise UserError(f"the source ({cfg.source or cfg.hf or cfg.name}) holds no text")
-        else:
+        elif bpe_vocab_size(tokenizer_name) is not None:
+            tokenizer = train_bpe(docs(), bpe_vocab_size(tokenizer_name), cfg.bpe_train_chars)
+            if tokenizer is None:
+                raise UserError(f"the train split of {cfg.source or cfg.hf or cfg.name} holds no text to learn a "
+                                "BPE from")
+        elif tokenizer_name in tiktoken_names():
             tokenizer = make_tokenizer(tokenizer_name)
+        else:
+            tokenizer = borrowed_tokenizer(tokenizer_name, cfg.out_root)
         stream = docs()
         os.makedirs(work_dir, exist_ok=True)
         clear_outputs(work_dir)

@@ -122,3 +122,29 @@ def test_prepare_bad_source(tmp_path):
     proc = run_script("prepare.py", "mytext", "--source=empty.txt", "--tokenizer=char", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "holds no text" in proc.stderr
     assert not (tmp_path / "data/mytext/meta.json").exists()
+
+
+def test_trained_bpe_pipeline(tmp_path, shakespeare_path):
+    """prepare.py --tokenizer=bpe:N -> train -> sample -> export: the model carries its BPE everywhere; transformers
+    reads the exported tokenizer as ours does, and the folder samples the same text as the checkpoint."""
+    from transformers import AutoTokenizer
+
+    from tokenizer import tokenizer_from_meta
+    run_script("prepare.py", "shk", f"--source={shakespeare_path}", "--tokenizer=bpe:1024", cwd=tmp_path)
+    meta = json.loads((tmp_path / "data/shk/meta.json").read_text())
+    assert meta["tokenizer"]["type"] == "bpe" and meta["vocab_size"] == 1024 and meta["eot_id"] == 1023
+    out = run_script("train.py", "--dataset=shk", *TINY, "--max_iters=30", "--eval_interval=30", "--out_dir=out",
+                     "--sample_tokens=16", cwd=tmp_path).stdout
+    assert "step 30: train loss" in out and "bits per byte)" in out
+
+    args = ["--start=ROMEO:", "--temperature=0", "--num_samples=1", "--max_new_tokens=20", "--device=cpu"]
+    from_checkpoint = run_script("sample.py", "--out_dir=out", *args, cwd=tmp_path).stdout
+    assert from_checkpoint.startswith("ROMEO:") and len(from_checkpoint) > len("ROMEO:") + 20
+
+    run_script("export.py", "--out_dir=out", "--hf_dir=hf", cwd=tmp_path)
+    ours, theirs = tokenizer_from_meta(meta), AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    text = "ROMEO:\nWhat light through yonder window breaks? caf\u00e9 1234\n"
+    assert theirs(text).input_ids == ours.encode(text) and theirs.decode(ours.encode(text)) == text
+    assert theirs.eos_token_id == ours.eot_id
+    from_hf = run_script("sample.py", "--init_from=hf", *args, cwd=tmp_path).stdout
+    assert from_hf == from_checkpoint

@@ -102,6 +102,79 @@ def test_same_bytes_whatever_num_proc(tmp_path):
     assert meta["source"]["documents"] == {"val": len(decoded["val"]), "train": len(decoded["train"])}
 
 
+def test_trained_bpe(tmp_path):
+    """--tokenizer=bpe:N: the same files whatever the number of workers; every document back exactly, end-of-text
+    between them; learned from the train split only (a word only val holds gets no merges) and from at most
+    --bpe_train_chars of it."""
+    from tokenizer import tokenizer_from_meta
+    docs = stories(3000, long_every=2000)
+    write_jsonl(tmp_path / "docs.jsonl", docs)
+    write_jsonl(tmp_path / "val.jsonl", ["zyzzyva " * 200] * 3 + docs[:20])
+    args = ["docs", "--source=docs.jsonl", "--val_source=val.jsonl", "--tokenizer=bpe:1000", "--shard_size=20000"]
+    runs = {n: run_script("prepare.py", *args, f"--num_proc={n}", f"--out_root=out{n}", cwd=tmp_path).stdout
+            for n in (1, 3)}
+    one, three = tmp_path / "out1/docs", tmp_path / "out3/docs"
+    assert shard_bytes(one) == shard_bytes(three) and len(shard_bytes(one)) > 10
+    assert (one / "meta.json").read_text() == (three / "meta.json").read_text()
+    learned = re.search(r"\nlearned a (\d+)-token BPE from [\d,]+ characters of the train split \(all of it\)",
+                        runs[1])
+    size = int(learned.group(1))  # these stories have too few words for 1000; the run says so
+    assert size < 1000 and f"note: 1,000 tokens asked for, but this text has pairs for {size} only" in runs[1]
+
+    meta = json.loads((one / "meta.json").read_text())
+    tokenizer = tokenizer_from_meta(meta)
+    assert meta["vocab_size"] == tokenizer.vocab_size == size and meta["eot_id"] == tokenizer.eot_id == size - 1
+    assert meta["tokenizer"]["type"] == "bpe" and json.loads(meta["tokenizer"]["tokenizer_json"])["model"]["vocab"]
+    tokens = split_tokens(one, "train")
+    train = [tokenizer.decode(ids) for ids in np.split(tokens, np.flatnonzero(tokens == tokenizer.eot_id))]
+    assert [t.replace("<|endoftext|>", "", 1) for t in train] == docs
+    assert len(tokenizer.encode("zyzzyva")) == 7  # one byte a token: val's word taught it nothing
+    assert len(tokenizer.encode(" little girl")) <= 3
+
+    capped = run_script("prepare.py", *args, "--bpe_train_chars=20000", "--out_root=capped", cwd=tmp_path).stdout
+    assert "of the train split (its first 20,000 (--bpe_train_chars))" in capped
+    assert json.loads((tmp_path / "capped/docs/meta.json").read_text())["tokenizer"] != meta["tokenizer"]
+
+
+def test_tokenizer_of_a_dataset_run_or_model(tmp_path):
+    """--tokenizer=<a prepared dataset, its meta.json, a training run, an exported model>: new text (a fine-tuning
+    set) is tokenized with exactly that tokenizer, a trained BPE or a char vocabulary; a character the vocabulary
+    lacks is refused in one line with nothing left behind."""
+    from checkpoint import save_checkpoint
+    from hf import write_tokenizer
+    from tokenizer import tokenizer_from_meta
+    write_jsonl(tmp_path / "docs.jsonl", stories(500))
+    run_script("prepare.py", "base", "--source=docs.jsonl", "--tokenizer=bpe:300", cwd=tmp_path)
+    base = json.loads((tmp_path / "data/base/meta.json").read_text())
+    import dataclasses
+
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=base["vocab_size"]))
+    save_checkpoint(str(tmp_path / "run/ckpt.pt"), {"model": model.state_dict(), "meta": base,
+                                                    "model_args": dataclasses.asdict(model.config)})
+    os.makedirs(tmp_path / "hf")
+    (tmp_path / "hf/config.json").write_text(json.dumps({"vocab_size": base["vocab_size"]}))
+    write_tokenizer(base, str(tmp_path / "hf"), 64)
+    new_docs = stories(50, seed=7)
+    write_jsonl(tmp_path / "new.jsonl", new_docs)
+    for i, source in enumerate(["base", "data/base", "data/base/meta.json", "run", "run/ckpt.pt", "hf"]):
+        run_script("prepare.py", f"new{i}", "--source=new.jsonl", f"--tokenizer={source}", cwd=tmp_path)
+        meta = json.loads((tmp_path / f"data/new{i}/meta.json").read_text())
+        assert meta["tokenizer"] == base["tokenizer"] and meta["vocab_size"] == base["vocab_size"], source
+    tokenizer = tokenizer_from_meta(base)
+    docs = [doc for split in ("val", "train")  # each split's documents, end-of-text between them
+            for doc in tokenizer.decode(split_tokens(tmp_path / "data/new0", split)).split("<|endoftext|>")]
+    assert sorted(docs) == sorted(new_docs)
+
+    (tmp_path / "a.txt").write_text("abc cab\n")
+    (tmp_path / "b.txt").write_text("abcd\n")
+    run_script("prepare.py", "abc", "--source=a.txt", "--tokenizer=char", cwd=tmp_path)
+    proc = run_script("prepare.py", "abcd", "--source=b.txt", "--tokenizer=abc", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "outside this model's 5-character vocabulary: 'd'" in proc.stderr
+    assert not (tmp_path / "data/abcd").exists()
+
+
 @pytest.fixture(scope="module")
 def kill_source(tmp_path_factory):
     """Text of 4 worker tasks (prepare.TASK_CHARS each), and what an uninterrupted run makes of it. A task's shards
@@ -112,8 +185,8 @@ def kill_source(tmp_path_factory):
     docs = stories(20_000, seed=1)
     assert 3 * TASK_CHARS < sum(map(len, docs)) <= 4 * TASK_CHARS
     write_jsonl(folder / "docs.jsonl", docs)
-    tokenizer = "gpt2" if gpt2_bpe_available() else "char"
-    args = ["docs", f"--source={folder / 'docs.jsonl'}", f"--tokenizer={tokenizer}", "--shard_size=100000",
+    # a BPE trained here: the resumed run must take it from resume.json (tiktoken's gpt2 and char are cut the same way)
+    args = ["docs", f"--source={folder / 'docs.jsonl'}", "--tokenizer=bpe:2000", "--shard_size=100000",
             "--num_proc=2"]
     run_script("prepare.py", *args[:-1], "--num_proc=1", "--out_root=clean", cwd=folder)
     return args, folder / "clean"
@@ -168,7 +241,7 @@ def test_resume_after_kill_gives_same_bytes(tmp_path, sig, kill_source):
     kept_mtimes = {s["file"]: os.path.getmtime(tmp_path / "data/docs/unfinished" / s["file"]) for s in kept}
 
     resumed = run_script("prepare.py", *args, cwd=tmp_path)
-    assert "resuming: " in resumed.stdout
+    assert "resuming: " in resumed.stdout and "learned a" not in resumed.stdout  # the BPE it had, not learned again
     assert shard_bytes(tmp_path / "data/docs") == shard_bytes(clean / "docs")
     assert (tmp_path / "data/docs/meta.json").read_text() == (clean / "docs/meta.json").read_text()
     assert {f: os.path.getmtime(tmp_path / "data/docs" / f) for f in kept_mtimes} == kept_mtimes  # not rewritten
@@ -363,7 +436,7 @@ def test_list_names_every_recipe(tmp_path):
 
 @pytest.mark.parametrize("case", ["missing", "empty", "undecodable", "no_field", "not_json", "parquet_column",
                                   "hf_offline", "val_fraction", "missing_val_source", "empty_test_source",
-                                  "tokenizer_typo", "json_array", "json_object", "gzip", "two_vals"])
+                                  "tokenizer_typo", "bpe_size", "json_array", "json_object", "gzip", "two_vals"])
 def test_bad_input(tmp_path, case):
     """One line that says what is wrong and what to do, exit code 2, no traceback, no meta.json, no empty folder."""
     (tmp_path / "bad.txt").write_bytes(b"fine text\n" * 100 + b"caf\xe9\n")
@@ -402,8 +475,10 @@ def test_bad_input(tmp_path, case):
                  "good.txt.gz is gzip-compressed, not text; decompress it first (gunzip -k good.txt.gz) and point "
                  "--source at the result"),
         "tokenizer_typo": (["--source=good.txt", "--tokenizer=chars"],
-                           "tokenizer='chars' is neither 'char' (one id per character) nor a tiktoken encoding "
-                           "(gpt2, "),
+                           "tokenizer='chars' is neither 'char' (one id per character), 'bpe:N' (an N-token BPE "
+                           "trained on this text), a tiktoken encoding (gpt2, "),
+        "bpe_size": (["--source=good.txt", "--tokenizer=bpe:100k", "--bpe_train_chars=0"],
+                     "tokenizer='bpe:100k': write a BPE's vocabulary size as bpe:N, e.g. bpe:8192"),
     }[case]
     if case == "parquet_column":
         import pyarrow as pa
@@ -424,6 +499,8 @@ def test_bad_input(tmp_path, case):
         assert "val_fraction=1.5 must be between 0 and 1" in proc.stderr
     if case == "tokenizer_typo":
         assert proc.stderr.rstrip().endswith("; did you mean 'char'?")
+    if case == "bpe_size":
+        assert "bpe_train_chars=0 must be 1 or more" in proc.stderr
 
 
 def test_test_source_alone_keeps_carving_val(tmp_path, shakespeare_path):
@@ -523,6 +600,16 @@ def test_safe_cuts_keep_every_pretokenization(monkeypatch):
     for name in names:
         pattern = regex.compile(tiktoken.registry.ENCODING_CONSTRUCTORS[name]()["pat_str"])
         assert [t for part in parts for t in pattern.findall(part)] == pattern.findall(text), name
+
+
+def test_safe_cuts_keep_trained_bpe_tokens():
+    """The same for a BPE trained by prepare.py (GPT-4's pre-tokenizer, run by Hugging Face tokenizers)."""
+    from tokenizer import BPETokenizer
+    text = hard_text(3000)
+    tokenizer = BPETokenizer.train([text], 1000, show_progress=False)
+    parts = cut_everywhere(text)
+    assert len(parts) > 3000
+    assert [t for p in parts for t in tokenizer.encode(p)] == tokenizer.encode(text)
 
 
 @needs_bpe

@@ -1,6 +1,6 @@
 import pytest
 
-from conftest import gpt2_bpe_available
+from conftest import generated_text, gpt2_bpe_available
 from tokenizer import CharTokenizer, TiktokenTokenizer, describe, tokenizer_from_meta
 
 
@@ -41,3 +41,46 @@ def test_describe_names_a_tokenizer_in_a_few_words():
     assert describe(CharTokenizer("abc", eot=True).meta()) == "a 3-character vocabulary with end-of-text"
     assert describe({"type": "tiktoken", "encoding": "gpt2"}) == "the tiktoken encoding 'gpt2'"
     assert describe(None) == "None"
+
+
+def trained_bpe(vocab_size=400, seed=0):
+    from tokenizer import BPETokenizer
+    text = generated_text(100_000, seed=seed) + "caf\u00e9 na\u00efve \u2609 \u4e2d\u6587\u3002 1234567 don't DON'T\n"
+    return BPETokenizer.train([text[i:i + 5000] for i in range(0, len(text), 5000)], vocab_size, show_progress=False)
+
+
+def test_bpe_round_trip():
+    """A BPE trained here: the vocabulary asked for, end-of-text last (as GPT-2's), any text back exactly (bytes it
+    never saw too), special tokens in text as text, and the same ids again from its meta."""
+    tok = trained_bpe()
+    assert tok.vocab_size == 400 and tok.eot_id == 399
+    text = "ROMEO:\nthe night <|endoftext|> caf\u00e9 \U0001f600 \x00\ttabs  and 12345678, unseen: \u0416\u0416\n\n"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text and tok.eot_id not in ids
+    assert tok.encode_array(text).tolist() == ids
+    assert len(tok.encode(" the night")) == 2  # merges learned: a frequent word with its space is one token
+    assert tok.decode([tok.eot_id]) == "<|endoftext|>"  # as tiktoken decodes GPT-2's
+    again = tokenizer_from_meta({"tokenizer": tok.meta()})
+    assert again.encode(text) == ids and again.meta() == tok.meta()
+    lengths = tok.byte_lengths()  # bits per byte: each id's bytes, together those of the text; end-of-text none
+    assert lengths[ids].sum() == len(text.encode("utf-8")) and lengths[tok.eot_id] == 0
+
+
+def test_bpe_training_is_deterministic():
+    """Threads count the words apart: the merges must not depend on them, or two prepare runs would disagree."""
+    assert trained_bpe().meta() == trained_bpe().meta()
+    assert trained_bpe().meta() != trained_bpe(seed=1).meta()
+
+
+def test_bpe_spec_problems_and_description():
+    from tokenizer import bpe_vocab_size, spec_problems
+    tok = trained_bpe()
+    assert spec_problems(tok.meta(), 400) == [] and describe(tok.meta()) == "a 400-token BPE trained by prepare.py"
+    assert spec_problems(tok.meta(), 512) == ["the bpe tokenizer has 400 tokens, but vocab_size is 512"]
+    assert "tokenizer.json" in spec_problems({"type": "bpe", "tokenizer_json": "{not json"})[0]
+    problems = spec_problems({"type": "sentencepiece", "model": "x" * 10_000})
+    assert len(problems[0]) < 400  # a description too large to print is cut
+    assert bpe_vocab_size("bpe") == 8192 and bpe_vocab_size("bpe:4096") == 4096 and bpe_vocab_size("gpt2") is None
+    for bad in ("bpe:100", "bpe:70000"):
+        with pytest.raises(ValueError, match="257 .* to 65536 tokens"):
+            bpe_vocab_size(bad)
