@@ -29,7 +29,7 @@ import torch
 from configurator import UserError
 from model import GPT, GPTConfig, head_problems
 from tokendata import GPT2_META
-from tokenizer import EOT, BPETokenizer, bpe_json_problems, describe
+from tokenizer import EOT, BPETokenizer, bpe_json_problems, bytes_to_unicode, describe
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's four GPT-2s on the Hub
 # weights transformers keeps in Conv1D layout (in, out); nn.Linear keeps (out, in)
@@ -288,26 +288,18 @@ def hf_tokenizer_meta(name_or_path):
         if vocab is None and os.path.exists(os.path.join(folder, "vocab.json")):
             with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as f:
                 vocab = json.load(f)
-        if vocab_size == 50257 and (vocab is None or vocab == gpt2_vocab()):  # weights alone: GPT-2's, by size
+        # weights alone: GPT-2's, by size; " the" at GPT-2's id first, so another BPE needs no GPT-2 files
+        if vocab_size == 50257 and (vocab is None or vocab.get("\u0120the") == 262 and vocab == gpt2_vocab()):
             return GPT2_META
-        if text and byte_level_bpe(text, vocab_size):
-            return {"tokenizer": {"type": "bpe", "tokenizer_json": text}, "vocab_size": vocab_size,
-                    "eot_id": BPETokenizer(text).eot_id}
+        if text and not bpe_json_problems(text, vocab_size):
+            tokenizer = BPETokenizer(text)  # its meta holds the file as prepare.py writes it, whoever saved it last
+            return {"tokenizer": tokenizer.meta(), "vocab_size": vocab_size, "eot_id": tokenizer.eot_id}
         if vocab_size == 50257:
             raise UserError(f"{name_or_path}'s tokenizer has 50,257 tokens, as GPT-2's, but other ids for them, and "
                             f"no tokenizer.json of a byte-level BPE with {EOT}: a BPE this toolkit cannot read")
     raise UserError(f"cannot tell which tokenizer {name_or_path} uses: this toolkit knows GPT-2 BPE (50257 tokens), "
                     f"the character-level tokenizer export.py writes, and byte-level BPEs with {EOT} in a "
                     f"tokenizer.json (what prepare.py --tokenizer=bpe:N trains)")
-
-
-def byte_level_bpe(text, vocab_size):
-    """Whether a tokenizer.json is one BPETokenizer runs as it was meant to: a byte-level BPE (every id's text is its
-    bytes, one character each) with end-of-text, nothing done to the text before or ids added after, and exactly
-    vocab_size ids (the model's)."""
-    spec = json.loads(text)
-    return (not bpe_json_problems(text, vocab_size) and (spec.get("decoder") or {}).get("type") == "ByteLevel"
-            and not spec.get("normalizer") and (spec.get("post_processor") or {}).get("type") in (None, "ByteLevel"))
 
 
 def check_dataset_tokenizer(name_or_path, data_meta):
@@ -322,20 +314,6 @@ def check_dataset_tokenizer(name_or_path, data_meta):
 
 # ----------------------------------------------------------------------------------------------------------------
 # export
-
-def bytes_to_unicode():
-    """GPT-2's byte-to-character table for vocab.json and merges.txt: printable Latin-1 bytes stand for themselves,
-    the other 68 bytes (controls, space, ...) take the characters from U+0100 on, in byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, n = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + n)
-            n += 1
-    return table
-
 
 def gpt2_bpe_files():
     """
@@ -385,7 +363,7 @@ def gpt2_vocab(ranks=None, eot_id=None):
 
 def write_tokenizer(meta, folder, max_length):
     """Tokenizer files transformers' AutoTokenizer loads: GPT-2's for GPT-2 BPE, a tokenizers-library
-    tokenizer.json with one token per character for char-level models."""
+    tokenizer.json with one token per character for char-level models, and a trained BPE's own tokenizer.json."""
     spec = meta["tokenizer"]
     kind = spec["type"]
     common = {"model_max_length": max_length, "clean_up_tokenization_spaces": False}  # decode text exactly

@@ -20,6 +20,7 @@ resume.json records how far the stream got, so a killed run picks up from there 
 """
 
 import difflib
+import functools
 import glob
 import hashlib
 import json
@@ -29,8 +30,11 @@ import pickle
 import re
 import shutil
 import signal
+import sys
 import tempfile
+import threading
 import time
+import unicodedata
 import urllib.request
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -98,8 +102,7 @@ class PrepareConfig:
     hf_config: str = ""  # its configuration, e.g. sample-100BT for fineweb_edu; empty: the recipe's
     split: str = "train"  # with --hf: the dataset's splits to read, comma-separated (validation/test kept apart)
     text_field: str = "text"  # the field holding the text in .jsonl, .parquet and Hugging Face rows
-    tokenizer: str = ""  # 'char', 'bpe:N' (an N-token BPE trained here), a tiktoken encoding such as 'gpt2', or the
-    # tokenizer of a prepared dataset, a training run or a Hugging Face model folder, by path; empty: the recipe's
+    tokenizer: str = ""  # char, bpe:N (learned here), gpt2 (any tiktoken name), or a dataset/run/model's; '': recipe's
     bpe_train_chars: int = 1_000_000_000  # a BPE learns from at most this many characters of the train split
     val_fraction: float | None = None  # share of the text that becomes val when no val split is given; None: recipe's
     seed: int = 2357  # picks the random val documents (nanoGPT's seed for openwebtext)
@@ -170,21 +173,22 @@ def borrowed_tokenizer(name, out_root):
     """
     The tokenizer of what --tokenizer=NAME points at, so new text (a fine-tuning set) is tokenized exactly as a model
     reads: a prepared dataset (a name under out_root, a folder, or its meta.json), a training run (its folder or a
-    .pt checkpoint) or a Hugging Face GPT-2 folder (its tokenizer files).
+    .pt checkpoint) or a Hugging Face GPT-2 folder (its config.json and tokenizer files).
     """
-    from checkpoint import checkpoint_meta, is_checkpoint, load_checkpoint  # torch: only for a checkpoint
     path = borrowed_path(name, out_root)
-    if path.endswith(".json") and os.path.isfile(path):
-        meta = read_meta(path)
-    elif is_checkpoint(path):
+    if path.endswith(".pt") or os.path.isfile(os.path.join(path, "ckpt.pt")):
+        from checkpoint import checkpoint_meta, load_checkpoint  # torch: only for a checkpoint
         meta = checkpoint_meta(load_checkpoint(path), path)
+    elif os.path.basename(path) == "meta.json":
+        meta = read_meta(path)
     elif os.path.isfile(os.path.join(path, "config.json")):
         from hf import hf_tokenizer_meta
         meta = hf_tokenizer_meta(path)
-    elif os.path.isdir(path):
-        meta = Dataset(path).meta  # prepare.py's, or nanoGPT's train.bin/meta.pkl
+    elif os.path.isfile(os.path.join(path, "meta.json")) or glob.glob(os.path.join(path, "*.bin")):
+        meta = Dataset(path).meta  # prepare.py's, or nanoGPT's train.bin (and meta.pkl), or llm.c's shards
     else:
-        raise UserError(f"--tokenizer={name}: {path} is not a dataset's meta.json, a .pt checkpoint or a folder")
+        raise UserError(f"--tokenizer={name}: {path} is neither a dataset (meta.json, or .bin token files), a run "
+                        "(ckpt.pt, or a .pt file) nor a Hugging Face model folder (config.json and tokenizer files)")
     return tokenizer_from_meta(meta)
 
 
@@ -507,10 +511,16 @@ def safe_cut(text, start):
     ($, (?!\S)) only follow whitespace, so the text before the cut, which ends in a letter or digit, matches as before;
     and BPE never merges across pre-tokens. Punctuation counts, so CJK text (中文。), minified code and base64 are cut
     too. Cutting after whitespace would not be safe: at the very end of a text, trailing whitespace is one pre-token
-    ('a\n\nb' encodes as [a, \n, \n, b], 'a\n\n' as [a, \n\n]).
+    ('a\n\nb' encodes as [a, \n, \n, b], 'a\n\n' as [a, \n\n]). The same holds for prepare.py's trained BPE, whose
+    pre-tokenizer is cl100k's. The letter or digit before the cut must be one in Python's own Unicode table too: the
+    tokenizer's regex engine (Rust's in tiktoken, Oniguruma in tokenizers) may know an older Unicode than the regex
+    module, where a letter added since is no letter yet, and the cut would fall inside a pre-token.
     """
-    match = SAFE_CUT.search(text, start)
-    return -1 if match is None else match.start()
+    while (match := SAFE_CUT.search(text, start)) is not None:
+        if unicodedata.category(text[match.start() - 1])[0] in "LN":
+            return match.start()
+        start = match.start() + 1
+    return -1
 
 
 def any_cut(text, start):
@@ -573,6 +583,7 @@ def init_pool_worker(*init_args):
     # Ctrl-C reaches every process of the terminal's group: the main process stops the pool, and a worker's own
     # KeyboardInterrupt would only add a traceback per worker to its one line
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # a trained BPE encodes one piece at a time: no thread pool
     init_worker(*init_args)
 
 
@@ -688,15 +699,69 @@ def char_vocabulary(docs, workers):
     return CharTokenizer(sorted(chars), eot=max(counts.values(), default=0) > 1)
 
 
+def in_child(what, fn, *args):
+    """
+    fn(*args) in a spawned process, its result or exception brought back. For native code that holds this process
+    for minutes: tokenizers' BPE learning reads its text from a thread of its own while the main thread waits in Rust,
+    where Ctrl-C and SIGTERM would wait for it to end; here they stop the child at once. Its memory (the word counts of
+    a gigabyte of text: gigabytes) goes back when it ends.
+    """
+    sys.stdout.flush()  # what this process printed first comes first
+    context = multiprocessing.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=run_child, args=(sender, fn, args), daemon=True)
+    child.start()
+    sender.close()
+    try:
+        ok, value = receiver.recv()
+    except EOFError:  # it died without a word: killed (the OOM killer, say)
+        child.join()
+        raise UserError(f"the process {what} died (exit code {child.exitcode}); if it ran out of memory, give it "
+                        "less text") from None
+    except BaseException:  # Ctrl-C or SIGTERM here: it stops now too
+        child.terminate()
+        child.join()
+        raise
+    child.join()
+    if not ok:
+        raise value
+    return value
+
+
+def run_child(sender, fn, args):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent ends this process
+    # tqdm's default lock holds a multiprocessing semaphore, which a child ended from outside would leave for the
+    # resource tracker to report ("leaked semaphore objects") after the run's one line; a thread lock is enough here
+    tqdm.set_lock(threading.RLock())
+    try:
+        result = (True, fn(*args))
+    except BaseException as e:  # noqa: BLE001 (raised again in the parent)
+        result = (False, e)
+    sender.send(result)
+
+
+def document_stream(cfg, recipe, val_fraction):
+    """The dataset's documents, their source asked for the first one already (see started)."""
+    return started(documents(cfg, recipe, val_fraction))
+
+
 def train_bpe(docs, vocab_size, max_chars):
-    """A byte-level BPE learned from the first max_chars characters of the train split, in pieces cut where no word
-    is split. With llm.c's fineweb rule (val is the first shard's tokens, known only once tokenized) it learns from
-    the whole stream, val included, as GPT-2's BPE did from its WebText."""
+    """A BPETokenizer learned in a child process (see in_child) from docs(), or None when it holds no text to learn
+    from."""
+    tokenizer_json = in_child("learning the BPE", learn_bpe, docs, vocab_size, max_chars)
+    return BPETokenizer(tokenizer_json) if tokenizer_json else None
+
+
+def learn_bpe(docs, vocab_size, max_chars):
+    """The tokenizer.json of a byte-level BPE learned from the first max_chars characters of the train split of
+    docs(), in pieces cut where no word is split; None when it has no text. With llm.c's fineweb rule (val is the
+    first shard's tokens, known only once tokenized) it learns from the whole stream, val included, as GPT-2's BPE
+    did from its WebText."""
     read = {"chars": 0}
 
     def texts():
         with tqdm(desc="bpe words", unit="char", unit_scale=True) as bar:  # tokenizers counts words as it reads
-            for split, text, _ in pieces(docs, safe_cut):
+            for split, text, _ in pieces(docs(), safe_cut):
                 if split in ("train", "first_shard"):
                     text = text[:max_chars - read["chars"]]
                     yield text
@@ -715,7 +780,7 @@ def train_bpe(docs, vocab_size, max_chars):
           f"({cap}) in {time.time() - t0:.1f} s")
     if tokenizer.vocab_size < vocab_size:
         print(f"note: {vocab_size:,} tokens asked for, but this text has pairs for {tokenizer.vocab_size:,} only")
-    return tokenizer
+    return tokenizer.json
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -900,7 +965,7 @@ def start_or_resume(cfg, work_dir, fp, tokenizer_name, docs, num_proc):
             if tokenizer is None:
                 raise UserError(f"the source ({cfg.source or cfg.hf or cfg.name}) holds no text")
         elif bpe_vocab_size(tokenizer_name) is not None:
-            tokenizer = train_bpe(docs(), bpe_vocab_size(tokenizer_name), cfg.bpe_train_chars)
+            tokenizer = train_bpe(docs, bpe_vocab_size(tokenizer_name), cfg.bpe_train_chars)
             if tokenizer is None:
                 raise UserError(f"the train split of {cfg.source or cfg.hf or cfg.name} holds no text to learn a "
                                 "BPE from")
@@ -1029,7 +1094,7 @@ def prepare(cfg, recipe, out_dir, work_dir, val_fraction, tokenizer_name, num_pr
         if not os.path.exists(cfg.source):
             download(recipe.url, cfg.source)
     local_files = all_source_files(cfg)
-    docs = lambda: started(documents(cfg, recipe, val_fraction))  # noqa: E731 (read twice for a char vocabulary)
+    docs = functools.partial(document_stream, cfg, recipe, val_fraction)  # read twice for a char vocabulary or BPE
 
     fp = fingerprint(cfg, recipe, val_fraction)
     tokenizer, writers, skip, stream = start_or_resume(cfg, work_dir, fp, tokenizer_name, docs, num_proc)

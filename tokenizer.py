@@ -130,8 +130,11 @@ class BPETokenizer:
 
     def __init__(self, tokenizer_json):
         from tokenizers import Tokenizer  # imported here: only BPE users need it
-        self.json = tokenizer_json
         self.tok = Tokenizer.from_str(tokenizer_json)
+        # as prepare.py writes it: transformers' save_pretrained adds a template that adds nothing, so that a
+        # tokenizer.json saved again still equals, as meta, the one a dataset was tokenized with
+        self.tok.post_processor = None
+        self.json = self.tok.to_str()
         self.tok.encode_special_tokens = True  # '<|endoftext|>' in a text is text; not saved in the json
         self.eot_id = self.tok.token_to_id(EOT)
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
@@ -192,19 +195,59 @@ def bpe_vocab_size(name):
 
 
 def bpe_json_problems(text, vocab_size=None):
-    """What is wrong with a trained BPE's tokenizer.json text, for spec_problems."""
+    """
+    What keeps a tokenizer.json text from being one BPETokenizer runs as it was meant to: a byte-level BPE (each id's
+    text is its bytes, one character each, as byte_lengths counts them), its text split by this module's
+    pre-tokenizer or GPT-2's (where prepare.safe_cut may cut it) with no space put in front, end-of-text as its one
+    added token and last id, nothing done to the text before or ids added after (transformers' save_pretrained adds
+    a template that adds none), and vocab_size ids.
+    """
     try:
         spec = json.loads(text)
-        vocab = spec["model"]["vocab"]
-        added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
-    except (TypeError, ValueError, KeyError):
-        return ["a bpe tokenizer needs \"tokenizer_json\": the text of a Hugging Face tokenizer.json"]
-    if spec["model"].get("type") != "BPE" or EOT not in added:
-        return [f"the bpe tokenizer's tokenizer.json is not a byte-level BPE with {EOT}"]
-    size = len(vocab.keys() | added.keys())
+        model, added = spec["model"], spec.get("added_tokens") or []
+        vocab = dict(model["vocab"])
+        pre, post = spec.get("pre_tokenizer") or {}, spec.get("post_processor") or {}
+        size = len(vocab.keys() | {t["content"] for t in added})
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return ['a bpe tokenizer needs "tokenizer_json": the text of a Hugging Face tokenizer.json']
+    ours = (pre.get("type") == "Sequence" and [p.get("type") for p in pre.get("pretokenizers", [])] ==
+            ["Split", "ByteLevel"] and pre["pretokenizers"][0].get("pattern") == {"Regex": BPE_PATTERN}
+            and pre["pretokenizers"][0].get("behavior") == "Isolated" and not pre["pretokenizers"][0].get("invert")
+            and not pre["pretokenizers"][1].get("use_regex") and not pre["pretokenizers"][1].get("add_prefix_space"))
+    gpt2s = pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space")
+    alphabet = set(bytes_to_unicode().values())
+    why = []
+    if model.get("type") != "BPE" or model.get("dropout") or not set("".join(vocab)) <= alphabet:
+        why.append("not a byte-level BPE without dropout")
+    if spec.get("normalizer") or not (ours or gpt2s):
+        why.append("its text is changed or split otherwise than by GPT-4's or GPT-2's pre-tokenizer, unprefixed")
+    if (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        why.append("its decoder is not ByteLevel")
+    if post and not (post.get("type") == "ByteLevel" or post.get("type") == "TemplateProcessing" and
+                     not post.get("special_tokens") and [list(p) for p in post.get("single", [])] == [["Sequence"]]):
+        why.append("it adds ids to what it encodes")
+    if [t.get("content") for t in added] != [EOT] or added[0].get("id") != size - 1:
+        why.append(f"its one added token is not {EOT}, last")
+    if why:
+        return [f"the bpe tokenizer's tokenizer.json cannot be run as prepare.py trains one: {'; '.join(why)}"]
     if vocab_size is not None and size != vocab_size:
         return [f"the bpe tokenizer has {size} tokens, but vocab_size is {vocab_size}"]
     return []
+
+
+def bytes_to_unicode():
+    """GPT-2's byte-to-character table for vocab.json, merges.txt and byte-level BPEs: printable Latin-1 bytes stand
+    for themselves, the other 68 bytes (controls, space, ...) take the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    table, n = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + n)
+            n += 1
+    return table
 
 
 def spec_problems(spec, vocab_size=None):
@@ -236,7 +279,7 @@ def describe(spec):
         return f"the tiktoken encoding {spec.get('encoding', 'gpt2')!r}"
     if isinstance(spec, dict) and spec.get("type") == "bpe" and not bpe_json_problems(spec.get("tokenizer_json")):
         vocab = json.loads(spec["tokenizer_json"])["model"]["vocab"]
-        return f"a {len(vocab) + 1:,}-token BPE trained by prepare.py"
+        return f"a {len(vocab.keys() | {EOT}):,}-token byte-level BPE"
     return short(spec)
 
 

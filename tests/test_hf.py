@@ -323,7 +323,8 @@ def test_finetune_config_and_tokenizer_check():
     assert hf_tokenizer_meta("gpt2-xl") == GPT2_META  # known without a download
     check_dataset_tokenizer("gpt2", GPT2_META)
     char_meta = {"tokenizer": {"type": "char", "chars": "abc", "eot": False}, "vocab_size": 3, "eot_id": None}
-    with pytest.raises(UserError, match="gpt2 reads the tiktoken encoding 'gpt2', but the dataset was tokenized with a 3-character vocabulary"):
+    with pytest.raises(UserError, match="gpt2 reads the tiktoken encoding 'gpt2', but the dataset was tokenized "
+                                        "with a 3-character vocabulary"):
         check_dataset_tokenizer("gpt2", char_meta)
 
 

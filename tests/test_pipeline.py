@@ -129,6 +129,7 @@ def test_trained_bpe_pipeline(tmp_path, shakespeare_path):
     reads the exported tokenizer as ours does, and the folder samples the same text as the checkpoint."""
     from transformers import AutoTokenizer
 
+    from hf import hf_tokenizer_meta
     from tokenizer import tokenizer_from_meta
     run_script("prepare.py", "shk", f"--source={shakespeare_path}", "--tokenizer=bpe:1024", cwd=tmp_path)
     meta = json.loads((tmp_path / "data/shk/meta.json").read_text())
@@ -146,5 +147,9 @@ def test_trained_bpe_pipeline(tmp_path, shakespeare_path):
     text = "ROMEO:\nWhat light through yonder window breaks? caf\u00e9 1234\n"
     assert theirs(text).input_ids == ours.encode(text) and theirs.decode(ours.encode(text)) == text
     assert theirs.eos_token_id == ours.eot_id
+    theirs.save_pretrained(tmp_path / "saved_again")  # adds a template that adds nothing: still the same tokenizer
+    (tmp_path / "saved_again/config.json").write_text((tmp_path / "hf/config.json").read_text())
+    assert hf_tokenizer_meta(str(tmp_path / "saved_again")) == {k: meta[k] for k in ("tokenizer", "vocab_size",
+                                                                                       "eot_id")}
     from_hf = run_script("sample.py", "--init_from=hf", *args, cwd=tmp_path).stdout
     assert from_hf == from_checkpoint

@@ -175,6 +175,25 @@ def test_tokenizer_of_a_dataset_run_or_model(tmp_path):
     assert not (tmp_path / "data/abcd").exists()
 
 
+def test_in_child_stops_at_once_and_passes_errors_back():
+    """What a child process (the BPE's learning) raises is raised here; Ctrl-C (or SIGTERM, which prepare.py turns
+    into the same) stops the wait and the child at once, and a child killed outright is one line."""
+    import threading
+
+    from configurator import UserError
+    from prepare import in_child
+    assert in_child("adding", sum, [1, 2, 3]) == 6
+    with pytest.raises(ValueError, match="invalid literal"):
+        in_child("parsing", int, "x")
+    t0 = time.time()
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        in_child("sleeping", time.sleep, 60)
+    assert time.time() - t0 < 20
+    with pytest.raises(UserError, match=r"the process exiting died \(exit code 3\)"):
+        in_child("exiting", os._exit, 3)
+
+
 @pytest.fixture(scope="module")
 def kill_source(tmp_path_factory):
     """Text of 4 worker tasks (prepare.TASK_CHARS each), and what an uninterrupted run makes of it. A task's shards
@@ -185,20 +204,23 @@ def kill_source(tmp_path_factory):
     docs = stories(20_000, seed=1)
     assert 3 * TASK_CHARS < sum(map(len, docs)) <= 4 * TASK_CHARS
     write_jsonl(folder / "docs.jsonl", docs)
-    # a BPE trained here: the resumed run must take it from resume.json (tiktoken's gpt2 and char are cut the same way)
-    args = ["docs", f"--source={folder / 'docs.jsonl'}", "--tokenizer=bpe:2000", "--shard_size=100000",
-            "--num_proc=2"]
-    run_script("prepare.py", *args[:-1], "--num_proc=1", "--out_root=clean", cwd=folder)
-    return args, folder / "clean"
+    runs = {}
+    for tokenizer in ("char", "bpe:2000"):  # what each resumed run must take from resume.json: a vocabulary, a BPE
+        args = ["docs", f"--source={folder / 'docs.jsonl'}", f"--tokenizer={tokenizer}", "--shard_size=100000",
+                "--num_proc=2"]
+        run_script("prepare.py", *args[:-1], "--num_proc=1", f"--out_root=clean_{tokenizer}", cwd=folder)
+        runs[tokenizer] = args, folder / f"clean_{tokenizer}"
+    return runs
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
-def test_resume_after_kill_gives_same_bytes(tmp_path, sig, kill_source):
+@pytest.mark.parametrize("sig, tokenizer", [(signal.SIGKILL, "bpe:2000"), (signal.SIGINT, "char"),
+                                            (signal.SIGTERM, "bpe:2000")])
+def test_resume_after_kill_gives_same_bytes(tmp_path, sig, tokenizer, kill_source):
     """Kill a run (the whole process group, as the OOM killer or Ctrl-C would; SIGTERM to the main process alone, as
     kill, timeout or Slurm would) once it has finished shards; running the same command again keeps those, redoes the
     rest, and writes exactly what an uninterrupted run writes. Ctrl-C and SIGTERM get one line saying so and the
     shell's code for Ctrl-C, 130: no traceback from the main process, nor one from each worker, no worker left."""
-    args, clean = kill_source
+    args, clean = kill_source[tokenizer]
 
     stderr = open(tmp_path / "stderr.txt", "w")  # a file: a pipe nobody reads could fill and block the run
     # SIGINT as a terminal leaves it: a shell starts a background job (CI's tests, maybe) with SIGINT ignored, which
@@ -241,7 +263,7 @@ def test_resume_after_kill_gives_same_bytes(tmp_path, sig, kill_source):
     kept_mtimes = {s["file"]: os.path.getmtime(tmp_path / "data/docs/unfinished" / s["file"]) for s in kept}
 
     resumed = run_script("prepare.py", *args, cwd=tmp_path)
-    assert "resuming: " in resumed.stdout and "learned a" not in resumed.stdout  # the BPE it had, not learned again
+    assert "resuming: " in resumed.stdout and "learned a" not in resumed.stdout  # its BPE, not learned again
     assert shard_bytes(tmp_path / "data/docs") == shard_bytes(clean / "docs")
     assert (tmp_path / "data/docs/meta.json").read_text() == (clean / "docs/meta.json").read_text()
     assert {f: os.path.getmtime(tmp_path / "data/docs" / f) for f in kept_mtimes} == kept_mtimes  # not rewritten
@@ -603,13 +625,17 @@ def test_safe_cuts_keep_every_pretokenization(monkeypatch):
 
 
 def test_safe_cuts_keep_trained_bpe_tokens():
-    """The same for a BPE trained by prepare.py (GPT-4's pre-tokenizer, run by Hugging Face tokenizers)."""
+    """The same for a BPE trained by prepare.py (GPT-4's pre-tokenizer, run by Hugging Face tokenizers), with a
+    letter of Unicode 17 (U+10940) that the regex module knows and the tokenizer's Oniguruma may not: no cut after
+    it."""
     from tokenizer import BPETokenizer
-    text = hard_text(3000)
+    new_letter = "x\U00010940.,;\U00010940y \U00010940\U00010940! "
+    text = hard_text(3000) + new_letter * 20
     tokenizer = BPETokenizer.train([text], 1000, show_progress=False)
     parts = cut_everywhere(text)
     assert len(parts) > 3000
     assert [t for p in parts for t in tokenizer.encode(p)] == tokenizer.encode(text)
+    assert cut_everywhere(new_letter) == ["x\U00010940.,;\U00010940y", " \U00010940\U00010940! "]  # after y only
 
 
 @needs_bpe

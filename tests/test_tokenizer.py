@@ -1,7 +1,7 @@
 import pytest
 
 from conftest import generated_text, gpt2_bpe_available
-from tokenizer import CharTokenizer, TiktokenTokenizer, describe, tokenizer_from_meta
+from tokenizer import EOT, CharTokenizer, TiktokenTokenizer, describe, tokenizer_from_meta
 
 
 def test_char_round_trip():
@@ -75,7 +75,7 @@ def test_bpe_training_is_deterministic():
 def test_bpe_spec_problems_and_description():
     from tokenizer import bpe_vocab_size, spec_problems
     tok = trained_bpe()
-    assert spec_problems(tok.meta(), 400) == [] and describe(tok.meta()) == "a 400-token BPE trained by prepare.py"
+    assert spec_problems(tok.meta(), 400) == [] and describe(tok.meta()) == "a 400-token byte-level BPE"
     assert spec_problems(tok.meta(), 512) == ["the bpe tokenizer has 400 tokens, but vocab_size is 512"]
     assert "tokenizer.json" in spec_problems({"type": "bpe", "tokenizer_json": "{not json"})[0]
     problems = spec_problems({"type": "sentencepiece", "model": "x" * 10_000})
@@ -84,3 +84,49 @@ def test_bpe_spec_problems_and_description():
     for bad in ("bpe:100", "bpe:70000"):
         with pytest.raises(ValueError, match="257 .* to 65536 tokens"):
             bpe_vocab_size(bad)
+
+
+def test_bpe_refuses_what_it_would_run_otherwise():
+    """A tokenizer.json (an imported model's) is run by BPETokenizer only when it runs as prepare.py trains one:
+    edited ones that would put spaces at every cut, give other ids each time, or count bytes wrong are refused.
+    transformers' save_pretrained adds a template that adds nothing: accepted, and the meta is unchanged by it."""
+    import json
+
+    from tokenizer import BPETokenizer, spec_problems
+    tok = trained_bpe()
+    spec = json.loads(tok.meta()["tokenizer_json"])
+    assert spec_problems(tok.meta()) == []
+
+    def edited(change):
+        copy = json.loads(json.dumps(spec))
+        change(copy)
+        return {"type": "bpe", "tokenizer_json": json.dumps(copy)}
+
+    def prefix_space(s):
+        s["pre_tokenizer"]["pretokenizers"][1]["add_prefix_space"] = True
+
+    def dropout(s):
+        s["model"]["dropout"] = 0.5
+
+    def pad_token(s):
+        s["added_tokens"].append({**s["added_tokens"][0], "id": 400, "content": "[PAD]", "special": False})
+
+    def lowercase(s):
+        s["normalizer"] = {"type": "Lowercase"}
+
+    def bos(s):
+        s["post_processor"] = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": EOT, "type_id": 0}},
+                               {"Sequence": {"id": "A", "type_id": 0}}], "pair": [], "special_tokens": {}}
+
+    for change, why in [(prefix_space, "split otherwise"), (dropout, "without dropout"), (pad_token, "one added token"),
+                        (lowercase, "text is changed"), (bos, "adds ids")]:
+        problems = spec_problems(edited(change))
+        assert len(problems) == 1 and why in problems[0], (change.__name__, problems)
+
+    def no_op_template(s):  # what transformers' save_pretrained writes
+        s["post_processor"] = {"type": "TemplateProcessing", "single": [{"Sequence": {"id": "A", "type_id": 0}}],
+                               "pair": [], "special_tokens": {}}
+
+    saved_again = edited(no_op_template)
+    assert spec_problems(saved_again) == []
+    assert BPETokenizer(saved_again["tokenizer_json"]).meta() == tok.meta()
