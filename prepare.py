@@ -699,7 +699,7 @@ def char_vocabulary(docs, workers):
     return CharTokenizer(sorted(chars), eot=max(counts.values(), default=0) > 1)
 
 
-def in_child(what, fn, *args):
+def in_child(what, advice, fn, *args):
     """
     fn(*args) in a spawned process, its result or exception brought back. For native code that holds this process
     for minutes: tokenizers' BPE learning reads its text from a thread of its own while the main thread waits in Rust,
@@ -716,8 +716,7 @@ def in_child(what, fn, *args):
         ok, value = receiver.recv()
     except EOFError:  # it died without a word: killed (the OOM killer, say)
         child.join()
-        raise UserError(f"the process {what} died (exit code {child.exitcode}); if it ran out of memory, give it "
-                        "less text") from None
+        raise UserError(f"the process {what} died (exit code {child.exitcode}); {advice}") from None
     except BaseException:  # Ctrl-C or SIGTERM here: it stops now too
         child.terminate()
         child.join()
@@ -748,7 +747,8 @@ def document_stream(cfg, recipe, val_fraction):
 def train_bpe(docs, vocab_size, max_chars):
     """A BPETokenizer learned in a child process (see in_child) from docs(), or None when it holds no text to learn
     from."""
-    tokenizer_json = in_child("learning the BPE", learn_bpe, docs, vocab_size, max_chars)
+    tokenizer_json = in_child("learning the BPE", "if it ran out of memory, a smaller --bpe_train_chars needs less",
+                              learn_bpe, docs, vocab_size, max_chars)
     return BPETokenizer(tokenizer_json) if tokenizer_json else None
 
 

@@ -182,16 +182,16 @@ def test_in_child_stops_at_once_and_passes_errors_back():
 
     from configurator import UserError
     from prepare import in_child
-    assert in_child("adding", sum, [1, 2, 3]) == 6
+    assert in_child("adding", "", sum, [1, 2, 3]) == 6
     with pytest.raises(ValueError, match="invalid literal"):
-        in_child("parsing", int, "x")
+        in_child("parsing", "", int, "x")
     t0 = time.time()
     threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
     with pytest.raises(KeyboardInterrupt):
-        in_child("sleeping", time.sleep, 60)
+        in_child("sleeping", "", time.sleep, 60)
     assert time.time() - t0 < 20
-    with pytest.raises(UserError, match=r"the process exiting died \(exit code 3\)"):
-        in_child("exiting", os._exit, 3)
+    with pytest.raises(UserError, match=r"the process exiting died \(exit code 3\); try again"):
+        in_child("exiting", "try again", os._exit, 3)
 
 
 @pytest.fixture(scope="module")
