@@ -61,6 +61,10 @@ class EvalConfig:
     dtype: str = "auto"  # 'auto', 'float32', 'bfloat16', 'float16'
 
 
+TASK_KEYS = {"perplexity": {"text", "dataset", "split", "block_size", "stride"}, "val_loss": {"dataset", "split"},
+             "hellaswag": {"source", "max_items"}}  # the options each task reads
+
+
 def validate(cfg):
     problems = []
     if cfg.task not in ("perplexity", "hellaswag", "val_loss"):
@@ -69,6 +73,11 @@ def validate(cfg):
         problems.append("perplexity needs one of --text=FILE or --dataset=NAME" +
                         (f", not both (--text={cfg.text}, --dataset={cfg.dataset})" if cfg.text else ""))
     problems += configurator.too_small(cfg, ("block_size", "stride", "max_items"), 0)
+    if cfg.task in TASK_KEYS:  # an option of another task would be ignored without a word
+        for key in sorted(set().union(*TASK_KEYS.values()) - TASK_KEYS[cfg.task]):
+            if getattr(cfg, key) != getattr(EvalConfig, key):
+                tasks = " or ".join(f"--task={t}" for t, keys in TASK_KEYS.items() if key in keys)
+                problems.append(f"--{key} goes with {tasks}, not --task={cfg.task}")
     if cfg.block_size > 0 and cfg.stride > cfg.block_size:
         problems.append(f"stride={cfg.stride} is longer than the window block_size={cfg.block_size}: tokens "
                         "between windows would never be scored")

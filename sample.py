@@ -138,6 +138,10 @@ def main(cfg, sources):
         how = f"sampling at temperature {cfg.temperature}, top_k {cfg.top_k or 'off'}, top_p {cfg.top_p}"
     print(f"{cfg.init_from if cfg.init_from != 'resume' else cfg.out_dir}: {len(ids)}-token prompt, {how}, on "
           f"{device} in {dtype}{', compiled' if cfg.compile else ''}", file=sys.stderr)
+    if how == "greedy" and cfg.num_samples > 1:
+        print(f"note: greedy decoding writes the same text {cfg.num_samples} times; for different samples give a "
+              f"--temperature above 0, or --num_beams={cfg.num_samples} for the {cfg.num_samples} likeliest",
+              file=sys.stderr)
 
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     autocast = torch.autocast(device_type=device_type, dtype=getattr(torch, dtype), enabled=(dtype != "float32"))

@@ -193,6 +193,9 @@ def test_ranks_split_the_work(out_dir):  # noqa: F811
     (["--task=hellaswag", "--source=hs/oov.jsonl"], "hs/oov.jsonl:2: text has characters outside this model's"),
     (["--dataset=no_such_data"], "python prepare.py no_such_data"),
     (["--text=verse.txt", "--dataset=shakespeare_char"], "one of --text=FILE or --dataset=NAME, not both"),
+    # another task's options were once ignored without a word
+    (["--task=val_loss", "--stride=5"], "--stride goes with --task=perplexity, not --task=val_loss"),
+    (["--task=hellaswag", "--dataset=shakespeare_char"], "--dataset goes with --task=perplexity or --task=val_loss"),
 ])
 def test_bad_input(out_dir, args, message):  # noqa: F811
     (out_dir / "verse.txt").write_text("ROMEO:\n")

@@ -51,6 +51,7 @@ def test_greedy_stop_and_stream(out_dir):
                  "--verbose")
     assert samples_of(out.stdout) == [prompt + expected] * 2  # the script decodes what generate.py generates
     assert "tokens/s" in out.stderr
+    assert "note: greedy decoding writes the same text 2 times; for different samples give a --temperature" in out.stderr
 
     stop = expected[10:12]
     cut = prompt + expected[:expected.index(stop)]
