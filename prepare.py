@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 import configurator
 from configurator import UserError
+from lock import FolderLock
 from tokendata import (UNFINISHED_DIR, Dataset, TokenFileError, read_header, read_meta, read_tokens, token_dtype,
                        write_tokens)
 from tokenizer import BPETokenizer, CharTokenizer, bpe_vocab_size, make_tokenizer, tokenizer_from_meta
@@ -1063,22 +1064,23 @@ def main(cfg, sources):
               f"{'--hf' if cfg.hf else '--source'} with the {tokenizer_name} tokenizer")
     out_dir = os.path.join(cfg.out_root, cfg.name)
     work_dir = os.path.join(out_dir, UNFINISHED_DIR)  # the new dataset, until it is whole: the old one stays usable
-    new_dir = not os.path.isdir(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
     signal.signal(signal.SIGTERM, stop_on_sigterm)
-    try:
-        prepare(cfg, recipe, out_dir, work_dir, val_fraction, tokenizer_name, num_proc, t0)
-    except BaseException as e:
-        kept = finished_shards(work_dir)
-        if not kept:  # nothing a re-run could keep: no folder that looks resumable
-            discard(work_dir)
-        if new_dir and not os.listdir(out_dir):  # nothing came of it: no empty dataset folder left behind
-            os.rmdir(out_dir)
-        if isinstance(e, KeyboardInterrupt):
-            advice = (f"{kept} finished shard(s) kept in {work_dir}; run the same command again to resume from there"
-                      if kept else "no shard was finished yet; run the same command again to start over")
-            raise KeyboardInterrupt(advice) from None
-        raise
+    # two runs of one name would clear and fill the same unfinished/ folder: a dataset of both, checksums failing
+    with FolderLock(out_dir, "prepare.lock") as lock:  # a folder it made goes if nothing came of the run
+        if lock.holder:
+            raise UserError(f"{out_dir} is being prepared by {lock.holder}; wait for it to finish, or give this "
+                            "dataset another name")
+        try:
+            prepare(cfg, recipe, out_dir, work_dir, val_fraction, tokenizer_name, num_proc, t0)
+        except BaseException as e:
+            kept = finished_shards(work_dir)
+            if not kept:  # nothing a re-run could keep: no folder that looks resumable
+                discard(work_dir)
+            if isinstance(e, KeyboardInterrupt):
+                advice = (f"{kept} finished shard(s) kept in {work_dir}; run the same command again to resume from "
+                          "there" if kept else "no shard was finished yet; run the same command again to start over")
+                raise KeyboardInterrupt(advice) from None
+            raise
 
 
 def stop_on_sigterm(signum, frame):

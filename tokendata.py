@@ -174,7 +174,13 @@ class Dataset:
         missing = [p for p in paths if not os.path.exists(p)]
         if missing:
             raise UserError(f"{missing[0]} is listed in meta.json but missing; prepare the dataset again")
-        return [Shard(p, headered=self.prepared or None, vocab_size=self.meta["vocab_size"]) for p in paths]
+        shards = [Shard(p, headered=self.prepared or None, vocab_size=self.meta["vocab_size"]) for p in paths]
+        listed = [s.get("tokens") for s in self.meta["shards"][split]] if self.prepared else [None] * len(shards)
+        for shard, tokens in zip(shards, listed):  # a header read each: a shard copied over another shows here
+            if tokens is not None and shard.num_tokens != tokens:
+                raise UserError(f"{shard.path} holds {shard.num_tokens:,} tokens where meta.json lists {tokens:,}: "
+                                "not the file prepare.py wrote there; prepare the dataset again")
+        return shards
 
 
 UNFINISHED_DIR = "unfinished"  # where prepare.py writes a dataset until it is whole, then moves it up

@@ -14,7 +14,6 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import random
 import signal
 import statistics
@@ -38,6 +37,7 @@ from distributed import (ATTENTION_CHOICES, DTYPES, all_reduce_sum, cleanup_dist
 from generate import TEMPERATURE, TOP_K, Stop, generate
 from hf import GPT2_NAMES, check_dataset_tokenizer, fit_context, load_hf_gpt2, pretrained_config
 from inference import prompt_ids, read_prompt
+from lock import FolderLock
 from model import GPT, GPTConfig, head_problems, peak_flops_for
 from tokendata import SAMPLERS, BatchSampler, Dataset, EpochSampler, dataset_dir, first_tokens, window_batch, windows
 from tokenizer import tokenizer_from_meta
@@ -453,55 +453,6 @@ class StopFlag:
                          "without saving)\n")
 
 
-class OutDirLock:
-    """
-    An exclusive lock on out_dir/train.lock while a run lives, so that a second train.py started in the same out_dir
-    (a sweep that forgot --out_dir, a job launched twice) is refused instead of both writing the same files. The OS
-    lets go of it when the process ends, however it ends; the file stays, saying which process held it last. Only
-    where fcntl exists (not on Windows); enabled=False (the other ranks, eval_only) takes nothing.
-    """
-
-    def __init__(self, out_dir, enabled=True):
-        self.path, self.enabled = os.path.join(out_dir, "train.lock"), enabled
-        self.file, self.holder, self.made_folder = None, None, False
-
-    def __enter__(self):
-        try:
-            import fcntl
-        except ImportError:
-            return self
-        if not self.enabled:
-            return self
-        folder = os.path.dirname(self.path)
-        self.made_folder = not os.path.isdir(folder)
-        os.makedirs(folder, exist_ok=True)
-        self.file = open(self.path, "a+b", buffering=0)  # unbuffered: nothing left to fail at close (a full disk)
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.file.seek(0)
-            self.holder = self.file.read().decode(errors="replace").strip() or "another process"
-            self.file.close()
-            self.file = None
-            return self
-        try:  # who holds it, for the message of a run refused; not worth failing over (a full disk)
-            self.file.seek(0)
-            self.file.truncate()
-            self.file.write(f"process {os.getpid()} on {platform.node()}\n".encode())
-        except OSError:
-            pass
-        return self
-
-    def __exit__(self, *exc):
-        if self.file is None:
-            return
-        folder = os.path.dirname(self.path)
-        if self.made_folder and os.listdir(folder) == ["train.lock"]:  # a run that wrote nothing leaves no folder
-            os.remove(self.path)
-            os.rmdir(folder)
-        self.file.close()  # and with it the lock
-
-
 def reduce_mean(value, launch):
     """The mean of a scalar tensor over all ranks (the value itself in a single process)."""
     if launch.distributed:
@@ -823,7 +774,7 @@ def main(cfg, sources):
         # os.write, not print: a handler that prints while the loop is inside print raises "reentrant call"
         say_now = (lambda text: os.write(2, text.encode())) if launch.is_master else None
         with kernels, StopFlag(say_now) as stop, \
-                OutDirLock(cfg.out_dir, enabled=launch.is_master and not cfg.eval_only) as lock:
+                FolderLock(cfg.out_dir, "train.lock", enabled=launch.is_master and not cfg.eval_only) as lock:
             return train(cfg, sources, launch, device, stop, kernels_note, lock)
     except BaseException as e:
         # the traceback would keep train's frame, and with it the DDP model, alive until the interpreter shuts down,

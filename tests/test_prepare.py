@@ -194,6 +194,30 @@ def test_in_child_stops_at_once_and_passes_errors_back():
         in_child("exiting", "try again", os._exit, 3)
 
 
+def test_a_second_run_on_the_same_name_is_refused(tmp_path, shakespeare_path):
+    """Two runs preparing one name would clear and fill the same unfinished/ folder: a dataset of both that looks
+    finished. While one holds data/<name>/prepare.lock, another is refused in one line and changes nothing."""
+    from lock import FolderLock
+    from tokendata import Dataset
+    run_script("prepare.py", "mine", f"--source={shakespeare_path}", "--tokenizer=char", cwd=tmp_path)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "data/mine").iterdir() if p.suffix in (".bin", ".json")}
+    with FolderLock(str(tmp_path / "data/mine"), "prepare.lock") as lock:  # as the first run holds it
+        assert lock.holder is None
+        proc = run_script("prepare.py", "mine", f"--source={shakespeare_path}", "--tokenizer=char", cwd=tmp_path,
+                          check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"data/mine is being prepared by process {os.getpid()} on " in proc.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "data/mine").iterdir() if p.suffix in (".bin", ".json")} \
+        == before and not (tmp_path / "data/mine/unfinished").exists()
+    # a shard that is not the one meta.json lists (copied over it): refused where train.py and evaluate.py read it
+    from configurator import UserError
+    from tokendata import write_tokens
+    val = str(tmp_path / "data/mine/val_000000.bin")
+    write_tokens(val, read_tokens(val)[:-7])
+    with pytest.raises(UserError, match=r"val_000000.bin holds .* tokens where meta.json lists .*: not the file"):
+        Dataset(str(tmp_path / "data/mine")).shards("val")
+
+
 @pytest.fixture(scope="module")
 def kill_source(tmp_path_factory):
     """Text of 4 worker tasks (prepare.TASK_CHARS each), and what an uninterrupted run makes of it. A task's shards
@@ -565,10 +589,12 @@ def test_failed_rerun_keeps_the_finished_dataset(tmp_path, shakespeare_path, fai
     assert not (tmp_path / "data/fresh").exists()
 
     run_script("prepare.py", "mine", f"--source={shakespeare_path}", tokenizer, "--num_proc=1", cwd=tmp_path)
-    before = {p.name: p.read_bytes() for p in (tmp_path / "data/mine").iterdir()}
+    dataset = lambda: {p.name: p.read_bytes() for p in (tmp_path / "data/mine").iterdir()  # noqa: E731
+                       if p.name != "prepare.lock"}  # which names the last run
+    before = dataset()
     proc = run_script("prepare.py", "mine", *failing, cwd=tmp_path, check=False, env=env)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert {p.name: p.read_bytes() for p in (tmp_path / "data/mine").iterdir()} == before
+    assert dataset() == before
 
 
 def test_undecodable_bytes_replaced_on_request(tmp_path):

@@ -1,0 +1,58 @@
+"""
+An exclusive lock on a folder while one process writes into it: train.py's out_dir (train.lock) and prepare.py's
+dataset folder (prepare.lock).
+"""
+
+import os
+import platform
+
+
+class FolderLock:
+    """
+    An exclusive lock on folder/name while a process lives, so that a second one started on the same folder (a sweep
+    that forgot --out_dir, a job launched twice, two prepare.py runs of one name) is refused instead of both writing
+    the same files. The OS lets go of it when the process ends, however it ends; the file stays, saying which process
+    held it last. After __enter__, `holder` names the process holding it when it was taken already, else None. Only
+    where fcntl exists (not on Windows); enabled=False (other ranks, an evaluation) takes nothing. A folder this lock
+    made is removed on the way out if nothing but the lock file came into it.
+    """
+
+    def __init__(self, folder, name, enabled=True):
+        self.path, self.enabled = os.path.join(folder, name), enabled
+        self.file, self.holder, self.made_folder = None, None, False
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:
+            return self
+        if not self.enabled:
+            return self
+        folder = os.path.dirname(self.path)
+        self.made_folder = not os.path.isdir(folder)
+        os.makedirs(folder, exist_ok=True)
+        self.file = open(self.path, "a+b", buffering=0)  # unbuffered: nothing left to fail at close (a full disk)
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            self.holder = self.file.read().decode(errors="replace").strip() or "another process"
+            self.file.close()
+            self.file = None
+            return self
+        try:  # who holds it, for the message of a run refused; not worth failing over (a full disk)
+            self.file.seek(0)
+            self.file.truncate()
+            self.file.write(f"process {os.getpid()} on {platform.node()}\n".encode())
+        except OSError:
+            pass
+        return self
+
+    def __exit__(self, *exc):
+        if self.file is None:
+            return
+        folder = os.path.dirname(self.path)
+        if self.made_folder and os.listdir(folder) == [os.path.basename(self.path)]:  # nothing came of the run
+            os.remove(self.path)
+            os.rmdir(folder)
+        self.file.close()  # and with it the lock
