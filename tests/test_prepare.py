@@ -119,7 +119,7 @@ def test_trained_bpe(tmp_path):
     learned = re.search(r"\nlearned a (\d+)-token BPE from [\d,]+ characters of the train split \(all of it\)",
                         runs[1])
     size = int(learned.group(1))  # these stories have too few words for 1000; the run says so
-    assert size < 1000 and f"note: 1,000 tokens asked for, but this text has pairs for {size} only" in runs[1]
+    assert size < 1000 and f"note: 1,000 tokens asked for, but this text holds pairs for {size} only" in runs[1]
 
     meta = json.loads((one / "meta.json").read_text())
     tokenizer = tokenizer_from_meta(meta)
@@ -662,6 +662,20 @@ def test_safe_cuts_keep_trained_bpe_tokens():
     assert len(parts) > 3000
     assert [t for p in parts for t in tokenizer.encode(p)] == tokenizer.encode(text)
     assert cut_everywhere(new_letter) == ["x\U00010940.,;\U00010940y", " \U00010940\U00010940! "]  # after y only
+
+
+def test_bpe_learns_from_long_words_in_parts():
+    """Runs of 1,000 letters or more (DNA, CJK without punctuation) reach tokenizers' learning cut, or it takes time
+    in proportion to a word's length for each merge; text of ordinary words goes whole."""
+    import regex
+
+    from prepare import short_words
+    text = "ACGT" * 1000 + ". \u4e2d\u6587" * 3 + "\u4e2d" * 2500 + " end"
+    parts = list(short_words(text))
+    assert "".join(parts) == text and len(parts) == 7
+    assert max(len(w) for p in parts for w in regex.findall(r"[\p{L}\p{N}\p{M}]+", p)) == 1000
+    ordinary = hard_text(300)
+    assert list(short_words(ordinary)) == [ordinary]
 
 
 @needs_bpe
