@@ -40,7 +40,7 @@ from distributed import (all_reduce_sum, cleanup_distributed, detect_launch, fas
                          pick_device, pick_dtype)
 from inference import load_model, read_text
 from tokendata import Dataset, dataset_dir, first_tokens, window_batch, windows
-from tokenizer import describe
+from tokenizer import mismatch
 
 
 @dataclass
@@ -113,7 +113,7 @@ def perplexity(cfg, model, tokenizer, device, autocast, launch, say):
             ids = [tokenizer.eot_id] + ids  # GPT-2's start of a document: its first token is scored too
         tokens, what = np.array(ids, dtype=np.int64), cfg.text
     else:
-        data = open_dataset(cfg.dataset, cfg.data_root, tokenizer)
+        data = open_dataset(cfg.dataset, cfg.data_root, model_name(cfg), tokenizer)
         shards = data.shards(cfg.split)
         tokens = first_tokens(shards, sum(s.num_tokens for s in shards)).astype(np.int64)
         what = f"{data.data_dir} ({cfg.split})"
@@ -137,11 +137,17 @@ def perplexity(cfg, model, tokenizer, device, autocast, launch, say):
     return result
 
 
-def open_dataset(name, data_root, tokenizer):
+def model_name(cfg):
+    """The model being evaluated, as --init_from (or prepare.py's --tokenizer) would name it."""
+    return cfg.out_dir if cfg.init_from == "resume" else cfg.init_from
+
+
+def open_dataset(name, data_root, model, tokenizer):
+    """The dataset `name`, refused unless tokenized as `model` (what --init_from or --out_dir names) reads."""
     data = Dataset(dataset_dir(name, data_root))
     if data.meta.get("tokenizer") != tokenizer.meta():
-        raise UserError(f"{data.data_dir} was tokenized with {describe(data.meta.get('tokenizer'))}, the model "
-                        f"with {describe(tokenizer.meta())}; evaluate on data prepared with the model's tokenizer")
+        raise UserError(mismatch(model, {"tokenizer": tokenizer.meta(), "vocab_size": tokenizer.vocab_size},
+                                 data.data_dir, data.meta))
     return data
 
 
@@ -173,7 +179,7 @@ def val_loss(cfg, model, tokenizer, train_config, device, autocast, launch, say)
     if tc.block_size > model.config.block_size:
         raise UserError(f"block_size={tc.block_size} of the training settings is longer than the model's "
                         f"{model.config.block_size}")
-    data = open_dataset(tc.dataset, tc.data_root, tokenizer)
+    data = open_dataset(tc.dataset, tc.data_root, model_name(cfg), tokenizer)
     # train.py evaluates train and val together, in passes of one shape that both decide: the same passes here
     splits = dict.fromkeys([s for s in ("train", "val") if s in data.splits] + [cfg.split])
     sets, described = evaluation_sets({split: data.shards(split) for split in splits}, tc, launch,

@@ -29,7 +29,7 @@ import torch
 from configurator import UserError
 from model import GPT, GPTConfig, head_problems
 from tokendata import GPT2_META
-from tokenizer import EOT, BPETokenizer, bpe_json_problems, bytes_to_unicode, describe
+from tokenizer import EOT, BPETokenizer, bpe_json_problems, bytes_to_unicode, mismatch
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's four GPT-2s on the Hub
 # weights transformers keeps in Conv1D layout (in, out); nn.Linear keeps (out, in)
@@ -302,14 +302,11 @@ def hf_tokenizer_meta(name_or_path):
                     f"tokenizer.json (what prepare.py --tokenizer=bpe:N trains)")
 
 
-def check_dataset_tokenizer(name_or_path, data_meta):
-    """UserError unless a dataset was tokenized the way the pretrained model `name_or_path` expects."""
+def check_dataset_tokenizer(name_or_path, data_dir, data_meta):
+    """UserError unless the dataset in data_dir was tokenized the way the pretrained model `name_or_path` expects."""
     want = hf_tokenizer_meta(name_or_path)
     if data_meta["tokenizer"] != want["tokenizer"] or data_meta["vocab_size"] != want["vocab_size"]:
-        what = describe(want["tokenizer"])
-        raise UserError(f"{name_or_path} reads {what}, but the dataset was tokenized with "
-                        f"{describe(data_meta['tokenizer'])} ({data_meta['vocab_size']} tokens); prepare the "
-                        "dataset with the model's tokenizer (python prepare.py NAME --tokenizer=gpt2 for GPT-2)")
+        raise UserError(mismatch(name_or_path, want, data_dir, data_meta))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ Three kinds: character level (the vocabulary is the sorted set of characters of 
 """
 
 import json
+import os
 
 import numpy as np
 
@@ -281,6 +282,19 @@ def describe(spec):
         vocab = json.loads(spec["tokenizer_json"])["model"]["vocab"]
         return f"a {len(vocab.keys() | {EOT}):,}-token byte-level BPE"
     return short(spec)
+
+
+def mismatch(model, model_meta, data_dir, data_meta):
+    """One line for a dataset tokenized otherwise than a model reads: the two tokenizers in a few words (the dataset's
+    as 'another' where the words are alike: two BPEs of one size), then how to tokenize the text as the model reads.
+    model is what names the model to --init_from (a checkpoint, a run's folder, a Hugging Face GPT-2)."""
+    mine, theirs = (f"{describe(m.get('tokenizer'))} ({m.get('vocab_size')} ids)" for m in (model_meta, data_meta))
+    if theirs == mine:
+        theirs = "another" + theirs[1:] if theirs.startswith("a ") else "another tokenizer: " + theirs
+    borrow = "gpt2" if model_meta.get("tokenizer") == {"type": "tiktoken", "encoding": "gpt2"} else model
+    return (f"{model} reads {mine}, but {data_dir} was tokenized with {theirs}; tokenize the text as the model reads: "
+            f"python prepare.py {os.path.basename(os.path.normpath(data_dir))} --tokenizer={borrow} (with the source "
+            "options it was prepared with)")
 
 
 def short(spec):

@@ -40,7 +40,7 @@ from inference import prompt_ids, read_prompt
 from lock import FolderLock
 from model import GPT, GPTConfig, head_problems, peak_flops_for
 from tokendata import SAMPLERS, BatchSampler, Dataset, EpochSampler, dataset_dir, first_tokens, window_batch, windows
-from tokenizer import tokenizer_from_meta
+from tokenizer import mismatch, tokenizer_from_meta
 
 # exit code after saving on SIGTERM/SIGUSR1 or max_runtime: "not finished, run me again" (slurm/train.sbatch requeues)
 EXIT_REQUEUE = 3
@@ -830,11 +830,10 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
         start_from = load_checkpoint(pretrained)
         trained_on = checkpoint_meta(start_from, pretrained)
         if (trained_on["tokenizer"], trained_on["vocab_size"]) != (data.meta["tokenizer"], data.meta["vocab_size"]):
-            raise UserError(f"{pretrained} was trained on tokens of another tokenizer than this dataset's; prepare the "
-                            "dataset with the checkpoint's tokenizer (the one of the dataset it was trained on)")
+            raise UserError(mismatch(pretrained, trained_on, data.data_dir, data.meta))
         cfg, sources = shape_from_weights(cfg, sources, start_from["model_args"], pretrained, say)
     elif pretrained:
-        check_dataset_tokenizer(pretrained, data.meta)  # before downloading the weights
+        check_dataset_tokenizer(pretrained, data.data_dir, data.meta)  # before downloading the weights
         cfg, sources = shape_from_weights(cfg, sources, dataclasses.asdict(pretrained_config(pretrained)), pretrained,
                                           say)
     elif checkpoint is not None and cfg.eval_only:  # it evaluates the checkpoint, whatever shape and optimizer

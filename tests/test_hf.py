@@ -321,11 +321,12 @@ def test_finetune_config_and_tokenizer_check():
     cfg, _ = parse(TrainConfig, [os.path.join(os.path.dirname(__file__), "..", "config", "finetune_shakespeare.py")])
     assert cfg.init_from == "gpt2" and cfg.dataset == "shakespeare"
     assert hf_tokenizer_meta("gpt2-xl") == GPT2_META  # known without a download
-    check_dataset_tokenizer("gpt2", GPT2_META)
+    check_dataset_tokenizer("gpt2", "data/shakespeare", GPT2_META)
     char_meta = {"tokenizer": {"type": "char", "chars": "abc", "eot": False}, "vocab_size": 3, "eot_id": None}
-    with pytest.raises(UserError, match="gpt2 reads the tiktoken encoding 'gpt2', but the dataset was tokenized "
-                                        "with a 3-character vocabulary"):
-        check_dataset_tokenizer("gpt2", char_meta)
+    with pytest.raises(UserError, match=r"gpt2-medium reads the tiktoken encoding 'gpt2' \(50257 ids\), but data/sc "
+                                        r"was tokenized with a 3-character vocabulary \(3 ids\); tokenize the text as "
+                                        r"the model reads: python prepare.py sc --tokenizer=gpt2 "):
+        check_dataset_tokenizer("gpt2-medium", "data/sc", char_meta)
 
 
 @pytest.mark.skipif(not gpt2_bpe_available(), reason="GPT-2 BPE files not available offline")

@@ -130,3 +130,14 @@ def test_bpe_refuses_what_it_would_run_otherwise():
     saved_again = edited(no_op_template)
     assert spec_problems(saved_again) == []
     assert BPETokenizer(saved_again["tokenizer_json"]).meta() == tok.meta()
+
+
+def test_mismatch_names_both_tokenizers_and_the_command():
+    """Two BPEs of one size read alike in a few words: the dataset's is 'another'; the command borrows the model's."""
+    from tokenizer import mismatch
+    a, b = trained_bpe(), trained_bpe(seed=1)
+    meta = lambda tok: {"tokenizer": tok.meta(), "vocab_size": tok.vocab_size}  # noqa: E731
+    assert mismatch("out-a", meta(a), "data/b/", meta(b)) == (
+        "out-a reads a 400-token byte-level BPE (400 ids), but data/b/ was tokenized with another 400-token byte-level "
+        "BPE (400 ids); tokenize the text as the model reads: python prepare.py b --tokenizer=out-a (with the source "
+        "options it was prepared with)")

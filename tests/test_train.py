@@ -515,7 +515,9 @@ def test_init_from_a_checkpoint_starts_a_new_run_from_its_weights(data_dir, monk
     run_script("prepare.py", "digits", "--source=digits.txt", "--tokenizer=char", cwd=data_dir)
     proc = run_script("train.py", *ARGS, "--dataset=digits", "--max_iters=2", "--init_from=pre", "--out_dir=out_digits",
                       cwd=data_dir, check=False)
-    assert proc.returncode == 2 and "pre was trained on tokens of another tokenizer" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "pre reads a " in proc.stderr, proc.stderr
+    assert "data/digits was tokenized with a 12-character vocabulary (12 ids); tokenize the text as the model reads: " \
+           "python prepare.py digits --tokenizer=pre " in proc.stderr
     assert "Traceback" not in proc.stderr and "step 1 |" not in proc.stdout
 
 
