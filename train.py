@@ -839,6 +839,10 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
     elif checkpoint is not None and cfg.eval_only:  # it evaluates the checkpoint, whatever shape and optimizer
         cfg, sources = shape_from_weights(cfg, sources, checkpoint["model_args"], ckpt_path, say)
         cfg = dataclasses.replace(cfg, optimizer=(checkpoint.get("config") or {}).get("optimizer", "adamw"))
+    elif checkpoint is not None:  # a resume: a shape key left out is the checkpoint's, not the default's
+        shape = weights_shape(checkpoint.get("model_args") or {})
+        taken = {k: shape[k] for k in SHAPE_KEYS if k not in sources}
+        cfg, sources = dataclasses.replace(cfg, **taken), {**sources, **{k: ckpt_path for k in taken}}
     grad_accum, batch_explain = micro_steps_per_rank(cfg, launch.world_size)
     given = sources.get("gradient_accumulation_steps")
     if cfg.total_batch_size and given and cfg.gradient_accumulation_steps != grad_accum * launch.world_size:

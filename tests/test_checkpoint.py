@@ -223,8 +223,8 @@ def test_resume_refuses_other_model(data_dir):
 
 def test_rope_model_trains_samples_resumes_and_grows_its_context(data_dir, monkeypatch, capsys):
     """--rope=True: the run learns, its checkpoint says rope and has no position table, sample.py writes from it,
-    a resume that leaves rope out is refused (the weights were trained for rotated queries and keys), and a new run
-    from its weights may take a longer context."""
+    a resume that asks for learned positions is refused (the weights were trained for rotated queries and keys), and
+    a new run from its weights may take a longer context."""
     monkeypatch.chdir(data_dir)
     train_here(capsys, *ARGS, "--rope=True", "--max_iters=30", "--eval_interval=30", "--learning_rate=1e-2",
                "--out_dir=out")
@@ -235,8 +235,8 @@ def test_rope_model_trains_samples_resumes_and_grows_its_context(data_dir, monke
     sample = run_script("sample.py", "--out_dir=out", "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=40",
                         "--device=cpu", cwd=data_dir)
     assert sample.stdout.startswith("ROMEO:") and len(sample.stdout) > 40
-    proc = run_script("train.py", *ARGS, "--max_iters=40", "--out_dir=out", "--init_from=resume", cwd=data_dir,
-                      check=False)
+    proc = run_script("train.py", *ARGS, "--rope=False", "--max_iters=40", "--out_dir=out", "--init_from=resume",
+                      cwd=data_dir, check=False)
     assert proc.returncode == 2 and "rope: checkpoint True, now False" in proc.stderr
     out = train_here(capsys, *ARGS, "--rope=True", "--block_size=64", "--max_iters=4", "--eval_interval=4",
                      "--init_from=out", "--out_dir=long")  # twice the context: a learned table could not grow

@@ -504,6 +504,9 @@ def test_init_from_a_checkpoint_starts_a_new_run_from_its_weights(data_dir, monk
                                                                                    "block_size": 32}
     assert "resumed from fine/ckpt.pt at step 2" in train_here(capsys, *ARGS, "--max_iters=4", "--out_dir=fine",
                                                                 "--init_from=resume")
+    # and without it, as the run began: the shape it leaves out is the checkpoint's (it was the default 12 layers)
+    out = train_here(capsys, *short, "--max_iters=6", "--out_dir=fine", "--init_from=auto")
+    assert "resumed from fine/ckpt.pt at step 4" in out and "n_layer = 2  <- fine/ckpt.pt" in out
 
     proc = run_script("train.py", *ARGS, "--block_size=64", "--max_iters=2", "--init_from=pre", "--out_dir=long",
                       cwd=data_dir, check=False)
