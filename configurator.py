@@ -82,10 +82,16 @@ def _parse_string(key, text, tp):
             value = None
         if base is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        value = _whole(value) if base is int else value
         if isinstance(value, base) and not isinstance(value, bool):
             return value
         raise ConfigError(f"--{key}={text}: expected {_type_name(tp)}")
     raise ConfigError(f"--{key}: fields of type {_type_name(tp)} cannot be set from the command line")
+
+
+def _whole(value):
+    """A float that is a whole number (1e9, as a count of tokens or characters is written) as an int."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def _check_value(key, value, tp, where):
@@ -97,6 +103,7 @@ def _check_value(key, value, tp, where):
         return float(value)
     if base is int and isinstance(value, bool):
         raise ConfigError(f"{where}: {key} = {value!r}: expected int")
+    value = _whole(value) if base is int else value
     if isinstance(value, base):
         return value
     raise ConfigError(f"{where}: {key} = {value!r}: expected {_type_name(tp)}, got {type(value).__name__}")

@@ -48,7 +48,8 @@ from configurator import UserError
 from lock import FolderLock
 from tokendata import (UNFINISHED_DIR, Dataset, TokenFileError, read_header, read_meta, read_tokens, token_dtype,
                        write_tokens)
-from tokenizer import BPETokenizer, CharTokenizer, bpe_vocab_size, make_tokenizer, tokenizer_from_meta
+from tokenizer import (BPETokenizer, CharTokenizer, bpe_json_problems, bpe_vocab_size, make_tokenizer,
+                       tokenizer_from_meta)
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 PIECE_CHARS = 1 << 18  # documents longer than this are cut into pieces of about this size (see safe_cut)
@@ -146,7 +147,11 @@ def validate(cfg):
         trained_bpe = True
     if cfg.tokenizer and cfg.tokenizer != "char" and not trained_bpe:
         known = ["char", "bpe"] + tiktoken_names()
-        if cfg.tokenizer not in known and not borrowed_path(cfg.tokenizer, cfg.out_root):
+        if cfg.tokenizer not in known and not borrowed_path(cfg.tokenizer, cfg.out_root) and (
+                os.sep in cfg.tokenizer or cfg.tokenizer.startswith(".")):
+            problems.append(f"tokenizer={cfg.tokenizer!r}: no such file or folder (a dataset, run or model to take "
+                            "the tokenizer of)")
+        elif cfg.tokenizer not in known and not borrowed_path(cfg.tokenizer, cfg.out_root):
             close = difflib.get_close_matches(cfg.tokenizer, known, n=1)
             problems.append(f"tokenizer={cfg.tokenizer!r} is neither 'char' (one id per character), 'bpe:N' (an "
                             f"N-token BPE trained on this text), a tiktoken encoding ({', '.join(known[2:])}) nor "
@@ -154,6 +159,8 @@ def validate(cfg):
                             f"{f'; did you mean {close[0]!r}?' if close else ''}")
     if cfg.bpe_train_chars < 1:
         problems.append(f"bpe_train_chars={cfg.bpe_train_chars} must be 1 or more")
+    elif cfg.bpe_train_chars != PrepareConfig.bpe_train_chars and not trained_bpe:
+        problems.append(f"bpe_train_chars goes with --tokenizer=bpe:N (a BPE learned here), not {cfg.tokenizer!r}")
     return problems
 
 
@@ -173,10 +180,16 @@ def borrowed_path(name, out_root):
 def borrowed_tokenizer(name, out_root):
     """
     The tokenizer of what --tokenizer=NAME points at, so new text (a fine-tuning set) is tokenized exactly as a model
-    reads: a prepared dataset (a name under out_root, a folder, or its meta.json), a training run (its folder or a
-    .pt checkpoint) or a Hugging Face GPT-2 folder (its config.json and tokenizer files).
+    reads: a prepared dataset (a name under out_root, a folder, or its meta.json), a training run (its folder, with
+    ckpt.pt or numbered checkpoints only, or a .pt checkpoint), a Hugging Face GPT-2 folder (its config.json and
+    tokenizer files), or a byte-level BPE's tokenizer.json alone (or a folder holding one, as save_pretrained
+    writes a tokenizer).
     """
     path = borrowed_path(name, out_root)
+    numbered = sorted(glob.glob(os.path.join(path, "ckpt_*.pt")))  # ckpt_<step, zero-padded>.pt
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "ckpt.pt")) and numbered:
+        path = numbered[-1]  # the newest: every checkpoint of a run holds its tokenizer
+    tokenizer_json = path if os.path.basename(path) == "tokenizer.json" else os.path.join(path, "tokenizer.json")
     if path.endswith(".pt") or os.path.isfile(os.path.join(path, "ckpt.pt")):
         from checkpoint import checkpoint_meta, load_checkpoint  # torch: only for a checkpoint
         meta = checkpoint_meta(load_checkpoint(path), path)
@@ -187,6 +200,13 @@ def borrowed_tokenizer(name, out_root):
         meta = hf_tokenizer_meta(path)
     elif os.path.isfile(os.path.join(path, "meta.json")) or glob.glob(os.path.join(path, "*.bin")):
         meta = Dataset(path).meta  # prepare.py's, or nanoGPT's train.bin (and meta.pkl), or llm.c's shards
+    elif os.path.isfile(tokenizer_json):
+        with open(tokenizer_json, encoding="utf-8") as f:
+            text = f.read()
+        problems = bpe_json_problems(text)
+        if problems:
+            raise UserError(f"--tokenizer={name}: {tokenizer_json}: {problems[0]}")
+        return BPETokenizer(text)
     else:
         raise UserError(f"--tokenizer={name}: {path} is neither a dataset (meta.json, or .bin token files), a run "
                         "(ckpt.pt, or a .pt file) nor a Hugging Face model folder (config.json and tokenizer files)")
@@ -1154,7 +1174,8 @@ def prepare(cfg, recipe, out_dir, work_dir, val_fraction, tokenizer_name, num_pr
                                                    "config": cfg.hf_config or (recipe.hf_config if recipe else "")},
                    "files": [os.path.abspath(f) for f in local_files[:100]], "num_files": len(local_files),
                    "characters": stats["characters"], "documents": docs_per_split},
-        "prepare": {"val_fraction": val_fraction, "seed": cfg.seed, "shard_size": cfg.shard_size},
+        "prepare": {"val_fraction": None if cfg.val_source else val_fraction, "seed": cfg.seed,  # val given: unused
+                    "shard_size": cfg.shard_size},
     }
     write_json(os.path.join(work_dir, "meta.json"), meta)
     publish(work_dir, out_dir, meta)

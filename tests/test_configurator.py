@@ -51,6 +51,7 @@ def test_unknown_key_in_file(tmp_path):
 def test_wrong_types():
     with pytest.raises(ConfigError, match="expected int"):
         parse(Cfg, ["--batch_size=1.5"])
+    assert parse(Cfg, ["--batch_size=1e3"])[0].batch_size == 1000  # a whole number, as counts are written
     with pytest.raises(ConfigError, match="expected a bool"):
         parse(Cfg, ["--decay_lr=maybe"])
     with pytest.raises(ConfigError, match="needs a value"):
@@ -61,6 +62,11 @@ def test_wrong_type_in_file(tmp_path):
     path = tmp_path / "c.py"
     path.write_text("batch_size = '12'\n")
     with pytest.raises(ConfigError, match="expected int, got str"):
+        parse(Cfg, [str(path)])
+    path.write_text("batch_size = 2e1\n")
+    assert parse(Cfg, [str(path)])[0].batch_size == 20 and type(parse(Cfg, [str(path)])[0].batch_size) is int
+    path.write_text("batch_size = 2.5\n")
+    with pytest.raises(ConfigError, match="expected int, got float"):
         parse(Cfg, [str(path)])
 
 

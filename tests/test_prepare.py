@@ -6,6 +6,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -157,7 +158,12 @@ def test_tokenizer_of_a_dataset_run_or_model(tmp_path):
     write_tokenizer(base, str(tmp_path / "hf"), 64)
     new_docs = stories(50, seed=7)
     write_jsonl(tmp_path / "new.jsonl", new_docs)
-    for i, source in enumerate(["base", "data/base", "data/base/meta.json", "run", "run/ckpt.pt", "hf"]):
+    os.makedirs(tmp_path / "numbered")  # a run whose ckpt.pt is gone: its numbered checkpoints will do
+    shutil.copy(tmp_path / "run/ckpt.pt", tmp_path / "numbered/ckpt_00000200.pt")
+    os.makedirs(tmp_path / "tokenizer_only")  # what AutoTokenizer's save_pretrained writes: no config.json
+    shutil.copy(tmp_path / "hf/tokenizer.json", tmp_path / "tokenizer_only/tokenizer.json")
+    for i, source in enumerate(["base", "data/base", "data/base/meta.json", "run", "run/ckpt.pt", "hf", "numbered",
+                                "tokenizer_only", "hf/tokenizer.json"]):
         run_script("prepare.py", f"new{i}", "--source=new.jsonl", f"--tokenizer={source}", cwd=tmp_path)
         meta = json.loads((tmp_path / f"data/new{i}/meta.json").read_text())
         assert meta["tokenizer"] == base["tokenizer"] and meta["vocab_size"] == base["vocab_size"], source
@@ -173,6 +179,11 @@ def test_tokenizer_of_a_dataset_run_or_model(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "outside this model's 5-character vocabulary: 'd'" in proc.stderr
     assert not (tmp_path / "data/abcd").exists()
+    for source, message in [("./nowhere", "tokenizer='./nowhere': no such file or folder"),
+                            ("data", "data is neither a dataset (meta.json, or .bin token files), a run")]:
+        proc = run_script("prepare.py", "other", "--source=b.txt", f"--tokenizer={source}", cwd=tmp_path,
+                          check=False)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_in_child_stops_at_once_and_passes_errors_back():
