@@ -122,11 +122,11 @@ BPE_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3
 
 class BPETokenizer:
     """
-    A byte-level BPE trained on the corpus by prepare.py with Hugging Face tokenizers: GPT-4's pre-tokenizer, the 256
-    bytes as its alphabet (so any text encodes, nothing is unknown), merges learned from the training text, and
-    end-of-text as the last id, as in GPT-2. Described in meta by its whole tokenizer.json text, so a checkpoint
-    carries its tokenizer; export.py writes that same file for transformers. Special tokens in the text are encoded as
-    ordinary text, as TiktokenTokenizer does.
+    A byte-level BPE run by Hugging Face tokenizers: one prepare.py trains on the corpus (GPT-4's pre-tokenizer, the
+    256 bytes as its alphabet so that any text encodes, merges learned from the training text, end-of-text as the last
+    id, as in GPT-2), or an imported model's that runs the same way (bpe_json_problems). Described in meta by its
+    whole tokenizer.json text, so a checkpoint carries its tokenizer; export.py writes that same file for
+    transformers. Special tokens in the text are encoded as ordinary text, as TiktokenTokenizer does.
     """
 
     def __init__(self, tokenizer_json):
@@ -218,7 +218,8 @@ def bpe_json_problems(text, vocab_size=None):
     gpt2s = pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space")
     alphabet = set(bytes_to_unicode().values())
     why = []
-    if model.get("type") != "BPE" or model.get("dropout") or not set("".join(vocab)) <= alphabet:
+    if model.get("type") != "BPE" or model.get("dropout") or not set("".join(vocab)) <= alphabet or \
+            model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
         why.append("not a byte-level BPE without dropout")
     if spec.get("normalizer") or not (ours or gpt2s):
         why.append("its text is changed or split otherwise than by GPT-4's or GPT-2's pre-tokenizer, unprefixed")
