@@ -137,12 +137,13 @@ def test_trained_bpe(tmp_path):
     assert json.loads((tmp_path / "capped/docs/meta.json").read_text())["tokenizer"] != meta["tokenizer"]
 
 
-def test_tokenizer_of_a_dataset_run_or_model(tmp_path):
-    """--tokenizer=<a prepared dataset, its meta.json, a training run, an exported model>: new text (a fine-tuning
-    set) is tokenized with exactly that tokenizer, a trained BPE or a char vocabulary; a character the vocabulary
-    lacks is refused in one line with nothing left behind."""
+def test_tokenizer_of_a_dataset_run_or_model(tmp_path, monkeypatch):
+    """--tokenizer=<a prepared dataset, its meta.json, a training run, an exported model, a tokenizer.json>: new text
+    (a fine-tuning set) is tokenized with exactly that tokenizer, a trained BPE or a char vocabulary; a character the
+    vocabulary lacks is refused in one line with nothing left behind."""
     from checkpoint import save_checkpoint
     from hf import write_tokenizer
+    from prepare import borrowed_tokenizer
     from tokenizer import tokenizer_from_meta
     write_jsonl(tmp_path / "docs.jsonl", stories(500))
     run_script("prepare.py", "base", "--source=docs.jsonl", "--tokenizer=bpe:300", cwd=tmp_path)
@@ -162,14 +163,16 @@ def test_tokenizer_of_a_dataset_run_or_model(tmp_path):
     shutil.copy(tmp_path / "run/ckpt.pt", tmp_path / "numbered/ckpt_00000200.pt")
     os.makedirs(tmp_path / "tokenizer_only")  # what AutoTokenizer's save_pretrained writes: no config.json
     shutil.copy(tmp_path / "hf/tokenizer.json", tmp_path / "tokenizer_only/tokenizer.json")
-    for i, source in enumerate(["base", "data/base", "data/base/meta.json", "run", "run/ckpt.pt", "hf", "numbered",
-                                "tokenizer_only", "hf/tokenizer.json"]):
-        run_script("prepare.py", f"new{i}", "--source=new.jsonl", f"--tokenizer={source}", cwd=tmp_path)
-        meta = json.loads((tmp_path / f"data/new{i}/meta.json").read_text())
-        assert meta["tokenizer"] == base["tokenizer"] and meta["vocab_size"] == base["vocab_size"], source
+    monkeypatch.chdir(tmp_path)
+    for source in ["base", "data/base", "data/base/meta.json", "run", "run/ckpt.pt", "hf", "numbered",
+                   "tokenizer_only", "hf/tokenizer.json"]:
+        assert borrowed_tokenizer(source, "data").meta() == base["tokenizer"], source
+    run_script("prepare.py", "new", "--source=new.jsonl", "--tokenizer=run", cwd=tmp_path)  # the whole command
+    meta = json.loads((tmp_path / "data/new/meta.json").read_text())
+    assert meta["tokenizer"] == base["tokenizer"] and meta["vocab_size"] == base["vocab_size"]
     tokenizer = tokenizer_from_meta(base)
     docs = [doc for split in ("val", "train")  # each split's documents, end-of-text between them
-            for doc in tokenizer.decode(split_tokens(tmp_path / "data/new0", split)).split("<|endoftext|>")]
+            for doc in tokenizer.decode(split_tokens(tmp_path / "data/new", split)).split("<|endoftext|>")]
     assert sorted(docs) == sorted(new_docs)
 
     (tmp_path / "a.txt").write_text("abc cab\n")
