@@ -19,6 +19,7 @@ exactly --shard_size tokens and written whole under a temporary name, then renam
 resume.json records how far the stream got, so a killed run picks up from there when run again with the same command.
 """
 
+import contextlib
 import difflib
 import functools
 import glob
@@ -600,10 +601,20 @@ def init_worker(tokenizer_meta, dtype):
     _worker["dtype"] = np.dtype(dtype) if dtype else None
 
 
-def init_pool_worker(*init_args):
-    # Ctrl-C reaches every process of the terminal's group: the main process stops the pool, and a worker's own
-    # KeyboardInterrupt would only add a traceback per worker to its one line
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+@contextlib.contextmanager
+def children_ignore_sigint():
+    """Processes started inside ignore Ctrl-C from their first instruction on: a spawned process inherits an ignored
+    signal, and Python then sets no KeyboardInterrupt handler. Ctrl-C reaches the whole process group, and this
+    process stops its children; a child's own KeyboardInterrupt, raised while it was still importing (a slow start on
+    a busy machine), printed a traceback after the run's one line."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def init_pool_worker(*init_args):  # started ignoring Ctrl-C (children_ignore_sigint)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # a trained BPE encodes one piece at a time: no thread pool
     init_worker(*init_args)
 
@@ -675,7 +686,8 @@ class Workers:
             self.pool = None
         else:
             self.spool = tempfile.mkdtemp(prefix="prepare-tasks-")
-            self.pool = multiprocessing.get_context("spawn").Pool(num_proc, init_pool_worker, init_args)
+            with children_ignore_sigint():
+                self.pool = multiprocessing.get_context("spawn").Pool(num_proc, init_pool_worker, init_args)
 
     def map(self, fn, tasks):
         if self.pool is None:
@@ -731,7 +743,8 @@ def in_child(what, advice, fn, *args):
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
     child = context.Process(target=run_child, args=(sender, fn, args), daemon=True)
-    child.start()
+    with children_ignore_sigint():
+        child.start()
     sender.close()
     try:
         ok, value = receiver.recv()
@@ -748,8 +761,7 @@ def in_child(what, advice, fn, *args):
     return value
 
 
-def run_child(sender, fn, args):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent ends this process
+def run_child(sender, fn, args):  # started ignoring Ctrl-C (children_ignore_sigint): the parent ends it
     # tqdm's default lock holds a multiprocessing semaphore, which a child ended from outside would leave for the
     # resource tracker to report ("leaked semaphore objects") after the run's one line; a thread lock is enough here
     tqdm.set_lock(threading.RLock())

@@ -189,6 +189,19 @@ def test_tokenizer_of_a_dataset_run_or_model(tmp_path, monkeypatch):
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
+def test_children_ignore_ctrl_c_from_their_start():
+    """Workers and the BPE's child start with Ctrl-C ignored, inherited, not set by their first lines: one that was
+    still importing when Ctrl-C came (a busy machine) printed a KeyboardInterrupt traceback after the run's line."""
+    from prepare import Workers, in_child
+    workers = Workers(2, (None, None))
+    try:
+        assert workers.pool.apply(signal.getsignal, (signal.SIGINT,)) == signal.SIG_IGN
+    finally:
+        workers.close()
+    assert in_child("asking", "", signal.getsignal, signal.SIGINT) == signal.SIG_IGN
+    assert signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, None)  # and this process has its handler back
+
+
 def test_in_child_stops_at_once_and_passes_errors_back():
     """What a child process (the BPE's learning) raises is raised here; Ctrl-C (or SIGTERM, which prepare.py turns
     into the same) stops the wait and the child at once, and a child killed outright is one line."""
