@@ -90,8 +90,9 @@ def _parse_string(key, text, tp):
 
 
 def _whole(value):
-    """A float that is a whole number (1e9, as a count of tokens or characters is written) as an int."""
-    return int(value) if isinstance(value, float) and value.is_integer() else value
+    """A float that is a whole number (1e9, as a count of tokens or characters is written) as an int; 1e100 is no
+    count anyone means, nor exactly a float's whole number past 2**53."""
+    return int(value) if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53 else value
 
 
 def _check_value(key, value, tp, where):

@@ -176,6 +176,8 @@ def val_loss(cfg, model, tokenizer, train_config, device, autocast, launch, say)
     tc = TrainConfig(**{k: v for k, v in (train_config or {}).items() if k in fields})
     if cfg.dataset:
         tc = dataclasses.replace(tc, dataset=cfg.dataset, data_root=cfg.data_root)
+    elif cfg.data_root != EvalConfig.data_root:  # the run's dataset, moved under another root
+        tc = dataclasses.replace(tc, data_root=cfg.data_root)
     if tc.block_size > model.config.block_size:
         raise UserError(f"block_size={tc.block_size} of the training settings is longer than the model's "
                         f"{model.config.block_size}")

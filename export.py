@@ -24,7 +24,7 @@ from tokenizer import describe
 @dataclass
 class ExportConfig:
     out_dir: str = "out"  # the folder holding ckpt.pt
-    hf_dir: str = ""  # the Hugging Face folder to write; empty: <out_dir>-hf
+    hf_dir: str = ""  # the Hugging Face folder to write; empty: <out_dir>-hf (<run>-<checkpoint>-hf for a .pt)
     dtype: str = "float32"  # of the weights written: 'float32' (exact), 'bfloat16' or 'float16' (half the size)
 
 
@@ -35,7 +35,13 @@ def validate(cfg):
 
 
 def main(cfg, sources):
-    hf_dir = cfg.hf_dir or os.path.normpath(cfg.out_dir) + "-hf"
+    if cfg.hf_dir:
+        hf_dir = cfg.hf_dir
+    elif cfg.out_dir.endswith(".pt"):  # out/ckpt_00002000.pt: out-ckpt_00002000-hf, beside the run, not inside it
+        run, name = os.path.split(os.path.normpath(cfg.out_dir))
+        hf_dir = f"{os.path.normpath(run or '.')}-{name[:-3]}-hf"
+    else:
+        hf_dir = os.path.normpath(cfg.out_dir) + "-hf"
     checkpoint = load_checkpoint(cfg.out_dir)
     meta = checkpoint_meta(checkpoint, cfg.out_dir)
     model = model_from_checkpoint(checkpoint)

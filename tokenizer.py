@@ -289,7 +289,8 @@ def mismatch(model, model_meta, data_dir, data_meta):
     """One line for a dataset tokenized otherwise than a model reads: the two tokenizers in a few words (the dataset's
     as 'another' where the words are alike: two BPEs of one size), then how to tokenize the text as the model reads.
     model is what names the model to --init_from (a checkpoint, a run's folder, a Hugging Face GPT-2)."""
-    mine, theirs = (f"{describe(m.get('tokenizer'))} ({m.get('vocab_size')} ids)" for m in (model_meta, data_meta))
+    mine, theirs = (describe(m.get("tokenizer")) + (f" ({m['vocab_size']} ids)" if m.get("vocab_size") else "")
+                    for m in (model_meta, data_meta))
     if theirs == mine:
         theirs = "another" + theirs[1:] if theirs.startswith("a ") else "another tokenizer: " + theirs
     borrow = "gpt2" if model_meta.get("tokenizer") == {"type": "tiktoken", "encoding": "gpt2"} else model

@@ -641,7 +641,8 @@ def check_resume(checkpoint, cfg, data_meta, say):
     # below; another tokenizer is not: the model's ids would mean other things
     old_meta = checkpoint.get("meta") or {}
     if old_meta.get("tokenizer") not in (None, data_meta.get("tokenizer")):
-        problems.append("the dataset's tokenizer differs from the one the checkpoint was trained with")
+        raise UserError("cannot resume: " + mismatch(cfg.out_dir, old_meta, dataset_dir(cfg.dataset, cfg.data_root),
+                                                     data_meta))
     if old.get("optimizer", "adamw") != cfg.optimizer:  # one optimizer's state means nothing to the other
         raise UserError(f"cannot resume: the checkpoint was trained with optimizer={old.get('optimizer', 'adamw')!r}"
                         f", this run asks for {cfg.optimizer!r}; resume with the checkpoint's optimizer, or start a "
@@ -815,6 +816,12 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
                             "for it to end, or give this run another --out_dir")
         raise SystemExit(2)
     resume = cfg.init_from == "resume" or (cfg.init_from == "auto" and os.path.exists(ckpt_path))
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    if restarts and not resume and not cfg.eval_only and os.path.exists(ckpt_path):
+        # a requeued Slurm job goes on with its own run, whatever it began from: a fine-tune's --init_from (from the
+        # command line or a config file) would be refused here, and a requeue only ever repeats it
+        say(f"requeued job (restart {restarts}): resuming from {ckpt_path}, not --init_from={cfg.init_from}")
+        cfg, sources, resume = dataclasses.replace(cfg, init_from="resume"), {**sources, "init_from": "requeue"}, True
     if not resume and not cfg.eval_only:
         refuse_to_overwrite(cfg.out_dir, ckpt_path)
     if cfg.eval_only and not resume and not pretrained_name(cfg) and os.path.isfile(ckpt_path):
@@ -839,10 +846,18 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
     elif checkpoint is not None and cfg.eval_only:  # it evaluates the checkpoint, whatever shape and optimizer
         cfg, sources = shape_from_weights(cfg, sources, checkpoint["model_args"], ckpt_path, say)
         cfg = dataclasses.replace(cfg, optimizer=(checkpoint.get("config") or {}).get("optimizer", "adamw"))
-    elif checkpoint is not None:  # a resume: a shape key left out is the checkpoint's, not the default's
+    elif checkpoint is not None:
+        # a resume: the model is the checkpoint's. A shape key left out is its, not the default's; so is one a config
+        # file sets (a recipe's from-scratch shape, which a run begun from other weights had given way to); one given
+        # on the command line must agree (check_resume)
         shape = weights_shape(checkpoint.get("model_args") or {})
-        taken = {k: shape[k] for k in SHAPE_KEYS if k not in sources}
-        cfg, sources = dataclasses.replace(cfg, **taken), {**sources, **{k: ckpt_path for k in taken}}
+        taken = {k: shape[k] for k in SHAPE_KEYS if sources.get(k) != "command line"}
+        differ = [k for k in taken if k in sources and getattr(cfg, k) != shape[k]]
+        if differ:
+            say(f"note: the model's shape comes from {ckpt_path}: " +
+                ", ".join(f"{k}={shape[k]!r}, not {getattr(cfg, k)!r} ({sources[k]})" for k in differ))
+        cfg, sources = dataclasses.replace(cfg, **taken), {**sources, **{k: ckpt_path for k in taken
+                                                                         if k not in sources or k in differ}}
     grad_accum, batch_explain = micro_steps_per_rank(cfg, launch.world_size)
     given = sources.get("gradient_accumulation_steps")
     if cfg.total_batch_size and given and cfg.gradient_accumulation_steps != grad_accum * launch.world_size:

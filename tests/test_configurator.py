@@ -52,6 +52,8 @@ def test_wrong_types():
     with pytest.raises(ConfigError, match="expected int"):
         parse(Cfg, ["--batch_size=1.5"])
     assert parse(Cfg, ["--batch_size=1e3"])[0].batch_size == 1000  # a whole number, as counts are written
+    with pytest.raises(ConfigError, match="expected int"):
+        parse(Cfg, ["--batch_size=1e100"])  # no count anyone means (sample.py once ran on with it, for ever)
     with pytest.raises(ConfigError, match="expected a bool"):
         parse(Cfg, ["--decay_lr=maybe"])
     with pytest.raises(ConfigError, match="needs a value"):

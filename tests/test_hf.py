@@ -146,6 +146,8 @@ def test_trained_model_exported_by_command_line(tmp_path):
 
     out = run_script("export.py", "--out_dir=out", "--hf_dir=hf", cwd=tmp_path)
     assert "zero biases for bias=False" in out.stdout
+    # one checkpoint file of a run: exported beside the run (out-ckpt-hf), not into a folder inside it named ckpt.pt-hf
+    assert "wrote out-ckpt-hf:" in run_script("export.py", "--out_dir=out/ckpt.pt", cwd=tmp_path).stdout
     modes = {os.stat(tmp_path / "hf" / name).st_mode & 0o777 for name in ("config.json", "model.safetensors")}
     assert len(modes) == 1, modes  # the weights as readable as the rest (safetensors alone writes 0600)
 

@@ -159,7 +159,9 @@ def test_resume_into_another_dataset_folder_needs_the_same_tokenizer():
     said = []
     check_resume(checkpoint, TrainConfig(dataset="/elsewhere/shakespeare_char"), {"tokenizer": char}, said.append)
     assert said == ["resuming with changed settings: dataset 'shakespeare_char' -> '/elsewhere/shakespeare_char'"]
-    with pytest.raises(UserError, match="the dataset's tokenizer differs from the one the checkpoint was trained"):
+    with pytest.raises(UserError, match=r"cannot resume: out reads a 2-character vocabulary, but data/owt was "
+                                        r"tokenized with the tiktoken encoding 'gpt2'; tokenize the text as the model "
+                                        r"reads: python prepare.py owt --tokenizer=out "):
         check_resume(checkpoint, TrainConfig(dataset="owt"), {"tokenizer": {"type": "tiktoken", "encoding": "gpt2"}},
                      said.append)
 
@@ -507,6 +509,20 @@ def test_init_from_a_checkpoint_starts_a_new_run_from_its_weights(data_dir, monk
     # and without it, as the run began: the shape it leaves out is the checkpoint's (it was the default 12 layers)
     out = train_here(capsys, *short, "--max_iters=6", "--out_dir=fine", "--init_from=auto")
     assert "resumed from fine/ckpt.pt at step 4" in out and "n_layer = 2  <- fine/ckpt.pt" in out
+    # a config file's from-scratch shape gave way to the weights at the start: it gives way at a resume too (the same
+    # command with --init_from=auto was refused, and a Slurm requeue of it failed every time)
+    (data_dir / "recipe.py").write_text("n_layer = 3\nn_head = 4\nn_embd = 64\nblock_size = 16\n")
+    first = train_here(capsys, "recipe.py", *short, "--max_iters=2", "--init_from=pre", "--out_dir=ft")
+    assert "note: the model's shape comes from pre: n_layer=2, not 3 (recipe.py)" in first
+    out = train_here(capsys, "recipe.py", *short, "--max_iters=3", "--init_from=pre", "--out_dir=ft",
+                     "--init_from=auto")
+    assert "resumed from ft/ckpt.pt at step 2" in out
+    assert "note: the model's shape comes from ft/ckpt.pt: n_layer=2, not 3 (recipe.py)" in out
+    # a requeued job goes on with its own run though its command says to begin from other weights
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    out = train_here(capsys, "recipe.py", *short, "--max_iters=4", "--init_from=pre", "--out_dir=ft")
+    assert "requeued job (restart 1): resuming from ft/ckpt.pt, not --init_from=pre" in out
+    assert "resumed from ft/ckpt.pt at step 3" in out
 
     proc = run_script("train.py", *ARGS, "--block_size=64", "--max_iters=2", "--init_from=pre", "--out_dir=long",
                       cwd=data_dir, check=False)
