@@ -205,6 +205,8 @@ def borrowed_tokenizer(name, out_root):
         with open(tokenizer_json, encoding="utf-8") as f:
             text = f.read()
         problems = bpe_json_problems(text)
+        if '"WordLevel"' in text and os.path.isfile(os.path.join(os.path.dirname(tokenizer_json), "config.json")):
+            problems = ["a character vocabulary, as export.py writes one: give its folder, which says its size"]
         if problems:
             raise UserError(f"--tokenizer={name}: {tokenizer_json}: {problems[0]}")
         return BPETokenizer(text)

@@ -126,10 +126,15 @@ class Shard:
 
 
 def dataset_dir(dataset, data_root):
-    """The folder a --dataset names: a name under --data_root, or else a folder as given. The name comes first: an
-    out_dir called like the dataset (`--dataset=tinystories --out_dir=tinystories`) must not be taken for it."""
+    """The folder a --dataset names: a name under --data_root, or else a folder as given (or its meta.json). The name
+    comes first: an out_dir called like the dataset (`--dataset=tinystories --out_dir=tinystories`) must not be taken
+    for it. A path that names nothing stays as given, for the message (not data/data/x)."""
+    if os.path.basename(dataset) == "meta.json" and os.path.isfile(dataset):
+        return os.path.dirname(dataset) or "."
     under_root = os.path.join(data_root, dataset)
-    return dataset if os.path.isdir(dataset) and not os.path.isdir(under_root) else under_root
+    if os.path.isdir(under_root):
+        return under_root
+    return dataset if os.path.isdir(dataset) or os.sep in dataset.rstrip(os.sep) else under_root
 
 
 def missing_dataset_hint(data_dir):
@@ -228,6 +233,9 @@ def _nanogpt_layout(data_dir):
         paths = sorted(glob.glob(os.path.join(data_dir, f"*{split}*.bin")))
         if paths:
             splits[split] = paths
+    if not splits and glob.glob(os.path.join(data_dir, "ckpt*.pt")):
+        raise UserError(f"{data_dir} is a training run's folder, not a dataset: give --dataset a prepared dataset "
+                        "(its name under data/, or its folder)")
     if not splits:
         raise UserError(f"{data_dir} holds no prepared data (no meta.json, no train.bin/val.bin); "
                         f"run: python prepare.py {os.path.basename(os.path.normpath(data_dir))}")

@@ -73,6 +73,8 @@ def test_bpe_pipeline(tmp_path, shakespeare_path):
     (["--n_embd=100", "--n_head=3", "--dropout=1.5", "--total_batch_size=1000"],
      "n_embd=100 is not divisible by n_head=3"),
     (["--dataset=no_such_data"], "python prepare.py no_such_data"),
+    (["--dataset=data/no_such_data"], "dataset folder data/no_such_data does not exist"),  # not data/data/...
+    (["--dataset=a_run"], "a_run is a training run's folder, not a dataset"),
     # zeros once ended in a ZeroDivisionError; a negative grad_clip trained the model backwards
     (["--n_head=0", "--batch_size=0", "--grad_clip=-1", "--beta1=1.5", "--max_runtime=-5", "--eval_tokens=-5"],
      "n_head=0 must be at least 1"),
@@ -80,6 +82,8 @@ def test_bpe_pipeline(tmp_path, shakespeare_path):
     (["--out_dir=", "--seed=-1"], "out_dir is empty: name the folder"),
 ])
 def test_train_bad_input(tmp_path, args, message):
+    (tmp_path / "a_run").mkdir()
+    (tmp_path / "a_run/ckpt.pt").write_bytes(b"")
     proc = run_script("train.py", "--device=cpu", *args, cwd=tmp_path, check=False)
     assert proc.returncode == 2
     assert message in proc.stderr
