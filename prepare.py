@@ -771,7 +771,11 @@ def run_child(sender, fn, args):  # started ignoring Ctrl-C (children_ignore_sig
         result = (True, fn(*args))
     except BaseException as e:  # noqa: BLE001 (raised again in the parent)
         result = (False, e)
-    sender.send(result)
+    try:
+        sender.send(result)
+    except Exception as e:  # an exception that does not pickle: its words at least
+        sender.send((False, RuntimeError(f"{type(result[1]).__name__}: {result[1]}" if not result[0] else
+                                         f"the result could not be passed back ({e})")))
 
 
 def document_stream(cfg, recipe, val_fraction):
