@@ -1028,6 +1028,17 @@ def start_or_resume(cfg, work_dir, fp, tokenizer_name, docs, num_proc):
             tokenizer = make_tokenizer(tokenizer_name)
         else:
             tokenizer = borrowed_tokenizer(tokenizer_name, cfg.out_root)
+            if isinstance(tokenizer, CharTokenizer):  # every character it lacks, at once, not a piece's at a time
+                workers = Workers(num_proc, (None, None))
+                try:
+                    found = char_vocabulary(docs(), workers)
+                finally:
+                    workers.close()
+                missing = "".join(sorted(set(found.chars if found else "") - set(tokenizer.chars)))
+                if missing:
+                    raise UserError(f"the source has characters outside the {len(tokenizer.chars)}-character "
+                                    f"vocabulary of {tokenizer_name}: {missing!r}; a model of that vocabulary cannot "
+                                    "read them: remove or replace them first")
         stream = docs()
         os.makedirs(work_dir, exist_ok=True)
         clear_outputs(work_dir)

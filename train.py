@@ -10,6 +10,7 @@ boundary (SIGTERM, SIGUSR1, max_runtime) and resumed exactly: the checkpoint hol
 """
 
 import dataclasses
+import difflib
 import importlib.util
 import json
 import math
@@ -144,9 +145,10 @@ def validate(cfg):
         problems.append(f"init_from={cfg.init_from!r}: no such checkpoint file")
     elif cfg.init_from not in ("scratch", "resume", "auto", *GPT2_NAMES) and not os.path.isdir(cfg.init_from) \
             and not cfg.init_from.endswith(".pt"):
+        close = difflib.get_close_matches(cfg.init_from, ["scratch", "resume", "auto", *GPT2_NAMES], n=1)
         problems.append(f"init_from={cfg.init_from!r}: expected 'scratch', 'resume', 'auto', "
                         f"{', '.join(GPT2_NAMES)}, a Hugging Face GPT-2 folder or a checkpoint (a .pt file, or a "
-                        "folder holding ckpt.pt)")
+                        f"folder holding ckpt.pt){f'; did you mean {close[0]!r}?' if close else ''}")
     if cfg.attention not in ATTENTION_CHOICES:
         problems.append(f"attention={cfg.attention!r}: expected one of {', '.join(ATTENTION_CHOICES)}")
     if cfg.compile_mode not in COMPILE_MODES:

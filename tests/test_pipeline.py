@@ -75,6 +75,7 @@ def test_bpe_pipeline(tmp_path, shakespeare_path):
     (["--dataset=no_such_data"], "python prepare.py no_such_data"),
     (["--dataset=data/no_such_data"], "dataset folder data/no_such_data does not exist"),  # not data/data/...
     (["--dataset=a_run"], "a_run is a training run's folder, not a dataset"),
+    (["--init_from=resum"], "; did you mean 'resume'?"),
     # zeros once ended in a ZeroDivisionError; a negative grad_clip trained the model backwards
     (["--n_head=0", "--batch_size=0", "--grad_clip=-1", "--beta1=1.5", "--max_runtime=-5", "--eval_tokens=-5"],
      "n_head=0 must be at least 1"),

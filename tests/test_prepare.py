@@ -176,11 +176,11 @@ def test_tokenizer_of_a_dataset_run_or_model(tmp_path, monkeypatch):
     assert sorted(docs) == sorted(new_docs)
 
     (tmp_path / "a.txt").write_text("abc cab\n")
-    (tmp_path / "b.txt").write_text("abcd\n")
+    (tmp_path / "b.txt").write_text("abcd\n" * 50 + "[x]\n")  # d in train, [x] in val: all named at once
     run_script("prepare.py", "abc", "--source=a.txt", "--tokenizer=char", cwd=tmp_path)
     proc = run_script("prepare.py", "abcd", "--source=b.txt", "--tokenizer=abc", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "outside this model's 5-character vocabulary: 'd'" in proc.stderr
+    assert "the source has characters outside the 5-character vocabulary of abc: '[]dx'" in proc.stderr
     assert not (tmp_path / "data/abcd").exists()
     for source, message in [("./nowhere", "tokenizer='./nowhere': no such file or folder"),
                             ("data", "data is neither a dataset (meta.json, or .bin token files), a run")]:
