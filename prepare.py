@@ -153,7 +153,9 @@ def validate(cfg):
             problems.append(f"tokenizer={cfg.tokenizer!r}: no such file or folder (a dataset, run or model to take "
                             "the tokenizer of)")
         elif cfg.tokenizer not in known and not borrowed_path(cfg.tokenizer, cfg.out_root):
-            close = difflib.get_close_matches(cfg.tokenizer, known, n=1)
+            prepared = [os.path.basename(os.path.dirname(m)) for m in glob.glob(os.path.join(cfg.out_root, "*",
+                                                                                              "meta.json"))]
+            close = difflib.get_close_matches(cfg.tokenizer, known + sorted(prepared), n=1)
             problems.append(f"tokenizer={cfg.tokenizer!r} is neither 'char' (one id per character), 'bpe:N' (an "
                             f"N-token BPE trained on this text), a tiktoken encoding ({', '.join(known[2:])}) nor "
                             "a dataset, run or model folder to take the tokenizer of"

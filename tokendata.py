@@ -21,6 +21,7 @@ import re
 import numpy as np
 
 from configurator import UserError
+from lock import held_by
 from tokenizer import spec_problems
 
 HEADER_INTS = 256
@@ -166,6 +167,10 @@ class Dataset:
                            for split, shards in self.meta["shards"].items()}
         else:
             unfinished = sorted(n for n in os.listdir(data_dir) if re.fullmatch(PREPARE_FILES, n))
+            busy = held_by(data_dir, "prepare.lock")
+            if unfinished and busy:
+                raise UserError(f"{data_dir} is being prepared right now ({busy}): wait for that prepare.py to "
+                                "finish")
             if unfinished:
                 raise UserError(f"{data_dir} is an unfinished preparation: it holds {unfinished[0]} but no meta.json, "
                                 "which prepare.py writes last; run the prepare.py command that made it again (it "

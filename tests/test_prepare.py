@@ -183,6 +183,7 @@ def test_tokenizer_of_a_dataset_run_or_model(tmp_path, monkeypatch):
     assert "the source has characters outside the 5-character vocabulary of abc: '[]dx'" in proc.stderr
     assert not (tmp_path / "data/abcd").exists()
     for source, message in [("./nowhere", "tokenizer='./nowhere': no such file or folder"),
+                            ("bsae", "; did you mean 'base'?"),  # a prepared dataset's name, mistyped
                             ("data", "data is neither a dataset (meta.json, or .bin token files), a run")]:
         proc = run_script("prepare.py", "other", "--source=b.txt", f"--tokenizer={source}", cwd=tmp_path,
                           check=False)
@@ -236,6 +237,14 @@ def test_a_second_run_on_the_same_name_is_refused(tmp_path, shakespeare_path):
     assert f"data/mine is being prepared by process {os.getpid()} on " in proc.stderr
     assert {p.name: p.read_bytes() for p in (tmp_path / "data/mine").iterdir() if p.suffix in (".bin", ".json")} \
         == before and not (tmp_path / "data/mine/unfinished").exists()
+    # a first preparation still running: train.py and evaluate.py say to wait, not to run it again (it is refused)
+    os.makedirs(tmp_path / "data/fresh/unfinished")
+    with FolderLock(str(tmp_path / "data/fresh"), "prepare.lock"):
+        from configurator import UserError
+        with pytest.raises(UserError, match=rf"data/fresh is being prepared right now \(process {os.getpid()} on "):
+            Dataset(str(tmp_path / "data/fresh"))
+    with pytest.raises(UserError, match="is an unfinished preparation"):  # and once it is not running
+        Dataset(str(tmp_path / "data/fresh"))
     # a shard that is not the one meta.json lists (copied over it): refused where train.py and evaluate.py read it
     from configurator import UserError
     from tokendata import write_tokens
