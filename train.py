@@ -605,20 +605,25 @@ def weights_shape(model_args):
     return {k: model_args.get(k, GPTConfig.__dataclass_fields__[k].default) for k in SHAPE_KEYS}
 
 
-def shape_from_weights(cfg, sources, model_args, name, say):
+def shape_from_weights(cfg, sources, model_args, name, say, resume=False):
     """
-    A run on given weights (a new run from a checkpoint or GPT-2, or eval_only) has their model: the SHAPE_KEYS come
-    from model_args, so that the config this run saves says what it trains, and block_size too unless it is set (a
-    smaller one crops the context; a longer one takes rope: fit_context). A shape key set on the command line to
-    another value is refused, as a request for another model; one a config file sets (a recipe's from-scratch
-    shape) gives way, with a note, block_size where the weights cannot take it.
+    A run on given weights (a new run from a checkpoint or GPT-2, eval_only, or a resume) has their model: the
+    SHAPE_KEYS come from model_args, so that the config this run saves says what it trains, and block_size too unless
+    it is set (a smaller one crops the context; a longer one takes rope: fit_context). A shape key set on the command
+    line to another value is refused, as a request for another model; one a config file sets (a recipe's
+    from-scratch shape) gives way, with a note, block_size where the weights cannot take it. A resume goes on with
+    the checkpoint's model, block_size included, whatever a config file says; the command line's keys are left to
+    check_resume, which refuses those that differ.
     """
     shape = weights_shape(model_args)
-    # block_size may differ where set: shorter crops the context, longer takes rope (fit_context), but a config
-    # file's longer one for a learned position table gives way like its other shape keys
-    longer = sources.get("block_size", "command line") != "command line" and cfg.block_size > shape["block_size"] \
-        and not shape["rope"]
-    fixed = [k for k in SHAPE_KEYS if k != "block_size" or k not in sources or longer]
+    if resume:
+        fixed = [k for k in SHAPE_KEYS if sources.get(k) != "command line"]
+    else:
+        # block_size may differ where set: shorter crops the context, longer takes rope (fit_context), but a config
+        # file's longer one for a learned position table gives way like its other shape keys
+        longer = sources.get("block_size", "command line") != "command line" and \
+            cfg.block_size > shape["block_size"] and not shape["rope"]
+        fixed = [k for k in SHAPE_KEYS if k != "block_size" or k not in sources or longer]
     differ = [k for k in fixed if k in sources and getattr(cfg, k) != shape[k]]
     asked = [f"--{k}={getattr(cfg, k)} ({name} has {shape[k]})" for k in differ if sources[k] == "command line"]
     if asked:
@@ -848,18 +853,9 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
     elif checkpoint is not None and cfg.eval_only:  # it evaluates the checkpoint, whatever shape and optimizer
         cfg, sources = shape_from_weights(cfg, sources, checkpoint["model_args"], ckpt_path, say)
         cfg = dataclasses.replace(cfg, optimizer=(checkpoint.get("config") or {}).get("optimizer", "adamw"))
-    elif checkpoint is not None:
-        # a resume: the model is the checkpoint's. A shape key left out is its, not the default's; so is one a config
-        # file sets (a recipe's from-scratch shape, which a run begun from other weights had given way to); one given
-        # on the command line must agree (check_resume)
-        shape = weights_shape(checkpoint.get("model_args") or {})
-        taken = {k: shape[k] for k in SHAPE_KEYS if sources.get(k) != "command line"}
-        differ = [k for k in taken if k in sources and getattr(cfg, k) != shape[k]]
-        if differ:
-            say(f"note: the model's shape comes from {ckpt_path}: " +
-                ", ".join(f"{k}={shape[k]!r}, not {getattr(cfg, k)!r} ({sources[k]})" for k in differ))
-        cfg, sources = dataclasses.replace(cfg, **taken), {**sources, **{k: ckpt_path for k in taken
-                                                                         if k not in sources or k in differ}}
+    elif checkpoint is not None:  # a resume: a shape key left out, or a config file's, is the checkpoint's
+        cfg, sources = shape_from_weights(cfg, sources, checkpoint.get("model_args") or {}, ckpt_path, say,
+                                          resume=True)
     grad_accum, batch_explain = micro_steps_per_rank(cfg, launch.world_size)
     given = sources.get("gradient_accumulation_steps")
     if cfg.total_batch_size and given and cfg.gradient_accumulation_steps != grad_accum * launch.world_size:

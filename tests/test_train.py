@@ -508,7 +508,7 @@ def test_init_from_a_checkpoint_starts_a_new_run_from_its_weights(data_dir, monk
                                                                 "--init_from=resume")
     # and without it, as the run began: the shape it leaves out is the checkpoint's (it was the default 12 layers)
     out = train_here(capsys, *short, "--max_iters=6", "--out_dir=fine", "--init_from=auto")
-    assert "resumed from fine/ckpt.pt at step 4" in out and "n_layer = 2  <- fine/ckpt.pt" in out
+    assert "resumed from fine/ckpt.pt at step 4" in out and "n_layer = 2  <- the weights of fine/ckpt.pt" in out
     # a config file's from-scratch shape gave way to the weights at the start: it gives way at a resume too (the same
     # command with --init_from=auto was refused, and a Slurm requeue of it failed every time)
     (data_dir / "recipe.py").write_text("n_layer = 3\nn_head = 4\nn_embd = 64\nblock_size = 16\n")
