@@ -38,7 +38,7 @@ import hellaswag
 from configurator import UserError
 from distributed import (all_reduce_sum, cleanup_distributed, detect_launch, fast_kernels, init_distributed,
                          pick_device, pick_dtype)
-from inference import load_model, read_text
+from inference import load_model, model_name, read_text
 from tokendata import Dataset, dataset_dir, first_tokens, window_batch, windows
 from tokenizer import mismatch
 
@@ -113,7 +113,7 @@ def perplexity(cfg, model, tokenizer, device, autocast, launch, say):
             ids = [tokenizer.eot_id] + ids  # GPT-2's start of a document: its first token is scored too
         tokens, what = np.array(ids, dtype=np.int64), cfg.text
     else:
-        data = open_dataset(cfg.dataset, cfg.data_root, model_name(cfg), tokenizer)
+        data = open_dataset(cfg.dataset, cfg.data_root, model_name(cfg.init_from, cfg.out_dir), tokenizer)
         shards = data.shards(cfg.split)
         tokens = first_tokens(shards, sum(s.num_tokens for s in shards)).astype(np.int64)
         what = f"{data.data_dir} ({cfg.split})"
@@ -135,11 +135,6 @@ def perplexity(cfg, model, tokenizer, device, autocast, launch, say):
     say(f"tokens scored {count:,} | mean NLL {mean:.4f} | perplexity {result['perplexity']:.3f} | "
         f"bits per byte {result['bits_per_byte']:.4f}")
     return result
-
-
-def model_name(cfg):
-    """The model being evaluated, as --init_from (or prepare.py's --tokenizer) would name it."""
-    return cfg.out_dir if cfg.init_from == "resume" else cfg.init_from
 
 
 def open_dataset(name, data_root, model, tokenizer):
@@ -181,7 +176,7 @@ def val_loss(cfg, model, tokenizer, train_config, device, autocast, launch, say)
     if tc.block_size > model.config.block_size:
         raise UserError(f"block_size={tc.block_size} of the training settings is longer than the model's "
                         f"{model.config.block_size}")
-    data = open_dataset(tc.dataset, tc.data_root, model_name(cfg), tokenizer)
+    data = open_dataset(tc.dataset, tc.data_root, model_name(cfg.init_from, cfg.out_dir), tokenizer)
     # train.py evaluates train and val together, in passes of one shape that both decide: the same passes here
     splits = dict.fromkeys([s for s in ("train", "val") if s in data.splits] + [cfg.split])
     sets, described = evaluation_sets({split: data.shards(split) for split in splits}, tc, launch,
@@ -213,7 +208,7 @@ def evaluate(cfg, launch, device):
     dtype = pick_dtype(cfg.dtype, device_type)
     model, tokenizer, train_config = load_model(cfg.init_from, cfg.out_dir, device)
     autocast = torch.autocast(device_type=device_type, dtype=getattr(torch, dtype), enabled=(dtype != "float32"))
-    say(f"{cfg.init_from if cfg.init_from != 'resume' else cfg.out_dir}: {model.get_num_params() / 1e6:.2f}M "
+    say(f"{model_name(cfg.init_from, cfg.out_dir)}: {model.get_num_params() / 1e6:.2f}M "
         f"parameters on {device} in {dtype}, {launch.world_size} process(es)")
     if cfg.task == "perplexity":
         result = perplexity(cfg, model, tokenizer, device, autocast, launch, say)

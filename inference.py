@@ -10,6 +10,12 @@ from configurator import UserError
 from tokenizer import tokenizer_from_meta
 
 
+def model_name(init_from, out_dir):
+    """The model an --init_from (and --out_dir, for 'resume') names: what messages call it, and what --init_from or
+    prepare.py's --tokenizer would take."""
+    return out_dir if init_from == "resume" else init_from
+
+
 def load_model(init_from, out_dir, device):
     """
     (model in eval mode on `device`, tokenizer, the training config dict or None) for init_from 'resume' (the
@@ -17,7 +23,7 @@ def load_model(init_from, out_dir, device):
     GPT-2 weights (gpt2, gpt2-medium, gpt2-large, gpt2-xl or a local Hugging Face folder).
     """
     if init_from == "resume" or is_checkpoint(init_from):
-        where = out_dir if init_from == "resume" else init_from
+        where = model_name(init_from, out_dir)
         checkpoint = load_checkpoint(where)
         model = model_from_checkpoint(checkpoint, dropout=0.0)
         meta, train_config = checkpoint_meta(checkpoint, where), checkpoint.get("config")

@@ -22,7 +22,7 @@ import configurator
 from configurator import UserError
 from distributed import pick_device, pick_dtype
 from generate import TEMPERATURE, TOP_K, Stop, beam_search, generate
-from inference import load_model, prompt_ids, read_prompt
+from inference import load_model, model_name, prompt_ids, read_prompt
 
 
 @dataclass
@@ -136,7 +136,7 @@ def main(cfg, sources):
         how = "greedy"
     else:
         how = f"sampling at temperature {cfg.temperature}, top_k {cfg.top_k or 'off'}, top_p {cfg.top_p}"
-    print(f"{cfg.init_from if cfg.init_from != 'resume' else cfg.out_dir}: {len(ids)}-token prompt, {how}, on "
+    print(f"{model_name(cfg.init_from, cfg.out_dir)}: {len(ids)}-token prompt, {how}, on "
           f"{device} in {dtype}{', compiled' if cfg.compile else ''}", file=sys.stderr)
     if how == "greedy" and cfg.num_samples > 1:
         print(f"note: greedy decoding writes the same text {cfg.num_samples} times; for different samples give a "
