@@ -148,11 +148,11 @@ def validate(cfg):
         trained_bpe = True
     if cfg.tokenizer and cfg.tokenizer != "char" and not trained_bpe:
         known = ["char", "bpe"] + tiktoken_names()
-        if cfg.tokenizer not in known and not borrowed_path(cfg.tokenizer, cfg.out_root) and (
-                os.sep in cfg.tokenizer or cfg.tokenizer.startswith(".")):
+        unknown = cfg.tokenizer not in known and not borrowed_path(cfg.tokenizer, cfg.out_root)
+        if unknown and (os.sep in cfg.tokenizer or cfg.tokenizer.startswith(".")):
             problems.append(f"tokenizer={cfg.tokenizer!r}: no such file or folder (a dataset, run or model to take "
                             "the tokenizer of)")
-        elif cfg.tokenizer not in known and not borrowed_path(cfg.tokenizer, cfg.out_root):
+        elif unknown:
             prepared = [os.path.basename(os.path.dirname(m)) for m in glob.glob(os.path.join(cfg.out_root, "*",
                                                                                               "meta.json"))]
             close = difflib.get_close_matches(cfg.tokenizer, known + sorted(prepared), n=1)
@@ -188,13 +188,13 @@ def borrowed_tokenizer(name, out_root):
     tokenizer files), or a byte-level BPE's tokenizer.json alone (or a folder holding one, as save_pretrained
     writes a tokenizer).
     """
+    from checkpoint import checkpoint_meta, is_checkpoint, load_checkpoint  # torch, for this --tokenizer only
     path = borrowed_path(name, out_root)
     numbered = sorted(glob.glob(os.path.join(path, "ckpt_*.pt")))  # ckpt_<step, zero-padded>.pt
-    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "ckpt.pt")) and numbered:
+    if os.path.isdir(path) and not is_checkpoint(path) and numbered:
         path = numbered[-1]  # the newest: every checkpoint of a run holds its tokenizer
     tokenizer_json = path if os.path.basename(path) == "tokenizer.json" else os.path.join(path, "tokenizer.json")
-    if path.endswith(".pt") or os.path.isfile(os.path.join(path, "ckpt.pt")):
-        from checkpoint import checkpoint_meta, load_checkpoint  # torch: only for a checkpoint
+    if is_checkpoint(path):
         meta = checkpoint_meta(load_checkpoint(path), path)
     elif os.path.basename(path) == "meta.json":
         meta = read_meta(path)
@@ -717,9 +717,10 @@ class Workers:
             shutil.rmtree(self.spool, ignore_errors=True)
 
 
-def char_vocabulary(docs, workers):
-    """Character vocabulary, found in a parallel first pass: the union of each task's characters, sorted (so the ids
-    do not depend on the workers). Documents get an end-of-text id when some split holds more than one."""
+def char_vocabulary(docs, num_proc):
+    """Character vocabulary, found in a first pass in num_proc processes: the union of each task's characters,
+    sorted (so the ids do not depend on the workers). Documents get an end-of-text id when some split holds more than
+    one."""
     counts, chars = {}, set()
 
     def texts():
@@ -727,10 +728,14 @@ def char_vocabulary(docs, workers):
             counts[split] = counts.get(split, 0) + new_doc
             yield text, False
 
-    with tqdm(desc="vocabulary", unit="char", unit_scale=True) as bar:
-        for task, found in workers.map(chars_of_task, in_tasks(texts())):
-            chars |= found
-            bar.update(sum(len(text) for text, _ in task))
+    workers = Workers(num_proc, (None, None))
+    try:
+        with tqdm(desc="vocabulary", unit="char", unit_scale=True) as bar:
+            for task, found in workers.map(chars_of_task, in_tasks(texts())):
+                chars |= found
+                bar.update(sum(len(text) for text, _ in task))
+    finally:
+        workers.close()
     if not "".join(sorted(chars)).strip():
         return None
     return CharTokenizer(sorted(chars), eot=max(counts.values(), default=0) > 1)
@@ -1014,11 +1019,7 @@ def start_or_resume(cfg, work_dir, fp, tokenizer_name, docs, num_proc):
     state = load_resume_state(work_dir, fp)
     if state is None:
         if tokenizer_name == "char":
-            workers = Workers(num_proc, (None, None))
-            try:
-                tokenizer = char_vocabulary(docs(), workers)
-            finally:
-                workers.close()
+            tokenizer = char_vocabulary(docs(), num_proc)
             if tokenizer is None:
                 raise UserError(f"the source ({cfg.source or cfg.hf or cfg.name}) holds no text")
         elif bpe_vocab_size(tokenizer_name) is not None:
@@ -1031,11 +1032,7 @@ def start_or_resume(cfg, work_dir, fp, tokenizer_name, docs, num_proc):
         else:
             tokenizer = borrowed_tokenizer(tokenizer_name, cfg.out_root)
             if isinstance(tokenizer, CharTokenizer):  # every character it lacks, at once, not a piece's at a time
-                workers = Workers(num_proc, (None, None))
-                try:
-                    found = char_vocabulary(docs(), workers)
-                finally:
-                    workers.close()
+                found = char_vocabulary(docs(), num_proc)
                 missing = "".join(sorted(set(found.chars if found else "") - set(tokenizer.chars)))
                 if missing:
                     raise UserError(f"the source has characters outside the {len(tokenizer.chars)}-character "
