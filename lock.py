@@ -36,7 +36,7 @@ class FolderLock:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self.file.seek(0)
-            self.holder = self.file.read().decode(errors="replace").strip() or "another process"
+            self.holder = named_holder(self.file)
             self.file.close()
             self.file = None
             return self
@@ -67,7 +67,12 @@ def held_by(folder, name):
             try:
                 fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except OSError:
-                return f.read().decode(errors="replace").strip() or "another process"
+                return named_holder(f)
             return None  # closing the file lets go of the shared lock
     except (ImportError, OSError):  # no fcntl (Windows), or no lock file: no one
         return None
+
+
+def named_holder(file):
+    """Who holds a lock file, as the holder wrote it there (read from where the file is)."""
+    return file.read().decode(errors="replace").strip() or "another process"
