@@ -700,18 +700,31 @@ def test_safe_cuts_keep_trained_bpe_tokens():
     assert cut_everywhere(new_letter) == ["x\U00010940.,;\U00010940y", " \U00010940\U00010940! "]  # after y only
 
 
-def test_bpe_learns_from_long_words_in_parts():
+def test_bpe_learns_from_long_words_in_parts(monkeypatch):
     """Runs of 1,000 letters or more (DNA, CJK without punctuation) reach tokenizers' learning cut, or it takes time
     in proportion to a word's length for each merge; text of ordinary words goes whole."""
     import regex
 
+    import prepare
     from prepare import short_words
+    from tokenizer import BPETokenizer
     text = "ACGT" * 1000 + ". \u4e2d\u6587" * 3 + "\u4e2d" * 2500 + " end"
     parts = list(short_words(text))
     assert "".join(parts) == text and len(parts) == 7
     assert max(len(w) for p in parts for w in regex.findall(r"[\p{L}\p{N}\p{M}]+", p)) == 1000
     ordinary = hard_text(300)
     assert list(short_words(ordinary)) == [ordinary]
+    # and what learn_bpe hands the learning is cut so
+    learned_from, train = [], BPETokenizer.train
+
+    def recorded(texts, *args, **kwargs):
+        learned_from.extend(texts)
+        return train(learned_from, *args, **kwargs)
+
+    monkeypatch.setattr(BPETokenizer, "train", recorded)
+    prepare.learn_bpe(lambda: [("train", [text])], 300, 10**9)
+    assert "".join(learned_from) == text
+    assert max(len(w) for p in learned_from for w in regex.findall(r"[\p{L}\p{N}\p{M}]+", p)) == 1000
 
 
 @needs_bpe
