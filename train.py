@@ -97,6 +97,8 @@ class TrainConfig:
     optimizer: str = "adamw"  # 'adamw', or 'muon': Muon (torch.optim.Muon) for the blocks' weight matrices and AdamW for embeddings, gains and biases, at the same learning_rate and weight_decay (Muon's updates are scaled to AdamW's size)
     learning_rate: float = 6e-4  # peak learning rate
     max_iters: int = 600000  # optimizer steps in all
+    max_tokens: int = 0  # the run's length in tokens instead, over all processes: max_iters becomes the steps that reach it (the last step may pass it); 0: max_iters decides
+    tokens_per_param: float = 0.0  # the run's length as tokens per parameter of the model (the count train.py prints; about 20 is Chinchilla's compute-optimal ratio): max_tokens = this x that count; 0: off
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -104,7 +106,7 @@ class TrainConfig:
     # learning-rate schedule: linear warmup, decay to min_lr at lr_decay_iters, then constant
     decay_lr: bool = True
     warmup_iters: int = 2000
-    lr_decay_iters: int = 600000  # about max_iters, as in the Chinchilla paper
+    lr_decay_iters: int = 0  # the step the decay ends at; 0: max_iters, the schedule ending with the run (as in the Chinchilla paper)
     min_lr: float = 6e-5  # about learning_rate / 10
     lr_schedule: str = "cosine"  # the decay: 'cosine', 'linear', or 'wsd' (warmup-stable-decay: learning_rate until the last cooldown_frac of lr_decay_iters, then linear; a run at its stable rate can be extended, or cooled down from a checkpoint)
     cooldown_frac: float = 0.2  # wsd: the share of lr_decay_iters spent decaying
@@ -161,7 +163,10 @@ def validate(cfg):
         problems.append(f"data_order={cfg.data_order!r}: expected {', '.join(map(repr, SAMPLERS))}")
     if cfg.dtype not in DTYPES:
         problems.append(f"dtype={cfg.dtype!r}: expected {', '.join(DTYPES)}")
-    if cfg.decay_lr and cfg.lr_decay_iters < cfg.warmup_iters:
+    if cfg.max_tokens and cfg.tokens_per_param:
+        problems.append(f"max_tokens={cfg.max_tokens} and tokens_per_param={cfg.tokens_per_param} both give the "
+                        "run's length: keep one")
+    if cfg.decay_lr and 0 < cfg.lr_decay_iters < cfg.warmup_iters:
         problems.append(f"lr_decay_iters={cfg.lr_decay_iters} is shorter than warmup_iters={cfg.warmup_iters}")
     if cfg.lr_schedule not in LR_SCHEDULES:
         problems.append(f"lr_schedule={cfg.lr_schedule!r}: expected {', '.join(map(repr, LR_SCHEDULES))}")
@@ -177,7 +182,8 @@ def validate(cfg):
     problems += configurator.too_small(cfg, ("total_batch_size", "hellaswag_items", "max_iters", "keep_last_n",
                                              "keep_every", "save_interval", "sample_tokens", "grad_clip",
                                              "learning_rate", "min_lr", "weight_decay", "warmup_iters",
-                                             "lr_decay_iters", "peak_flops", "seed"), 0)
+                                             "lr_decay_iters", "peak_flops", "seed", "max_tokens",
+                                             "tokens_per_param"), 0)
     if min(cfg.batch_size, cfg.block_size, cfg.gradient_accumulation_steps) >= 1 and cfg.total_batch_size >= 0:
         try:  # the batch arithmetic, for the number of processes this launch has
             micro_steps_per_rank(cfg, detect_launch().world_size)
@@ -195,6 +201,65 @@ def validate(cfg):
     except ValueError as e:
         problems.append(str(e))
     return problems
+
+
+def model_config(cfg, vocab_size):
+    """The GPTConfig of a model trained from scratch with these settings."""
+    return GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
+                     bias=cfg.bias, rope=cfg.rope, vocab_size=vocab_size, dropout=cfg.dropout)
+
+
+SOURCE_RANK = {None: 0, "command line": 2}  # a config file's: 1
+
+
+def run_length(cfg, sources, tokens_per_step, done, tokens_done, count_params, say):
+    """
+    The run's length and the schedule's end, as (cfg, sources, how the length was given). max_tokens or
+    tokens_per_param sets max_iters, unless max_iters comes from a later word (the command line over a config file);
+    the steps are counted from the checkpoint's tokens, at this run's tokens per step. lr_decay_iters=0 becomes
+    max_iters (a run shorter than its warmup is all warmup, with a note); one given where the run's length was given
+    earlier is kept, with a note when the two differ.
+    """
+    def rank(key):
+        return SOURCE_RANK.get(sources.get(key), 1)
+    by, how = "max_tokens" if cfg.max_tokens else "tokens_per_param" if cfg.tokens_per_param else None, ""
+    length_rank = rank("max_iters")
+    if by:
+        steps_rank, tokens_rank = length_rank, rank(by)
+        if steps_rank == tokens_rank:
+            raise UserError(f"the run's length is given twice, max_iters={cfg.max_iters} and "
+                            f"{by}={getattr(cfg, by)} ({sources[by]}): keep one")
+        if steps_rank > tokens_rank:
+            say(f"note: {by}={getattr(cfg, by)} ({sources[by]}) is not used: max_iters ({sources['max_iters']}) "
+                "gives the run's length")
+        else:
+            target = cfg.max_tokens
+            how = f"max_tokens={target:,}"
+            if by == "tokens_per_param":
+                params = count_params()
+                target = math.ceil(cfg.tokens_per_param * params)
+                how = f"tokens_per_param={cfg.tokens_per_param:g} x {params:,} parameters"
+            steps = done + math.ceil(max(target - tokens_done, 0) / tokens_per_step)
+            if "max_iters" in sources:
+                say(f"note: max_iters={cfg.max_iters} ({sources['max_iters']}) gives way to {by} ({sources[by]})")
+            cfg, sources, length_rank = dataclasses.replace(cfg, max_iters=steps), {**sources, "max_iters": by}, \
+                tokens_rank
+    if not cfg.decay_lr:
+        return cfg, sources, how
+    if cfg.lr_decay_iters == 0:
+        if cfg.max_iters < cfg.warmup_iters:
+            say(f"note: the run ends inside its warmup (max_iters={cfg.max_iters}, warmup_iters={cfg.warmup_iters}): "
+                "the learning rate rises all the way and never decays")
+        return (dataclasses.replace(cfg, lr_decay_iters=max(cfg.max_iters, cfg.warmup_iters)),
+                {**sources, "lr_decay_iters": "max_iters"}, how)
+    if cfg.lr_decay_iters != cfg.max_iters and rank("lr_decay_iters") < length_rank:
+        past = cfg.lr_decay_iters > cfg.max_iters
+        say(f"note: the schedule ends at lr_decay_iters={cfg.lr_decay_iters} ({sources['lr_decay_iters']}), not at "
+            f"the run's end (max_iters={cfg.max_iters}{f', from {how}' if how else ''}): " +
+            ("the run stops before the learning rate is down to min_lr" if past else
+             f"the last {cfg.max_iters - cfg.lr_decay_iters:,} steps are at min_lr") +
+            "; --lr_decay_iters=0 ends it with the run")
+    return cfg, sources, how
 
 
 def parse_duration(text):
@@ -864,6 +929,14 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
         if given == "command line":  # asked for now, and it would be ignored
             raise UserError(f"{unused}; give --total_batch_size=0 with it, or leave it out")
         say(f"note: {unused}")
+    tokens_per_step = cfg.batch_size * cfg.block_size * grad_accum * launch.world_size
+    done = (checkpoint or {}).get("step", 0)  # a resume's steps so far, at the tokens per step they had
+    tokens_done = (checkpoint or {}).get("tokens_seen", done * tokens_per_step)
+
+    def count_params():
+        with torch.device("meta"):  # the count for this shape, without allocating it
+            return GPT(model_config(cfg, data.meta["vocab_size"])).get_num_params()
+    cfg, sources, length_from = run_length(cfg, sources, tokens_per_step, done, tokens_done, count_params, say)
 
     say(f"launch: {launch.mode}, {launch.world_size} process(es); device {device}, {dtype}; {kernels_note}")
     if tokenizer is None:
@@ -871,12 +944,9 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
             (" and no samples drawn" if cfg.sample_tokens else ""))
     say("config:\n" + configurator.describe(cfg, sources))
     say(f"batch: {batch_explain}")
-    tokens_per_step = cfg.batch_size * cfg.block_size * grad_accum * launch.world_size
     train_tokens = sum(s.num_tokens for s in train_shards)
-    done = (checkpoint or {}).get("step", 0)  # a resume's steps so far, at the tokens per step they had
-    run_tokens = (checkpoint or {}).get("tokens_seen", done * tokens_per_step) + \
-        max(cfg.max_iters - done, 0) * tokens_per_step
-    say(f"length: {cfg.max_iters:,} steps = {run_tokens:,} tokens, "
+    run_tokens = tokens_done + max(cfg.max_iters - done, 0) * tokens_per_step
+    say(f"length: {cfg.max_iters:,} steps = {run_tokens:,} tokens{f' ({length_from})' if length_from else ''}, "
         f"{run_tokens / train_tokens:.2f} epochs of the train split ({train_tokens:,} tokens; "
         f"data_order={cfg.data_order}: " + DATA_ORDERS[cfg.data_order] + ")")
     if checkpoint is not None:
@@ -900,8 +970,7 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
         model = load_hf_gpt2(pretrained, dropout=cfg.dropout, block_size=cfg.block_size)
         say(f"initialised from {pretrained}")
     else:
-        model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                              bias=cfg.bias, rope=cfg.rope, vocab_size=data.meta["vocab_size"], dropout=cfg.dropout))
+        model = GPT(model_config(cfg, data.meta["vocab_size"]))
     model_args = dataclasses.asdict(model.config)
     model.fused_loss, model.recompute = cfg.fused_loss, cfg.recompute
     model.to(device)
@@ -966,10 +1035,12 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
                 f"sets the best anew, {best_val_loss:.4f} was on the old ones")
             best_val_loss = float("inf")
         if step >= cfg.max_iters and not cfg.eval_only:
-            ended = cfg.decay_lr and cfg.lr_decay_iters <= step  # the schedule is at its end too
-            say(f"nothing to train: the checkpoint is at step {step} and max_iters is {cfg.max_iters}; raise "
-                "--max_iters" + (" (and --lr_decay_iters, or the learning rate stays at min_lr)" if ended else "") +
-                " to train on")
+            ended = cfg.decay_lr and cfg.lr_decay_iters <= step and sources.get("lr_decay_iters") != "max_iters"
+            key = sources["max_iters"] if sources.get("max_iters") in ("max_tokens", "tokens_per_param") else \
+                "max_iters"
+            say(f"nothing to train: the checkpoint is at step {step} and max_iters is {cfg.max_iters}"
+                f"{f' (from {length_from})' if length_from else ''}; raise --{key}" +
+                (" (and --lr_decay_iters, or the learning rate stays at min_lr)" if ended else "") + " to train on")
         # an evaluation due at the resumed step is not repeated, unless a stop signal cut it short
         last_eval = step if checkpoint.get("evaluated", True) else None
         checkpoint = None  # free the memory

@@ -19,7 +19,7 @@ bias = True
 
 learning_rate = 6e-4
 max_iters = 600000  # 300B tokens: a starting point, about 3x what GPT-2 small needs to match its val loss
-lr_decay_iters = 600000
+# lr_decay_iters: the default, 0, ends the decay with the run, whatever max_iters (or max_tokens) says
 min_lr = 6e-5
 warmup_iters = 2000
 weight_decay = 0.1

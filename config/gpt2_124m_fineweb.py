@@ -22,8 +22,7 @@ bias = True
 
 # one pass over the 10B tokens: 19,073 steps of 2**19 tokens, the first 715 (375M tokens) warming up
 learning_rate = 6e-4
-max_iters = 19073
-lr_decay_iters = 19073
+max_iters = 19073  # the decay ends with the run (lr_decay_iters=0)
 min_lr = 6e-5
 warmup_iters = 715
 weight_decay = 0.1

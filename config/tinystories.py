@@ -25,7 +25,6 @@ bias = False
 
 learning_rate = 1e-3  # smaller models take a higher learning rate than GPT-2 small's 6e-4
 max_iters = 20000  # 1.3B tokens: about 2.6 passes over the train split
-lr_decay_iters = 20000
 min_lr = 1e-4
 warmup_iters = 1000
 beta2 = 0.99  # a little above GPT-2's 0.95: fewer tokens per step

@@ -22,7 +22,6 @@ bias = False  # nanoGPT's default too: a little faster and no worse
 
 learning_rate = 1e-3  # small models can take a higher learning rate
 max_iters = 5000
-lr_decay_iters = 5000  # usually max_iters
 min_lr = 1e-4  # usually learning_rate / 10
 beta2 = 0.99  # a little higher than GPT-2's 0.95: few tokens per step
 warmup_iters = 100

@@ -567,3 +567,63 @@ def test_one_batch_is_learned_by_heart(data_dir, monkeypatch, capsys):  # noqa: 
     val = [r["val_loss"] for r in records if "val_loss" in r]
     assert len(losses) == 100 and max(losses[-10:]) < 0.1 < 3 < losses[0]
     assert len(val) == 2 and val[1] > val[0]
+
+
+# the schedule left to its default, lr_decay_iters=0: it ends with the run
+FREE_ARGS = [a for a in ARGS if not a.startswith("--lr_decay_iters=")] + ["--eval_interval=1000"]
+
+
+def test_run_length_in_tokens(data_dir, monkeypatch, capsys):  # noqa: F811
+    """--max_tokens: the steps that reach it (128 tokens a step here, the last step may pass it), the learning rate
+    decayed over them; a resume at another batch size counts on from the tokens already seen."""
+    import train
+    monkeypatch.chdir(data_dir)
+    out = train_here(capsys, *FREE_ARGS, "--max_tokens=1000", "--out_dir=out")
+    assert "max_iters = 8  <- max_tokens" in out and "lr_decay_iters = 8  <- max_iters" in out
+    assert "length: 8 steps = 1,024 tokens (max_tokens=1,000)" in out
+    cfg = train.TrainConfig(learning_rate=6e-4, min_lr=6e-5, warmup_iters=5, max_iters=8, lr_decay_iters=8)
+    steps = [r for r in log_records("out") if "loss" in r]
+    assert [(r["step"], r["tokens"]) for r in steps] == [(s, 128 * s) for s in range(1, 9)]
+    assert [r["lr"] for r in steps] == pytest.approx([train.lr_at(s, cfg) for s in range(8)])
+    # 1,024 seen, 2,000 asked: 976 more at 256 a step is 3.8, so 4 steps to step 12 and 2,048 tokens
+    out = train_here(capsys, *FREE_ARGS, "--max_tokens=2000", "--batch_size=8", "--init_from=resume", "--out_dir=out")
+    assert "length: 12 steps = 2,048 tokens (max_tokens=2,000)" in out
+    assert "max_iters 8 -> 12" in out and "lr_decay_iters 8 -> 12" in out
+    assert [r["tokens"] for r in log_records("out") if "loss" in r][-4:] == [1280, 1536, 1792, 2048]
+    out = train_here(capsys, *FREE_ARGS, "--max_tokens=2000", "--batch_size=8", "--init_from=resume", "--out_dir=out")
+    assert "max_iters is 12 (from max_tokens=2,000); raise --max_tokens to train on" in out
+
+
+def test_run_length_per_parameter(data_dir, monkeypatch, capsys):  # noqa: F811
+    """--tokens_per_param: tokens = the ratio x the parameter count train.py prints (that of the model it builds)."""
+    monkeypatch.chdir(data_dir)
+    params = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=65)).get_num_params()
+    steps = -(-int(0.05 * params) // 128)
+    out = train_here(capsys, *FREE_ARGS, "--tokens_per_param=0.05", "--out_dir=out")
+    assert f"model: {params / 1e6:.2f}M parameters" in out
+    assert f"length: {steps} steps = {steps * 128:,} tokens (tokens_per_param=0.05 x {params:,} parameters)" in out
+    assert [r["step"] for r in log_records("out") if "loss" in r] == list(range(1, steps + 1))
+
+
+def test_run_length_given_twice(data_dir, monkeypatch, capsys, tmp_path):  # noqa: F811
+    """The later word on the run's length wins (the command line over a config file), with a note; two in one place
+    are refused. A config file's lr_decay_iters that no longer ends the run gets a note."""
+    import configurator
+    import train
+    monkeypatch.chdir(data_dir)
+    (tmp_path / "steps.py").write_text("max_iters = 6\nlr_decay_iters = 6\n")
+    (tmp_path / "tokens.py").write_text("max_tokens = 600\n")
+    out = train_here(capsys, str(tmp_path / "steps.py"), *FREE_ARGS, "--max_tokens=1000", "--out_dir=a")
+    assert "note: max_iters=6 (" in out and "gives way to max_tokens (command line)" in out
+    assert "max_iters = 8  <- max_tokens" in out
+    assert "note: the schedule ends at lr_decay_iters=6 (" in out and "the last 2 steps are at min_lr" in out
+    out = train_here(capsys, str(tmp_path / "tokens.py"), *FREE_ARGS, "--max_iters=5", "--out_dir=b")
+    assert "note: max_tokens=600 (" in out and "is not used: max_iters (command line) gives the run's length" in out
+    assert [r["step"] for r in log_records("b") if "loss" in r] == [1, 2, 3, 4, 5]
+    with pytest.raises(UserError, match=r"the run's length is given twice, max_iters=3 and max_tokens=1000"):
+        train_here(capsys, *FREE_ARGS, "--max_iters=3", "--max_tokens=1000", "--out_dir=c")
+    cfg, _ = configurator.parse(train.TrainConfig, ["--max_tokens=1e6", "--tokens_per_param=20"])
+    assert any("both give the run's length" in p for p in train.validate(cfg))
+    out = train_here(capsys, *FREE_ARGS, "--max_tokens=500", "--warmup_iters=10", "--out_dir=d")  # 4 steps
+    assert "note: the run ends inside its warmup (max_iters=4, warmup_iters=10)" in out
+    assert [r["lr"] for r in log_records("d") if "loss" in r] == pytest.approx([6e-4 * s / 11 for s in (1, 2, 3, 4)])
