@@ -152,7 +152,8 @@ def help_text(cls, prog):
 
 def parse(cls, argv, prog=None):
     """
-    Build a `cls` dataclass from config files and --key=value overrides in argv.
+    Build a `cls` dataclass from config files and --key=value overrides in argv: the files first, in their order, then
+    the options, wherever each stands (a file named after an option does not undo it).
     Returns (config, sources) where sources maps each changed key to where its value came from.
     Prints help and exits 0 on --help / -h.
     """
@@ -160,10 +161,10 @@ def parse(cls, argv, prog=None):
     hints = typing.get_type_hints(cls)
     known = [f.name for f in dataclasses.fields(cls)]
     values, sources = {}, {}
-    for arg in argv:
-        if arg in ("--help", "-h"):
-            print(help_text(cls, prog))
-            sys.exit(0)
+    if any(arg in ("--help", "-h") for arg in argv):
+        print(help_text(cls, prog))
+        sys.exit(0)
+    for arg in sorted(argv, key=lambda arg: arg.startswith("--")):  # stable: files, then options, each in order
         if arg.startswith("--"):
             key, eq, text = arg[2:].partition("=")
             key = key.replace("-", "_")

@@ -209,6 +209,8 @@ def model_config(cfg, vocab_size):
                      bias=cfg.bias, rope=cfg.rope, vocab_size=vocab_size, dropout=cfg.dropout)
 
 
+# set by slurm/train.sbatch: a run whose out_dir holds its checkpoint resumes it, whatever --init_from says
+RESUME_VARIABLE = "GPT_RESUME_RUN"
 SOURCE_RANK = {None: 0, "command line": 2}  # a config file's: 1
 
 
@@ -889,11 +891,14 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
         raise SystemExit(2)
     resume = cfg.init_from == "resume" or (cfg.init_from == "auto" and os.path.exists(ckpt_path))
     restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
-    if restarts and not resume and not cfg.eval_only and os.path.exists(ckpt_path):
-        # a requeued Slurm job goes on with its own run, whatever it began from: a fine-tune's --init_from (from the
-        # command line or a config file) would be refused here, and a requeue only ever repeats it
-        say(f"requeued job (restart {restarts}): resuming from {ckpt_path}, not --init_from={cfg.init_from}")
-        cfg, sources, resume = dataclasses.replace(cfg, init_from="resume"), {**sources, "init_from": "requeue"}, True
+    resumable = os.environ.get(RESUME_VARIABLE) == "1"  # slurm/train.sbatch's jobs, submitted again or requeued
+    if (restarts or resumable) and not resume and not cfg.eval_only and os.path.exists(ckpt_path):
+        # a requeued or resubmitted Slurm job goes on with its own run, whatever it began from: a fine-tune's
+        # --init_from (from the command line or a config file) would be refused here, and the job only repeats it
+        why = f"requeued job (restart {restarts})" if restarts else f"{RESUME_VARIABLE}=1 (slurm/train.sbatch)"
+        say(f"{why}: resuming from {ckpt_path}, not --init_from={cfg.init_from} (to start over, give the job another "
+            "--out_dir)")
+        cfg, sources, resume = dataclasses.replace(cfg, init_from="resume"), {**sources, "init_from": why}, True
     if not resume and not cfg.eval_only:
         refuse_to_overwrite(cfg.out_dir, ckpt_path)
     if cfg.eval_only and not resume and not pretrained_name(cfg) and os.path.isfile(ckpt_path):

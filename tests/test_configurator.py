@@ -30,6 +30,11 @@ def test_config_file(tmp_path):
     path.write_text("import math\nbatch_size = 4\nlearning_rate = 2 * 1e-3\n_private = 1\n")
     cfg, sources = parse(Cfg, [str(path), "--batch_size=8"])
     assert cfg.batch_size == 8 and cfg.learning_rate == 2e-3 and sources["learning_rate"] == str(path)
+    # an option before the file still wins over it (files first, then options: slurm/train.sbatch's own options
+    # come before the user's config file); two files in their order
+    (tmp_path / "d.py").write_text("batch_size = 16\nout_dir = 'd'\n")
+    cfg, sources = parse(Cfg, ["--batch_size=8", str(path), str(tmp_path / "d.py")])
+    assert (cfg.batch_size, cfg.out_dir, sources["batch_size"]) == (8, "d", "command line")
 
 
 def test_unknown_key_suggests():

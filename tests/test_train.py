@@ -523,6 +523,13 @@ def test_init_from_a_checkpoint_starts_a_new_run_from_its_weights(data_dir, monk
     out = train_here(capsys, "recipe.py", *short, "--max_iters=4", "--init_from=pre", "--out_dir=ft")
     assert "requeued job (restart 1): resuming from ft/ckpt.pt, not --init_from=pre" in out
     assert "resumed from ft/ckpt.pt at step 3" in out
+    # so does a job of slurm/train.sbatch submitted again, once ended (the script sets the variable)
+    monkeypatch.delenv("SLURM_RESTART_COUNT")
+    monkeypatch.setenv("GPT_RESUME_RUN", "1")
+    out = train_here(capsys, "recipe.py", *short, "--max_iters=5", "--init_from=pre", "--out_dir=ft")
+    assert "GPT_RESUME_RUN=1 (slurm/train.sbatch): resuming from ft/ckpt.pt, not --init_from=pre" in out
+    assert "resumed from ft/ckpt.pt at step 4" in out
+    monkeypatch.delenv("GPT_RESUME_RUN")
 
     proc = run_script("train.py", *ARGS, "--block_size=64", "--max_iters=2", "--init_from=pre", "--out_dir=long",
                       cwd=data_dir, check=False)
