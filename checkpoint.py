@@ -98,6 +98,22 @@ def save_checkpoint(path, checkpoint):
             os.close(fd)
 
 
+BEST = "best.pt"  # a run's best val loss, where ckpt.pt is its latest state (always_save_checkpoint=False)
+
+
+def best_elsewhere(where, flag):
+    """A note when `where` (a run's folder, or its ckpt.pt) is the run's latest state and its best.pt another: what
+    `flag` to give for the best. None otherwise."""
+    folder = where if os.path.isdir(where) else os.path.dirname(where) if os.path.basename(where) == "ckpt.pt" else None
+    if folder is None:
+        return None
+    latest, best = os.path.join(folder, "ckpt.pt"), os.path.join(folder, BEST)
+    if not (os.path.isfile(latest) and os.path.isfile(best)) or os.path.samefile(latest, best):
+        return None
+    return (f"note: {latest} is the run's latest state; its best val loss is in {best} (always_save_checkpoint="
+            f"False): {flag}={best} for that one")
+
+
 STEP_CHECKPOINT = re.compile(r"ckpt_(\d+)\.pt$")
 
 
@@ -111,22 +127,28 @@ def step_checkpoints(out_dir):
     return sorted(found)
 
 
-def save_training_checkpoint(out_dir, checkpoint, step, keep_last_n, keep_every=()):
+def link_or_copy(source, target):
+    """target becomes source's contents at once (a hard link: no extra space; a copy where there are none)."""
+    tmp = target + ".tmplink"
+    try:
+        os.link(source, tmp)
+    except OSError:  # no hard links on this file system
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+def save_training_checkpoint(out_dir, checkpoint, step, keep_last_n, keep_every=(), best=False):
     """
-    Save `checkpoint` as out_dir/ckpt.pt (always the latest complete one) and as ckpt_<step>.pt (a hard link: no
-    extra space). Numbered checkpoints beyond the newest `keep_last_n` are deleted, except milestones whose step is a
-    multiple of one of the intervals in `keep_every` (every keep_every the run has had: a resume that drops or
-    changes it never deletes the milestones kept before), which are kept for good.
+    Save `checkpoint` as out_dir/ckpt.pt (always the latest complete one) and as ckpt_<step>.pt. Numbered checkpoints
+    beyond the newest `keep_last_n` are deleted, except milestones whose step is a multiple of one of the intervals in
+    `keep_every` (every keep_every the run has had: a resume that drops or changes it never deletes the milestones
+    kept before), which are kept for good. best: it is also best.pt, which no later save replaces unless it is best.
     """
     latest = os.path.join(out_dir, "ckpt.pt")
     save_checkpoint(latest, checkpoint)
-    numbered = os.path.join(out_dir, f"ckpt_{step:08d}.pt")
-    tmp = numbered + ".tmplink"
-    try:
-        os.link(latest, tmp)
-    except OSError:  # no hard links on this file system: a copy
-        shutil.copyfile(latest, tmp)
-    os.replace(tmp, numbered)
+    link_or_copy(latest, os.path.join(out_dir, f"ckpt_{step:08d}.pt"))
+    if best:
+        link_or_copy(latest, os.path.join(out_dir, BEST))
     numbered_all = step_checkpoints(out_dir)
     for s, path in numbered_all[:max(len(numbered_all) - keep_last_n, 0)]:
         if not any(s % every == 0 for every in keep_every if every):

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 import configurator
 import hellaswag
+from checkpoint import best_elsewhere
 from configurator import UserError
 from distributed import (all_reduce_sum, cleanup_distributed, detect_launch, fast_kernels, init_distributed,
                          pick_device, pick_dtype)
@@ -210,6 +211,9 @@ def evaluate(cfg, launch, device):
     autocast = torch.autocast(device_type=device_type, dtype=getattr(torch, dtype), enabled=(dtype != "float32"))
     say(f"{model_name(cfg.init_from, cfg.out_dir)}: {model.get_num_params() / 1e6:.2f}M "
         f"parameters on {device} in {dtype}, {launch.world_size} process(es)")
+    note = best_elsewhere(model_name(cfg.init_from, cfg.out_dir), "--init_from")
+    if note:
+        say(note)
     if cfg.task == "perplexity":
         result = perplexity(cfg, model, tokenizer, device, autocast, launch, say)
     elif cfg.task == "hellaswag":

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 
 import configurator
-from checkpoint import checkpoint_meta, load_checkpoint, model_from_checkpoint
+from checkpoint import best_elsewhere, checkpoint_meta, load_checkpoint, model_from_checkpoint
 from hf import EXPORT_DTYPES, save_hf_gpt2
 from tokenizer import describe
 
@@ -34,14 +34,21 @@ def validate(cfg):
     return []
 
 
+def named_folder(path):
+    """A folder's path with its own name at the end: '.' or '..' (from inside a run) become the absolute path, whose
+    name an export's folder beside it can take ('.-hf' would be a hidden folder inside the run)."""
+    path = os.path.normpath(path)
+    return os.path.abspath(path) if os.path.basename(path) in (".", "..") else path
+
+
 def main(cfg, sources):
     if cfg.hf_dir:
         hf_dir = cfg.hf_dir
     elif cfg.out_dir.endswith(".pt"):  # out/ckpt_00002000.pt: out-ckpt_00002000-hf, beside the run, not inside it
         run, name = os.path.split(os.path.normpath(cfg.out_dir))
-        hf_dir = f"{os.path.normpath(run or '.')}-{name[:-3]}-hf"
+        hf_dir = f"{named_folder(run or '.')}-{name[:-3]}-hf"
     else:
-        hf_dir = os.path.normpath(cfg.out_dir) + "-hf"
+        hf_dir = named_folder(cfg.out_dir) + "-hf"
     checkpoint = load_checkpoint(cfg.out_dir)
     meta = checkpoint_meta(checkpoint, cfg.out_dir)
     model = model_from_checkpoint(checkpoint)
@@ -53,6 +60,9 @@ def main(cfg, sources):
           f"context {c.block_size}, vocab {c.vocab_size} ({kind}), {cfg.dtype} weights"
           f"{'' if c.bias else ', zero biases for bias=False'}")
     print(f"files: {', '.join(files)}")
+    note = best_elsewhere(cfg.out_dir, "--out_dir")
+    if note:
+        print(note)
     print(f"load it: transformers.AutoModelForCausalLM.from_pretrained({hf_dir!r}), "
           f"AutoTokenizer.from_pretrained({hf_dir!r})")
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 import configurator
+from checkpoint import best_elsewhere
 from configurator import UserError
 from distributed import pick_device, pick_dtype
 from generate import TEMPERATURE, TOP_K, Stop, beam_search, generate
@@ -138,6 +139,9 @@ def main(cfg, sources):
         how = f"sampling at temperature {cfg.temperature}, top_k {cfg.top_k or 'off'}, top_p {cfg.top_p}"
     print(f"{model_name(cfg.init_from, cfg.out_dir)}: {len(ids)}-token prompt, {how}, on "
           f"{device} in {dtype}{', compiled' if cfg.compile else ''}", file=sys.stderr)
+    note = best_elsewhere(model_name(cfg.init_from, cfg.out_dir), "--init_from")
+    if note:
+        print(note, file=sys.stderr)
     if how == "greedy" and cfg.num_samples > 1:
         print(f"note: greedy decoding writes the same text {cfg.num_samples} times; for different samples give a "
               f"--temperature above 0, or --num_beams={cfg.num_samples} for the {cfg.num_samples} likeliest",

@@ -30,7 +30,7 @@ import torch.distributed
 
 import configurator
 import hellaswag
-from checkpoint import (Writer, checkpoint_meta, is_checkpoint, load_checkpoint, model_from_checkpoint,
+from checkpoint import (BEST, Writer, checkpoint_meta, is_checkpoint, load_checkpoint, model_from_checkpoint,
                         save_training_checkpoint, snapshot, step_checkpoints)
 from configurator import UserError
 from distributed import (ATTENTION_CHOICES, DTYPES, all_reduce_sum, cleanup_distributed, detect_launch,
@@ -61,7 +61,7 @@ class TrainConfig:
     hellaswag_items: int = 0  # score the first N items only; 0: all 10,042
     eval_only: bool = False  # evaluate once, print the losses (the last line is JSON) and exit, writing nothing to out_dir
     log_interval: int = 1  # steps between log lines
-    always_save_checkpoint: bool = True  # save at every eval, not only when val loss improves
+    always_save_checkpoint: bool = True  # save at every eval, not only when val loss improves; False: such a save is also best.pt, which the other saves (save_interval, a stop, the end) leave alone
     save_interval: int = 0  # also save every this many steps between evaluations, without evaluating (against losing work to a crash that gives no signal); 0: at evaluations only
     async_save: bool = True  # write checkpoints and loss.png on a background thread while training goes on; the checkpoint being written is held in CPU memory meanwhile (False: training waits for each write)
     keep_last_n: int = 2  # numbered checkpoints ckpt_<step>.pt kept besides ckpt.pt (the latest)
@@ -211,6 +211,7 @@ def model_config(cfg, vocab_size):
 
 # set by slurm/train.sbatch: a run whose out_dir holds its checkpoint resumes it, whatever --init_from says
 RESUME_VARIABLE = "GPT_RESUME_RUN"
+IMPROVED = "val loss improved"
 SOURCE_RANK = {None: 0, "command line": 2}  # a config file's: 1
 
 
@@ -1141,14 +1142,17 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
 
     def write_checkpoint(state, reason):
         try:
-            save_training_checkpoint(cfg.out_dir, state, state["step"], cfg.keep_last_n, state["keep_every"])
+            save_training_checkpoint(cfg.out_dir, state, state["step"], cfg.keep_last_n, state["keep_every"],
+                                     best=not cfg.always_save_checkpoint and reason == IMPROVED)
         except (OSError, RuntimeError) as e:
             # torch.save's zip writer reports a full disk as "[enforce fail at inline_container.cc:...] unexpected
             # pos" (or "PytorchStreamWriter failed writing"); any other RuntimeError is a real error, with its trace
             if isinstance(e, RuntimeError) and not ("inline_container" in str(e) or "PytorchStreamWriter" in str(e)):
                 raise
             raise disk_error(f"could not write a checkpoint to {cfg.out_dir}", e, ckpt_path) from None
-        say(f"saved checkpoint {ckpt_path} at step {state['step']} ({reason})")
+        best = "" if cfg.always_save_checkpoint else f"; also {BEST}" if reason == IMPROVED else \
+            f"; the best val loss stays in {BEST}" if os.path.exists(os.path.join(cfg.out_dir, BEST)) else ""
+        say(f"saved checkpoint {ckpt_path} at step {state['step']} ({reason}{best})")
 
     def write_plot():
         nonlocal plot
@@ -1214,7 +1218,7 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
                 improved = losses["val"] < best_val_loss
                 best_val_loss = min(best_val_loss, losses["val"])
                 if step > 0 and not cfg.eval_only and (improved or cfg.always_save_checkpoint):
-                    save(batches.state_dict(), "val loss improved" if improved else "always_save_checkpoint")
+                    save(batches.state_dict(), IMPROVED if improved else "always_save_checkpoint")
                 if plot:
                     writer.submit(write_plot)
                 if sample_from is not None and step > 0 and launch.is_master:  # while the checkpoint is written

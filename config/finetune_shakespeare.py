@@ -9,7 +9,7 @@ init_from = "gpt2"  # downloaded from the Hugging Face Hub on first use
 eval_interval = 10
 eval_iters = 40
 log_interval = 1
-always_save_checkpoint = False  # keep only the best model: it starts overfitting within a few hundred steps
+always_save_checkpoint = False  # the best model is out_dir/best.pt: it starts overfitting within a few hundred steps
 sample_tokens = 64  # at each evaluation, how its Shakespeare reads now
 sample_start = "ROMEO:"
 

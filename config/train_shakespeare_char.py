@@ -6,7 +6,7 @@ out_dir = "out-shakespeare-char"
 eval_interval = 250  # it overfits fast, so look often
 eval_iters = 200
 log_interval = 10
-always_save_checkpoint = False  # save at an evaluation only when val loss improves (a stop signal still saves, to resume)
+always_save_checkpoint = False  # save at an evaluation only when val loss improves, also as best.pt (a stop signal still saves ckpt.pt, to resume)
 sample_tokens = 200  # at each evaluation, print what it writes now (from the same seed: only the model changes)
 
 dataset = "shakespeare_char"

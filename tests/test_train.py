@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from checkpoint import save_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint
 from configurator import UserError
 from conftest import REPO, run_script
 from model import GPT, GPTConfig
@@ -634,3 +634,31 @@ def test_run_length_given_twice(data_dir, monkeypatch, capsys, tmp_path):  # noq
     out = train_here(capsys, *FREE_ARGS, "--max_tokens=500", "--warmup_iters=10", "--out_dir=d")  # 4 steps
     assert "note: the run ends inside its warmup (max_iters=4, warmup_iters=10)" in out
     assert [r["lr"] for r in log_records("d") if "loss" in r] == pytest.approx([6e-4 * s / 11 for s in (1, 2, 3, 4)])
+
+
+def test_best_model_kept_apart_from_the_latest(data_dir, monkeypatch, capsys):  # noqa: F811
+    """always_save_checkpoint=False: an evaluation saves only when the val loss improves, and that save is also
+    best.pt. save_interval's saves (ckpt.pt, for resuming) and keep_last_n's deletions leave it alone (a trial lost
+    the best model this way: its numbered checkpoint was rotated out and ckpt.pt held the last, worst weights)."""
+    monkeypatch.chdir(data_dir)
+    # one batch learned by heart at a high rate: the val loss, on other text, gets worse after the first evaluations
+    out = train_here(capsys, *ARGS, "--data_order=one_batch", "--learning_rate=1e-2", "--min_lr=1e-3",
+                     "--max_iters=60", "--lr_decay_iters=60", "--eval_interval=10", "--save_interval=5",
+                     "--keep_last_n=1", "--always_save_checkpoint=False", "--out_dir=out")
+    val = {r["step"]: r["val_loss"] for r in log_records("out") if "val_loss" in r and r["step"] > 0}
+    best_step = min(val, key=val.get)
+    assert best_step < 60, val  # else there is nothing for the test to see
+    best, latest = load_checkpoint("out/best.pt"), load_checkpoint("out/ckpt.pt")
+    assert (best["step"], latest["step"]) == (best_step, 60)
+    assert best["best_val_loss"] == pytest.approx(val[best_step])
+    assert not os.path.exists(f"out/ckpt_{best_step:08d}.pt")  # rotated out, as keep_last_n=1 says
+    assert f"at step {best_step} (val loss improved; also best.pt)" in out
+    assert "at step 60 (save_interval=5; the best val loss stays in best.pt)" in out
+    note = ("note: out/ckpt.pt is the run's latest state; its best val loss is in out/best.pt "
+            "(always_save_checkpoint=False): --init_from=out/best.pt for that one")
+    proc = run_script("sample.py", "--out_dir=out", "--device=cpu", "--max_new_tokens=5", "--num_samples=1",
+                      cwd=data_dir)
+    assert note in proc.stderr
+    proc = run_script("sample.py", "--init_from=out/best.pt", "--device=cpu", "--max_new_tokens=5", "--num_samples=1",
+                      cwd=data_dir)
+    assert "note:" not in proc.stderr
