@@ -148,6 +148,9 @@ def test_trained_model_exported_by_command_line(tmp_path):
     assert "zero biases for bias=False" in out.stdout
     # one checkpoint file of a run: exported beside the run (out-ckpt-hf), not into a folder inside it named ckpt.pt-hf
     assert "wrote out-ckpt-hf:" in run_script("export.py", "--out_dir=out/ckpt.pt", cwd=tmp_path).stdout
+    # from inside the run: beside it too, by its name (not a hidden '.-hf' inside it)
+    assert f"wrote {tmp_path / 'out'}-hf:" in run_script("export.py", "--out_dir=.", cwd=tmp_path / "out").stdout
+    assert os.path.isfile(tmp_path / "out-hf" / "config.json") and not os.path.exists(tmp_path / "out" / ".-hf")
     modes = {os.stat(tmp_path / "hf" / name).st_mode & 0o777 for name in ("config.json", "model.safetensors")}
     assert len(modes) == 1, modes  # the weights as readable as the rest (safetensors alone writes 0600)
 
