@@ -8,6 +8,7 @@ Three kinds: character level (the vocabulary is the sorted set of characters of 
 
 import json
 import os
+import re
 
 import numpy as np
 
@@ -294,9 +295,16 @@ def mismatch(model, model_meta, data_dir, data_meta):
     if theirs == mine:
         theirs = "another" + theirs[1:] if theirs.startswith("a ") else "another tokenizer: " + theirs
     borrow = "gpt2" if model_meta.get("tokenizer") == {"type": "tiktoken", "encoding": "gpt2"} else model
-    return (f"{model} reads {mine}, but {data_dir} was tokenized with {theirs}; tokenize the text as the model reads: "
-            f"python prepare.py {os.path.basename(os.path.normpath(data_dir))} --tokenizer={borrow} (with the source "
-            "options it was prepared with)")
+    # into a folder of its own: over data_dir it would take the dataset from the models that read it as it is
+    name = os.path.basename(os.path.normpath(data_dir))
+    root = "data-" + re.sub(r"[^\w.-]+", "_", os.path.basename(os.path.normpath(borrow)).removesuffix(".pt"))
+    source = (data_meta.get("source") or {})
+    files = source.get("files") or []
+    given = f" --source={files[0]}" if len(files) == 1 and source.get("num_files") == 1 and not source.get("hf") \
+        else f" (with the source options {data_dir} was prepared with)"
+    return (f"{model} reads {mine}, but {data_dir} was tokenized with {theirs}; tokenize the text as the model reads, "
+            f"beside it: python prepare.py {name} --tokenizer={borrow} --out_root={root}{given}, then give "
+            f"--dataset={root}/{name}")
 
 
 def short(spec):

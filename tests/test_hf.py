@@ -330,7 +330,8 @@ def test_finetune_config_and_tokenizer_check():
     char_meta = {"tokenizer": {"type": "char", "chars": "abc", "eot": False}, "vocab_size": 3, "eot_id": None}
     with pytest.raises(UserError, match=r"gpt2-medium reads the tiktoken encoding 'gpt2' \(50257 ids\), but data/sc "
                                         r"was tokenized with a 3-character vocabulary \(3 ids\); tokenize the text as "
-                                        r"the model reads: python prepare.py sc --tokenizer=gpt2 "):
+                                        r"the model reads, beside it: python prepare.py sc --tokenizer=gpt2 "
+                                        r"--out_root=data-gpt2 "):
         check_dataset_tokenizer("gpt2-medium", "data/sc", char_meta)
 
 

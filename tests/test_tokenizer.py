@@ -139,5 +139,10 @@ def test_mismatch_names_both_tokenizers_and_the_command():
     meta = lambda tok: {"tokenizer": tok.meta(), "vocab_size": tok.vocab_size}  # noqa: E731
     assert mismatch("out-a", meta(a), "data/b/", meta(b)) == (
         "out-a reads a 400-token byte-level BPE (400 ids), but data/b/ was tokenized with another 400-token byte-level "
-        "BPE (400 ids); tokenize the text as the model reads: python prepare.py b --tokenizer=out-a (with the source "
-        "options it was prepared with)")
+        "BPE (400 ids); tokenize the text as the model reads, beside it: python prepare.py b --tokenizer=out-a "
+        "--out_root=data-out-a (with the source options data/b/ was prepared with), then give --dataset=data-out-a/b")
+    # a dataset of one file: its --source too; a checkpoint file's name, without .pt, names the folder
+    one_file = {**meta(b), "source": {"files": ["/texts/b.txt"], "num_files": 1, "hf": None}}
+    assert mismatch("runs/a/ckpt_00000200.pt", meta(a), "data/b", one_file).endswith(
+        "python prepare.py b --tokenizer=runs/a/ckpt_00000200.pt --out_root=data-ckpt_00000200 --source=/texts/b.txt, "
+        "then give --dataset=data-ckpt_00000200/b")

@@ -161,7 +161,8 @@ def test_resume_into_another_dataset_folder_needs_the_same_tokenizer():
     assert said == ["resuming with changed settings: dataset 'shakespeare_char' -> '/elsewhere/shakespeare_char'"]
     with pytest.raises(UserError, match=r"cannot resume: out reads a 2-character vocabulary, but data/owt was "
                                         r"tokenized with the tiktoken encoding 'gpt2'; tokenize the text as the model "
-                                        r"reads: python prepare.py owt --tokenizer=out "):
+                                        r"reads, beside it: python prepare.py owt --tokenizer=out "
+                                        r"--out_root=data-out "):
         check_resume(checkpoint, TrainConfig(dataset="owt"), {"tokenizer": {"type": "tiktoken", "encoding": "gpt2"}},
                      said.append)
 
@@ -542,8 +543,9 @@ def test_init_from_a_checkpoint_starts_a_new_run_from_its_weights(data_dir, monk
     proc = run_script("train.py", *ARGS, "--dataset=digits", "--max_iters=2", "--init_from=pre", "--out_dir=out_digits",
                       cwd=data_dir, check=False)
     assert proc.returncode == 2 and "pre reads a " in proc.stderr, proc.stderr
-    assert "data/digits was tokenized with a 12-character vocabulary (12 ids); tokenize the text as the model reads: " \
-           "python prepare.py digits --tokenizer=pre " in proc.stderr
+    assert "data/digits was tokenized with a 12-character vocabulary (12 ids); tokenize the text as the model reads, " \
+           f"beside it: python prepare.py digits --tokenizer=pre --out_root=data-pre --source={data_dir}/digits.txt, " \
+           "then give --dataset=data-pre/digits" in proc.stderr
     assert "Traceback" not in proc.stderr and "step 1 |" not in proc.stdout
 
 
