@@ -114,6 +114,16 @@ def best_elsewhere(where, flag):
             f"False): {flag}={best} for that one")
 
 
+UNFINISHED = re.compile(r"(ckpt(_\d+)?|best)\.pt\.(tmp\d+|tmplink)$")  # a write or link cut short by a kill
+
+
+def unfinished_files(out_dir):
+    """The files a checkpoint write killed midway (SIGKILL, out of memory, a node failure) left in out_dir: for the
+    one process that holds the folder's lock to remove."""
+    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    return sorted(os.path.join(out_dir, name) for name in names if UNFINISHED.match(name))
+
+
 STEP_CHECKPOINT = re.compile(r"ckpt_(\d+)\.pt$")
 
 

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import statistics
 import threading
@@ -31,7 +32,7 @@ import torch.distributed
 import configurator
 import hellaswag
 from checkpoint import (BEST, Writer, checkpoint_meta, is_checkpoint, load_checkpoint, model_from_checkpoint,
-                        save_training_checkpoint, snapshot, step_checkpoints)
+                        save_training_checkpoint, snapshot, step_checkpoints, unfinished_files)
 from configurator import UserError
 from distributed import (ATTENTION_CHOICES, DTYPES, all_reduce_sum, cleanup_distributed, detect_launch,
                          fast_kernels, init_distributed, pick_device, pick_dtype)
@@ -890,6 +891,15 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
             raise UserError(f"another train.py is running in {cfg.out_dir} ({lock.holder}, says {lock.path}): wait "
                             "for it to end, or give this run another --out_dir")
         raise SystemExit(2)
+    if lock is not None and lock.file is not None:  # held: no other train.py writes here, what a killed one was
+        # writing is left over
+        leftovers = unfinished_files(cfg.out_dir)
+        if leftovers:
+            size = sum(os.path.getsize(p) for p in leftovers)
+            for path in leftovers:
+                os.remove(path)
+            say(f"removed {len(leftovers)} unfinished checkpoint file(s) a killed run left in {cfg.out_dir} "
+                f"({size / 2**20:,.1f} MiB): {', '.join(os.path.basename(p) for p in leftovers)}")
     resume = cfg.init_from == "resume" or (cfg.init_from == "auto" and os.path.exists(ckpt_path))
     restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
     resumable = os.environ.get(RESUME_VARIABLE) == "1"  # slurm/train.sbatch's jobs, submitted again or requeued
@@ -1363,8 +1373,15 @@ def keep_aside(path):
 
 
 def disk_error(what, error, ckpt_path):
-    return UserError(f"{what} ({error}); {ckpt_path}, if there, is still a complete earlier checkpoint: free some "
-                     "space or fix the folder, then resume with --init_from=resume")
+    cause = ""
+    if isinstance(error, RuntimeError):  # torch's zip writer says only where a write stopped short
+        try:
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(ckpt_path))).free
+            cause = f": the disk is probably full ({free / 2**20:,.1f} MiB free there now, the unfinished file removed)"
+        except OSError:
+            cause = ": the disk is probably full"
+    return UserError(f"{what} ({error}){cause}; {ckpt_path}, if there, is still a complete earlier checkpoint: free "
+                     "some space or fix the folder, then resume with --init_from=resume")
 
 
 def matplotlib_available(say):

@@ -284,6 +284,21 @@ def test_kill_during_save_keeps_previous(tmp_path):
         assert ckpt["step"] >= saves
 
 
+def test_unfinished_checkpoint_files_are_removed(data_dir, monkeypatch, capsys):
+    """What a kill -9 in a checkpoint write leaves (ckpt.pt.tmp<pid>, a numbered checkpoint's link not yet renamed)
+    is removed by the next run in the folder, which holds its lock: a GPT-2 run killed by the out-of-memory killer
+    left a file of gigabytes per kill (trial). Names that only resemble them stay."""
+    monkeypatch.chdir(data_dir)
+    train_here(capsys, *ARGS, "--max_iters=2", "--eval_interval=2", "--out_dir=out")
+    for name in ("ckpt.pt.tmp4242", "ckpt_00000004.pt.tmplink", "best.pt.tmp17", "notes.pt.tmp1", "ckpt.pt.tmpx"):
+        (data_dir / "out" / name).write_bytes(b"\0" * 1000)
+    out = train_here(capsys, *ARGS, "--max_iters=3", "--eval_interval=3", "--out_dir=out", "--init_from=resume")
+    assert "removed 3 unfinished checkpoint file(s) a killed run left in out (0.0 MiB): best.pt.tmp17, " \
+           "ckpt.pt.tmp4242, ckpt_00000004.pt.tmplink" in out
+    assert sorted(n for n in os.listdir("out") if ".tmp" in n) == ["ckpt.pt.tmpx", "notes.pt.tmp1"]
+    assert "resumed from out/ckpt.pt at step 2" in out
+
+
 def test_rolling_and_milestone_checkpoints(tmp_path):
     for step in range(100, 1100, 100):
         save_training_checkpoint(str(tmp_path), big_checkpoint(step) | {"step": step}, step, keep_last_n=2,
@@ -614,6 +629,7 @@ def test_full_disk_stops_the_run_with_a_message(data_dir, small_disk, async_save
                       f"--out_dir={small_disk}", cwd=data_dir, check=False)
     assert proc.returncode == 2 and f"error: could not write a checkpoint to {small_disk}" in proc.stderr, \
         proc.stderr[-2000:]
+    assert "the disk is probably full (" in proc.stderr  # torch's own words say only "unexpected pos"
     assert "Traceback" not in proc.stderr and sorted(os.listdir(small_disk)) == ["log.jsonl", "train.lock"]
 
 
