@@ -227,6 +227,9 @@ def run(main, cls, validate=None, argv=None):
         # one write: under torchrun, where every rank may say the same, print's two (text, newline) interleave
         sys.stderr.write(f"error: {e}\n")
         sys.exit(2)
+    except BrokenPipeError:  # the reader of the output went away (`| head`): nothing left to say, and no one to hear
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's own flush would fail again
+        sys.exit(141)  # as a shell reports a process ended by SIGPIPE
     except OSError as e:  # a folder the user may not write to (permissions, a read-only file system) is theirs to fix
         if not (isinstance(e, PermissionError) or e.errno == errno.EROFS):
             raise

@@ -55,7 +55,9 @@ def prompt_ids(tokenizer, prompt, flag="--start"):
     try:
         ids = tokenizer.encode(prompt)
     except UserError as e:  # a character-level model cannot read a character it never saw
-        raise UserError(f"{flag}: {e}") from None
+        escaped = "; the text is taken as it is: for a newline, type one ($'a\\nb' in bash) or use FILE:path" \
+            if "\\n" in prompt else ""
+        raise UserError(f"{flag}: {e}{escaped}") from None
     if ids:
         return ids
     if tokenizer.eot_id is None:

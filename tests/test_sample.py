@@ -1,6 +1,7 @@
 """sample.py through its real command line, on a tiny char-level checkpoint the test writes itself."""
 
 import os
+import subprocess
 import sys
 import types
 
@@ -104,6 +105,7 @@ def test_stop_escapes():
 @pytest.mark.parametrize("args, message", [
     (["--start="], "--start is empty and this tokenizer has no end-of-text token"),
     (["--start=ROMEO#"], "--start: text has characters outside this model's"),
+    (["--start=A\\nB"], "the text is taken as it is: for a newline, type one ($'a\\nb' in bash) or use FILE:path"),
     (["--max_new_tokens=0", "--top_p=0", "--stop=[\"a\", 1.5]", "--stream", "--num_beams=2"],
      "max_new_tokens=0 must be at least 1"),
     (["--out_dir=nowhere"], "no checkpoint at nowhere/ckpt.pt"),
@@ -170,3 +172,15 @@ def test_nanogpt_checkpoint_samples_with_its_datasets_vocabulary(out_dir):
     proc = sample(out_dir, *args, "--out_dir=nano", check=False)
     assert proc.returncode == 2 and "the checkpoint in nano does not say which tokenizer" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_output_cut_short_by_its_reader(out_dir):
+    """`sample.py | head -1`: the reader goes away, and the samples stop without a traceback, with the code a shell
+    gives a process ended by SIGPIPE."""
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "sample.py"), "--out_dir=out", "--device=cpu",
+                             "--num_samples=200", "--max_new_tokens=200"], cwd=out_dir, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.readline()
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141 and "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
