@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A one-node Slurm cluster on this machine, for tests of srun/sbatch (run as root; Debian's slurm-wlm and munge).
 #   slurm/local_cluster.sh start DIR   writes DIR/slurm.conf, starts munged, slurmctld and slurmd, waits until idle
-#   slurm/local_cluster.sh stop DIR    cancels the jobs left, then stops them
+#   slurm/local_cluster.sh stop DIR    cancels the jobs left, then stops them (munged too, where start started it)
 # Client commands need SLURM_CONF=DIR/slurm.conf.
 set -euo pipefail
 cmd=$1
@@ -41,7 +41,10 @@ NodeName=$host CPUs=$cpus State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 CONF
     chown munge:munge /run/munge
-    pgrep -x munged >/dev/null || runuser -u munge -- munged
+    if ! pgrep -x munged >/dev/null; then  # ours to stop, then; one already running (the machine's) is left alone
+        runuser -u munge -- munged
+        touch "$dir/munged.ours"
+    fi
     slurmctld -f "$conf"
     slurmd -f "$conf"
     for _ in $(seq 60); do
@@ -66,6 +69,10 @@ stop)
     for f in "$dir/slurmd.pid" "$dir/slurmctld.pid"; do
         [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true
     done
+    if [ -f "$dir/munged.ours" ]; then
+        pkill -x munged 2>/dev/null || true
+        rm -f "$dir/munged.ours"
+    fi
     ;;
 *)
     echo "usage: $0 start|stop DIR" >&2
