@@ -170,6 +170,8 @@ def val_loss(cfg, model, tokenizer, train_config, device, autocast, launch, say)
     from train import TrainConfig, estimate_loss, evaluation_sets, to_device
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     tc = TrainConfig(**{k: v for k, v in (train_config or {}).items() if k in fields})
+    if train_config is None:  # GPT-2 weights, trained elsewhere: windows of their whole context, train.py's defaults
+        tc = dataclasses.replace(tc, block_size=model.config.block_size)
     if cfg.dataset:
         tc = dataclasses.replace(tc, dataset=cfg.dataset, data_root=cfg.data_root)
     elif cfg.data_root != EvalConfig.data_root:  # the run's dataset, moved under another root

@@ -154,6 +154,12 @@ def test_val_loss_is_the_number_train_py_reported(tmp_path, evaluation):
                                                     rel=1e-6)
     assert (result["eval_iters"], result["batch_size"], result["block_size"]) == (3, 4, 32)
     assert result["eval_tokens"] == (5000 if "--eval_tokens=5000" in evaluation else 0)
+    if "--eval_tokens=5000" not in evaluation:  # its Hugging Face export: no training settings, windows of its context
+        run_script("export.py", "--out_dir=out", cwd=tmp_path)
+        hf = evaluate_json(run_script("evaluate.py", "--init_from=out-hf", "--task=val_loss", "--device=cpu",
+                                      "--dataset=shakespeare_char", cwd=tmp_path))
+        assert (hf["block_size"], hf["batch_size"], hf["eval_iters"]) == (32, 12, 200)
+        assert abs(hf["loss"] - result["loss"]) < 0.5  # the same weights, over other batches
 
     # and strided perplexity over the prepared split runs on the same data
     ppl = evaluate_json(run_script("evaluate.py", "--out_dir=out", "--dataset=shakespeare_char",
