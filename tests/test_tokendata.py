@@ -69,16 +69,20 @@ def test_nanogpt_layout(tmp_path):
     assert list(shard.read(10, 5)) == [i % len(chars) for i in range(10, 15)]
 
 
-def test_missing_dataset_message(tmp_path):
+def test_missing_dataset_message(tmp_path, monkeypatch):
     """A missing dataset folder says how to make it: a recipe's prepare.py command, or how to prepare one's own text;
     a misspelt name of a prepared folder there gets that folder."""
     with pytest.raises(UserError, match=r"data/shakespeare_char does not exist; prepare it first: "
-                                        r"python prepare.py shakespeare_char$"):
+                                        rf"python prepare.py shakespeare_char --out_root={tmp_path}/data$"):
         Dataset(str(tmp_path / "data/shakespeare_char"))
     with pytest.raises(UserError, match=r"'nothing_here' is not one of prepare.py's recipes \(python prepare.py "
                                         r"--list\); prepare your own text with python prepare.py nothing_here "
-                                        r"--source=PATH$"):
+                                        rf"--source=PATH --out_root={tmp_path}/data$"):
         Dataset(str(tmp_path / "data/nothing_here"))
+    monkeypatch.chdir(tmp_path)  # data/, relative: where prepare.py writes; here, not yet
+    with pytest.raises(UserError, match=r"prepare it first: python prepare.py shakespeare_char \(there is no data/ "
+                                        rf"in {tmp_path}: to use datasets prepared elsewhere, give --data_root="):
+        Dataset("data/shakespeare_char")
     for name in ("shakespeare_char", "shakespeare", "notes"):  # prepared, and one that is not
         (tmp_path / "data" / name).mkdir(parents=True)
         if name != "notes":
