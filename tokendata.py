@@ -149,7 +149,8 @@ def missing_dataset_hint(data_dir):
     root = "" if parent == "data" else f" --out_root={parent}"  # prepare.py writes under data/ by default
     # a relative data root that is not here: run from another folder than the one training ran in
     elsewhere = "" if os.path.isabs(parent) or os.path.isdir(parent or ".") else \
-        f" (there is no {parent}/ in {os.getcwd()}: to use datasets prepared elsewhere, give --data_root=<their folder>)"
+        f" (there is no {parent}/ in {os.getcwd()}: to use datasets prepared elsewhere, give --data_root=<their " \
+        "folder>)"
     if name in RECIPES:
         return f"prepare it first: python prepare.py {name}{root}{elsewhere}"
     return (f"{name!r} is not one of prepare.py's recipes (python prepare.py --list); prepare your own text with "
