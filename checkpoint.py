@@ -332,14 +332,26 @@ def checkpoint_meta(checkpoint, out_dir):
 
 
 def _fallback_hint(bad_path):
-    """Where to go instead of a bad checkpoint: the newest numbered one that is not the same file."""
+    """Where to go instead of a bad checkpoint: the newest numbered one before it that is not the same file, to read
+    as it is or, where the bad one is the run's ckpt.pt, to resume from."""
     bad = os.stat(bad_path)
-    for step, path in reversed(step_checkpoints(os.path.dirname(os.path.abspath(bad_path)))):
+    folder = os.path.dirname(os.path.abspath(bad_path))
+    numbered = STEP_CHECKPOINT.match(os.path.basename(bad_path))
+    latest = os.path.join(os.path.dirname(bad_path), "ckpt.pt")
+    resumed = not numbered or (os.path.exists(latest) and os.path.samefile(latest, bad_path))
+    for step, path in reversed(step_checkpoints(folder)):
         st = os.stat(path)
-        if (st.st_ino, st.st_dev) != (bad.st_ino, bad.st_dev):
-            return (f"; the previous checkpoint {path} (step {step}) may be intact: "
-                    f"ln -f {path} {bad_path} and resume from it")  # cp would write through a hard link
-    return "; no earlier checkpoint to fall back to"
+        if (st.st_ino, st.st_dev) == (bad.st_ino, bad.st_dev) or (numbered and step >= int(numbered.group(1))):
+            continue
+        path = os.path.join(os.path.dirname(bad_path), os.path.basename(path))
+        read = f"give {path} instead (--init_from={path}; export.py: --out_dir={path})"
+        if not resumed:
+            return f"; the previous checkpoint {path} (step {step}) may be intact: {read}"
+        # ln, not cp: cp would write through the hard link into the bad checkpoint's numbered name
+        return (f"; the previous checkpoint {path} (step {step}) may be intact: ln -f {path} {latest} and resume "
+                f"from it, or to sample or evaluate it, {read}")
+    return ("; no earlier checkpoint to fall back to" +
+            (": train anew, in another --out_dir or with this one's checkpoints deleted" if resumed else ""))
 
 
 def model_from_checkpoint(checkpoint, **overrides):

@@ -335,6 +335,24 @@ def test_corrupt_checkpoint_detected(tmp_path):
         load_checkpoint(str(tmp_path))
 
 
+def test_fallback_hint_fits_the_checkpoint(tmp_path):
+    """A bad numbered checkpoint that is not the run's latest: the one before it, to read as it is (a trial was told
+    to ln it over the bad one's name and resume, from sample.py). Nothing before it: for ckpt.pt, train anew."""
+    for step in (100, 200, 300):
+        save_training_checkpoint(str(tmp_path), big_checkpoint(step), step, keep_last_n=5)
+    (tmp_path / "ckpt_00000200.pt").write_bytes(b"garbage")  # ckpt.pt is step 300's, intact
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(str(tmp_path / "ckpt_00000200.pt"))
+    older = tmp_path / "ckpt_00000100.pt"
+    assert str(error.value).endswith(f"the previous checkpoint {older} (step 100) may be intact: give {older} instead "
+                                     f"(--init_from={older}; export.py: --out_dir={older})")
+    save_training_checkpoint(str(tmp_path / "one"), big_checkpoint(5), 5, keep_last_n=0)
+    (tmp_path / "one" / "ckpt.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="no earlier checkpoint to fall back to: train anew, in another "
+                                              "--out_dir or with this one's checkpoints deleted$"):
+        load_checkpoint(str(tmp_path / "one"))
+
+
 def test_fallback_hint_works_through_hard_links(tmp_path):
     """ckpt.pt is a hard link to the newest numbered checkpoint: the command the error suggests must not write the
     older checkpoint's bytes into the newer one's name."""
