@@ -1098,6 +1098,8 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
         os.makedirs(cfg.out_dir, exist_ok=True)
         if resume:
             trim_log(log_path, step)
+        elif os.path.exists(log_path) and os.path.getsize(log_path) == 0:  # of a run stopped before its first step
+            os.remove(log_path)
         elif os.path.exists(log_path):  # of a run stopped before its first checkpoint: kept, this run starts anew
             kept = keep_aside(log_path)
             say(f"note: {log_path} of an earlier run that saved no checkpoint is kept as {kept}")

@@ -684,6 +684,17 @@ def test_loss_plot_written(data_dir):
     assert [r["step"] for r in log_records(data_dir / "out") if "loss" in r] == [1, 2, 3, 4]
 
 
+def test_empty_log_of_a_run_that_never_stepped_is_not_kept(data_dir, monkeypatch, capsys):
+    """A run stopped before its first record leaves an empty log.jsonl: the next one writes over it instead of keeping
+    it aside as log.1.jsonl, one more with each such start (trial)."""
+    monkeypatch.chdir(data_dir)
+    (data_dir / "out").mkdir()
+    (data_dir / "out/log.jsonl").write_text("")
+    out = train_here(capsys, *ARGS, "--max_iters=1", "--eval_interval=1", "--out_dir=out")
+    assert "kept as" not in out and sorted(os.listdir("out")) == ["ckpt.pt", "ckpt_00000001.pt", "log.jsonl",
+                                                                   "train.lock"]
+
+
 def test_broken_matplotlib_turns_plotting_off(data_dir):
     """A matplotlib that is installed but fails to import (here one whose import raises) costs the plot, not the
     run: one message, and training goes on."""
