@@ -135,8 +135,8 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 def validate(cfg):
     """Every cross-field problem of a TrainConfig, all at once, before any work."""
     problems = configurator.too_small(cfg, ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "eval_interval",
-                                            "eval_iters", "log_interval", "gradient_accumulation_steps",
-                                            "max_bad_steps"), 1)
+                                            "log_interval", "gradient_accumulation_steps", "max_bad_steps") +
+                                      (() if cfg.eval_tokens else ("eval_iters",)), 1)  # unused with eval_tokens
     problems += head_problems(cfg.n_embd, cfg.n_head, cfg.rope)
     if cfg.skip_spikes < 0:
         problems.append(f"skip_spikes={cfg.skip_spikes} must be 0 (off) or a number of standard deviations")

@@ -633,6 +633,9 @@ def test_run_length_given_twice(data_dir, monkeypatch, capsys, tmp_path):  # noq
         train_here(capsys, *FREE_ARGS, "--max_iters=3", "--max_tokens=1000", "--out_dir=c")
     cfg, _ = configurator.parse(train.TrainConfig, ["--max_tokens=1e6", "--tokens_per_param=20"])
     assert any("both give the run's length" in p for p in train.validate(cfg))
+    # eval_iters is not used with eval_tokens, so not checked either (a trial's --eval_iters=0 was refused)
+    for extra, problems in ((["--eval_tokens=1000"], []), ([], ["eval_iters=0 must be at least 1"])):
+        assert train.validate(configurator.parse(train.TrainConfig, ["--eval_iters=0", *extra])[0]) == problems
     out = train_here(capsys, *FREE_ARGS, "--max_tokens=500", "--warmup_iters=10", "--out_dir=d")  # 4 steps
     assert "note: the run ends inside its warmup (max_iters=4, warmup_iters=10)" in out
     assert [r["lr"] for r in log_records("d") if "loss" in r] == pytest.approx([6e-4 * s / 11 for s in (1, 2, 3, 4)])
