@@ -1036,6 +1036,10 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
         keep_every = sorted(before | {cfg.keep_every} - {0})
         if ("epoch" in checkpoint["sampler"]) == (cfg.data_order == "epochs"):
             sampler.load_state_dict(checkpoint["sampler"])  # the same on every rank: they draw one global batch
+            windows = checkpoint["sampler"].get("windows")
+            if windows is not None and windows != sampler.windows:
+                say(f"note: the train split now has {sampler.windows:,} windows, not {windows:,}: epoch "
+                    f"{sampler.epoch + 1} goes on at the same fraction of it, in another order")
         else:
             say(f"note: data_order is now {cfg.data_order}: its batches start anew, from the seed")
         ranks = checkpoint.get("rng") or []

@@ -78,6 +78,12 @@ def test_epochs_resume_exactly_across_an_epoch(tmp_path, shakespeare_path):
     assert 10 * 16 < windows < 11 * 16  # the second epoch begins in step 11
     epochs = [r["epoch"] for r in log_records(tmp_path / "split") if "loss" in r]
     assert epochs == pytest.approx([16 * s / windows for s in range(1, 15)])
+    # on other data (a resume may change the dataset), at the same fraction of the epoch, and said so
+    (tmp_path / "half.txt").write_text((tmp_path / "small.txt").read_text(encoding="utf-8")[:3000], encoding="utf-8")
+    run_script("prepare.py", "half", "--source=half.txt", "--tokenizer=small", cwd=tmp_path)  # its vocabulary
+    out = run_script("train.py", *args, "--dataset=half", "--max_iters=15", "--out_dir=split", "--init_from=resume",
+                     cwd=tmp_path).stdout
+    assert f"note: the train split now has 84 windows, not {windows}: epoch 2 goes on at the same fraction of it" in out
 
 
 def test_a_spike_is_skipped_and_training_goes_on(data_dir, monkeypatch, capsys):
