@@ -11,6 +11,7 @@ Writes are whole-or-not-at-all: a temporary file in the same folder, fsync'ed, r
 """
 
 import copy
+import difflib
 import os
 import re
 import shutil
@@ -274,6 +275,13 @@ def load_checkpoint(path, map_location="cpu"):
     if os.path.isdir(path) or not path.endswith(".pt"):  # an out_dir
         path = os.path.join(path, "ckpt.pt")
     if not os.path.exists(path):
+        if os.path.basename(path) != "ckpt.pt":  # a file named by hand: the run's own names, for a typo
+            folder = os.path.dirname(path) or "."
+            there = [name for name in ("ckpt.pt", BEST) if os.path.isfile(os.path.join(folder, name))] + \
+                [os.path.basename(p) for _, p in step_checkpoints(folder)]
+            close = difflib.get_close_matches(os.path.basename(path), there, n=1)
+            raise CheckpointError(f"no checkpoint file {path}" + (f"; did you mean {close[0]}?" if close else "") +
+                                  (f" ({folder} holds {', '.join(there)})" if there else ""))
         raise CheckpointError(f"no checkpoint at {path}; train one first (python train.py ...) or check --out_dir")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=False)

@@ -142,6 +142,9 @@ def main(cfg, sources):
     note = best_elsewhere(model_name(cfg.init_from, cfg.out_dir), "--init_from")
     if note:
         print(note, file=sys.stderr)
+    if len(ids) > model.config.block_size:
+        print(f"note: the prompt's {len(ids):,} tokens are more than the model's context: each new token is predicted "
+              f"from the last {model.config.block_size} only", file=sys.stderr)
     if how == "greedy" and cfg.num_samples > 1:
         print(f"note: greedy decoding writes the same text {cfg.num_samples} times; for different samples give a "
               f"--temperature above 0, or --num_beams={cfg.num_samples} for the {cfg.num_samples} likeliest",

@@ -53,6 +53,10 @@ def test_greedy_stop_and_stream(out_dir):
     assert samples_of(out.stdout) == [prompt + expected] * 2  # the script decodes what generate.py generates
     assert "tokens/s" in out.stderr
     assert "note: greedy decoding writes the same text 2 times; for different samples give a --temperature" in out.stderr
+    assert "more than the model's context" not in out.stderr
+    long = sample(out_dir, "--start=" + "ROMEO: " * 6, "--max_new_tokens=2", "--num_samples=1").stderr
+    assert "note: the prompt's 42 tokens are more than the model's context: each new token is predicted from the " \
+           "last 32 only" in long
 
     stop = expected[10:12]
     cut = prompt + expected[:expected.index(stop)]
@@ -109,6 +113,7 @@ def test_stop_escapes():
     (["--max_new_tokens=0", "--top_p=0", "--stop=[\"a\", 1.5]", "--stream", "--num_beams=2"],
      "max_new_tokens=0 must be at least 1"),
     (["--out_dir=nowhere"], "no checkpoint at nowhere/ckpt.pt"),
+    (["--init_from=out/ckpt_1.pt"], "no checkpoint file out/ckpt_1.pt; did you mean ckpt.pt? (out holds ckpt.pt)"),
     (["--start=FILE:missing.txt"], "cannot read the --start file missing.txt"),
     (["--start=FILE:latin1.txt"], "cannot read the --start file latin1.txt: byte 3 is not UTF-8"),
     (["--stop=[\"\\n\", 59]"], "token id 59 is not in this model's vocabulary of 59 ids (0 to 58)"),
