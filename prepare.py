@@ -49,7 +49,7 @@ from configurator import UserError
 from lock import FolderLock
 from tokendata import (UNFINISHED_DIR, Dataset, TokenFileError, read_header, read_meta, read_tokens, token_dtype,
                        write_tokens)
-from tokenizer import (BPETokenizer, CharTokenizer, bpe_json_problems, bpe_vocab_size, make_tokenizer,
+from tokenizer import (BPETokenizer, CharTokenizer, bpe_json_problems, bpe_vocab_size, describe, make_tokenizer,
                        tokenizer_from_meta)
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -1206,7 +1206,16 @@ def prepare(cfg, recipe, out_dir, work_dir, val_fraction, tokenizer_name, num_pr
                     "shard_size": cfg.shard_size},
     }
     write_json(os.path.join(work_dir, "meta.json"), meta)
+    try:  # the dataset this one replaces: models trained on it read its tokenizer
+        with open(os.path.join(out_dir, "meta.json"), encoding="utf-8") as f:
+            before = json.load(f)["tokenizer"]
+    except (OSError, ValueError, KeyError, TypeError):
+        before = None
     publish(work_dir, out_dir, meta)
+    if before is not None and before != meta["tokenizer"]:
+        print(f"note: {out_dir} held text tokenized with {describe(before)}, now {describe(meta['tokenizer'])}: models "
+              "trained on it cannot read this one (train.py and evaluate.py refuse them, with how to prepare text "
+              "for them)")
 
     for split, w in writers.items():
         print(f"{split}: {w.num_tokens:,} tokens in {len(w.shards)} shard(s)")

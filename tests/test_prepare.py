@@ -146,7 +146,12 @@ def test_tokenizer_of_a_dataset_run_or_model(tmp_path, monkeypatch):
     from prepare import borrowed_tokenizer
     from tokenizer import tokenizer_from_meta
     write_jsonl(tmp_path / "docs.jsonl", stories(500))
-    run_script("prepare.py", "base", "--source=docs.jsonl", "--tokenizer=bpe:300", cwd=tmp_path)
+    out = run_script("prepare.py", "base", "--source=docs.jsonl", "--tokenizer=char", cwd=tmp_path).stdout
+    assert "note:" not in out
+    # prepared again with another tokenizer: said, since models trained on the first can no longer read it
+    out = run_script("prepare.py", "base", "--source=docs.jsonl", "--tokenizer=bpe:300", cwd=tmp_path).stdout
+    assert "note: data/base held text tokenized with a " in out and "-character vocabulary with end-of-text, now a " \
+        "300-token byte-level BPE: models trained on it cannot read this one" in out
     base = json.loads((tmp_path / "data/base/meta.json").read_text())
     import dataclasses
 
