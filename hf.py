@@ -409,8 +409,10 @@ def save_hf_gpt2(model, meta, hf_dir, dtype="float32"):
     export writes. Returns the file names written.
     """
     hf_dir = os.path.normpath(hf_dir)
+    if os.path.exists(hf_dir) and not os.path.isdir(hf_dir):
+        raise UserError(f"{hf_dir} is a file, not a folder: choose another --hf_dir")
     if os.path.exists(hf_dir):
-        foreign = sorted(set(os.listdir(hf_dir)) - EXPORT_FILES) if os.path.isdir(hf_dir) else [hf_dir]
+        foreign = sorted(set(os.listdir(hf_dir)) - EXPORT_FILES)
         if foreign:
             raise UserError(f"{hf_dir} exists and holds files an export does not write ({', '.join(foreign[:5])}); "
                             "choose a new --hf_dir, or move them away")

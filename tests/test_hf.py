@@ -265,6 +265,8 @@ def test_export_refusals_leave_nothing_behind(tmp_path):
     with pytest.raises(UserError, match="holds files an export does not write \\(notes.txt\\)"):
         save_hf_gpt2(model, meta, tmp_path / "mine")
     assert os.listdir(tmp_path / "mine") == ["notes.txt"]
+    with pytest.raises(UserError, match="mine/notes.txt is a file, not a folder: choose another --hf_dir"):
+        save_hf_gpt2(model, meta, tmp_path / "mine" / "notes.txt")
 
 
 def test_export_refuses_what_gpt2_cannot_express():
