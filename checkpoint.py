@@ -115,7 +115,8 @@ def best_elsewhere(where, flag):
             f"False): {flag}={best} for that one")
 
 
-UNFINISHED = re.compile(r"(ckpt(_\d+)?|best)\.pt\.(tmp\d+|tmplink)$")  # a write or link cut short by a kill
+LINK_SUFFIX = ".tmplink"  # a link or copy being made (link_or_copy); save_checkpoint writes to <path>.tmp<pid>
+UNFINISHED = re.compile(rf"(ckpt(_\d+)?|best)\.pt(\.tmp\d+|{re.escape(LINK_SUFFIX)})$")  # cut short by a kill
 
 
 def unfinished_files(out_dir):
@@ -140,11 +141,16 @@ def step_checkpoints(out_dir):
 
 def link_or_copy(source, target):
     """target becomes source's contents at once (a hard link: no extra space; a copy where there are none)."""
-    tmp = target + ".tmplink"
+    tmp = target + LINK_SUFFIX
     try:
         os.link(source, tmp)
     except OSError:  # no hard links on this file system
-        shutil.copyfile(source, tmp)
+        try:
+            shutil.copyfile(source, tmp)
+        except BaseException:  # a full disk: no half-copied file left behind
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
     os.replace(tmp, target)
 
 
@@ -280,8 +286,10 @@ def load_checkpoint(path, map_location="cpu"):
             there = [name for name in ("ckpt.pt", BEST) if os.path.isfile(os.path.join(folder, name))] + \
                 [os.path.basename(p) for _, p in step_checkpoints(folder)]
             close = difflib.get_close_matches(os.path.basename(path), there, n=1)
-            raise CheckpointError(f"no checkpoint file {path}" + (f"; did you mean {close[0]}?" if close else "") +
-                                  (f" ({folder} holds {', '.join(there)})" if there else ""))
+            listed = ", ".join(there[:3] + (["..."] if len(there) > 6 else []) + there[3:][-3:])
+            raise CheckpointError(f"no checkpoint file {path}" +
+                                  (f"; did you mean {os.path.join(folder, close[0])}?" if close else "") +
+                                  (f" ({folder} holds {listed})" if there else ""))
         raise CheckpointError(f"no checkpoint at {path}; train one first (python train.py ...) or check --out_dir")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=False)
@@ -346,13 +354,16 @@ def _fallback_hint(bad_path):
     folder = os.path.dirname(os.path.abspath(bad_path))
     numbered = STEP_CHECKPOINT.match(os.path.basename(bad_path))
     latest = os.path.join(os.path.dirname(bad_path), "ckpt.pt")
-    resumed = not numbered or (os.path.exists(latest) and os.path.samefile(latest, bad_path))
+    # what a resume reads: ckpt.pt, or the numbered checkpoint it is a link to (best.pt and others are only read)
+    resumed = os.path.basename(bad_path) == "ckpt.pt" or (os.path.exists(latest) and os.path.samefile(latest, bad_path))
     for step, path in reversed(step_checkpoints(folder)):
         st = os.stat(path)
         if (st.st_ino, st.st_dev) == (bad.st_ino, bad.st_dev) or (numbered and step >= int(numbered.group(1))):
             continue
         path = os.path.join(os.path.dirname(bad_path), os.path.basename(path))
         read = f"give {path} instead (--init_from={path}; export.py: --out_dir={path})"
+        if not numbered and not resumed:  # best.pt, say: of no known step, so not "previous"
+            return f"; another checkpoint of the run, {path} (step {step}), may be intact: {read}"
         if not resumed:
             return f"; the previous checkpoint {path} (step {step}) may be intact: {read}"
         # ln, not cp: cp would write through the hard link into the bad checkpoint's numbered name

@@ -19,6 +19,7 @@ import errno
 import inspect
 import os
 import re
+import select
 import sys
 import types
 import typing
@@ -204,6 +205,21 @@ def describe(cfg, sources):
     return "\n".join(lines)
 
 
+def stdout_closed():
+    """Whether standard output is a pipe whose reader has gone away: poll reports an error on its end."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), no file descriptor
+        return False
+
+
+def silence_stdout():
+    """Standard output to nowhere, after its reader went away: later prints, and the flush at exit, fail no more."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def run(main, cls, validate=None, argv=None):
     """
     The entry point of every script: parse argv into `cls`, check it with validate(cfg) -> [problems] (all of them
@@ -227,8 +243,10 @@ def run(main, cls, validate=None, argv=None):
         # one write: under torchrun, where every rank may say the same, print's two (text, newline) interleave
         sys.stderr.write(f"error: {e}\n")
         sys.exit(2)
-    except BrokenPipeError:  # the reader of the output went away (`| head`): nothing left to say, and no one to hear
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's own flush would fail again
+    except BrokenPipeError:
+        if not stdout_closed():  # another pipe (a socket, a child's): a real error
+            raise
+        silence_stdout()  # the reader of the output went away (`| head`): nothing left to say, and no one to hear
         sys.exit(141)  # as a shell reports a process ended by SIGPIPE
     except OSError as e:  # a folder the user may not write to (permissions, a read-only file system) is theirs to fix
         if not (isinstance(e, PermissionError) or e.errno == errno.EROFS):

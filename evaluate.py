@@ -167,9 +167,8 @@ def hellaswag_task(cfg, model, tokenizer, device, autocast, launch, say):
 
 def val_loss(cfg, model, tokenizer, train_config, device, autocast, launch, say):
     """train.py's estimate_loss over what its evaluations score, with the checkpoint's training settings."""
-    from train import TrainConfig, estimate_loss, evaluation_sets, to_device
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    tc = TrainConfig(**{k: v for k, v in (train_config or {}).items() if k in fields})
+    from train import estimate_loss, evaluation_sets, saved_config, to_device
+    tc = saved_config({"config": train_config})
     if train_config is None:  # GPT-2 weights, trained elsewhere: windows of their whole context, train.py's defaults
         tc = dataclasses.replace(tc, block_size=model.config.block_size)
     if cfg.dataset:

@@ -141,14 +141,15 @@ def dataset_dir(dataset, data_root):
 def missing_dataset_hint(data_dir):
     """A prepared folder beside data_dir with a close name, or the prepare.py command that makes data_dir."""
     parent, name = os.path.split(os.path.normpath(data_dir))
+    parent = parent or "."
     prepared = sorted(os.path.basename(os.path.dirname(m)) for m in glob.glob(os.path.join(parent, "*", "meta.json")))
     close = difflib.get_close_matches(name, prepared, n=1)
     if close:
         return f"did you mean {close[0]}? (prepared datasets there: {', '.join(prepared)})"
     from prepare import RECIPES  # here only: prepare.py imports this module
-    root = "" if parent == "data" else f" --out_root={parent}"  # prepare.py writes under data/ by default
+    root = "" if os.path.normpath(parent) == "data" else f" --out_root={parent}"  # prepare.py's default: data/
     # a relative data root that is not here: run from another folder than the one training ran in
-    elsewhere = "" if os.path.isabs(parent) or os.path.isdir(parent or ".") else \
+    elsewhere = "" if os.path.isabs(parent) or os.path.isdir(parent) else \
         f" (there is no {parent}/ in {os.getcwd()}: to use datasets prepared elsewhere, give --data_root=<their " \
         "folder>)"
     if name in RECIPES:

@@ -300,7 +300,8 @@ def mismatch(model, model_meta, data_dir, data_meta):
     root = "data-" + re.sub(r"[^\w.-]+", "_", os.path.basename(os.path.normpath(borrow)).removesuffix(".pt"))
     source = (data_meta.get("source") or {})
     files = source.get("files") or []
-    given = f" --source={files[0]}" if len(files) == 1 and source.get("num_files") == 1 and not source.get("hf") \
+    given = f" --source={files[0]} (and the other options {data_dir} was prepared with)" \
+        if len(files) == 1 and source.get("num_files") == 1 and not source.get("hf") \
         else f" (with the source options {data_dir} was prepared with)"
     return (f"{model} reads {mine}, but {data_dir} was tokenized with {theirs}; tokenize the text as the model reads, "
             f"beside it: python prepare.py {name} --tokenizer={borrow} --out_root={root}{given}, then give "

@@ -62,7 +62,7 @@ class TrainConfig:
     hellaswag_items: int = 0  # score the first N items only; 0: all 10,042
     eval_only: bool = False  # evaluate once, print the losses (the last line is JSON) and exit, writing nothing to out_dir
     log_interval: int = 1  # steps between log lines
-    always_save_checkpoint: bool = True  # save at every eval, not only when val loss improves; False: such a save is also best.pt, which the other saves (save_interval, a stop, the end) leave alone
+    always_save_checkpoint: bool = True  # save at every eval, not only when val loss improves; False: such a save is also best.pt, which ckpt.pt's other saves, for resuming (save_interval, a stop signal, max_runtime), leave alone
     save_interval: int = 0  # also save every this many steps between evaluations, without evaluating (against losing work to a crash that gives no signal); 0: at evaluations only
     async_save: bool = True  # write checkpoints and loss.png on a background thread while training goes on; the checkpoint being written is held in CPU memory meanwhile (False: training waits for each write)
     keep_last_n: int = 2  # numbered checkpoints ckpt_<step>.pt kept besides ckpt.pt (the latest)
@@ -126,6 +126,7 @@ class TrainConfig:
 # what must match between a checkpoint and the run that resumes it; everything else may change (and is reported)
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "rope")
 LR_SCHEDULES = ("cosine", "linear", "wsd")
+SCHEDULE_KEYS = ("learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "lr_schedule", "cooldown_frac")
 DATA_ORDERS = {"random": "windows drawn at random, with replacement", "epochs": "each window once per epoch, shuffled",
                "one_batch": "one batch, the same every step: its loss should fall close to 0; a check, not training"}
 OPTIMIZER_NAMES = {"adamw": "AdamW", "muon": "Muon for the blocks' weight matrices, AdamW for the rest"}
@@ -227,12 +228,12 @@ def run_length(cfg, sources, tokens_per_step, done, tokens_done, count_params, s
     def rank(key):
         return SOURCE_RANK.get(sources.get(key), 1)
     by, how = "max_tokens" if cfg.max_tokens else "tokens_per_param" if cfg.tokens_per_param else None, ""
-    length_rank = rank("max_iters")
+    length_rank, length_source = rank("max_iters"), sources.get("max_iters")
     if by:
         steps_rank, tokens_rank = length_rank, rank(by)
-        if steps_rank == tokens_rank:
-            raise UserError(f"the run's length is given twice, max_iters={cfg.max_iters} and "
-                            f"{by}={getattr(cfg, by)} ({sources[by]}): keep one")
+        if steps_rank == tokens_rank:  # two on the command line, or in config files (of one rank: keep it simple)
+            raise UserError(f"the run's length is given twice, max_iters={cfg.max_iters} ({sources['max_iters']}) "
+                            f"and {by}={getattr(cfg, by)} ({sources[by]}): keep one")
         if steps_rank > tokens_rank:
             say(f"note: {by}={getattr(cfg, by)} ({sources[by]}) is not used: max_iters ({sources['max_iters']}) "
                 "gives the run's length")
@@ -246,8 +247,8 @@ def run_length(cfg, sources, tokens_per_step, done, tokens_done, count_params, s
             steps = done + math.ceil(max(target - tokens_done, 0) / tokens_per_step)
             if "max_iters" in sources:
                 say(f"note: max_iters={cfg.max_iters} ({sources['max_iters']}) gives way to {by} ({sources[by]})")
-            cfg, sources, length_rank = dataclasses.replace(cfg, max_iters=steps), {**sources, "max_iters": by}, \
-                tokens_rank
+            cfg, sources, length_rank, length_source = dataclasses.replace(cfg, max_iters=steps), \
+                {**sources, "max_iters": by}, tokens_rank, sources[by]
     if not cfg.decay_lr:
         return cfg, sources, how
     if cfg.lr_decay_iters == 0:
@@ -256,7 +257,8 @@ def run_length(cfg, sources, tokens_per_step, done, tokens_done, count_params, s
                 "the learning rate rises all the way and never decays")
         return (dataclasses.replace(cfg, lr_decay_iters=max(cfg.max_iters, cfg.warmup_iters)),
                 {**sources, "lr_decay_iters": "max_iters"}, how)
-    if cfg.lr_decay_iters != cfg.max_iters and rank("lr_decay_iters") < length_rank:
+    if cfg.lr_decay_iters != cfg.max_iters and (rank("lr_decay_iters") < length_rank or (
+            rank("lr_decay_iters") == length_rank == 1 and sources["lr_decay_iters"] != length_source)):
         past = cfg.lr_decay_iters > cfg.max_iters
         say(f"note: the schedule ends at lr_decay_iters={cfg.lr_decay_iters} ({sources['lr_decay_iters']}), not at "
             f"the run's end (max_iters={cfg.max_iters}{f', from {how}' if how else ''}): " +
@@ -285,6 +287,12 @@ def parse_duration(text):
         return seconds + (int(days) * 86400 if days else 0)
     except ValueError:
         raise ValueError(f"max_runtime={text!r}: expected [days-]hours:minutes:seconds such as 3:55:00") from None
+
+
+def saved_config(checkpoint):
+    """The TrainConfig a checkpoint's run had (its keys this version knows; the defaults for those it lacks)."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in (checkpoint.get("config") or {}).items() if k in known})
 
 
 def lr_at(step, cfg):
@@ -800,9 +808,13 @@ PRINT_LOCK = threading.Lock()
 
 
 def locked_print(*args, **kwargs):
-    """print, but whole: the writer thread's messages never land between a line of the loop's and its newline."""
+    """print, but whole: the writer thread's messages never land between a line of the loop's and its newline. A
+    reader of the output that goes away (`| head`) stops the printing, not the run: log.jsonl has every record."""
     with PRINT_LOCK:
-        print(*args, **kwargs)
+        try:
+            print(*args, **kwargs)
+        except BrokenPipeError:
+            configurator.silence_stdout()
 
 
 def start_wandb(cfg, run_id):
@@ -903,7 +915,9 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
     resume = cfg.init_from == "resume" or (cfg.init_from == "auto" and os.path.exists(ckpt_path))
     restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
     resumable = os.environ.get(RESUME_VARIABLE) == "1"  # slurm/train.sbatch's jobs, submitted again or requeued
-    if (restarts or resumable) and not resume and not cfg.eval_only and os.path.exists(ckpt_path):
+    # an evaluation under the script evaluates the run too, unless it names other weights
+    if (restarts or resumable) and not resume and os.path.exists(ckpt_path) and \
+            (not cfg.eval_only or cfg.init_from == "scratch"):
         # a requeued or resubmitted Slurm job goes on with its own run, whatever it began from: a fine-tune's
         # --init_from (from the command line or a config file) would be refused here, and the job only repeats it
         why = f"requeued job (restart {restarts})" if restarts else f"{RESUME_VARIABLE}=1 (slurm/train.sbatch)"
@@ -946,13 +960,13 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
             raise UserError(f"{unused}; give --total_batch_size=0 with it, or leave it out")
         say(f"note: {unused}")
     tokens_per_step = cfg.batch_size * cfg.block_size * grad_accum * launch.world_size
-    done = (checkpoint or {}).get("step", 0)  # a resume's steps so far, at the tokens per step they had
-    tokens_done = (checkpoint or {}).get("tokens_seen", done * tokens_per_step)
+    steps_done = (checkpoint or {}).get("step", 0)  # a resume's steps so far, at the tokens per step they had
+    tokens_done = (checkpoint or {}).get("tokens_seen", steps_done * tokens_per_step)
 
     def count_params():
         with torch.device("meta"):  # the count for this shape, without allocating it
             return GPT(model_config(cfg, data.meta["vocab_size"])).get_num_params()
-    cfg, sources, length_from = run_length(cfg, sources, tokens_per_step, done, tokens_done, count_params, say)
+    cfg, sources, length_from = run_length(cfg, sources, tokens_per_step, steps_done, tokens_done, count_params, say)
 
     say(f"launch: {launch.mode}, {launch.world_size} process(es); device {device}, {dtype}; {kernels_note}")
     if tokenizer is None:
@@ -961,7 +975,7 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
     say("config:\n" + configurator.describe(cfg, sources))
     say(f"batch: {batch_explain}")
     train_tokens = sum(s.num_tokens for s in train_shards)
-    run_tokens = tokens_done + max(cfg.max_iters - done, 0) * tokens_per_step
+    run_tokens = tokens_done + max(cfg.max_iters - steps_done, 0) * tokens_per_step
     say(f"length: {cfg.max_iters:,} steps = {run_tokens:,} tokens{f' ({length_from})' if length_from else ''}, "
         f"{run_tokens / train_tokens:.2f} epochs of the train split ({train_tokens:,} tokens; "
         f"data_order={cfg.data_order}: " + DATA_ORDERS[cfg.data_order] + ")")
@@ -1025,8 +1039,7 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
         step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
         # counted, not step x tokens per step: the batch may have changed on an earlier resume (checkpoints from
         # before the count: what was logged then)
-        tokens_seen = checkpoint.get("tokens_seen", step * cfg.batch_size * cfg.block_size * grad_accum *
-                                     launch.world_size)
+        tokens_seen = tokens_done
         wandb_id = checkpoint.get("wandb_run_id")
         spikes.load_state_dict(checkpoint.get("spikes") or {})
         before = set(checkpoint.get("keep_every", [(checkpoint.get("config") or {}).get("keep_every", 0)])) - {0}
@@ -1049,11 +1062,24 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
             say(f"note: the checkpoint holds RNG states of {len(ranks)} rank(s), this run has {launch.world_size}; "
                 "dropout masks will differ from an uninterrupted run")
         say(f"resumed from {ckpt_path} at step {step} (best val loss {best_val_loss:.4f})")
+        before = saved_config(checkpoint)
+        if cfg.decay_lr and before.decay_lr and step < cfg.max_iters and \
+                not math.isclose(lr_at(step, before), lr_at(step, cfg), rel_tol=1e-9):
+            # a longer run whose schedule follows it, a token count now in steps of another size, a new schedule
+            changed = [f"{k} {getattr(before, k)!r} -> {getattr(cfg, k)!r}" for k in SCHEDULE_KEYS
+                       if getattr(before, k) != getattr(cfg, k)]
+            say(f"note: the schedule changed ({', '.join(changed)}): the learning rate at step {step} is "
+                f"{lr_at(step, cfg):.3g}, not {lr_at(step, before):.3g}")
         changes = evaluation_changes(checkpoint, cfg, launch.world_size)
         if changes and best_val_loss < float("inf"):  # not to be compared: a save could wait for a number out of reach
             say(f"note: the val loss is now measured on other tokens ({', '.join(changes)}); the next evaluation "
                 f"sets the best anew, {best_val_loss:.4f} was on the old ones")
             best_val_loss = float("inf")
+            best_path = os.path.join(cfg.out_dir, BEST)
+            if launch.is_master and os.path.isfile(best_path):  # the best on the old measure stays, aside
+                kept = os.path.join(cfg.out_dir, f"best_before_{step:08d}.pt")
+                os.replace(best_path, kept)
+                say(f"note: {best_path}, the best on the old measure, is kept as {kept}")
         if step >= cfg.max_iters and not cfg.eval_only:
             ended = cfg.decay_lr and cfg.lr_decay_iters <= step and sources.get("lr_decay_iters") != "max_iters"
             key = sources["max_iters"] if sources.get("max_iters") in ("max_tokens", "tokens_per_param") else \
@@ -1268,7 +1294,7 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
                     raise log_error
                 raise SystemExit(2)  # the other ranks: rank 0 says why
             if status == STOP:
-                again = ("the same command" if cfg.init_from in ("auto", "resume") else
+                again = ("the same command" if cfg.init_from in ("auto", "resume") or resumable else
                          "the same command with --init_from=auto")  # from scratch, it would refuse this out_dir
                 exit_code = EXIT_INTERRUPTED if why == "SIGINT" else EXIT_REQUEUE
                 if launch.distributed:  # the launcher may signal the ranks that have not exited yet

@@ -43,7 +43,7 @@ CONF
     chown munge:munge /run/munge
     if ! pgrep -x munged >/dev/null; then  # ours to stop, then; one already running (the machine's) is left alone
         runuser -u munge -- munged
-        touch "$dir/munged.ours"
+        cp /run/munge/munged.pid "$dir/munged.pid" 2>/dev/null || pgrep -nx munged > "$dir/munged.pid"
     fi
     slurmctld -f "$conf"
     slurmd -f "$conf"
@@ -69,9 +69,9 @@ stop)
     for f in "$dir/slurmd.pid" "$dir/slurmctld.pid"; do
         [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true
     done
-    if [ -f "$dir/munged.ours" ]; then
-        pkill -x munged 2>/dev/null || true
-        rm -f "$dir/munged.ours"
+    if [ -f "$dir/munged.pid" ]; then  # the one start started, not another cluster's
+        kill "$(cat "$dir/munged.pid")" 2>/dev/null || true
+        rm -f "$dir/munged.pid"
     fi
     ;;
 *)

@@ -352,6 +352,12 @@ def test_fallback_hint_fits_the_checkpoint(tmp_path):
     older = tmp_path / "ckpt_00000100.pt"
     assert str(error.value).endswith(f"the previous checkpoint {older} (step 100) may be intact: give {older} instead "
                                      f"(--init_from={older}; export.py: --out_dir={older})")
+    (tmp_path / "best.pt").write_bytes(b"garbage")  # best.pt: not "previous" to anything, and no resume reads it
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(str(tmp_path / "best.pt"))
+    newest = tmp_path / "ckpt_00000300.pt"
+    assert str(error.value).endswith(f"another checkpoint of the run, {newest} (step 300), may be intact: give "
+                                     f"{newest} instead (--init_from={newest}; export.py: --out_dir={newest})")
     save_training_checkpoint(str(tmp_path / "one"), big_checkpoint(5), 5, keep_last_n=0)
     (tmp_path / "one" / "ckpt.pt").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="no earlier checkpoint to fall back to: train anew, in another "

@@ -113,7 +113,7 @@ def test_stop_escapes():
     (["--max_new_tokens=0", "--top_p=0", "--stop=[\"a\", 1.5]", "--stream", "--num_beams=2"],
      "max_new_tokens=0 must be at least 1"),
     (["--out_dir=nowhere"], "no checkpoint at nowhere/ckpt.pt"),
-    (["--init_from=out/ckpt_1.pt"], "no checkpoint file out/ckpt_1.pt; did you mean ckpt.pt? (out holds ckpt.pt)"),
+    (["--init_from=out/ckpt_1.pt"], "no checkpoint file out/ckpt_1.pt; did you mean out/ckpt.pt? (out holds ckpt.pt)"),
     (["--start=FILE:missing.txt"], "cannot read the --start file missing.txt"),
     (["--start=FILE:latin1.txt"], "cannot read the --start file latin1.txt: byte 3 is not UTF-8"),
     (["--stop=[\"\\n\", 59]"], "token id 59 is not in this model's vocabulary of 59 ids (0 to 58)"),

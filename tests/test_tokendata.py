@@ -83,6 +83,8 @@ def test_missing_dataset_message(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"prepare it first: python prepare.py shakespeare_char \(there is no data/ "
                                         rf"in {tmp_path}: to use datasets prepared elsewhere, give --data_root="):
         Dataset("data/shakespeare_char")
+    with pytest.raises(UserError, match=r"python prepare.py nothing_here --source=PATH --out_root=\.$"):
+        Dataset(os.path.join(".", "nothing_here"))  # --data_root=.
     for name in ("shakespeare_char", "shakespeare", "notes"):  # prepared, and one that is not
         (tmp_path / "data" / name).mkdir(parents=True)
         if name != "notes":

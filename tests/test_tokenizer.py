@@ -144,5 +144,5 @@ def test_mismatch_names_both_tokenizers_and_the_command():
     # a dataset of one file: its --source too; a checkpoint file's name, without .pt, names the folder
     one_file = {**meta(b), "source": {"files": ["/texts/b.txt"], "num_files": 1, "hf": None}}
     assert mismatch("runs/a/ckpt_00000200.pt", meta(a), "data/b", one_file).endswith(
-        "python prepare.py b --tokenizer=runs/a/ckpt_00000200.pt --out_root=data-ckpt_00000200 --source=/texts/b.txt, "
-        "then give --dataset=data-ckpt_00000200/b")
+        "python prepare.py b --tokenizer=runs/a/ckpt_00000200.pt --out_root=data-ckpt_00000200 --source=/texts/b.txt "
+        "(and the other options data/b was prepared with), then give --dataset=data-ckpt_00000200/b")

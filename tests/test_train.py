@@ -544,8 +544,8 @@ def test_init_from_a_checkpoint_starts_a_new_run_from_its_weights(data_dir, monk
                       cwd=data_dir, check=False)
     assert proc.returncode == 2 and "pre reads a " in proc.stderr, proc.stderr
     assert "data/digits was tokenized with a 12-character vocabulary (12 ids); tokenize the text as the model reads, " \
-           f"beside it: python prepare.py digits --tokenizer=pre --out_root=data-pre --source={data_dir}/digits.txt, " \
-           "then give --dataset=data-pre/digits" in proc.stderr
+           f"beside it: python prepare.py digits --tokenizer=pre --out_root=data-pre --source={data_dir}/digits.txt " \
+           "(and the other options data/digits was prepared with), then give --dataset=data-pre/digits" in proc.stderr
     assert "Traceback" not in proc.stderr and "step 1 |" not in proc.stdout
 
 
@@ -598,6 +598,9 @@ def test_run_length_in_tokens(data_dir, monkeypatch, capsys):  # noqa: F811
     out = train_here(capsys, *FREE_ARGS, "--max_tokens=2000", "--batch_size=8", "--init_from=resume", "--out_dir=out")
     assert "length: 12 steps = 2,048 tokens (max_tokens=2,000)" in out
     assert "max_iters 8 -> 12" in out and "lr_decay_iters 8 -> 12" in out
+    new = train.lr_at(8, train.TrainConfig(learning_rate=6e-4, min_lr=6e-5, warmup_iters=5, lr_decay_iters=12))
+    assert f"note: the schedule changed (lr_decay_iters 8 -> 12): the learning rate at step 8 is {new:.3g}, not " \
+           "6e-05" in out
     assert [r["tokens"] for r in log_records("out") if "loss" in r][-4:] == [1280, 1536, 1792, 2048]
     out = train_here(capsys, *FREE_ARGS, "--max_tokens=2000", "--batch_size=8", "--init_from=resume", "--out_dir=out")
     assert "max_iters is 12 (from max_tokens=2,000); raise --max_tokens to train on" in out
@@ -629,7 +632,13 @@ def test_run_length_given_twice(data_dir, monkeypatch, capsys, tmp_path):  # noq
     out = train_here(capsys, str(tmp_path / "tokens.py"), *FREE_ARGS, "--max_iters=5", "--out_dir=b")
     assert "note: max_tokens=600 (" in out and "is not used: max_iters (command line) gives the run's length" in out
     assert [r["step"] for r in log_records("b") if "loss" in r] == [1, 2, 3, 4, 5]
-    with pytest.raises(UserError, match=r"the run's length is given twice, max_iters=3 and max_tokens=1000"):
+    # two config files: a recipe's schedule, a file of one's own with a shorter run; the recipe's end is noted
+    (tmp_path / "short.py").write_text("max_iters = 4\n")
+    out = train_here(capsys, str(tmp_path / "steps.py"), str(tmp_path / "short.py"), *FREE_ARGS, "--out_dir=e")
+    assert "note: the schedule ends at lr_decay_iters=6 (" in out and "the run stops before the learning rate " \
+        "is down to min_lr" in out
+    with pytest.raises(UserError, match=r"the run's length is given twice, max_iters=3 \(command line\) and "
+                                        r"max_tokens=1000 \(command line\): keep one"):
         train_here(capsys, *FREE_ARGS, "--max_iters=3", "--max_tokens=1000", "--out_dir=c")
     cfg, _ = configurator.parse(train.TrainConfig, ["--max_tokens=1e6", "--tokens_per_param=20"])
     assert any("both give the run's length" in p for p in train.validate(cfg))
@@ -667,3 +676,26 @@ def test_best_model_kept_apart_from_the_latest(data_dir, monkeypatch, capsys):  
     proc = run_script("sample.py", "--init_from=out/best.pt", "--device=cpu", "--max_new_tokens=5", "--num_samples=1",
                       cwd=data_dir)
     assert "note:" not in proc.stderr
+    # resumed with another batch size: the val loss is measured on other batches, and the best starts anew; the old
+    # best stays, aside, not replaced by whatever the first new evaluation finds
+    out = train_here(capsys, *ARGS, "--data_order=one_batch", "--learning_rate=1e-2", "--min_lr=1e-3",
+                     "--max_iters=70", "--lr_decay_iters=60", "--eval_interval=10", "--save_interval=5",
+                     "--keep_last_n=1", "--always_save_checkpoint=False", "--out_dir=out", "--batch_size=8",
+                     "--init_from=resume")
+    assert "note: out/best.pt, the best on the old measure, is kept as out/best_before_00000060.pt" in out
+    assert load_checkpoint("out/best_before_00000060.pt")["step"] == best_step
+    assert load_checkpoint("out/best.pt")["step"] == 70
+
+
+def test_training_outlives_the_reader_of_its_output(data_dir):  # noqa: F811
+    """`train.py ... | head`: the reader goes away, the run does not; its records are in log.jsonl, its checkpoints
+    saved (a trial's run ended at once, silently, with nothing saved since the last evaluation)."""
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *ARGS, "--max_iters=60",
+                             "--eval_interval=30", "--out_dir=out"], cwd=data_dir, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.readline()
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=300) == 0 and "Traceback" not in stderr, stderr
+    assert [r["step"] for r in log_records(data_dir / "out") if "loss" in r][-1] == 60
+    assert load_checkpoint(str(data_dir / "out/ckpt.pt"))["step"] == 60
