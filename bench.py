@@ -25,7 +25,7 @@ from distributed import Launch, fast_kernels, init_distributed, pick_device, pic
 from generate import generate
 from model import GPT, GPTConfig, head_problems, peak_flops_for
 from tokendata import BatchSampler, Dataset, dataset_dir
-from train import (Prefetcher, TrainConfig, accumulate_gradients, micro_steps_per_rank, to_device,
+from train import (Prefetcher, TrainConfig, accumulate_gradients, micro_steps_per_rank, model_config, to_device,
                    validate as validate_train_config)
 
 
@@ -162,8 +162,7 @@ def bench_train(cfg, sources):
 def run_train_bench(cfg, device, dtype, grad_accum, batch_explain, vocab_size, sampler, kernels_note):
     device_type = device.split(":")[0]
     torch.manual_seed(cfg.seed)
-    model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                          bias=cfg.bias, rope=cfg.rope, vocab_size=vocab_size, dropout=cfg.dropout)).to(device)
+    model = GPT(model_config(cfg, vocab_size)).to(device)
     model.fused_loss, model.recompute = cfg.fused_loss, cfg.recompute
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                            muon=cfg.optimizer == "muon")
@@ -205,6 +204,7 @@ def run_train_bench(cfg, device, dtype, grad_accum, batch_explain, vocab_size, s
         "bench": "train", "device": device_name(device), "torch": torch.__version__, "dtype": dtype,
         "compile": cfg.compile_mode if use_compile else False, "attention": cfg.attention,
         "fused_loss": cfg.fused_loss, "recompute": cfg.recompute, "optimizer": cfg.optimizer, "rope": cfg.rope,
+        "qk_norm": cfg.qk_norm, "mlp": cfg.mlp, "tie_embeddings": cfg.tie_embeddings,
         "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "block_size": cfg.block_size, "batch_size": cfg.batch_size,
         "grad_accum": grad_accum,
         "params_M": round(model.get_num_params() / 1e6, 2),
@@ -217,7 +217,8 @@ def run_train_bench(cfg, device, dtype, grad_accum, batch_explain, vocab_size, s
     print(f"train: {batch_explain}; {result['params_M']}M parameters on {result['device']}, {dtype}, "
           f"compile {cfg.compile_mode if use_compile else 'off'}, fused loss {'on' if cfg.fused_loss else 'off'}"
           f"{', recompute on' if cfg.recompute else ''}{', Muon' if cfg.optimizer == 'muon' else ''}"
-          f"{', rope' if cfg.rope else ''}; "
+          f"{', rope' if cfg.rope else ''}{', qk_norm' if cfg.qk_norm else ''}"
+          f"{', relu2' if cfg.mlp == 'relu2' else ''}{', untied' if not cfg.tie_embeddings else ''}; "
           f"{kernels_note}")
     memory = "-" if result["peak_memory_GiB"] is None else f"{result['peak_memory_GiB']} GiB"
     print(f"  {ms:.1f} ms/step (median of {cfg.steps}) | {result['tokens_per_sec']:,} tokens/s | "

@@ -1,5 +1,6 @@
 """
-The GPT language model, GPT-2 architecture (rotary positions optional), in plain PyTorch; every script shares it.
+The GPT language model, GPT-2 architecture (rotary positions, QK-norm, ReLU² and an untied output layer optional), in
+plain PyTorch; every script shares it.
 
 Module names follow Hugging Face / OpenAI GPT-2 (wte, wpe, h, ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc,
 mlp.c_proj, ln_f, lm_head), so loading GPT-2 weights is a key-for-key copy (with the Conv1D transposes).
@@ -31,6 +32,11 @@ class GPTConfig:
     # their positions, so attention scores depend on the distance between tokens, instead of GPT-2's learned position
     # table (wpe) added to the input. Not a GPT-2 any more: such a model cannot be exported to GPT2LMHeadModel
     rope: bool = False
+    # three of nanochat's (and modded-nanogpt's) departures from GPT-2, each off by default; a model with any of them
+    # cannot be exported to GPT2LMHeadModel either
+    qk_norm: bool = False  # queries and keys RMS-normalised per head (after rotation): bounded attention logits
+    mlp: str = "gelu"  # the MLP's nonlinearity: 'gelu' (tanh-approximated, GPT-2's) or 'relu2' (ReLU squared, Primer)
+    tie_embeddings: bool = True  # the output layer is the token embedding matrix (GPT-2); False: a matrix of its own
 
     @property
     def padded_vocab_size(self):
@@ -38,6 +44,9 @@ class GPTConfig:
         # as they are: padding a 65-character vocabulary to 128 would double the output layer, a measured 4% slower
         # step for the baby Shakespeare model on CPU (benchmarks/cpu_step_vs_nanogpt.py)
         return (self.vocab_size + 63) // 64 * 64 if self.vocab_size >= 1024 else self.vocab_size
+
+
+MLP_KINDS = ("gelu", "relu2")
 
 
 def head_problems(n_embd, n_head, rope=False):
@@ -77,6 +86,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
         self.dropout = config.dropout
+        self.qk_norm = config.qk_norm
 
     def forward(self, x, cache=None, layer=0, mask=None, rotary=None):
         """
@@ -93,6 +103,8 @@ class CausalSelfAttention(nn.Module):
         if rotary is not None:  # keys are cached rotated: a key's rotation depends on its own position only
             cos, sin = (t.to(q.dtype).unsqueeze(-3) for t in rotary)  # (1 or B, 1, T, hs/2): the same for each head
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.qk_norm:  # keys are cached normalised too
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
         if cache is None:
             # flash / memory-efficient kernels on GPU; softmax(q k^T / sqrt(hs)) v with a causal mask everywhere
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
@@ -108,13 +120,16 @@ class MLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
+        assert config.mlp in MLP_KINDS, config.mlp
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU(approximate="tanh")  # the approximation GPT-2 was trained with
+        self.relu2 = config.mlp == "relu2"  # relu(x)^2 instead (So et al. 2021, "Primer"; nanochat's)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        x = self.c_fc(x)
+        return self.dropout(self.c_proj(F.relu(x).square() if self.relu2 else self.gelu(x)))
 
 
 class Block(nn.Module):
@@ -336,16 +351,16 @@ class GPT(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hs/2)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
-        # weight tying (Press & Wolf 2017, as GPT-2): the output layer reuses the token embedding matrix
-        self.transformer.wte.weight = self.lm_head.weight
+        if config.tie_embeddings:  # weight tying (Press & Wolf 2017, as GPT-2): one matrix reads and writes tokens
+            self.transformer.wte.weight = self.lm_head.weight
         self.init_weights()
 
     @torch.no_grad()
     def init_weights(self):
         """
         GPT-2's initialisation, every parameter:
-        - Linear weights and both embeddings: normal(0, 0.02); wte doubles as lm_head through tying. With rope there
-          is no position table (RoPE's angles are fixed buffers).
+        - Linear weights and both embeddings: normal(0, 0.02); wte doubles as lm_head through tying (untied, each is
+          drawn so). With rope there is no position table (RoPE's angles are fixed buffers).
         - The two projections that write into the residual stream (attn.c_proj, mlp.c_proj): normal(0, 0.02/sqrt(2·n_layer)),
           so the residual stream's variance does not grow with depth (GPT-2 paper, section 2.3).
         - Linear biases: zero. LayerNorm: weight one, bias zero.
@@ -364,10 +379,13 @@ class GPT(nn.Module):
                     nn.init.zeros_(module.bias)
 
     def get_num_params(self, non_embedding=True):
-        """Parameter count; by default without the position embedding (the token embedding counts, being lm_head too)."""
+        """Parameter count; by default without the tables that are only looked up: the position embedding, and the
+        token embedding where it is not lm_head too (tie_embeddings=False). The rest take part in matrix products."""
         n_params = sum(p.numel() for p in self.parameters())
         if non_embedding and not self.config.rope:
             n_params -= self.transformer.wpe.weight.numel()
+        if non_embedding and not self.config.tie_embeddings:
+            n_params -= self.transformer.wte.weight.numel()
         return n_params
 
     def forward(self, idx, targets=None, cache=None, reduction="mean", all_logits=False):

@@ -40,7 +40,7 @@ from generate import TEMPERATURE, TOP_K, Stop, generate
 from hf import GPT2_NAMES, check_dataset_tokenizer, fit_context, load_hf_gpt2, pretrained_config
 from inference import prompt_ids, read_prompt
 from lock import FolderLock
-from model import GPT, GPTConfig, head_problems, peak_flops_for
+from model import MLP_KINDS, GPT, GPTConfig, head_problems, peak_flops_for
 from tokendata import SAMPLERS, BatchSampler, Dataset, EpochSampler, dataset_dir, first_tokens, window_batch, windows
 from tokenizer import mismatch, tokenizer_from_meta
 
@@ -94,6 +94,9 @@ class TrainConfig:
     dropout: float = 0.0  # 0 for pretraining, try 0.1+ for fine-tuning
     bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2
     rope: bool = False  # rotary position embeddings (as LLaMA, nanochat) instead of GPT-2's learned position table; such a model cannot be exported to Hugging Face GPT-2
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys (nanochat, modded-nanogpt): bounded attention logits; not exportable to GPT-2
+    mlp: str = "gelu"  # the MLP's nonlinearity: 'gelu' (GPT-2's) or 'relu2' (ReLU squared: Primer, nanochat); relu2 is not exportable to GPT-2
+    tie_embeddings: bool = True  # the output layer is the token embedding matrix, as GPT-2; False: its own (nanochat), which the parameter count then leaves out like the position table; not exportable to GPT-2
     # optimizer
     optimizer: str = "adamw"  # 'adamw', or 'muon': Muon (torch.optim.Muon) for the blocks' weight matrices and AdamW for embeddings, gains and biases, at the same learning_rate and weight_decay (Muon's updates are scaled to AdamW's size)
     learning_rate: float = 6e-4  # peak learning rate
@@ -124,7 +127,7 @@ class TrainConfig:
 
 
 # what must match between a checkpoint and the run that resumes it; everything else may change (and is reported)
-SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "rope")
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "rope", "qk_norm", "mlp", "tie_embeddings")
 LR_SCHEDULES = ("cosine", "linear", "wsd")
 SCHEDULE_KEYS = ("learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "lr_schedule", "cooldown_frac")
 DATA_ORDERS = {"random": "windows drawn at random, with replacement", "epochs": "each window once per epoch, shuffled",
@@ -153,6 +156,8 @@ def validate(cfg):
         problems.append(f"init_from={cfg.init_from!r}: expected 'scratch', 'resume', 'auto', "
                         f"{', '.join(GPT2_NAMES)}, a Hugging Face GPT-2 folder or a checkpoint (a .pt file, or a "
                         f"folder holding ckpt.pt){f'; did you mean {close[0]!r}?' if close else ''}")
+    if cfg.mlp not in MLP_KINDS:
+        problems.append(f"mlp={cfg.mlp!r}: expected {', '.join(map(repr, MLP_KINDS))}")
     if cfg.attention not in ATTENTION_CHOICES:
         problems.append(f"attention={cfg.attention!r}: expected one of {', '.join(ATTENTION_CHOICES)}")
     if cfg.compile_mode not in COMPILE_MODES:
@@ -208,7 +213,8 @@ def validate(cfg):
 def model_config(cfg, vocab_size):
     """The GPTConfig of a model trained from scratch with these settings."""
     return GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                     bias=cfg.bias, rope=cfg.rope, vocab_size=vocab_size, dropout=cfg.dropout)
+                     bias=cfg.bias, rope=cfg.rope, qk_norm=cfg.qk_norm, mlp=cfg.mlp,
+                     tie_embeddings=cfg.tie_embeddings, vocab_size=vocab_size, dropout=cfg.dropout)
 
 
 # set by slurm/train.sbatch: a run whose out_dir holds its checkpoint resumes it, whatever --init_from says

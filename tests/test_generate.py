@@ -12,10 +12,15 @@ from generate import Stop, beam_search, generate, next_token, top_k_filter, top_
 from model import GPT, GPTConfig
 
 
-def tiny(vocab_size=50, block_size=16, seed=0, sharp=False, rope=False):
+# GPT-2's architecture, with rotary positions, and with nanochat's departures from it as well
+ARCHS = {"gpt2": {}, "rope": {"rope": True},
+         "nanochat": {"rope": True, "qk_norm": True, "mlp": "relu2", "tie_embeddings": False}}
+
+
+def tiny(vocab_size=50, block_size=16, seed=0, sharp=False, **arch):
     torch.manual_seed(seed)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size, vocab_size=vocab_size,
-                          rope=rope)).eval()
+                          **arch)).eval()
     if sharp:  # a separate, larger output layer: peaked distributions that do not just repeat the last token
         model.lm_head.weight = torch.nn.Parameter(torch.randn(model.lm_head.weight.shape) * 0.5)
     return model
@@ -38,10 +43,10 @@ def log_prob(model, prompt, tokens):
     return logp.gather(1, torch.tensor(tokens)[:, None]).sum().item()
 
 
-@pytest.mark.parametrize("rope", [False, True])
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("static", [False, True])
-def test_cached_logits_match_full_forward(static, rope):
-    model = tiny(rope=rope)
+def test_cached_logits_match_full_forward(static, arch):
+    model = tiny(**ARCHS[arch])
     idx = torch.randint(0, 50, (3, 12))
     full, _ = model(idx, all_logits=True)  # (3, 12, V): every position
     cache = model.new_cache(16, torch.zeros(3, dtype=torch.long), static=static)  # 4 positions never filled
@@ -77,8 +82,8 @@ def compile_count(monkeypatch):
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("rope", [False, True])
-def test_compiled_decoding_matches_eager_and_compiles_once_per_shape(compile_count, rope):
+@pytest.mark.parametrize("arch", ["gpt2", "nanochat"])  # nanochat's includes rope
+def test_compiled_decoding_matches_eager_and_compiles_once_per_shape(compile_count, arch):
     """
     compile=True (static cache, one-token steps through torch.compile with fullgraph: no graph breaks) generates what
     the dynamic cache does, for padded batches, sampling, beam search and past block_size; each batch shape and cache
@@ -86,7 +91,7 @@ def test_compiled_decoding_matches_eager_and_compiles_once_per_shape(compile_cou
     call takes over the storage of the last call's static cache where its shape fits (so a CUDA graph recorded on it
     replays instead of recording again), cleared.
     """
-    model = tiny(block_size=64, sharp=True, rope=rope)
+    model = tiny(block_size=64, sharp=True, **ARCHS[arch])
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9]]  # left padding in the static cache
     eager = generate(model, prompts, 30, temperature=0)
     assert generate(model, prompts, 30, temperature=0, compile=True) == eager
@@ -127,10 +132,10 @@ def test_greedy_with_cache_equals_recomputation_over_block_boundary():
         assert generate(model, [prompt], 24, temperature=0, use_cache=False) == [expected]
 
 
-@pytest.mark.parametrize("rope", [False, True])
-def test_batch_of_different_lengths_equals_each_prompt_alone(rope):
+@pytest.mark.parametrize("arch", ARCHS)
+def test_batch_of_different_lengths_equals_each_prompt_alone(arch):
     """Left padding: each row's positions (the learned table's, or RoPE's rotations) start at its first token."""
-    model = tiny(block_size=16, rope=rope)
+    model = tiny(block_size=16, **ARCHS[arch])
     prompts = [[3], [4, 5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]  # left padding of 7, 0 and 5 positions
     together = generate(model, prompts, 30, temperature=0)
     assert together == [naive_greedy(model, p, 30) for p in prompts]

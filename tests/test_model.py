@@ -32,10 +32,13 @@ def test_shapes_and_padding():
     assert GPTConfig(vocab_size=50257).padded_vocab_size == 50304
 
 
-@pytest.mark.parametrize("rope", [False, True])
-def test_causality(rope):
+NANOCHAT = dict(rope=True, qk_norm=True, mlp="relu2", tie_embeddings=False)  # nanochat's departures from GPT-2
+
+
+@pytest.mark.parametrize("arch", [{}, {"rope": True}, NANOCHAT])
+def test_causality(arch):
     """Changing token t never changes the logits at positions before t."""
-    model = tiny(rope=rope).eval()
+    model = tiny(**arch).eval()
     idx = torch.randint(0, 50, (2, 16))
     logits, _ = model(idx, all_logits=True)
     for t in (0, 5, 15):
@@ -232,12 +235,12 @@ def test_fused_loss_matches_logits_then_cross_entropy(vocab_size, monkeypatch):
         assert fused(idx, targets)[1].item() == pytest.approx(plain(idx, targets)[1].item(), rel=1e-3)
 
 
-@pytest.mark.parametrize("rope", [False, True])
-def test_recompute_gives_the_same_gradients_and_keeps_less(rope):
+@pytest.mark.parametrize("arch", [{}, {"rope": True}, NANOCHAT])
+def test_recompute_gives_the_same_gradients_and_keeps_less(arch):
     """recompute=True (activation checkpointing): the same loss and gradients, bit for bit, dropout included (its
     random state is restored for the recomputation), and the forward pass keeps a fraction of what it keeps without
     (the bytes autograd saves for the backward pass)."""
-    config = GPTConfig(n_layer=4, n_head=4, n_embd=64, block_size=64, vocab_size=100, dropout=0.1, rope=rope)
+    config = GPTConfig(n_layer=4, n_head=4, n_embd=64, block_size=64, vocab_size=100, dropout=0.1, **arch)
     idx = torch.randint(0, 100, (4, 64), generator=torch.Generator().manual_seed(0))
     results = {}
     for recompute in (False, True):
@@ -259,3 +262,27 @@ def test_recompute_gives_the_same_gradients_and_keeps_less(rope):
     assert results[True][0] == results[False][0]
     assert all(torch.equal(results[True][1][n], results[False][1][n]) for n in results[False][1])
     assert results[True][2] < results[False][2] / 3, (results[True][2], results[False][2])
+
+
+def test_nanochat_departures():
+    """qk_norm, mlp='relu2' and tie_embeddings=False, each what it says: queries and keys normalised (so their scale
+    no longer matters), relu(x)^2, and an output layer of its own, which the parameter count keeps while leaving out
+    the token table, now only looked up."""
+    from torch.nn import functional as F
+    model = tiny(**NANOCHAT).eval()
+    assert model.lm_head.weight is not model.transformer.wte.weight
+    tied = tiny(rope=True)
+    assert model.get_num_params() == tied.get_num_params()  # lm_head counted once either way; wte not, untied
+    assert model.get_num_params(non_embedding=False) == tied.get_num_params(non_embedding=False) + 50 * 32
+    mlp, x = model.transformer.h[0].mlp, torch.randn(2, 3, 32)
+    assert torch.allclose(mlp(x), mlp.c_proj(F.relu(mlp.c_fc(x)) ** 2))
+    idx = torch.randint(0, 50, (2, 16))
+    for qk_norm in (True, False):
+        model = tiny(**{**NANOCHAT, "qk_norm": qk_norm}).eval()
+        before, _ = model(idx, all_logits=True)
+        with torch.no_grad():  # queries and keys 10x larger: the same after normalisation, sharper without it
+            for block in model.transformer.h:
+                block.attn.c_attn.weight[:64] *= 10
+                block.attn.c_attn.bias[:64] *= 10
+        after, _ = model(idx, all_logits=True)
+        assert torch.allclose(before, after, atol=1e-4) == qk_norm

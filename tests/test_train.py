@@ -687,6 +687,35 @@ def test_best_model_kept_apart_from_the_latest(data_dir, monkeypatch, capsys):  
     assert load_checkpoint("out/best.pt")["step"] == 70
 
 
+def test_nanochat_architecture_trains_resumes_and_samples(data_dir, monkeypatch, capsys):  # noqa: F811
+    """--rope --qk_norm --mlp=relu2 --tie_embeddings=False (nanochat's model, less its optimizer): it learns, resumes
+    as that model without the keys repeated, refuses another one at resume, samples, and is not exported as GPT-2."""
+    monkeypatch.chdir(data_dir)
+    arch = ["--rope=True", "--qk_norm=True", "--mlp=relu2", "--tie_embeddings=False"]
+    out = train_here(capsys, *ARGS, *arch, "--max_iters=30", "--eval_interval=30", "--learning_rate=1e-2",
+                     "--out_dir=out")
+    losses = [r["loss"] for r in log_records("out") if "loss" in r]
+    assert max(losses[-5:]) < losses[0] - 0.5, losses
+    ckpt = load_checkpoint("out/ckpt.pt")
+    assert {k: ckpt["model_args"][k] for k in ("qk_norm", "mlp", "tie_embeddings")} == \
+        {"qk_norm": True, "mlp": "relu2", "tie_embeddings": False}
+    assert not torch.equal(ckpt["model"]["lm_head.weight"], ckpt["model"]["transformer.wte.weight"])
+    out = train_here(capsys, *ARGS, "--max_iters=32", "--eval_interval=32", "--out_dir=out", "--init_from=resume")
+    assert "resumed from out/ckpt.pt at step 30" in out and "mlp = 'relu2'  <- the weights of out/ckpt.pt" in out
+    with pytest.raises(UserError, match=r"mlp: checkpoint 'relu2', now 'gelu'"):
+        train_here(capsys, *ARGS, "--mlp=gelu", "--max_iters=34", "--out_dir=out", "--init_from=resume")
+    proc = run_script("sample.py", "--out_dir=out", "--device=cpu", "--max_new_tokens=20", "--num_samples=1",
+                      cwd=data_dir)
+    assert len(proc.stdout) > 20
+    proc = run_script("export.py", "--out_dir=out", cwd=data_dir, check=False)
+    assert proc.returncode == 2 and "GPT-2 cannot express this model (rope=True, qk_norm=True, mlp='relu2', " \
+        "tie_embeddings=False)" in proc.stderr
+    import configurator
+    import train
+    cfg, _ = configurator.parse(train.TrainConfig, ["--mlp=relu"])
+    assert "mlp='relu': expected 'gelu', 'relu2'" in train.validate(cfg)
+
+
 def test_training_outlives_the_reader_of_its_output(data_dir):  # noqa: F811
     """`train.py ... | head`: the reader goes away, the run does not; its records are in log.jsonl, its checkpoints
     saved (a trial's run ended at once, silently, with nothing saved since the last evaluation)."""
