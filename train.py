@@ -1069,7 +1069,7 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
                 "dropout masks will differ from an uninterrupted run")
         say(f"resumed from {ckpt_path} at step {step} (best val loss {best_val_loss:.4f})")
         before = saved_config(checkpoint)
-        if cfg.decay_lr and before.decay_lr and step < cfg.max_iters and \
+        if cfg.decay_lr and before.decay_lr and step < cfg.max_iters and not cfg.eval_only and \
                 not math.isclose(lr_at(step, before), lr_at(step, cfg), rel_tol=1e-9):
             # a longer run whose schedule follows it, a token count now in steps of another size, a new schedule
             changed = [f"{k} {getattr(before, k)!r} -> {getattr(cfg, k)!r}" for k in SCHEDULE_KEYS
@@ -1082,7 +1082,7 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
                 f"sets the best anew, {best_val_loss:.4f} was on the old ones")
             best_val_loss = float("inf")
             best_path = os.path.join(cfg.out_dir, BEST)
-            if launch.is_master and os.path.isfile(best_path):  # the best on the old measure stays, aside
+            if launch.is_master and not cfg.eval_only and os.path.isfile(best_path):  # the old measure's best, aside
                 kept = os.path.join(cfg.out_dir, f"best_before_{step:08d}.pt")
                 os.replace(best_path, kept)
                 say(f"note: {best_path}, the best on the old measure, is kept as {kept}")

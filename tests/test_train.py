@@ -677,7 +677,9 @@ def test_best_model_kept_apart_from_the_latest(data_dir, monkeypatch, capsys):  
                       cwd=data_dir)
     assert "note:" not in proc.stderr
     # resumed with another batch size: the val loss is measured on other batches, and the best starts anew; the old
-    # best stays, aside, not replaced by whatever the first new evaluation finds
+    # best stays, aside, not replaced by whatever the first new evaluation finds (an evaluation alone moves nothing)
+    train_here(capsys, *ARGS, "--batch_size=8", "--eval_only=True", "--init_from=auto", "--out_dir=out")
+    assert load_checkpoint("out/best.pt")["step"] == best_step and not os.path.exists("out/best_before_00000060.pt")
     out = train_here(capsys, *ARGS, "--data_order=one_batch", "--learning_rate=1e-2", "--min_lr=1e-3",
                      "--max_iters=70", "--lr_decay_iters=60", "--eval_interval=10", "--save_interval=5",
                      "--keep_last_n=1", "--always_save_checkpoint=False", "--out_dir=out", "--batch_size=8",
