@@ -290,6 +290,10 @@ def load_checkpoint(path, map_location="cpu"):
             raise CheckpointError(f"no checkpoint file {path}" +
                                   (f"; did you mean {os.path.join(folder, close[0])}?" if close else "") +
                                   (f" ({folder} holds {listed})" if there else ""))
+        folder = os.path.dirname(path) or "."
+        if os.path.isfile(os.path.join(folder, "config.json")):  # export.py's output, or a Hugging Face download
+            raise CheckpointError(f"no checkpoint at {path}: {folder} holds a Hugging Face model; give "
+                                  f"--init_from={folder} to sample or evaluate it")
         raise CheckpointError(f"no checkpoint at {path}; train one first (python train.py ...) or check --out_dir")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=False)

@@ -39,7 +39,7 @@ from checkpoint import best_elsewhere
 from configurator import UserError
 from distributed import (all_reduce_sum, cleanup_distributed, detect_launch, fast_kernels, init_distributed,
                          pick_device, pick_dtype)
-from inference import load_model, model_name, read_text
+from inference import load_model, model_name, read_text, unused_out_dir
 from tokendata import Dataset, dataset_dir, first_tokens, window_batch, windows
 from tokenizer import mismatch
 
@@ -199,22 +199,23 @@ def main(cfg, sources):
     device = init_distributed(launch, pick_device(cfg.device))
     try:
         with fast_kernels(device, "flash")[0]:  # not cuDNN's attention: HellaSwag's shapes change at every batch
-            return evaluate(cfg, launch, device)
+            return evaluate(cfg, launch, device, sources)
     finally:
         cleanup_distributed()
 
 
-def evaluate(cfg, launch, device):
+def evaluate(cfg, launch, device, sources):
     say = (lambda *a, **k: print(*a, **k, flush=True)) if launch.is_master else (lambda *a, **k: None)
     device_type = device.split(":")[0]
     dtype = pick_dtype(cfg.dtype, device_type)
     model, tokenizer, train_config = load_model(cfg.init_from, cfg.out_dir, device)
     autocast = torch.autocast(device_type=device_type, dtype=getattr(torch, dtype), enabled=(dtype != "float32"))
-    say(f"{model_name(cfg.init_from, cfg.out_dir)}: {model.get_num_params() / 1e6:.2f}M "
-        f"parameters on {device} in {dtype}, {launch.world_size} process(es)")
-    note = best_elsewhere(model_name(cfg.init_from, cfg.out_dir), "--init_from")
-    if note:
-        say(note)
+    name = model_name(cfg.init_from, cfg.out_dir)
+    say(f"{name}: {model.get_num_params() / 1e6:.2f}M parameters on {device} in {dtype}, {launch.world_size} "
+        "process(es)")
+    for note in (best_elsewhere(name, "--init_from"), unused_out_dir(cfg, sources)):
+        if note:
+            say(note)
     if cfg.task == "perplexity":
         result = perplexity(cfg, model, tokenizer, device, autocast, launch, say)
     elif cfg.task == "hellaswag":

@@ -16,6 +16,13 @@ def model_name(init_from, out_dir):
     return out_dir if init_from == "resume" else init_from
 
 
+def unused_out_dir(cfg, sources):
+    """A note when --out_dir was given but --init_from names the model instead (None otherwise)."""
+    if "out_dir" in sources and cfg.init_from != "resume":
+        return f"note: --out_dir={cfg.out_dir} is not used: --init_from={cfg.init_from} names the model"
+    return None
+
+
 def load_model(init_from, out_dir, device):
     """
     (model in eval mode on `device`, tokenizer, the training config dict or None) for init_from 'resume' (the

@@ -57,6 +57,8 @@ def test_greedy_stop_and_stream(out_dir):
     long = sample(out_dir, "--start=" + "ROMEO: " * 6, "--max_new_tokens=2", "--num_samples=1").stderr
     assert "note: the prompt's 42 tokens are more than the model's context: each new token is predicted from the " \
            "last 32 only" in long
+    named = sample(out_dir, "--init_from=out/ckpt.pt", "--max_new_tokens=2", "--num_samples=1").stderr
+    assert "note: --out_dir=out is not used: --init_from=out/ckpt.pt names the model" in named  # sample() gives both
 
     stop = expected[10:12]
     cut = prompt + expected[:expected.index(stop)]
@@ -113,6 +115,7 @@ def test_stop_escapes():
     (["--max_new_tokens=0", "--top_p=0", "--stop=[\"a\", 1.5]", "--stream", "--num_beams=2"],
      "max_new_tokens=0 must be at least 1"),
     (["--out_dir=nowhere"], "no checkpoint at nowhere/ckpt.pt"),
+    (["--out_dir=hf"], "no checkpoint at hf/ckpt.pt: hf holds a Hugging Face model; give --init_from=hf to sample"),
     (["--init_from=out/ckpt_1.pt"], "no checkpoint file out/ckpt_1.pt; did you mean out/ckpt.pt? (out holds ckpt.pt)"),
     (["--start=FILE:missing.txt"], "cannot read the --start file missing.txt"),
     (["--start=FILE:latin1.txt"], "cannot read the --start file latin1.txt: byte 3 is not UTF-8"),
@@ -125,6 +128,8 @@ def test_stop_escapes():
 ])
 def test_bad_input(out_dir, args, message):
     (out_dir / "latin1.txt").write_bytes("café".encode("latin-1"))
+    (out_dir / "hf").mkdir(exist_ok=True)  # an export, given as a run
+    (out_dir / "hf" / "config.json").write_text("{}")
     proc = sample(out_dir, *args, check=False)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
