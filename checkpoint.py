@@ -281,8 +281,8 @@ def load_checkpoint(path, map_location="cpu"):
     if os.path.isdir(path) or not path.endswith(".pt"):  # an out_dir
         path = os.path.join(path, "ckpt.pt")
     if not os.path.exists(path):
+        folder = os.path.dirname(path) or "."
         if os.path.basename(path) != "ckpt.pt":  # a file named by hand: the run's own names, for a typo
-            folder = os.path.dirname(path) or "."
             there = [name for name in ("ckpt.pt", BEST) if os.path.isfile(os.path.join(folder, name))] + \
                 [os.path.basename(p) for _, p in step_checkpoints(folder)]
             close = difflib.get_close_matches(os.path.basename(path), there, n=1)
@@ -290,7 +290,6 @@ def load_checkpoint(path, map_location="cpu"):
             raise CheckpointError(f"no checkpoint file {path}" +
                                   (f"; did you mean {os.path.join(folder, close[0])}?" if close else "") +
                                   (f" ({folder} holds {listed})" if there else ""))
-        folder = os.path.dirname(path) or "."
         if os.path.isfile(os.path.join(folder, "config.json")):  # export.py's output, or a Hugging Face download
             raise CheckpointError(f"no checkpoint at {path}: {folder} holds a Hugging Face model; give "
                                   f"--init_from={folder} to sample or evaluate it")

@@ -35,11 +35,10 @@ from tqdm import tqdm
 
 import configurator
 import hellaswag
-from checkpoint import best_elsewhere
 from configurator import UserError
 from distributed import (all_reduce_sum, cleanup_distributed, detect_launch, fast_kernels, init_distributed,
                          pick_device, pick_dtype)
-from inference import load_model, model_name, read_text, unused_out_dir
+from inference import load_model, model_name, model_notes, read_text
 from tokendata import Dataset, dataset_dir, first_tokens, window_batch, windows
 from tokenizer import mismatch
 
@@ -210,12 +209,10 @@ def evaluate(cfg, launch, device, sources):
     dtype = pick_dtype(cfg.dtype, device_type)
     model, tokenizer, train_config = load_model(cfg.init_from, cfg.out_dir, device)
     autocast = torch.autocast(device_type=device_type, dtype=getattr(torch, dtype), enabled=(dtype != "float32"))
-    name = model_name(cfg.init_from, cfg.out_dir)
-    say(f"{name}: {model.get_num_params() / 1e6:.2f}M parameters on {device} in {dtype}, {launch.world_size} "
-        "process(es)")
-    for note in (best_elsewhere(name, "--init_from"), unused_out_dir(cfg, sources)):
-        if note:
-            say(note)
+    say(f"{model_name(cfg.init_from, cfg.out_dir)}: {model.get_num_params() / 1e6:.2f}M "
+        f"parameters on {device} in {dtype}, {launch.world_size} process(es)")
+    for note in model_notes(cfg, sources):
+        say(note)
     if cfg.task == "perplexity":
         result = perplexity(cfg, model, tokenizer, device, autocast, launch, say)
     elif cfg.task == "hellaswag":

@@ -5,7 +5,7 @@ Both use the plain, uncompiled model: generation and evaluation change shapes at
 make torch.compile recompile again and again for no gain.
 """
 
-from checkpoint import checkpoint_meta, is_checkpoint, load_checkpoint, model_from_checkpoint
+from checkpoint import best_elsewhere, checkpoint_meta, is_checkpoint, load_checkpoint, model_from_checkpoint
 from configurator import UserError
 from tokenizer import tokenizer_from_meta
 
@@ -16,11 +16,13 @@ def model_name(init_from, out_dir):
     return out_dir if init_from == "resume" else init_from
 
 
-def unused_out_dir(cfg, sources):
-    """A note when --out_dir was given but --init_from names the model instead (None otherwise)."""
+def model_notes(cfg, sources):
+    """What sample.py and evaluate.py say about the model their --init_from and --out_dir name: a run whose best is
+    another checkpoint than its latest, and an --out_dir given but not used."""
+    notes = [best_elsewhere(model_name(cfg.init_from, cfg.out_dir), "--init_from")]
     if "out_dir" in sources and cfg.init_from != "resume":
-        return f"note: --out_dir={cfg.out_dir} is not used: --init_from={cfg.init_from} names the model"
-    return None
+        notes.append(f"note: --out_dir={cfg.out_dir} is not used: --init_from={cfg.init_from} names the model")
+    return [note for note in notes if note]
 
 
 def load_model(init_from, out_dir, device):

@@ -19,11 +19,10 @@ from dataclasses import dataclass
 import torch
 
 import configurator
-from checkpoint import best_elsewhere
 from configurator import UserError
 from distributed import pick_device, pick_dtype
 from generate import TEMPERATURE, TOP_K, Stop, beam_search, generate
-from inference import load_model, model_name, prompt_ids, read_prompt, unused_out_dir
+from inference import load_model, model_name, model_notes, prompt_ids, read_prompt
 
 
 @dataclass
@@ -139,9 +138,8 @@ def main(cfg, sources):
         how = f"sampling at temperature {cfg.temperature}, top_k {cfg.top_k or 'off'}, top_p {cfg.top_p}"
     print(f"{model_name(cfg.init_from, cfg.out_dir)}: {len(ids)}-token prompt, {how}, on "
           f"{device} in {dtype}{', compiled' if cfg.compile else ''}", file=sys.stderr)
-    for note in (best_elsewhere(model_name(cfg.init_from, cfg.out_dir), "--init_from"), unused_out_dir(cfg, sources)):
-        if note:
-            print(note, file=sys.stderr)
+    for note in model_notes(cfg, sources):
+        print(note, file=sys.stderr)
     if len(ids) > model.config.block_size:
         print(f"note: the prompt's {len(ids):,} tokens are more than the model's context: each new token is predicted "
               f"from the last {model.config.block_size} only", file=sys.stderr)
