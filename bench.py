@@ -23,7 +23,7 @@ import torch
 import configurator
 from distributed import Launch, fast_kernels, init_distributed, pick_device, pick_dtype
 from generate import generate
-from model import GPT, GPTConfig, head_problems, peak_flops_for
+from model import ARCH_OPTIONS, GPT, GPTConfig, head_problems, peak_flops_for
 from tokendata import BatchSampler, Dataset, dataset_dir
 from train import (Prefetcher, TrainConfig, accumulate_gradients, micro_steps_per_rank, model_config, to_device,
                    validate as validate_train_config)
@@ -37,6 +37,7 @@ class SampleBenchConfig:
     block_size: int = 1024
     vocab_size: int = 50257
     rope: bool = False  # rotary position embeddings instead of the learned position table (train.py's rope)
+    n_kv_head: int = 0  # key/value heads (train.py's n_kv_head): fewer than n_head shrinks the KV cache; 0: n_head
     prompt_tokens: int = 64  # prompt length
     new_tokens: int = 256  # tokens generated per sequence
     batch_sizes: str = "1,8"  # comma-separated batch sizes to measure
@@ -61,7 +62,7 @@ def validate_sample(cfg):
     if cfg.prompt_tokens < 1 or cfg.new_tokens < 1:
         problems.append("prompt_tokens and new_tokens must be at least 1")
     problems += configurator.too_small(cfg, ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"), 1)
-    return problems + head_problems(cfg.n_embd, cfg.n_head, cfg.rope)
+    return problems + head_problems(cfg.n_embd, cfg.n_head, cfg.rope, cfg.n_kv_head)
 
 
 def bench_sample(cfg, sources):
@@ -70,11 +71,12 @@ def bench_sample(cfg, sources):
     dtype = pick_dtype(cfg.dtype, device_type)
     torch.manual_seed(cfg.seed)
     model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                          vocab_size=cfg.vocab_size, rope=cfg.rope)).eval().to(device)
+                          vocab_size=cfg.vocab_size, rope=cfg.rope, n_kv_head=cfg.n_kv_head)).eval().to(device)
     autocast = torch.autocast(device_type=device_type, dtype=getattr(torch, dtype), enabled=(dtype != "float32"))
     name = torch.cuda.get_device_name(device) if device_type == "cuda" else f"{platform.processor() or 'cpu'}, " \
         f"{torch.get_num_threads()} threads"
-    print(f"{model.get_num_params() / 1e6:.3g}M-parameter GPT{' with rope' if cfg.rope else ''}, "
+    options = ", ".join(f"{k}={v}" for k, v in model.config.departures().items())
+    print(f"{model.get_num_params() / 1e6:.3g}M-parameter GPT{f' ({options})' if options else ''}, "
           f"{cfg.prompt_tokens}-token prompt, {cfg.new_tokens} new tokens, greedy; {device} ({name}), {dtype}, "
           f"torch {torch.__version__}")
 
@@ -115,7 +117,8 @@ def bench_sample(cfg, sources):
               f"without {row['no_cache_tokens_per_s']:9,.1f} tokens/s ({row['no_cache_seconds']:.1f} s) | "
               f"{row['speedup']:.1f}x | {compiled}same tokens: {'yes' if row['same_tokens'] else 'no'}", flush=True)
     print(json.dumps({"bench": "sample", "device": device, "device_name": name, "dtype": dtype,
-                      "torch": torch.__version__, "rope": cfg.rope, "prompt_tokens": cfg.prompt_tokens,
+                      "torch": torch.__version__, "rope": cfg.rope, "n_kv_head": model.config.kv_heads,
+                      "prompt_tokens": cfg.prompt_tokens,
                       "new_tokens": cfg.new_tokens, "rows": rows}))
 
 
@@ -203,8 +206,8 @@ def run_train_bench(cfg, device, dtype, grad_accum, batch_explain, vocab_size, s
     result = {
         "bench": "train", "device": device_name(device), "torch": torch.__version__, "dtype": dtype,
         "compile": cfg.compile_mode if use_compile else False, "attention": cfg.attention,
-        "fused_loss": cfg.fused_loss, "recompute": cfg.recompute, "optimizer": cfg.optimizer, "rope": cfg.rope,
-        "qk_norm": cfg.qk_norm, "mlp": cfg.mlp, "tie_embeddings": cfg.tie_embeddings,
+        "fused_loss": cfg.fused_loss, "recompute": cfg.recompute, "optimizer": cfg.optimizer,
+        **{k: getattr(cfg, k) for k in ARCH_OPTIONS},
         "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "block_size": cfg.block_size, "batch_size": cfg.batch_size,
         "grad_accum": grad_accum,
         "params_M": round(model.get_num_params() / 1e6, 2),
@@ -217,8 +220,7 @@ def run_train_bench(cfg, device, dtype, grad_accum, batch_explain, vocab_size, s
     print(f"train: {batch_explain}; {result['params_M']}M parameters on {result['device']}, {dtype}, "
           f"compile {cfg.compile_mode if use_compile else 'off'}, fused loss {'on' if cfg.fused_loss else 'off'}"
           f"{', recompute on' if cfg.recompute else ''}{', Muon' if cfg.optimizer == 'muon' else ''}"
-          f"{', rope' if cfg.rope else ''}{', qk_norm' if cfg.qk_norm else ''}"
-          f"{', relu2' if cfg.mlp == 'relu2' else ''}{', untied' if not cfg.tie_embeddings else ''}; "
+          f"{''.join(f', {k}={v}' for k, v in model.config.departures().items())}; "
           f"{kernels_note}")
     memory = "-" if result["peak_memory_GiB"] is None else f"{result['peak_memory_GiB']} GiB"
     print(f"  {ms:.1f} ms/step (median of {cfg.steps}) | {result['tokens_per_sec']:,} tokens/s | "

@@ -1,6 +1,7 @@
 """
-The GPT language model, GPT-2 architecture (rotary positions, QK-norm, ReLU² and an untied output layer optional), in
-plain PyTorch; every script shares it.
+The GPT language model, GPT-2 architecture (nanochat's departures from it optional: rotary positions, QK-norm, ReLU²,
+an untied output layer, grouped-query attention, RMSNorm, soft-capped logits), in plain PyTorch; every script shares
+it.
 
 Module names follow Hugging Face / OpenAI GPT-2 (wte, wpe, h, ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc,
 mlp.c_proj, ln_f, lm_head), so loading GPT-2 weights is a key-for-key copy (with the Conv1D transposes).
@@ -37,6 +38,21 @@ class GPTConfig:
     qk_norm: bool = False  # queries and keys RMS-normalised per head (after rotation): bounded attention logits
     mlp: str = "gelu"  # the MLP's nonlinearity: 'gelu' (tanh-approximated, GPT-2's) or 'relu2' (ReLU squared, Primer)
     tie_embeddings: bool = True  # the output layer is the token embedding matrix (GPT-2); False: a matrix of its own
+    # and three more: grouped-query attention, parameter-free RMSNorm, soft-capped logits
+    n_kv_head: int = 0  # heads of keys and values; 0: n_head (GPT-2). Fewer: each is shared by n_head/n_kv_head query
+    #                     heads (GQA, Ainslie et al. 2023; 1 is multi-query attention), a KV cache that much smaller
+    norm: str = "layernorm"  # 'layernorm' (GPT-2's: a learned gain, and a bias with bias=True) or 'rmsnorm' (RMSNorm with
+    #                          nothing learned: nanochat's and modded-nanogpt's)
+    logit_softcap: float = 0.0  # > 0: logits = c·tanh(logits/c), kept within (-c, c) (Gemma 2; nanochat's c is 15)
+
+    @property
+    def kv_heads(self):
+        return self.n_kv_head or self.n_head
+
+    def departures(self):
+        """{option: value} of the architecture options above (rope on) that depart from GPT-2's defaults."""
+        return {name: getattr(self, name) for name in ARCH_OPTIONS
+                if getattr(self, name) != self.__dataclass_fields__[name].default}
 
     @property
     def padded_vocab_size(self):
@@ -47,18 +63,25 @@ class GPTConfig:
 
 
 MLP_KINDS = ("gelu", "relu2")
+NORMS = ("layernorm", "rmsnorm")
+# the GPTConfig fields GPT-2 does not have: at their defaults the model is GPT-2's
+ARCH_OPTIONS = ("rope", "qk_norm", "mlp", "tie_embeddings", "n_kv_head", "norm", "logit_softcap")
 
 
-def head_problems(n_embd, n_head, rope=False):
-    """What keeps n_embd split into n_head heads (rotated in pairs, with rope) from being a GPT, in words: for the
-    scripts' validate(), before any work."""
+def head_problems(n_embd, n_head, rope=False, n_kv_head=0):
+    """What keeps n_embd split into n_head heads (rotated in pairs, with rope; n_kv_head of keys and values) from
+    being a GPT, in words: for the scripts' validate(), before any work."""
     if n_head < 1:
         return []  # reported as too small by the caller
+    problems = []
+    if n_kv_head < 0 or n_kv_head > n_head or n_kv_head and n_head % n_kv_head:
+        problems.append(f"n_kv_head={n_kv_head} must divide n_head={n_head} (each key and value head serves as many "
+                        "query heads), or be 0 for n_head")
     if n_embd % n_head:
-        return [f"n_embd={n_embd} is not divisible by n_head={n_head}"]
+        return problems + [f"n_embd={n_embd} is not divisible by n_head={n_head}"]
     if rope and n_embd // n_head % 2:
-        return [f"rope rotates pairs of dimensions: the head size n_embd/n_head={n_embd // n_head} must be even"]
-    return []
+        problems.append(f"rope rotates pairs of dimensions: the head size n_embd/n_head={n_embd // n_head} must be even")
+    return problems
 
 
 def rotary_tables(max_len, head_size, base=10000.0):
@@ -80,11 +103,14 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        assert config.n_embd % config.n_head == 0
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
+        assert config.n_embd % config.n_head == 0 and config.n_head % config.kv_heads == 0
+        self.n_head, self.n_kv_head, self.head_size = config.n_head, config.kv_heads, config.n_embd // config.n_head
+        # q for all heads, then k and v for the key/value heads (as many as q's with GPT-2)
+        self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * self.n_kv_head * self.head_size, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.n_head = config.n_head
+        # grouped-query attention: SDPA lets each key/value head serve n_head/n_kv_head query heads, as they are stored
+        self.gqa = {"enable_gqa": True} if self.n_kv_head < self.n_head else {}
         self.dropout = config.dropout
         self.qk_norm = config.qk_norm
 
@@ -96,10 +122,11 @@ class CausalSelfAttention(nn.Module):
         (T, hs/2) or (B, T, hs/2), or None without RoPE.
         """
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        hs, kv = self.head_size, self.n_kv_head
+        q, k, v = self.c_attn(x).split([C, kv * hs, kv * hs], dim=2)
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, kv, hs).transpose(1, 2)  # (B, n_kv_head, T, hs)
+        v = v.view(B, T, kv, hs).transpose(1, 2)  # (B, n_kv_head, T, hs)
         if rotary is not None:  # keys are cached rotated: a key's rotation depends on its own position only
             cos, sin = (t.to(q.dtype).unsqueeze(-3) for t in rotary)  # (1 or B, 1, T, hs/2): the same for each head
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -108,10 +135,10 @@ class CausalSelfAttention(nn.Module):
         if cache is None:
             # flash / memory-efficient kernels on GPU; softmax(q k^T / sqrt(hs)) v with a causal mask everywhere
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                               is_causal=True)
+                                               is_causal=True, **self.gqa)
         else:
-            k, v = cache.store(layer, k, v)  # (B, nh, S, hs): every position so far, this call's last
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            k, v = cache.store(layer, k, v)  # (B, n_kv_head, S, hs): every position so far, this call's last
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **self.gqa)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -132,14 +159,22 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(F.relu(x).square() if self.relu2 else self.gelu(x)))
 
 
+def make_norm(config):
+    """The model's normalisation layer: GPT-2's LayerNorm, or an RMSNorm with no learned gain (norm='rmsnorm')."""
+    assert config.norm in NORMS, config.norm
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, elementwise_affine=False)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
     def forward(self, x, cache=None, layer=0, mask=None, rotary=None):
@@ -169,7 +204,7 @@ class KVCache:
         self.n_layer, self.max_len, self.static = n_layer, max_len, static
         self.pad = pad  # (B,) left-padding positions per row
         self.padded = bool(pad.any())  # decided once: unpadded batches skip the attention mask
-        self.k = self.v = None  # per layer (B, nh, max_len, hs), once allocated
+        self.k = self.v = None  # per layer (B, n_kv_head, max_len, hs), once allocated
         # a finished static cache whose storage this one takes over where the shapes and dtype agree, so that a step
         # captured as a CUDA graph on that storage replays as it is
         fits = static and spare is not None and spare.k is not None and spare.filled.device == pad.device
@@ -192,7 +227,8 @@ class KVCache:
             self._length += T
 
     def store(self, layer, k, v):
-        """Write k, v (B, nh, T, hs) after the filled positions; return the layer's keys and values to attend to."""
+        """Write k, v (B, n_kv_head, T, hs) after the filled positions; return the layer's keys and values to attend
+        to."""
         if self.k is None:
             B, nh, _, hs = k.shape
             spare, self.spare = self.spare, None
@@ -256,24 +292,36 @@ def chunk_rows(n_rows, n_cols, max_elements=2**27):
     return max(64, 2 ** int(math.log2(max_elements // n_cols)))
 
 
-def chunk_log_softmax(x, w, pad_mask):
-    """
-    One chunk's log-probabilities (R, Vp) in float32: log_softmax(x (R, C) @ w (Vp, C).T + pad_mask (Vp,)), the mask
-    -inf on padding ids, so they have probability 0 while every product keeps the padded, aligned width.
-    """
-    logits = torch.addmm(pad_mask, x, w.t())  # (R, Vp) in the compute dtype
-    return logits.log_softmax(dim=-1, dtype=torch.float32)
+def softcap(logits, cap):
+    """cap·tanh(logits/cap) in float32 (Gemma 2's logit soft-capping): logits as they are up to a few units, then
+    bent towards ±cap, never past it. cap 0: the logits unchanged."""
+    return torch.tanh(logits.float() / cap) * cap if cap else logits
 
 
-def chunked_nll(x, weight, targets, pad_mask):
+def chunk_log_softmax(x, w, pad_mask, cap=0.0):
     """
-    Cross-entropy of each row: -log softmax(x @ weight.T + pad_mask)[target], in float32, 0 where the target is -1.
-    x (N, C), weight (Vp, C) and pad_mask (Vp,) in the compute dtype; the logits exist a chunk of rows at a time.
+    One chunk's log-probabilities (R, Vp) in float32: log_softmax(softcap(x (R, C) @ w (Vp, C).T) + pad_mask (Vp,)),
+    the mask -inf on padding ids, so they have probability 0 while every product keeps the padded, aligned width.
+    Returns them with the soft-cap's slope d capped / d logits (R, Vp), None without one.
+    """
+    if not cap:
+        logits = torch.addmm(pad_mask, x, w.t())  # (R, Vp) in the compute dtype
+        return logits.log_softmax(dim=-1, dtype=torch.float32), None
+    tanh = torch.tanh((x @ w.t()).float() / cap)  # (R, Vp)
+    logits = torch.add(pad_mask.float(), tanh, alpha=cap)  # the mask after the cap: -inf stays -inf
+    return logits.log_softmax(dim=-1), 1 - tanh.square_()
+
+
+def chunked_nll(x, weight, targets, pad_mask, cap=0.0):
+    """
+    Cross-entropy of each row: -log softmax(softcap(x @ weight.T) + pad_mask)[target], in float32, 0 where the
+    target is -1. x (N, C), weight (Vp, C) and pad_mask (Vp,) in the compute dtype; the logits exist a chunk of rows
+    at a time.
     """
     out = torch.empty(x.size(0), dtype=torch.float32, device=x.device)
     rows = chunk_rows(x.size(0), weight.size(0))
     for i in range(0, x.size(0), rows):
-        logp, t = chunk_log_softmax(x[i:i + rows], weight, pad_mask), targets[i:i + rows]
+        logp, t = chunk_log_softmax(x[i:i + rows], weight, pad_mask, cap)[0], targets[i:i + rows]
         out[i:i + rows] = -logp.gather(1, t.clamp(min=0)[:, None]).squeeze(1) * (t >= 0)
     return out
 
@@ -283,7 +331,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     loss = mean cross-entropy of logits = x @ weight.T (the tied output layer, padding ids masked out), computed like
     nanoGPT's F.cross_entropy(logits.float()) but never holding the (N, Vp) logits: each chunk of rows computes its
     logits (compute dtype), their log-softmax in float32, the loss, and at once the gradient
-    d loss / d logits = (softmax - onehot) / n, which two matrix products turn into the gradients of x and weight.
+    d loss / d logits = (softmax - onehot) / n (times the soft-cap's slope, with one), which two matrix products turn
+    into the gradients of x and weight.
     Backward only scales those by the incoming gradient. Same matrix products as the unfused layer and loss (logits,
     then dx and dW), all at the padded vocabulary width and on chunks of a power-of-two number of rows, so every
     operand is aligned; the float32 logits and their gradient (GPT-2 small at batch 32: 6.6 GB each) never exist
@@ -291,8 +340,9 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, pad_mask):
-        # x (N, C), pad_mask (Vp,): the compute dtype; weight (Vp, C): the float32 parameter; targets (N,): -1 for none
+    def forward(ctx, x, weight, targets, pad_mask, cap=0.0):
+        # x (N, C), pad_mask (Vp,): the compute dtype; weight (Vp, C): the float32 parameter; targets (N,): -1 for none;
+        # cap: the logits' soft-cap, 0 for none
         with torch.autocast(x.device.type, enabled=False):
             w = weight.to(x.dtype)
             n = (targets >= 0).sum()
@@ -305,10 +355,12 @@ class LinearCrossEntropy(torch.autograd.Function):
             for i in range(0, x.size(0), rows):
                 xc, t = x[i:i + rows], targets[i:i + rows]
                 valid = (t >= 0)[:, None]
-                logp = chunk_log_softmax(xc, w, pad_mask)  # (R, Vp)
+                logp, slope = chunk_log_softmax(xc, w, pad_mask, cap)  # (R, Vp)
                 loss = loss - (logp.gather(1, t.clamp(min=0)[:, None]) * valid).sum()
                 grad = logp.exp_()  # softmax, in place of the log-probabilities, which are done with
                 grad.scatter_add_(1, t.clamp(min=0)[:, None], -valid.float())
+                if slope is not None:  # through the cap, back to the products' logits
+                    grad.mul_(slope)
                 grad = (grad * valid).to(x.dtype)  # n * d loss / d logits, 0 in the padding columns
                 grad_x[i:i + rows] = (grad @ w).float() / n
                 grad_w += (grad.t() @ xc).float()
@@ -320,7 +372,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
-        return (grad_x * grad_loss).to(ctx.x_dtype), grad_w * grad_loss, None, None
+        return (grad_x * grad_loss).to(ctx.x_dtype), grad_w * grad_loss, None, None, None
 
 
 class GPT(nn.Module):
@@ -342,7 +394,7 @@ class GPT(nn.Module):
             **({} if config.rope else dict(wpe=nn.Embedding(config.block_size, config.n_embd))),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=make_norm(config),
         ))
         if config.rope:  # computed, not learned: buffers outside the state dict, so checkpoints hold weights only
             problems = head_problems(config.n_embd, config.n_head, rope=True)
@@ -424,7 +476,7 @@ class GPT(nn.Module):
         if targets is not None:
             return self.output_loss(x, targets, reduction)
         logits = self.lm_head(x if all_logits else x[:, [-1], :])[..., :self.config.vocab_size]  # (B, T or 1, V)
-        return logits, None
+        return softcap(logits, self.config.logit_softcap), None
 
     def output_loss(self, x, targets, reduction="mean"):
         """
@@ -433,18 +485,19 @@ class GPT(nn.Module):
         targets (B, T), -1 for none. Returns (logits, loss) as forward does; logits None with fused_loss.
         """
         B, T, _ = x.size()
+        cap = self.config.logit_softcap
         if self.fused_loss:
             # the output layer and the loss together, a chunk of rows at a time: no (B, T, Vp) logits
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
             x, targets = x.to(dtype).reshape(B * T, -1), targets.reshape(-1)
             mask = self.padding_mask(dtype, x.device)
             if reduction == "none":
-                return None, chunked_nll(x, self.lm_head.weight.to(dtype), targets, mask).view(B, T)
+                return None, chunked_nll(x, self.lm_head.weight.to(dtype), targets, mask, cap).view(B, T)
             if torch.is_grad_enabled() and (x.requires_grad or self.lm_head.weight.requires_grad):
-                return None, LinearCrossEntropy.apply(x, self.lm_head.weight, targets, mask)
+                return None, LinearCrossEntropy.apply(x, self.lm_head.weight, targets, mask, cap)
             n = (targets >= 0).sum()
-            return None, chunked_nll(x, self.lm_head.weight.to(dtype), targets, mask).sum() / n
-        logits = self.lm_head(x)  # (B, T, Vp)
+            return None, chunked_nll(x, self.lm_head.weight.to(dtype), targets, mask, cap).sum() / n
+        logits = softcap(self.lm_head(x), cap)  # (B, T, Vp)
         if logits.size(-1) > self.config.vocab_size:
             logits = logits + self.padding_mask(logits.dtype, logits.device)
         loss = F.cross_entropy(logits.view(B * T, -1).float(), targets.reshape(-1), ignore_index=-1,

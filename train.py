@@ -40,7 +40,7 @@ from generate import TEMPERATURE, TOP_K, Stop, generate
 from hf import GPT2_NAMES, check_dataset_tokenizer, fit_context, load_hf_gpt2, pretrained_config
 from inference import prompt_ids, read_prompt
 from lock import FolderLock
-from model import MLP_KINDS, GPT, GPTConfig, head_problems, peak_flops_for
+from model import ARCH_OPTIONS, MLP_KINDS, NORMS, GPT, GPTConfig, head_problems, peak_flops_for
 from tokendata import SAMPLERS, BatchSampler, Dataset, EpochSampler, dataset_dir, first_tokens, window_batch, windows
 from tokenizer import mismatch, tokenizer_from_meta
 
@@ -97,6 +97,9 @@ class TrainConfig:
     qk_norm: bool = False  # RMS-normalise each head's queries and keys (nanochat, modded-nanogpt): bounded attention logits; not exportable to GPT-2
     mlp: str = "gelu"  # the MLP's nonlinearity: 'gelu' (GPT-2's) or 'relu2' (ReLU squared: Primer, nanochat); relu2 is not exportable to GPT-2
     tie_embeddings: bool = True  # the output layer is the token embedding matrix, as GPT-2; False: its own (nanochat), which the parameter count then leaves out like the position table; not exportable to GPT-2
+    n_kv_head: int = 0  # heads of keys and values, each shared by n_head/n_kv_head query heads (grouped-query attention; 1: multi-query): a smaller KV cache for sampling; 0: n_head, as GPT-2; fewer is not exportable to GPT-2
+    norm: str = "layernorm"  # 'layernorm' (GPT-2's) or 'rmsnorm' (RMSNorm with no learned gain: nanochat, modded-nanogpt); rmsnorm is not exportable to GPT-2
+    logit_softcap: float = 0.0  # > 0: soft-cap the logits at this value, c·tanh(logits/c) (Gemma 2; nanochat uses 15); 0: off, as GPT-2; not exportable to GPT-2
     # optimizer
     optimizer: str = "adamw"  # 'adamw', or 'muon': Muon (torch.optim.Muon) for the blocks' weight matrices and AdamW for embeddings, gains and biases, at the same learning_rate and weight_decay (Muon's updates are scaled to AdamW's size)
     learning_rate: float = 6e-4  # peak learning rate
@@ -127,7 +130,7 @@ class TrainConfig:
 
 
 # what must match between a checkpoint and the run that resumes it; everything else may change (and is reported)
-SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "rope", "qk_norm", "mlp", "tie_embeddings")
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", *ARCH_OPTIONS)
 LR_SCHEDULES = ("cosine", "linear", "wsd")
 SCHEDULE_KEYS = ("learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "lr_schedule", "cooldown_frac")
 DATA_ORDERS = {"random": "windows drawn at random, with replacement", "epochs": "each window once per epoch, shuffled",
@@ -141,7 +144,7 @@ def validate(cfg):
     problems = configurator.too_small(cfg, ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "eval_interval",
                                             "log_interval", "gradient_accumulation_steps", "max_bad_steps") +
                                       (() if cfg.eval_tokens else ("eval_iters",)), 1)  # unused with eval_tokens
-    problems += head_problems(cfg.n_embd, cfg.n_head, cfg.rope)
+    problems += head_problems(cfg.n_embd, cfg.n_head, cfg.rope, cfg.n_kv_head)
     if cfg.skip_spikes < 0:
         problems.append(f"skip_spikes={cfg.skip_spikes} must be 0 (off) or a number of standard deviations")
     if cfg.spike_window < 2:
@@ -158,6 +161,8 @@ def validate(cfg):
                         f"folder holding ckpt.pt){f'; did you mean {close[0]!r}?' if close else ''}")
     if cfg.mlp not in MLP_KINDS:
         problems.append(f"mlp={cfg.mlp!r}: expected {', '.join(map(repr, MLP_KINDS))}")
+    if cfg.norm not in NORMS:
+        problems.append(f"norm={cfg.norm!r}: expected {', '.join(map(repr, NORMS))}")
     if cfg.attention not in ATTENTION_CHOICES:
         problems.append(f"attention={cfg.attention!r}: expected one of {', '.join(ATTENTION_CHOICES)}")
     if cfg.compile_mode not in COMPILE_MODES:
@@ -190,7 +195,7 @@ def validate(cfg):
                                              "keep_every", "save_interval", "sample_tokens", "grad_clip",
                                              "learning_rate", "min_lr", "weight_decay", "warmup_iters",
                                              "lr_decay_iters", "peak_flops", "seed", "max_tokens",
-                                             "tokens_per_param"), 0)
+                                             "tokens_per_param", "logit_softcap"), 0)
     if min(cfg.batch_size, cfg.block_size, cfg.gradient_accumulation_steps) >= 1 and cfg.total_batch_size >= 0:
         try:  # the batch arithmetic, for the number of processes this launch has
             micro_steps_per_rank(cfg, detect_launch().world_size)
@@ -213,8 +218,8 @@ def validate(cfg):
 def model_config(cfg, vocab_size):
     """The GPTConfig of a model trained from scratch with these settings."""
     return GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                     bias=cfg.bias, rope=cfg.rope, qk_norm=cfg.qk_norm, mlp=cfg.mlp,
-                     tie_embeddings=cfg.tie_embeddings, vocab_size=vocab_size, dropout=cfg.dropout)
+                     bias=cfg.bias, vocab_size=vocab_size, dropout=cfg.dropout,
+                     **{k: getattr(cfg, k) for k in ARCH_OPTIONS})
 
 
 # set by slurm/train.sbatch: a run whose out_dir holds its checkpoint resumes it, whatever --init_from says

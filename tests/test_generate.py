@@ -12,9 +12,11 @@ from generate import Stop, beam_search, generate, next_token, top_k_filter, top_
 from model import GPT, GPTConfig
 
 
-# GPT-2's architecture, with rotary positions, and with nanochat's departures from it as well
+# GPT-2's architecture, with rotary positions, and with nanochat's departures from it as well (multi-query attention
+# of its grouped-query kind: one key/value head for both query heads)
 ARCHS = {"gpt2": {}, "rope": {"rope": True},
-         "nanochat": {"rope": True, "qk_norm": True, "mlp": "relu2", "tie_embeddings": False}}
+         "nanochat": {"rope": True, "qk_norm": True, "mlp": "relu2", "tie_embeddings": False, "n_kv_head": 1,
+                      "norm": "rmsnorm", "logit_softcap": 15.0}}
 
 
 def tiny(vocab_size=50, block_size=16, seed=0, sharp=False, **arch):

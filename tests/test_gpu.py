@@ -11,13 +11,18 @@ from test_distributed import COMMON, prepare_tiny, run_torchrun, train_losses
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 GPU = [a.replace("--device=cpu", "--device=cuda") for a in COMMON]
+# nanochat's departures from GPT-2 (grouped-query attention: 2 key/value heads for 4 query heads), so that each test
+# also runs SDPA's enable_gqa and the soft-capped loss on the GPU's kernels
+ARCHS = {"gpt2": {}, "nanochat": dict(rope=True, qk_norm=True, mlp="relu2", tie_embeddings=False, n_kv_head=2,
+                                      norm="rmsnorm", logit_softcap=15.0)}
 
 
-def test_compiled_fused_loss_matches_unfused_in_bf16():
+@pytest.mark.parametrize("arch", ARCHS)
+def test_compiled_fused_loss_matches_unfused_in_bf16(arch):
     """torch.compile + bf16 autocast: LinearCrossEntropy gives the loss and gradients of logits + F.cross_entropy."""
     from model import GPT, GPTConfig
     torch.manual_seed(0)
-    config = GPTConfig(n_layer=2, n_head=4, n_embd=128, block_size=128, vocab_size=50257)
+    config = GPTConfig(n_layer=2, n_head=4, n_embd=128, block_size=128, vocab_size=50257, **ARCHS[arch])
     fused, plain = GPT(config).cuda(), GPT(config).cuda()
     plain.load_state_dict(fused.state_dict())
     plain.fused_loss = False
@@ -65,14 +70,16 @@ def test_compiled_recompute_matches_and_holds_less_memory():
     assert results[1][2] < 0.6 * results[0][2], (results[1][2], results[0][2])
 
 
-def test_cuda_graph_decoding_matches_eager():
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cuda_graph_decoding_matches_eager(arch):
     """sample.py --compile on CUDA (reduce-overhead: CUDA graphs, replayed with the static cache written in place)
     generates the eager cache's tokens, across two calls (a new cache: re-recorded, not wrong), from a one-token prompt,
     and in beam search."""
     from generate import beam_search, generate
     from model import GPT, GPTConfig
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=128, block_size=256, vocab_size=500)).cuda().eval()
+    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=128, block_size=256, vocab_size=500, **ARCHS[arch]))
+    model = model.cuda().eval()
     with torch.no_grad():  # peaked distributions, so kernel-level rounding differences cannot flip an argmax
         model.lm_head.weight.mul_(20)
     # a one-token prompt (sample.py's default start) is prefilled by the compiled step itself, cache allocation and all

@@ -32,7 +32,9 @@ def test_shapes_and_padding():
     assert GPTConfig(vocab_size=50257).padded_vocab_size == 50304
 
 
-NANOCHAT = dict(rope=True, qk_norm=True, mlp="relu2", tie_embeddings=False)  # nanochat's departures from GPT-2
+# nanochat's departures from GPT-2 (n_kv_head=1 of tiny's 2 heads: multi-query attention)
+NANOCHAT = dict(rope=True, qk_norm=True, mlp="relu2", tie_embeddings=False, n_kv_head=1, norm="rmsnorm",
+                logit_softcap=15.0)
 
 
 @pytest.mark.parametrize("arch", [{}, {"rope": True}, NANOCHAT])
@@ -207,13 +209,14 @@ def test_chunk_rows_are_aligned_and_bounded():
         assert rows * n_cols <= 2**27 or rows == 64
 
 
-@pytest.mark.parametrize("vocab_size", [65, 1100])
-def test_fused_loss_matches_logits_then_cross_entropy(vocab_size, monkeypatch):
+@pytest.mark.parametrize("vocab_size, cap", [(65, 0.0), (1100, 0.0), (1100, 0.2)])
+def test_fused_loss_matches_logits_then_cross_entropy(vocab_size, cap, monkeypatch):
     """LinearCrossEntropy (chunked, gradients made in the forward pass) gives the loss and every gradient of the
-    plain output layer + F.cross_entropy, ignored targets included, over several chunks."""
+    plain output layer + F.cross_entropy, ignored targets included, over several chunks; also through a logit
+    soft-cap tight enough to bend most of these logits (autograd's tanh derivative against the fused pass's)."""
     import model as model_module
     monkeypatch.setattr(model_module, "chunk_rows", lambda n_rows, n_cols: 7)  # 48 rows: 7 chunks, a ragged last one
-    fused, plain = tiny(vocab_size=vocab_size), tiny(vocab_size=vocab_size)
+    fused, plain = tiny(vocab_size=vocab_size, logit_softcap=cap), tiny(vocab_size=vocab_size, logit_softcap=cap)
     plain.fused_loss = False
     idx = torch.randint(0, vocab_size, (3, 16))
     targets = torch.randint(0, vocab_size, (3, 16))
@@ -271,7 +274,7 @@ def test_nanochat_departures():
     from torch.nn import functional as F
     model = tiny(**NANOCHAT).eval()
     assert model.lm_head.weight is not model.transformer.wte.weight
-    tied = tiny(rope=True)
+    tied = tiny(**{**NANOCHAT, "tie_embeddings": True})
     assert model.get_num_params() == tied.get_num_params()  # lm_head counted once either way; wte not, untied
     assert model.get_num_params(non_embedding=False) == tied.get_num_params(non_embedding=False) + 50 * 32
     mlp, x = model.transformer.h[0].mlp, torch.randn(2, 3, 32)
@@ -282,7 +285,63 @@ def test_nanochat_departures():
         before, _ = model(idx, all_logits=True)
         with torch.no_grad():  # queries and keys 10x larger: the same after normalisation, sharper without it
             for block in model.transformer.h:
-                block.attn.c_attn.weight[:64] *= 10
-                block.attn.c_attn.bias[:64] *= 10
+                qk = 32 + block.attn.n_kv_head * block.attn.head_size  # c_attn's rows: q, then k, then v
+                block.attn.c_attn.weight[:qk] *= 10
+                block.attn.c_attn.bias[:qk] *= 10
         after, _ = model(idx, all_logits=True)
         assert torch.allclose(before, after, atol=1e-4) == qk_norm
+
+
+@pytest.mark.parametrize("kv", [1, 2])
+def test_grouped_query_attention_is_attention_with_shared_key_value_heads(kv):
+    """n_kv_head=kv of 4 heads computes what full attention does when query head h reads key/value head h // (4/kv)
+    (c_attn's key and value rows repeated to every head that shares them, as SDPA's enable_gqa repeats them), with
+    (4 - kv) heads' keys and values fewer in the weights and in the KV cache; kv=1 is multi-query attention."""
+    gqa, full = tiny(n_head=4, n_kv_head=kv, rope=True).eval(), tiny(n_head=4, rope=True).eval()
+    state, hs = gqa.state_dict(), 8
+
+    def shared(t):  # (kv*hs, ...) -> (4*hs, ...): each key/value head's rows, once per query head that reads it
+        return t.view(kv, hs, *t.shape[1:]).repeat_interleave(4 // kv, dim=0).reshape(4 * hs, *t.shape[1:])
+    for key in [k for k in state if "c_attn" in k]:
+        q, k, v = state[key].split([32, kv * hs, kv * hs])
+        state[key] = torch.cat([q, shared(k), shared(v)])
+    full.load_state_dict(state)
+    idx = torch.randint(0, 50, (2, 16))
+    assert torch.allclose(gqa(idx, all_logits=True)[0], full(idx, all_logits=True)[0], atol=1e-5)
+    assert full.get_num_params() - gqa.get_num_params() == 2 * 2 * (4 - kv) * hs * (32 + 1)  # layers x (k, v) rows
+    cache = gqa.new_cache(16, torch.zeros(2, dtype=torch.long))
+    with torch.no_grad():
+        gqa(idx[:, :5], cache=cache)
+    assert cache.k[0].shape == cache.v[0].shape == (2, kv, 16, hs)
+    from model import head_problems
+    assert head_problems(32, 4, n_kv_head=3) == ["n_kv_head=3 must divide n_head=4 (each key and value head serves "
+                                                 "as many query heads), or be 0 for n_head"]
+    assert head_problems(32, 4, n_kv_head=8) and head_problems(32, 4, n_kv_head=-1) and not head_problems(32, 4, 0, 4)
+
+
+def test_rmsnorm_has_nothing_learned():
+    """norm='rmsnorm' (nanochat's): every normalisation is x / rms(x), with no gain or bias to learn."""
+    model = tiny(norm="rmsnorm")
+    assert not [name for name, _ in model.named_parameters() if ".ln_" in name]
+    assert model.get_num_params() == tiny().get_num_params() - 5 * 2 * 32  # 5 LayerNorms' gains and biases
+    x = torch.randn(2, 3, 32) * 5 + 1
+    for norm in (model.transformer.h[1].ln_2, model.transformer.ln_f):
+        assert torch.allclose(norm(x), x / x.square().mean(-1, keepdim=True).sqrt(), atol=1e-5)
+
+
+def test_logit_softcap_bounds_the_logits():
+    """logit_softcap=c: the logits are c·tanh(plain logits / c), wherever they come from (the last position for
+    generation, every position for scoring, the loss), so never past c."""
+    capped, plain = tiny(logit_softcap=2.0).eval(), tiny().eval()
+    with torch.no_grad():
+        capped.lm_head.weight.mul_(10)  # logits of several units: past the cap
+    plain.load_state_dict(capped.state_dict())
+    plain.fused_loss = capped.fused_loss = False
+    idx = torch.randint(0, 50, (2, 16))
+    with torch.no_grad():
+        raw, bent = plain(idx, all_logits=True)[0], capped(idx, all_logits=True)[0]
+    assert raw.abs().max() > 5 and 1.9 < bent.abs().max() <= 2.0
+    assert torch.allclose(bent, 2.0 * torch.tanh(raw / 2.0), atol=1e-5)
+    assert torch.allclose(capped(idx)[0], bent[:, [-1]])
+    loss = torch.nn.functional.cross_entropy(bent.view(-1, 50), idx.view(-1))
+    assert capped(idx, idx)[1].item() == pytest.approx(loss.item(), rel=1e-5)
