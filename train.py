@@ -1015,8 +1015,9 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
     model_args = dataclasses.asdict(model.config)
     model.fused_loss, model.recompute = cfg.fused_loss, cfg.recompute
     model.to(device)
+    options = "".join(f", {k}={v!r}" for k, v in model.config.departures().items())
     say(f"model: {model.get_num_params() / 1e6:.2f}M parameters, vocab {model.config.vocab_size} "
-        f"(padded to {model.config.padded_vocab_size})")
+        f"(padded to {model.config.padded_vocab_size}){f'; GPT-2 but for {options[2:]}' if options else ''}")
 
     sharded = cfg.shard_optimizer and launch.distributed
     if sharded:  # each rank steps its share of the parameters and broadcasts them (a collective, once a step)

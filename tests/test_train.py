@@ -700,6 +700,8 @@ def test_nanochat_architecture_trains_resumes_and_samples(data_dir, monkeypatch,
                      "--out_dir=out")
     losses = [r["loss"] for r in log_records("out") if "loss" in r]
     assert max(losses[-5:]) < losses[0] - 0.5, losses
+    assert "; GPT-2 but for rope=True, qk_norm=True, mlp='relu2', tie_embeddings=False, n_kv_head=1, " \
+        "norm='rmsnorm', logit_softcap=15.0" in out
     ckpt = load_checkpoint("out/ckpt.pt")
     assert {k: ckpt["model_args"][k] for k in ("qk_norm", "mlp", "tie_embeddings", "n_kv_head", "norm",
                                                 "logit_softcap")} == \
