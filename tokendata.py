@@ -183,6 +183,13 @@ class Dataset:
                                 "resumes where it stopped)")
             self.meta, self.splits = _nanogpt_layout(data_dir)
 
+    def fingerprint(self, split):
+        """What tells a split's tokens from those of another preparation under the same name: the sha256 of each
+        shard meta.json lists (prepare.py's), or each file's size (nanoGPT's layout records no digest)."""
+        if self.prepared:
+            return [s.get("sha256") for s in self.meta["shards"].get(split, [])]
+        return [os.path.getsize(p) for p in self.splits.get(split, [])]
+
     def shards(self, split):
         paths = self.splits.get(split)
         if not paths:

@@ -752,13 +752,16 @@ def check_resume(checkpoint, cfg, data_meta, say):
         say("resuming with changed settings: " + ", ".join(changed))
 
 
-def evaluation_changes(checkpoint, cfg, world_size):
+def evaluation_changes(checkpoint, cfg, world_size, val_data):
     """What makes this run's val loss an estimate over other tokens than the checkpoint's best val loss was, as
     'key old -> new'. With eval_tokens the windows depend on the data and block_size only; with eval_iters on the
-    batches each rank draws too."""
+    batches each rank draws too. val_data: the val split's fingerprint now (Dataset.fingerprint), which tells a
+    dataset prepared anew under its old name."""
     old = checkpoint.get("config") or {}
     keys = ("dataset", "block_size", "eval_tokens") + (() if cfg.eval_tokens else ("batch_size", "eval_iters", "seed"))
     changes = [f"{k} {old[k]!r} -> {getattr(cfg, k)!r}" for k in keys if k in old and old[k] != getattr(cfg, k)]
+    if not changes and checkpoint.get("val_data") not in (None, val_data):
+        changes.append(f"the val split of {cfg.dataset} was prepared anew")
     ranks = len(checkpoint.get("rng") or [])
     if not cfg.eval_tokens and ranks and ranks != world_size:
         changes.append(f"processes {ranks} -> {world_size}")
@@ -1082,7 +1085,7 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
                        if getattr(before, k) != getattr(cfg, k)]
             say(f"note: the schedule changed ({', '.join(changed)}): the learning rate at step {step} is "
                 f"{lr_at(step, cfg):.3g}, not {lr_at(step, before):.3g}")
-        changes = evaluation_changes(checkpoint, cfg, launch.world_size)
+        changes = evaluation_changes(checkpoint, cfg, launch.world_size, data.fingerprint("val"))
         if changes and best_val_loss < float("inf"):  # not to be compared: a save could wait for a number out of reach
             say(f"note: the val loss is now measured on other tokens ({', '.join(changes)}); the next evaluation "
                 f"sets the best anew, {best_val_loss:.4f} was on the old ones")
@@ -1186,7 +1189,7 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
                 "model_args": model_args, "step": step, "best_val_loss": best_val_loss,
                 "config": dataclasses.asdict(cfg), "meta": meta, "sampler": sampler_state, "rng": rngs,
                 "wandb_run_id": wandb_id, "tokens_seen": tokens_seen, "evaluated": last_eval == step,
-                "spikes": spikes.state_dict(), "keep_every": keep_every,
+                "spikes": spikes.state_dict(), "keep_every": keep_every, "val_data": data.fingerprint("val"),
             }
             if sharded:
                 forget_gathered_state(optimizer)

@@ -733,13 +733,14 @@ def test_wandb_offline_resumes_same_run(data_dir):
     assert torch.load(data_dir / "out/ckpt.pt", weights_only=False)["wandb_run_id"] in run_ids
 
 
-def test_resume_applies_changed_settings(data_dir, monkeypatch, capsys):  # noqa: F811
+def test_resume_applies_changed_settings(data_dir, shakespeare_path, monkeypatch, capsys):  # noqa: F811
     """weight_decay, beta1 and beta2 changed on resume are listed and are what AdamW then uses (the optimizer state
     loaded from the checkpoint carries the old ones; the no-decay group keeps none). A float32 run resumes in float16
     (its checkpoint has no loss scale) and back. With always_save_checkpoint=False
     a checkpoint is written only when the val loss beats the best: a resume that evaluates other tokens (here another
     batch_size, so other random batches) does not compare with the old best, which may be out of reach of the new
-    estimate; its first evaluation sets the best anew, and saves. Unchanged settings keep the best."""
+    estimate; its first evaluation sets the best anew, and saves. Unchanged settings keep the best; a dataset prepared
+    anew under its name is other tokens too."""
     monkeypatch.chdir(data_dir)
     args = [*ARGS, "--eval_interval=4", "--always_save_checkpoint=False", "--out_dir=out"]
     train_here(capsys, *args, "--max_iters=4", "--weight_decay=0.1", "--beta2=0.95")
@@ -760,3 +761,8 @@ def test_resume_applies_changed_settings(data_dir, monkeypatch, capsys):  # noqa
                              "--weight_decay=0.01", "--beta1=0.8", "--beta2=0.99",
                              "--eval_tokens=2000")  # nothing left to train: only the note
     assert "measured on other tokens (eval_tokens 0 -> 2000)" in with_tokens
+    # prepared again from the same text (the same characters: the same vocabulary), val now its last 20%
+    run_script("prepare.py", "shakespeare_char", f"--source={shakespeare_path}", "--val_fraction=0.2", cwd=data_dir)
+    again = train_here(capsys, *args, "--max_iters=8", "--init_from=auto", "--batch_size=8", "--weight_decay=0.01",
+                       "--beta1=0.8", "--beta2=0.99")
+    assert "measured on other tokens (the val split of shakespeare_char was prepared anew)" in again, again
