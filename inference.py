@@ -43,9 +43,10 @@ def load_model(init_from, out_dir, device):
 
 
 def read_text(path, what):
-    """A UTF-8 text file (a prompt, a text to score); `what` names it in the one-line error."""
+    """A UTF-8 text file (a prompt, a text to score) as prepare.py reads one: line endings as they are (a Windows
+    file's carriage returns kept), a leading byte-order mark dropped; `what` names it in the one-line error."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:
             return f.read()
     except OSError as e:
         raise UserError(f"cannot read {what}: {e.strerror}") from None

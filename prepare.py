@@ -335,6 +335,9 @@ def char_start(path, pos):
     return pos
 
 
+BOM = "\ufeff".encode("utf-8")
+
+
 def text_documents(files, split, val_fraction, errors):
     """
     Plain-text files, each one document. With val_fraction, nanoGPT's split: the first (1 - val_fraction) of the
@@ -346,11 +349,13 @@ def text_documents(files, split, val_fraction, errors):
     pos = 0
     for path in files:
         size = os.path.getsize(path)
-        cut = min(max(boundary - pos, 0), size)
-        if 0 < cut < size:
+        with open(path, "rb") as f:  # the byte-order mark some Windows editors begin a file with is not text
+            first = len(BOM) if f.read(len(BOM)) == BOM else 0
+        cut = min(max(boundary - pos, first), size)
+        if first < cut < size:
             cut = char_start(path, cut)
-        if cut > 0:
-            yield split, text_blocks(path, 0, cut, errors)
+        if cut > first:
+            yield split, text_blocks(path, first, cut, errors)
         if cut < size:
             yield "val", text_blocks(path, cut, size, errors)
         pos += size
@@ -366,7 +371,7 @@ def jsonl_documents(path, field, errors):
         for lineno, raw in enumerate(f, 1):
             line = decode(raw, path, offset, errors).strip()
             if lineno == 1:
-                line = line.removeprefix("\ufeff").strip()  # the byte-order mark some Windows tools begin with
+                line = line.removeprefix(BOM.decode()).strip()  # the byte-order mark some Windows tools begin with
             offset += len(raw)
             if not line:
                 continue

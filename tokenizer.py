@@ -36,8 +36,10 @@ class CharTokenizer:
             return [self.stoi[ch] for ch in text]
         except KeyError as e:
             unknown = sorted({ch for ch in text if ch not in self.stoi})
+            crlf = "\r" in unknown and "\n" in self.stoi  # a file saved on Windows, for a model that never saw one
+            why = " (the carriage returns of Windows line endings: convert the file, e.g. dos2unix)" if crlf else ""
             raise UserError(f"text has characters outside this model's {len(self.chars)}-character vocabulary: "
-                            f"{''.join(unknown)!r}; use only characters the training data contained") from e
+                            f"{''.join(unknown)!r}; use only characters the training data contained{why}") from e
 
     def encode_array(self, text):
         """encode() as a numpy array, through a code-point lookup table: ~50x faster, what prepare.py uses."""

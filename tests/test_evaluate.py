@@ -83,6 +83,11 @@ def test_perplexity_of_a_text_file(out_dir):  # noqa: F811
     assert result["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
     assert result["bits_per_byte"] == pytest.approx(nll / math.log(2) / (len(text) - 1), rel=1e-5)
     assert f"perplexity {result['perplexity']:.3f}" in proc.stdout
+    # a byte-order mark first is not text: the same score (as prepare.py drops it)
+    (out_dir / "bom.txt").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    proc = run_script("evaluate.py", "--out_dir=out", "--text=bom.txt", "--stride=10", "--batch_size=3",
+                      "--device=cpu", cwd=out_dir)
+    assert evaluate_json(proc) == {**result, "source": "bom.txt"}
 
 
 def test_hellaswag_items_written_here(out_dir):  # noqa: F811
@@ -197,6 +202,9 @@ def test_ranks_split_the_work(out_dir):  # noqa: F811
     # its endings' first tokens would have nothing before them: NaN scores, and argmin picking ending 0
     (["--task=hellaswag", "--source=hs/no_ctx.jsonl"], "has an empty ctx, and this model's tokenizer has no end-of"),
     (["--task=hellaswag", "--source=hs/oov.jsonl"], "hs/oov.jsonl:2: text has characters outside this model's"),
+    # read as it is, as prepare.py reads it: the carriage returns this model never saw (they were once dropped)
+    (["--text=crlf.txt"], "'\\r'; use only characters the training data contained (the carriage returns of Windows "
+                          "line endings: convert the file, e.g. dos2unix)"),
     (["--dataset=no_such_data"], "python prepare.py no_such_data"),
     (["--text=verse.txt", "--dataset=shakespeare_char"], "one of --text=FILE or --dataset=NAME, not both"),
     # another task's options were once ignored without a word
@@ -205,6 +213,7 @@ def test_ranks_split_the_work(out_dir):  # noqa: F811
 ])
 def test_bad_input(out_dir, args, message):  # noqa: F811
     (out_dir / "verse.txt").write_text("ROMEO:\n")
+    (out_dir / "crlf.txt").write_bytes(b"ROMEO:\r\nJULIET:\r\n")
     good = {"ctx": "JULIET:", "endings": ["Ay me!", "Oh"], "label": 0}
     (out_dir / "hs").mkdir()
     (out_dir / "hs/empty.jsonl").write_text("\n")
