@@ -74,7 +74,9 @@ def validate(cfg):
     if not 0.0 < cfg.top_p <= 1.0:
         problems.append(f"top_p={cfg.top_p} must be in (0, 1]")
     if cfg.num_beams > 1 and cfg.num_samples > cfg.num_beams:
-        problems.append(f"num_samples={cfg.num_samples} is more than num_beams={cfg.num_beams} hypotheses")
+        default = " (its default)" if cfg.num_samples == SampleConfig.num_samples else ""
+        problems.append(f"num_samples={cfg.num_samples}{default} is more than num_beams={cfg.num_beams} hypotheses: "
+                        f"pass --num_samples={cfg.num_beams} or fewer for the best ones")
     if cfg.stream and cfg.num_beams > 1:
         problems.append("stream=True cannot show beam search as it goes (the best hypothesis changes): use "
                         "num_beams=1")
@@ -169,9 +171,8 @@ def main(cfg, sources):
     rest = samples
     if streamer:  # the first sample as it grew; the others once the batch is done
         streamer.finish(stop.cut(tokenizer.decode(samples[0])))
+        print("---------------")
         rest = samples[1:]
-        if rest:
-            print("---------------")
     for tokens in rest:
         print(prompt + stop.cut(tokenizer.decode(tokens)))
         print("---------------")

@@ -67,7 +67,7 @@ def test_greedy_stop_and_stream(out_dir):
     assert samples_of(out.stdout) == [cut]
     streamed = sample(out_dir, f"--start={prompt}", "--temperature=0", "--max_new_tokens=60", "--num_samples=1",
                       f"--stop={stop}", "--stream")
-    assert streamed.stdout == cut + "\n"
+    assert streamed.stdout == out.stdout == cut + "\n---------------\n"  # a lone sample ends as without --stream
 
     # several samples: the first streamed, then the others; the same samples, printed the same way, as without
     args = [f"--start={prompt}", "--temperature=1.0", "--max_new_tokens=30", "--num_samples=3", "--seed=7"]
@@ -125,6 +125,8 @@ def test_stop_escapes():
     (["--seed=-1"], "seed=-1 cannot be negative"),
     ([os.path.join(REPO, "config/train_shakespeare_char.py")], "a config for train.py? give sample.py the run's --out_dir"),
     (["--stop=END@"], "no sample could ever end on 'END@': text has characters outside this model's"),
+    (["--num_beams=2"], "num_samples=3 (its default) is more than num_beams=2 hypotheses: pass --num_samples=2 or "
+                        "fewer for the best ones"),
 ])
 def test_bad_input(out_dir, args, message):
     (out_dir / "latin1.txt").write_bytes("café".encode("latin-1"))
