@@ -185,9 +185,9 @@ def parse(cls, argv, prog=None):
                 if key not in hints:
                     close = _closest(key, known)
                     # config/ holds train.py's files: sample.py and evaluate.py take the run's out_dir instead
-                    other = ("; a name of the file's own starts with _" if "max_iters" in known else
+                    other = (f"; a name of the file's own starts with _ (_{key})" if "max_iters" in known else
                              f"; a config for train.py? give {os.path.basename(sys.argv[0])} the run's --out_dir "
-                             "instead") if not close else ""
+                             "instead" if not close else "")
                     raise ConfigError(f"{arg}: unknown key {key!r}{close}{other}")
                 values[key] = _check_value(key, value, hints[key], arg)
                 sources[key] = arg

@@ -20,6 +20,7 @@ resume.json records how far the stream got, so a killed run picks up from there 
 """
 
 import contextlib
+import ctypes
 import difflib
 import functools
 import glob
@@ -121,7 +122,8 @@ def validate(cfg):
     if cfg.list:
         return problems
     if not cfg.name:
-        problems.append("name a dataset: python prepare.py shakespeare_char (see --list)")
+        problems.append("name the dataset: a recipe (python prepare.py shakespeare_char; see --list), or a name of "
+                        "your own for your text: python prepare.py mytext --source=PATH")
     elif cfg.name not in RECIPES and not cfg.source and not cfg.hf:
         problems.append(f"{cfg.name!r} is not a recipe (see --list); for your own text give --source=PATH "
                         "or --hf=owner/name")
@@ -239,12 +241,15 @@ def download(url, path, offline_hint="offline, point --source at a local copy"):
     os.replace(tmp, path)
 
 
+SOURCE_EXTENSIONS = ("txt", "jsonl", "json", "parquet")  # what a folder given as a source is read for
+
+
 def source_files(source, flag="--source"):
     """The files a --source (or the `flag` given) names: one file, the .txt/.jsonl/.json/.parquet files under a
     folder, or a glob; sorted. Compressed files and datasets' save_to_disk folders are refused with what to do."""
     if os.path.isdir(source):
         refuse_saved_dataset(source, flag)
-        files = sorted(f for ext in ("txt", "jsonl", "json", "parquet")
+        files = sorted(f for ext in SOURCE_EXTENSIONS
                        for f in glob.glob(os.path.join(source, "**", f"*.{ext}"), recursive=True))
     elif os.path.isfile(source):
         files = [source]
@@ -279,6 +284,17 @@ def refuse_saved_dataset(folder, flag):
                             f"as --hf={parent} (with --split to choose splits) instead")
         raise UserError(f"{flag}={folder} is a dataset saved with save_to_disk; write it out as JSON Lines with "
                         "Dataset.to_json('x.jsonl') and pass --source=x.jsonl instead")
+
+
+def passed_over(source):
+    """The files under a source folder that it is not read for (another extension); hidden ones left out."""
+    if not os.path.isdir(source):
+        return []
+    return sorted(os.path.relpath(os.path.join(folder, name), source)
+                  for folder, subfolders, names in os.walk(source)
+                  for name in names if not name.startswith(".") and not any(
+                      part.startswith(".") for part in os.path.relpath(folder, source).split(os.sep) if part != ".")
+                  and os.path.splitext(name)[1].lower().lstrip(".") not in SOURCE_EXTENSIONS)
 
 
 def all_source_files(cfg):
@@ -380,7 +396,7 @@ def jsonl_documents(path, field, errors):
             except json.JSONDecodeError as e:
                 if first and line[0] in "[{":  # the opening line of a document spread over many
                     raise UserError(one_document) from None
-                raise UserError(f"{path} line {lineno}: not JSON ({e.msg}); each line must be one JSON "
+                raise UserError(f"{path} line {lineno}: not JSON ({e.msg}, column {e.colno}); each line must be one JSON "
                                 "object") from None
             if first and isinstance(row, list):
                 raise UserError(one_document)
@@ -756,7 +772,7 @@ def in_child(what, advice, fn, *args):
     sys.stdout.flush()  # what this process printed first comes first
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
-    child = context.Process(target=run_child, args=(sender, fn, args), daemon=True)
+    child = context.Process(target=run_child, args=(sender, fn, args, os.getpid()), daemon=True)
     with children_ignore_sigint():
         child.start()
     sender.close()
@@ -775,7 +791,19 @@ def in_child(what, advice, fn, *args):
     return value
 
 
-def run_child(sender, fn, args):  # started ignoring Ctrl-C (children_ignore_sigint): the parent ends it
+def end_with_parent(parent_pid):
+    """Have the kernel end this process when its parent dies, also by kill -9, which leaves the parent no time to end
+    it: a BPE learning on for minutes, orphaned, at full CPU (Linux's PR_SET_PDEATHSIG; elsewhere nothing)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # no prctl: not Linux
+        return
+    if os.getppid() != parent_pid:  # the parent died before the request was made
+        os._exit(1)
+
+
+def run_child(sender, fn, args, parent_pid):  # started ignoring Ctrl-C (children_ignore_sigint): the parent ends it
+    end_with_parent(parent_pid)
     # tqdm's default lock holds a multiprocessing semaphore, which a child ended from outside would leave for the
     # resource tracker to report ("leaked semaphore objects") after the run's one line; a thread lock is enough here
     tqdm.set_lock(threading.RLock())
@@ -1165,6 +1193,12 @@ def prepare(cfg, recipe, out_dir, work_dir, val_fraction, tokenizer_name, num_pr
         if not os.path.exists(cfg.source):
             download(recipe.url, cfg.source)
     local_files = all_source_files(cfg)
+    for flag in ("source", "val_source", "test_source"):
+        skipped = passed_over(getattr(cfg, flag)) if user_source or flag != "source" else []
+        if skipped:
+            print(f"note: --{flag}={getattr(cfg, flag)}: {len(skipped)} file{'s' * (len(skipped) > 1)} passed over, "
+                  f"not {'/'.join('.' + e for e in SOURCE_EXTENSIONS)}: {', '.join(skipped[:5])}"
+                  f"{', ...' if len(skipped) > 5 else ''}")
     docs = functools.partial(document_stream, cfg, recipe, val_fraction)  # read twice for a char vocabulary or BPE
 
     fp = fingerprint(cfg, recipe, val_fraction)
@@ -1223,7 +1257,8 @@ def prepare(cfg, recipe, out_dir, work_dir, val_fraction, tokenizer_name, num_pr
               "for them)")
 
     for split, w in writers.items():
-        print(f"{split}: {w.num_tokens:,} tokens in {len(w.shards)} shard(s)")
+        print(f"{split}: {w.num_tokens:,} token{'s' * (w.num_tokens != 1)} in {len(w.shards)} "
+              f"shard{'s' * (len(w.shards) != 1)}")
     rate = stats["bytes"] / 1e6 / max(t_tokenize, 1e-9)
     print(f"vocab size {tokenizer.vocab_size}; wrote {out_dir} in {time.time() - t0:.1f} s "
           f"(tokenizing: {stats['bytes'] / 1e6:,.1f} MB in {t_tokenize:.1f} s, {rate:.2f} MB/s, "

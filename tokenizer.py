@@ -276,15 +276,23 @@ def spec_problems(spec, vocab_size=None):
     return []
 
 
+def article(n):
+    """'an' before a number said with a vowel first (8, 80-89, 11, 18, 11,000, 800,000, ...), else 'a'."""
+    digits = str(n)
+    return "an" if digits[0] == "8" or len(digits) % 3 == 2 and digits[:2] in ("11", "18") else "a"
+
+
 def describe(spec):
     """A tokenizer description (meta["tokenizer"]) in a few words, for messages."""
     if isinstance(spec, dict) and spec.get("type") == "char" and isinstance(spec.get("chars"), str):
-        return f"a {len(spec['chars'])}-character vocabulary" + (" with end-of-text" if spec.get("eot") else "")
+        n = len(spec["chars"])
+        return f"{article(n)} {n}-character vocabulary" + (" with end-of-text" if spec.get("eot") else "")
     if isinstance(spec, dict) and spec.get("type") == "tiktoken":
         return f"the tiktoken encoding {spec.get('encoding', 'gpt2')!r}"
     if isinstance(spec, dict) and spec.get("type") == "bpe" and not bpe_json_problems(spec.get("tokenizer_json")):
         vocab = json.loads(spec["tokenizer_json"])["model"]["vocab"]
-        return f"a {len(vocab.keys() | {EOT}):,}-token byte-level BPE"
+        n = len(vocab.keys() | {EOT})
+        return f"{article(n)} {n:,}-token byte-level BPE"
     return short(spec)
 
 

@@ -264,8 +264,9 @@ def run_length(cfg, sources, tokens_per_step, done, tokens_done, count_params, s
         return cfg, sources, how
     if cfg.lr_decay_iters == 0:
         if cfg.max_iters < cfg.warmup_iters:
+            peak = lr_at(cfg.max_iters - 1, cfg) / cfg.learning_rate if cfg.learning_rate else 1.0
             say(f"note: the run ends inside its warmup (max_iters={cfg.max_iters}, warmup_iters={cfg.warmup_iters}): "
-                "the learning rate rises all the way and never decays")
+                f"the learning rate only rises, to {peak:.0%} of learning_rate at the last step, and never decays")
         return (dataclasses.replace(cfg, lr_decay_iters=max(cfg.max_iters, cfg.warmup_iters)),
                 {**sources, "lr_decay_iters": "max_iters"}, how)
     if cfg.lr_decay_iters != cfg.max_iters and (rank("lr_decay_iters") < length_rank or (

@@ -49,7 +49,12 @@ def test_unknown_key_in_file(tmp_path):
         parse(Cfg, [str(path)])
     from train import TrainConfig
     path.write_text("sequences = 64\nbatch_size = sequences\n")  # a helper name of the file's own
-    with pytest.raises(ConfigError, match=r"unknown key 'sequences'; a name of the file's own starts with _$"):
+    with pytest.raises(ConfigError, match=r"unknown key 'sequences'; a name of the file's own starts with _ "
+                                          r"\(_sequences\)$"):
+        parse(TrainConfig, [str(path)])
+    path.write_text("base = 1e-3\nlearning_rate = 2 * base\n")  # close to a key: the hint all the same (trial)
+    with pytest.raises(ConfigError, match=r"unknown key 'base' \(did you mean 'bias'\?\); a name of the file's own "
+                                          r"starts with _ \(_base\)$"):
         parse(TrainConfig, [str(path)])
 
 

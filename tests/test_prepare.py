@@ -227,6 +227,37 @@ def test_in_child_stops_at_once_and_passes_errors_back():
         in_child("exiting", "try again", os._exit, 3)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_in_child_ends_with_a_parent_killed_outright(tmp_path):
+    """kill -9 of prepare.py gives it no time to stop its child: the kernel stops it (a trial's orphaned BPE learning
+    went on at full CPU)."""
+    (tmp_path / "waiting.py").write_text("import os, time\n\ndef wait(path):\n"
+                                         "    open(path, 'w').write(str(os.getpid()))\n    time.sleep(120)\n")
+    script = ("import sys; sys.path[:0] = sys.argv[1:3]; from prepare import in_child; from waiting import wait; "
+              "in_child('waiting', '', wait, sys.argv[3])")
+    pid_file = tmp_path / "child.pid"
+    parent = subprocess.Popen([sys.executable, "-c", script, REPO, str(tmp_path), str(pid_file)])
+    deadline = time.time() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        with open(f"/proc/{child}/stat") as f:  # an ended child its parent (now init) has not reaped yet is gone too
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError("the child outlived its parent's kill -9")
+
+
 def test_a_second_run_on_the_same_name_is_refused(tmp_path, shakespeare_path):
     """Two runs preparing one name would clear and fill the same unfinished/ folder: a dataset of both that looks
     finished. While one holds data/<name>/prepare.lock, another is refused in one line and changes nothing."""
@@ -407,7 +438,10 @@ def test_text_files_are_documents(tmp_path):
     texts = ["first book\r\nabc\r\n", "second book\n" * 20, "third\n" * 10]
     for i, t in enumerate(texts):
         (tmp_path / f"books/{i}.txt").write_bytes((b"\xef\xbb\xbf" if i == 0 else b"") + t.encode())
-    run_script("prepare.py", "books", "--source=books", "--tokenizer=char", "--num_proc=1", cwd=tmp_path)
+    (tmp_path / "books/notes.md").write_text("not read")  # passed over, with a note; hidden files without one
+    (tmp_path / "books/.DS_Store").write_text("not read")
+    out = run_script("prepare.py", "books", "--source=books", "--tokenizer=char", "--num_proc=1", cwd=tmp_path).stdout
+    assert "note: --source=books: 1 file passed over, not .txt/.jsonl/.json/.parquet: notes.md\n" in out, out
     data = tmp_path / "data/books"
     meta = json.loads((data / "meta.json").read_text())
     chars, eot = meta["tokenizer"]["chars"], meta["eot_id"]
@@ -546,7 +580,8 @@ def test_bad_input(tmp_path, case):
                         "--decode_errors=replace"),
         "no_field": (["--source=rows.jsonl", "--tokenizer=char"],
                      "rows.jsonl line 2: no 'text' field (it has: 'body'); choose the field with --text_field"),
-        "not_json": (["--source=junk.jsonl", "--tokenizer=char"], "junk.jsonl line 2: not JSON"),
+        "not_json": (["--source=junk.jsonl", "--tokenizer=char"],
+                     "junk.jsonl line 2: not JSON (Expecting value, column 9); each line must be one JSON object"),
         "parquet_column": (["--source=t.parquet", "--tokenizer=char"], "has no column 'text' (it has: story)"),
         "hf_offline": (["--hf=nobody/no_such_dataset", "--tokenizer=char"], "point --source at them"),
         "val_fraction": (["--source=bad.txt", "--val_fraction=1.5", "--shard_size=0"],

@@ -39,6 +39,10 @@ def test_gpt2_round_trip():
 def test_describe_names_a_tokenizer_in_a_few_words():
     """For messages: a char vocabulary by its size (the whole dict once filled an error line), tiktoken by name."""
     assert describe(CharTokenizer("abc", eot=True).meta()) == "a 3-character vocabulary with end-of-text"
+    assert describe(CharTokenizer("abcdefgh").meta()) == "an 8-character vocabulary"  # once "a 8-..." (trial)
+    from tokenizer import article
+    assert [article(n) for n in (11, 18, 65, 83, 110, 800, 1100, 11000, 118000)] == \
+        ["an", "an", "a", "an", "a", "an", "a", "an", "a"]
     assert describe({"type": "tiktoken", "encoding": "gpt2"}) == "the tiktoken encoding 'gpt2'"
     assert describe(None) == "None"
 

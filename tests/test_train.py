@@ -646,7 +646,8 @@ def test_run_length_given_twice(data_dir, monkeypatch, capsys, tmp_path):  # noq
     for extra, problems in ((["--eval_tokens=1000"], []), ([], ["eval_iters=0 must be at least 1"])):
         assert train.validate(configurator.parse(train.TrainConfig, ["--eval_iters=0", *extra])[0]) == problems
     out = train_here(capsys, *FREE_ARGS, "--max_tokens=500", "--warmup_iters=10", "--out_dir=d")  # 4 steps
-    assert "note: the run ends inside its warmup (max_iters=4, warmup_iters=10)" in out
+    assert "note: the run ends inside its warmup (max_iters=4, warmup_iters=10): the learning rate only rises, to " \
+        "36% of learning_rate at the last step, and never decays" in out  # step 3's: 4/11 (once "all the way")
     assert [r["lr"] for r in log_records("d") if "loss" in r] == pytest.approx([6e-4 * s / 11 for s in (1, 2, 3, 4)])
 
 
