@@ -22,6 +22,7 @@ if [[ "$other" == *.patch ]]; then  # an experiment: this tree's code with the p
 fi
 OPT_IN="baby_short baby_short_eval500 baby_eval_tokens100 baby_b128"  # only when named
 OPT_IN+=" gpt2_b32_cdt gpt2_b32_autotune gpt2_b32_recompute baby_muon gpt2_b32_muon baby_rope"
+OPT_IN+=" gpt2_b32_nanochat sample_mqa"
 run() {  # name, command...
     local name=$1; shift
     if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
@@ -69,6 +70,9 @@ run gpt2_b32 $py bench.py train "${gpt2[@]}" --batch_size=32 --profile=True
 run gpt2_b32_fused $py bench.py train "${gpt2[@]}" --batch_size=32 --fused_loss=True
 run gpt2_b32_recompute $py bench.py train "${gpt2[@]}" --batch_size=32 --recompute=True  # its memory and time
 run gpt2_b32_muon $py bench.py train "${gpt2[@]}" --batch_size=32 --optimizer=muon  # what Newton-Schulz costs a step
+# nanochat's departures from GPT-2 (4 key/value heads for 12 query heads): what they cost a step
+run gpt2_b32_nanochat $py bench.py train "${gpt2[@]}" --batch_size=32 --rope=True --qk_norm=True --mlp=relu2 \
+    --tie_embeddings=False --n_kv_head=4 --norm=rmsnorm --logit_softcap=15
 # compiler settings that change no math, measured before any becomes a default (long compiles: OPT_IN)
 run gpt2_b32_cdt env TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 $py bench.py train "${gpt2[@]}" --batch_size=32
 run gpt2_b32_autotune $py bench.py train "${gpt2[@]}" --batch_size=32 --compile_mode=max-autotune-no-cudagraphs
@@ -76,6 +80,8 @@ if [ -n "$other" ]; then  # the other tree's bench.py times the other tree's opt
     run gpt2_b32_other $py "$(dirname "$other")/bench.py" train "${gpt2[@]}" --batch_size=32
 fi
 run sample $py bench.py sample --device=cuda --batch_sizes=1,8,64 --compile=True
+# multi-query attention: a KV cache 12 times smaller (enable_gqa's kernels, masked ones included, on this GPU)
+run sample_mqa $py bench.py sample --device=cuda --batch_sizes=1,8,64 --compile=True --n_kv_head=1
 if [ -n "$other" ]; then  # the other tree's bench.py decodes with the other tree's generate.py
     run sample_other $py "$(dirname "$other")/bench.py" sample --device=cuda --batch_sizes=1,8,64 --compile=True
 fi
