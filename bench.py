@@ -117,7 +117,7 @@ def bench_sample(cfg, sources):
               f"without {row['no_cache_tokens_per_s']:9,.1f} tokens/s ({row['no_cache_seconds']:.1f} s) | "
               f"{row['speedup']:.1f}x | {compiled}same tokens: {'yes' if row['same_tokens'] else 'no'}", flush=True)
     print(json.dumps({"bench": "sample", "device": device, "device_name": name, "dtype": dtype,
-                      "torch": torch.__version__, "rope": cfg.rope, "n_kv_head": model.config.kv_heads,
+                      "torch": torch.__version__, "rope": cfg.rope, "n_kv_head": model.config.n_kv_head,
                       "prompt_tokens": cfg.prompt_tokens,
                       "new_tokens": cfg.new_tokens, "rows": rows}))
 

@@ -45,6 +45,10 @@ class GPTConfig:
     #                          nothing learned: nanochat's and modded-nanogpt's)
     logit_softcap: float = 0.0  # > 0: logits = c·tanh(logits/c), kept within (-c, c) (Gemma 2; nanochat's c is 15)
 
+    def __post_init__(self):
+        if self.n_kv_head == self.n_head:  # GPT-2's attention, written one way only: a resume or export sees no change
+            self.n_kv_head = 0
+
     @property
     def kv_heads(self):
         return self.n_kv_head or self.n_head
@@ -80,7 +84,8 @@ def head_problems(n_embd, n_head, rope=False, n_kv_head=0):
     if n_embd % n_head:
         return problems + [f"n_embd={n_embd} is not divisible by n_head={n_head}"]
     if rope and n_embd // n_head % 2:
-        problems.append(f"rope rotates pairs of dimensions: the head size n_embd/n_head={n_embd // n_head} must be even")
+        problems.append(f"rope rotates pairs of dimensions: the head size n_embd/n_head={n_embd // n_head} must be "
+                        "even")
     return problems
 
 
@@ -298,6 +303,12 @@ def softcap(logits, cap):
     return torch.tanh(logits.float() / cap) * cap if cap else logits
 
 
+def cap_budget(cap):
+    """chunk_rows' budget of float32 logits per chunk: half with a soft-cap, whose chunk holds twice the arrays (the
+    tanh and the slope besides the logits and their log-softmax)."""
+    return 2**26 if cap else 2**27
+
+
 def chunk_log_softmax(x, w, pad_mask, cap=0.0):
     """
     One chunk's log-probabilities (R, Vp) in float32: log_softmax(softcap(x (R, C) @ w (Vp, C).T) + pad_mask (Vp,)),
@@ -319,7 +330,7 @@ def chunked_nll(x, weight, targets, pad_mask, cap=0.0):
     at a time.
     """
     out = torch.empty(x.size(0), dtype=torch.float32, device=x.device)
-    rows = chunk_rows(x.size(0), weight.size(0))
+    rows = chunk_rows(x.size(0), weight.size(0), cap_budget(cap))
     for i in range(0, x.size(0), rows):
         logp, t = chunk_log_softmax(x[i:i + rows], weight, pad_mask, cap)[0], targets[i:i + rows]
         out[i:i + rows] = -logp.gather(1, t.clamp(min=0)[:, None]).squeeze(1) * (t >= 0)
@@ -351,7 +362,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             # float16 for large n, where the unfused path relies on GradScaler's scaled loss
             grad_x = torch.empty(x.shape, dtype=torch.float32, device=x.device)
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
-            rows = chunk_rows(x.size(0), w.size(0))
+            rows = chunk_rows(x.size(0), w.size(0), cap_budget(cap))
             for i in range(0, x.size(0), rows):
                 xc, t = x[i:i + rows], targets[i:i + rows]
                 valid = (t >= 0)[:, None]

@@ -249,8 +249,7 @@ def source_files(source, flag="--source"):
     folder, or a glob; sorted. Compressed files and datasets' save_to_disk folders are refused with what to do."""
     if os.path.isdir(source):
         refuse_saved_dataset(source, flag)
-        files = sorted(f for ext in SOURCE_EXTENSIONS
-                       for f in glob.glob(os.path.join(source, "**", f"*.{ext}"), recursive=True))
+        files = [f for f in folder_files(source) if readable_name(f)]
     elif os.path.isfile(source):
         files = [source]
     else:
@@ -286,15 +285,25 @@ def refuse_saved_dataset(folder, flag):
                         "Dataset.to_json('x.jsonl') and pass --source=x.jsonl instead")
 
 
+def folder_files(folder):
+    """Every file under a folder, sorted; hidden ones (a name starting with '.', or inside such a folder) left out."""
+    files = []
+    for root, subfolders, names in os.walk(folder, followlinks=True):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        files += [os.path.join(root, name) for name in names if not name.startswith(".")]
+    return sorted(files)
+
+
+def readable_name(path):
+    """Whether a folder source is read for this file: .txt, .jsonl, .json or .parquet, in any case (B.TXT too)."""
+    return os.path.splitext(path)[1].lower().lstrip(".") in SOURCE_EXTENSIONS
+
+
 def passed_over(source):
-    """The files under a source folder that it is not read for (another extension); hidden ones left out."""
+    """The files under a source folder that it is not read for (another extension), relative to it."""
     if not os.path.isdir(source):
         return []
-    return sorted(os.path.relpath(os.path.join(folder, name), source)
-                  for folder, subfolders, names in os.walk(source)
-                  for name in names if not name.startswith(".") and not any(
-                      part.startswith(".") for part in os.path.relpath(folder, source).split(os.sep) if part != ".")
-                  and os.path.splitext(name)[1].lower().lstrip(".") not in SOURCE_EXTENSIONS)
+    return [os.path.relpath(f, source) for f in folder_files(source) if not readable_name(f)]
 
 
 def all_source_files(cfg):
@@ -396,8 +405,8 @@ def jsonl_documents(path, field, errors):
             except json.JSONDecodeError as e:
                 if first and line[0] in "[{":  # the opening line of a document spread over many
                     raise UserError(one_document) from None
-                raise UserError(f"{path} line {lineno}: not JSON ({e.msg}, column {e.colno}); each line must be one JSON "
-                                "object") from None
+                raise UserError(f"{path} line {lineno}: not JSON ({e.msg}, column {e.colno}); each line must be "
+                                "one JSON object") from None
             if first and isinstance(row, list):
                 raise UserError(one_document)
             first = False
@@ -794,9 +803,12 @@ def in_child(what, advice, fn, *args):
 def end_with_parent(parent_pid):
     """Have the kernel end this process when its parent dies, also by kill -9, which leaves the parent no time to end
     it: a BPE learning on for minutes, orphaned, at full CPU (Linux's PR_SET_PDEATHSIG; elsewhere nothing)."""
+    if not sys.platform.startswith("linux"):
+        return
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # no prctl: not Linux
+        if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM) != 0:  # 1: PR_SET_PDEATHSIG
+            return
+    except (OSError, AttributeError):  # a libc without prctl
         return
     if os.getppid() != parent_pid:  # the parent died before the request was made
         os._exit(1)

@@ -97,7 +97,7 @@ class TrainConfig:
     qk_norm: bool = False  # RMS-normalise each head's queries and keys (nanochat, modded-nanogpt): bounded attention logits; not exportable to GPT-2
     mlp: str = "gelu"  # the MLP's nonlinearity: 'gelu' (GPT-2's) or 'relu2' (ReLU squared: Primer, nanochat); relu2 is not exportable to GPT-2
     tie_embeddings: bool = True  # the output layer is the token embedding matrix, as GPT-2; False: its own (nanochat), which the parameter count then leaves out like the position table; not exportable to GPT-2
-    n_kv_head: int = 0  # heads of keys and values, each shared by n_head/n_kv_head query heads (grouped-query attention; 1: multi-query): a smaller KV cache for sampling; 0: n_head, as GPT-2; fewer is not exportable to GPT-2
+    n_kv_head: int = 0  # heads of keys and values, each shared by n_head/n_kv_head query heads (grouped-query attention; 1: multi-query): a smaller KV cache for sampling; 0 (or n_head itself, which becomes 0): n_head, as GPT-2; fewer is not exportable to GPT-2
     norm: str = "layernorm"  # 'layernorm' (GPT-2's) or 'rmsnorm' (RMSNorm with no learned gain: nanochat, modded-nanogpt); rmsnorm is not exportable to GPT-2
     logit_softcap: float = 0.0  # > 0: soft-cap the logits at this value, c·tanh(logits/c) (Gemma 2; nanochat uses 15); 0: off, as GPT-2; not exportable to GPT-2
     # optimizer
@@ -127,6 +127,10 @@ class TrainConfig:
     fused_loss: bool = False  # the output layer and loss in chunks (model.LinearCrossEntropy): less memory (GPT-2 small, batch 32, H100: 15.6 instead of 21.3 GiB) but slower (79.5 instead of 71.2 ms/step, measured before its products were aligned)
     attention: str = "auto"  # CUDA attention kernel tried first: 'auto' (cudnn on Hopper and newer, else flash), 'cudnn', 'flash', 'efficient', 'math', 'default' (PyTorch's order)
     peak_flops: float = 0.0  # the device's peak FLOP/s for MFU; 0: look the GPU up in model.PEAK_FLOPS_BF16
+
+    def __post_init__(self):
+        if self.n_kv_head == self.n_head:  # GPT-2's attention, as GPTConfig writes it: n_kv_head=0
+            self.n_kv_head = 0
 
 
 # what must match between a checkpoint and the run that resumes it; everything else may change (and is reported)

@@ -761,8 +761,12 @@ def test_resume_applies_changed_settings(data_dir, shakespeare_path, monkeypatch
                              "--weight_decay=0.01", "--beta1=0.8", "--beta2=0.99",
                              "--eval_tokens=2000")  # nothing left to train: only the note
     assert "measured on other tokens (eval_tokens 0 -> 2000)" in with_tokens
-    # prepared again from the same text (the same characters: the same vocabulary), val now its last 20%
-    run_script("prepare.py", "shakespeare_char", f"--source={shakespeare_path}", "--val_fraction=0.2", cwd=data_dir)
-    again = train_here(capsys, *args, "--max_iters=8", "--init_from=auto", "--batch_size=8", "--weight_decay=0.01",
-                       "--beta1=0.8", "--beta2=0.99")
-    assert "measured on other tokens (the val split of shakespeare_char was prepared anew)" in again, again
+    # prepared again from the same text (the same characters: the same vocabulary): the same tokens, no note; then
+    # with val its last 20%: other tokens
+    resume = [*args, "--max_iters=8", "--init_from=auto", "--batch_size=8", "--weight_decay=0.01", "--beta1=0.8",
+              "--beta2=0.99"]
+    for val_fraction, changed in (("0.1", False), ("0.2", True)):
+        run_script("prepare.py", "shakespeare_char", f"--source={shakespeare_path}", f"--val_fraction={val_fraction}",
+                   cwd=data_dir)
+        again = train_here(capsys, *resume)
+        assert ("measured on other tokens (the val split of shakespeare_char was prepared anew)" in again) == changed

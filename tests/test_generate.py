@@ -12,17 +12,19 @@ from generate import Stop, beam_search, generate, next_token, top_k_filter, top_
 from model import GPT, GPTConfig
 
 
-# GPT-2's architecture, with rotary positions, and with nanochat's departures from it as well (multi-query attention
-# of its grouped-query kind: one key/value head for both query heads)
+# GPT-2's architecture, with rotary positions, with nanochat's departures from it as well (multi-query attention of
+# its grouped-query kind: one key/value head for both query heads), and grouped-query attention proper, where which
+# query head reads which key/value head matters: 2 key/value heads for 4 query heads
 ARCHS = {"gpt2": {}, "rope": {"rope": True},
          "nanochat": {"rope": True, "qk_norm": True, "mlp": "relu2", "tie_embeddings": False, "n_kv_head": 1,
-                      "norm": "rmsnorm", "logit_softcap": 15.0}}
+                      "norm": "rmsnorm", "logit_softcap": 15.0},
+         "gqa": {"n_head": 4, "n_kv_head": 2}}
 
 
 def tiny(vocab_size=50, block_size=16, seed=0, sharp=False, **arch):
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size, vocab_size=vocab_size,
-                          **arch)).eval()
+    model = GPT(GPTConfig(**{"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": block_size,
+                             "vocab_size": vocab_size, **arch})).eval()
     if sharp:  # a separate, larger output layer: peaked distributions that do not just repeat the last token
         model.lm_head.weight = torch.nn.Parameter(torch.randn(model.lm_head.weight.shape) * 0.5)
     return model
@@ -84,7 +86,7 @@ def compile_count(monkeypatch):
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "nanochat"])  # nanochat's includes rope
+@pytest.mark.parametrize("arch", ["gpt2", "nanochat", "gqa"])  # nanochat's includes rope
 def test_compiled_decoding_matches_eager_and_compiles_once_per_shape(compile_count, arch):
     """
     compile=True (static cache, one-token steps through torch.compile with fullgraph: no graph breaks) generates what

@@ -215,7 +215,7 @@ def test_fused_loss_matches_logits_then_cross_entropy(vocab_size, cap, monkeypat
     plain output layer + F.cross_entropy, ignored targets included, over several chunks; also through a logit
     soft-cap tight enough to bend most of these logits (autograd's tanh derivative against the fused pass's)."""
     import model as model_module
-    monkeypatch.setattr(model_module, "chunk_rows", lambda n_rows, n_cols: 7)  # 48 rows: 7 chunks, a ragged last one
+    monkeypatch.setattr(model_module, "chunk_rows", lambda *shape: 7)  # 48 rows: 7 chunks, a ragged last one
     fused, plain = tiny(vocab_size=vocab_size, logit_softcap=cap), tiny(vocab_size=vocab_size, logit_softcap=cap)
     plain.fused_loss = False
     idx = torch.randint(0, vocab_size, (3, 16))
@@ -317,6 +317,10 @@ def test_grouped_query_attention_is_attention_with_shared_key_value_heads(kv):
     assert head_problems(32, 4, n_kv_head=3) == ["n_kv_head=3 must divide n_head=4 (each key and value head serves "
                                                  "as many query heads), or be 0 for n_head"]
     assert head_problems(32, 4, n_kv_head=8) and head_problems(32, 4, n_kv_head=-1) and not head_problems(32, 4, 0, 4)
+    # n_kv_head=n_head is GPT-2's attention, written as 0: no departure, for export and resume alike
+    assert GPTConfig(n_head=4, n_kv_head=4).n_kv_head == 0 and not GPTConfig(n_head=4, n_kv_head=4).departures()
+    from train import TrainConfig
+    assert TrainConfig(n_head=4, n_kv_head=4).n_kv_head == 0 and TrainConfig(n_head=4, n_kv_head=2).n_kv_head == 2
 
 
 def test_rmsnorm_has_nothing_learned():

@@ -437,9 +437,12 @@ def test_text_files_are_documents(tmp_path):
     os.makedirs(tmp_path / "books")
     texts = ["first book\r\nabc\r\n", "second book\n" * 20, "third\n" * 10]
     for i, t in enumerate(texts):
-        (tmp_path / f"books/{i}.txt").write_bytes((b"\xef\xbb\xbf" if i == 0 else b"") + t.encode())
+        name = f"books/{i}.txt" if i < 2 else "books/2.TXT"  # upper case is read too (it once was passed over)
+        (tmp_path / name).write_bytes((b"\xef\xbb\xbf" if i == 0 else b"") + t.encode())
     (tmp_path / "books/notes.md").write_text("not read")  # passed over, with a note; hidden files without one
     (tmp_path / "books/.DS_Store").write_text("not read")
+    os.makedirs(tmp_path / "books/.git")
+    (tmp_path / "books/.git/HEAD.txt").write_text("not read")
     out = run_script("prepare.py", "books", "--source=books", "--tokenizer=char", "--num_proc=1", cwd=tmp_path).stdout
     assert "note: --source=books: 1 file passed over, not .txt/.jsonl/.json/.parquet: notes.md\n" in out, out
     data = tmp_path / "data/books"
