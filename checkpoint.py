@@ -157,9 +157,10 @@ def link_or_copy(source, target):
 def save_training_checkpoint(out_dir, checkpoint, step, keep_last_n, keep_every=(), best=False):
     """
     Save `checkpoint` as out_dir/ckpt.pt (always the latest complete one) and as ckpt_<step>.pt. Numbered checkpoints
-    beyond the newest `keep_last_n` are deleted, except milestones whose step is a multiple of one of the intervals in
-    `keep_every` (every keep_every the run has had: a resume that drops or changes it never deletes the milestones
-    kept before), which are kept for good. best: it is also best.pt, which no later save replaces unless it is best.
+    beyond the newest `keep_last_n` are deleted, except milestones, kept for good: steps that are a multiple of an
+    interval in `keep_every`, pairs (interval, the last step it covers or None), one for every keep_every the run has
+    had (a resume that drops or changes it never deletes the milestones kept before). best: it is also best.pt, which
+    no later save replaces unless it is best.
     """
     latest = os.path.join(out_dir, "ckpt.pt")
     save_checkpoint(latest, checkpoint)
@@ -168,7 +169,7 @@ def save_training_checkpoint(out_dir, checkpoint, step, keep_last_n, keep_every=
         link_or_copy(latest, os.path.join(out_dir, BEST))
     numbered_all = step_checkpoints(out_dir)
     for s, path in numbered_all[:max(len(numbered_all) - keep_last_n, 0)]:
-        if not any(s % every == 0 for every in keep_every if every):
+        if not any(every and s % every == 0 and (until is None or s <= until) for every, until in keep_every):
             os.remove(path)
 
 

@@ -730,6 +730,20 @@ def shape_from_weights(cfg, sources, model_args, name, say, resume=False):
             {**sources, **{k: f"the weights of {name}" for k in fixed}})
 
 
+def milestone_rules(checkpoint, step, keep_every):
+    """
+    The run's keep_every rules at a resume from `step` with this keep_every: (interval, the last step it covers, None
+    for this run's). An interval the run no longer has covers the steps up to the resume, so the checkpoints it kept
+    stay; later ones follow the run's setting. Checkpoints from before the ends were recorded give intervals alone.
+    """
+    old = checkpoint.get("keep_every", [(checkpoint.get("config") or {}).get("keep_every", 0)])
+    rules = [tuple(r) if isinstance(r, (list, tuple)) else (r, None) for r in old]
+    rules = [(every, step if until is None and every != keep_every else until) for every, until in rules if every]
+    if keep_every and (keep_every, None) not in rules:
+        rules.append((keep_every, None))
+    return rules
+
+
 def check_resume(checkpoint, cfg, data_meta, say):
     """Refuse to resume into a different model or dataset; report the settings that changed."""
     old = checkpoint.get("config") or {}
@@ -1044,7 +1058,8 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
     autocast = torch.autocast(device_type=device_type, dtype=getattr(torch, dtype), enabled=(dtype != "float32"))
 
     step, best_val_loss, wandb_id, tokens_seen = 0, float("inf"), None, 0
-    keep_every = [cfg.keep_every] if cfg.keep_every else []  # every keep_every the run has had: their milestones stay
+    # (interval, last step it covers; None: this run's) for every keep_every the run has had: their milestones stay
+    keep_every = [(cfg.keep_every, None)] if cfg.keep_every else []
     spikes = SpikeGuard(cfg.skip_spikes, cfg.spike_window)
     sampler = SAMPLERS[cfg.data_order](train_shards, cfg.block_size, cfg.batch_size, seed=[cfg.seed, 0],
                                        rank=launch.rank, world_size=launch.world_size)
@@ -1062,11 +1077,12 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
         tokens_seen = tokens_done
         wandb_id = checkpoint.get("wandb_run_id")
         spikes.load_state_dict(checkpoint.get("spikes") or {})
-        before = set(checkpoint.get("keep_every", [(checkpoint.get("config") or {}).get("keep_every", 0)])) - {0}
-        if before - {cfg.keep_every}:
-            say(f"note: the milestones kept for good so far (steps that are multiples of "
-                f"{', '.join(map(str, sorted(before)))}) stay kept; delete them by hand to let them go")
-        keep_every = sorted(before | {cfg.keep_every} - {0})
+        keep_every = milestone_rules(checkpoint, step, cfg.keep_every)
+        kept = [os.path.basename(p) for s, p in step_checkpoints(cfg.out_dir)
+                if any(s % every == 0 and until is not None and s <= until for every, until in keep_every)]
+        if kept and any(until == step for every, until in keep_every):  # an interval this resume drops
+            say(f"note: the checkpoints kept for good so far ({', '.join(kept[:4])}{', ...' if len(kept) > 4 else ''}) "
+                f"stay kept; delete them by hand to let them go")
         if ("epoch" in checkpoint["sampler"]) == (cfg.data_order == "epochs"):
             sampler.load_state_dict(checkpoint["sampler"])  # the same on every rank: they draw one global batch
             windows = checkpoint["sampler"].get("windows")

@@ -308,7 +308,8 @@ def test_unfinished_checkpoint_files_are_removed(data_dir, monkeypatch, capsys):
 def test_rolling_and_milestone_checkpoints(tmp_path):
     for step in range(100, 1100, 100):
         save_training_checkpoint(str(tmp_path), big_checkpoint(step) | {"step": step}, step, keep_last_n=2,
-                                 keep_every=[500] if step < 700 else [300, 500])  # a resume at 700 added 300
+                                 keep_every=[(500, None)] if step < 700 else [(300, None), (500, None)])  # a resume
+    # at 700 added 300
     names = sorted(n for n in os.listdir(tmp_path) if n.endswith(".pt"))
     assert names == ["ckpt.pt", "ckpt_00000500.pt", "ckpt_00000600.pt", "ckpt_00000900.pt", "ckpt_00001000.pt"]
     assert load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 1000
@@ -316,15 +317,22 @@ def test_rolling_and_milestone_checkpoints(tmp_path):
 
 def test_milestones_outlive_a_resume_without_keep_every(data_dir, monkeypatch, capsys):
     """Checkpoints kept "for good" stay when a resume leaves keep_every out (or changes it): it once took them for
-    rolling ones and deleted them, with only "keep_every 20 -> 0" among the changed settings to say so."""
+    rolling ones and deleted them, with only "keep_every 20 -> 0" among the changed settings to say so. Later
+    checkpoints follow the new setting (a trial's --keep_every=0 once went on keeping every multiple of the old one)."""
     monkeypatch.chdir(data_dir)
     args = [*ARGS, "--eval_interval=1000", "--save_interval=10", "--keep_last_n=2", "--out_dir=out"]
     train_here(capsys, *args, "--max_iters=40", "--keep_every=20")
-    out = train_here(capsys, *args, "--max_iters=70", "--init_from=resume")
-    assert "the milestones kept for good so far (steps that are multiples of 20) stay kept" in out
-    assert sorted(s for s, _ in step_checkpoints("out")) == [20, 40, 60, 70]
-    train_here(capsys, *args, "--max_iters=90", "--init_from=resume", "--keep_every=30")  # both now
-    assert sorted(s for s, _ in step_checkpoints("out")) == [20, 40, 60, 80, 90]
+    out = train_here(capsys, *args, "--max_iters=100", "--init_from=resume", "--keep_every=0")
+    assert "note: the checkpoints kept for good so far (ckpt_00000020.pt, ckpt_00000040.pt) stay kept" in out
+    assert sorted(s for s, _ in step_checkpoints("out")) == [20, 40, 90, 100]  # not 60 and 80
+    out = train_here(capsys, *args, "--max_iters=120", "--init_from=resume")
+    assert "kept for good" not in out  # nothing dropped this time
+    train_here(capsys, *args, "--max_iters=150", "--init_from=resume", "--keep_every=30")  # 120 stays, 140 goes
+    assert sorted(s for s, _ in step_checkpoints("out")) == [20, 40, 120, 140, 150]
+    # the note only where such checkpoints exist (a trial's stopped before its first milestone)
+    train_here(capsys, *args, "--max_iters=10", "--keep_every=50", "--out_dir=early")
+    out = train_here(capsys, *args, "--max_iters=20", "--init_from=resume", "--out_dir=early")
+    assert "kept for good" not in out
 
 
 def test_corrupt_checkpoint_detected(tmp_path):
