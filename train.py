@@ -67,7 +67,7 @@ class TrainConfig:
     async_save: bool = True  # write checkpoints and loss.png on a background thread while training goes on; the checkpoint being written is held in CPU memory meanwhile (False: training waits for each write)
     keep_last_n: int = 2  # numbered checkpoints ckpt_<step>.pt kept besides ckpt.pt (the latest)
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this, for good; 0: none
-    max_runtime: str = ""  # save and exit (code 3) after this wall time: '3:55:00', '55:00', '90' (seconds), or with days as Slurm writes them, '1-12' (1 day 12 hours), '1-12:30:00'; empty: no limit
+    max_runtime: str = ""  # save and exit (code 3) after this wall time: '3:55:00', '55:00', '90' (seconds), or with days as Slurm writes them, '1-12' (1 day 12 hours), '1-12:30:00'; empty or 0: no limit
     max_bad_steps: int = 10  # consecutive steps with a non-finite loss or gradient before the run stops
     skip_spikes: float = 0.0  # skip an update whose loss or gradient norm is more than this many standard deviations above the mean of the last spike_window steps' (llm.c's -sl and -sg; 5 is a usual choice); 0: never
     spike_window: int = 128  # steps in that mean
@@ -286,7 +286,7 @@ def run_length(cfg, sources, tokens_per_step, done, tokens_done, count_params, s
 
 def parse_duration(text):
     """
-    A wall time -> seconds ('' -> None): hours:minutes:seconds ('3:55:00'), minutes:seconds ('55:00'), seconds
+    A wall time -> seconds ('' or 0 -> None: no limit): hours:minutes:seconds ('3:55:00'), minutes:seconds ('55:00'), seconds
     ('90': Slurm's --time would read minutes), or with days as Slurm writes them, the clock then read from the
     hours: days-hours ('1-5'), days-hours:minutes ('1-5:30'), days-hours:minutes:seconds ('1-05:30:00').
     """
@@ -299,8 +299,8 @@ def parse_duration(text):
             raise ValueError
         if dash:
             parts += [0.0] * (3 - len(parts))  # after days, the first field is hours (Slurm's reading)
-        seconds = sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
-        return seconds + (int(days) * 86400 if days else 0)
+        seconds = sum(p * 60 ** i for i, p in enumerate(reversed(parts))) + (int(days) * 86400 if days else 0)
+        return seconds or None  # 0: no limit, as 0 turns off the toolkit's other limits (a trial's stopped at once)
     except ValueError:
         raise ValueError(f"max_runtime={text!r}: expected [days-]hours:minutes:seconds such as 3:55:00") from None
 

@@ -445,6 +445,7 @@ def test_wall_times_read_as_slurm_writes_them():
     from train import parse_duration
     assert [parse_duration(t) for t in ("3:55:00", "55:00", "90", "1-5", "1-5:30", "1-05:30:15", "0-0:00:30", "")] \
         == [14100, 3300, 90, 104400, 106200, 106215, 30, None]
+    assert parse_duration("0") is parse_duration("0:00:00") is None  # no limit, as 0 is elsewhere (once: stop at once)
     for bad in ("x", "1:2:3:4", "-5", "a-5", "5:-1"):
         with pytest.raises(ValueError, match="expected"):
             parse_duration(bad)
