@@ -1,14 +1,15 @@
 """
 Benchmarks: the numbers behind the README's claims, one subcommand each (measurements, not timed tests).
 
-    python bench.py sample                    # tokens/s generating with and without the KV cache (issue 6)
+    python bench.py sample                    # tokens/s generating with and without the KV cache
     python bench.py sample --device=cuda --batch_sizes=1,8,32 --compile=True   # also the compiled static-cache step
     python bench.py sample --help             # every key of a subcommand
     python bench.py train config/gpt2_124m.py --batch_size=32 --total_batch_size=0 --profile=True
                                               # ms/step, tokens/s, MFU, peak memory of train.py's optimizer step
-    python bench.py prepare --mb=50 --bpe_mb=20   # prepare.py MB/s and peak RSS, 1 process vs all cores (issue 3)
+    python bench.py prepare --mb=50 --bpe_mb=20   # prepare.py MB/s and peak RSS, 1 process vs all cores
 
-Each prints a table, then one JSON line for scripts.
+Each prints a table, then one JSON line for scripts. Each times one process on one device: run it with python, not
+under torchrun or srun.
 """
 
 import json
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 import configurator
-from distributed import Launch, fast_kernels, init_distributed, pick_device, pick_dtype
+from distributed import Launch, detect_launch, fast_kernels, init_distributed, pick_device, pick_dtype
 from generate import generate
 from model import ARCH_OPTIONS, GPT, GPTConfig, head_problems, peak_flops_for
 from tokendata import BatchSampler, Dataset, dataset_dir
@@ -327,6 +328,12 @@ def main(argv):
               file=sys.stderr)
         sys.exit(2)
     cls, run, validate = SUBCOMMANDS[argv[0]]
+    launch = detect_launch()
+    if launch.distributed:  # each rank would time its own single process, all on one GPU: not a DDP figure
+        if launch.rank == 0:
+            print(f"error: bench.py times one process on one device, and this is {launch.world_size} processes of a "
+                  f"{launch.mode} launch; run it with python alone (the figures are per GPU)", file=sys.stderr)
+        sys.exit(2)
     configurator.run(run, cls, validate, argv=argv[1:])
 
 

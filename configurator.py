@@ -128,16 +128,18 @@ def _read_config_file(path):
 
 
 def field_comments(cls):
-    """The trailing `# comment` of each field in a config dataclass's source, used by --help."""
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
+    """The trailing `# comment` of each field in a config dataclass's source and its bases' (bench.py's configs
+    extend train.py's), used by --help."""
     comments = {}
-    for line in source.splitlines():
-        m = re.match(r"\s*(\w+)\s*:[^#]*#\s*(.*)$", line)
-        if m:
-            comments[m.group(1)] = m.group(2).strip()
+    for klass in reversed(cls.__mro__[:-1]):  # bases first, so a subclass's own comment wins
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for line in source.splitlines():
+            m = re.match(r"\s*(\w+)\s*:[^#]*#\s*(.*)$", line)
+            if m:
+                comments[m.group(1)] = m.group(2).strip()
     return comments
 
 

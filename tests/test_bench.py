@@ -22,6 +22,16 @@ def test_bench_sample_runs_and_cache_changes_no_token(tmp_path):
     assert proc.returncode == 2 and "unknown subcommand 'smaple'" in proc.stderr
     proc = run_script("bench.py", "--help", cwd=tmp_path)  # the subcommands, with an example of each
     assert all(f"python bench.py {name}" in proc.stdout for name in ("sample", "train", "prepare"))
+    # train's keys are train.py's, explained as train.py's --help explains them (they once came bare)
+    proc = run_script("bench.py", "train", "--help", cwd=tmp_path)
+    assert "--batch_size=12 (int)  # sequences per micro-step per process" in proc.stdout
+    assert "--steps=20 (int)  # timed optimizer steps" in proc.stdout
+    # under torchrun each rank timed a single process of its own (trial): refused, by rank 0, in one line
+    for rank, said in (("0", "error: bench.py times one process on one device, and this is 2 processes of a torchrun "
+                                 "launch; run it with python alone"), ("1", "")):
+        proc = run_script("bench.py", "train", cwd=tmp_path, check=False,
+                          env={"RANK": rank, "WORLD_SIZE": "2", "LOCAL_RANK": rank})
+        assert proc.returncode == 2 and (said in proc.stderr if said else not proc.stderr.strip()), proc.stderr
 
 
 @pytest.mark.skipif(not gpt2_bpe_available(), reason="GPT-2 BPE files not available offline")
