@@ -183,7 +183,9 @@ def validate(cfg):
         problems.append(f"max_tokens={cfg.max_tokens} and tokens_per_param={cfg.tokens_per_param} both give the "
                         "run's length: keep one")
     if cfg.decay_lr and 0 < cfg.lr_decay_iters < cfg.warmup_iters:
-        problems.append(f"lr_decay_iters={cfg.lr_decay_iters} is shorter than warmup_iters={cfg.warmup_iters}")
+        problems.append(f"lr_decay_iters={cfg.lr_decay_iters} is shorter than warmup_iters={cfg.warmup_iters}: lower "
+                        f"--warmup_iters (to {max(cfg.lr_decay_iters // 10, 1)}, say), or leave lr_decay_iters out "
+                        "(0: the schedule ends with the run, and a run shorter than its warmup is all warmup)")
     if cfg.lr_schedule not in LR_SCHEDULES:
         problems.append(f"lr_schedule={cfg.lr_schedule!r}: expected {', '.join(map(repr, LR_SCHEDULES))}")
     if cfg.optimizer not in OPTIMIZER_NAMES:
@@ -272,7 +274,8 @@ def run_length(cfg, sources, tokens_per_step, done, tokens_done, count_params, s
             say(f"note: the run ends inside its warmup (max_iters={cfg.max_iters}, warmup_iters={cfg.warmup_iters}): "
                 f"the learning rate only rises, to {peak:.0%} of learning_rate at the last step, and never decays")
         return (dataclasses.replace(cfg, lr_decay_iters=max(cfg.max_iters, cfg.warmup_iters)),
-                {**sources, "lr_decay_iters": "max_iters"}, how)
+                {**sources, "lr_decay_iters": "max_iters" if cfg.max_iters >= cfg.warmup_iters else "warmup_iters"},
+                how)
     if cfg.lr_decay_iters != cfg.max_iters and (rank("lr_decay_iters") < length_rank or (
             rank("lr_decay_iters") == length_rank == 1 and sources["lr_decay_iters"] != length_source)):
         past = cfg.lr_decay_iters > cfg.max_iters
@@ -775,9 +778,12 @@ def evaluation_changes(checkpoint, cfg, world_size, val_data):
     """What makes this run's val loss an estimate over other tokens than the checkpoint's best val loss was, as
     'key old -> new'. With eval_tokens the windows depend on the data and block_size only; with eval_iters on the
     batches each rank draws too. val_data: the val split's fingerprint now (Dataset.fingerprint), which tells a
-    dataset prepared anew under its old name."""
+    dataset prepared anew under its old name, and the same tokens under another name (a copy: no change)."""
     old = checkpoint.get("config") or {}
-    keys = ("dataset", "block_size", "eval_tokens") + (() if cfg.eval_tokens else ("batch_size", "eval_iters", "seed"))
+    digests = val_data and all(isinstance(d, str) for d in val_data)  # not nanoGPT's files' sizes: they may agree
+    same_tokens = digests and checkpoint.get("val_data") == val_data
+    keys = ("block_size", "eval_tokens") + (() if same_tokens else ("dataset",)) + \
+        (() if cfg.eval_tokens else ("batch_size", "eval_iters", "seed"))
     changes = [f"{k} {old[k]!r} -> {getattr(cfg, k)!r}" for k in keys if k in old and old[k] != getattr(cfg, k)]
     if not changes and checkpoint.get("val_data") not in (None, val_data):
         changes.append(f"the val split of {cfg.dataset} was prepared anew")
@@ -1117,7 +1123,7 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
                 os.replace(best_path, kept)
                 say(f"note: {best_path}, the best on the old measure, is kept as {kept}")
         if step >= cfg.max_iters and not cfg.eval_only:
-            ended = cfg.decay_lr and cfg.lr_decay_iters <= step and sources.get("lr_decay_iters") != "max_iters"
+            ended = cfg.decay_lr and cfg.lr_decay_iters <= step and sources.get("lr_decay_iters") not in ("max_iters", "warmup_iters")
             key = sources["max_iters"] if sources.get("max_iters") in ("max_tokens", "tokens_per_param") else \
                 "max_iters"
             say(f"nothing to train: the checkpoint is at step {step} and max_iters is {cfg.max_iters}"

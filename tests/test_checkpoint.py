@@ -4,6 +4,7 @@ import contextlib
 import json
 import os
 import signal
+import shutil
 import statistics
 import subprocess
 import sys
@@ -769,12 +770,16 @@ def test_resume_applies_changed_settings(data_dir, shakespeare_path, monkeypatch
                              "--weight_decay=0.01", "--beta1=0.8", "--beta2=0.99",
                              "--eval_tokens=2000")  # nothing left to train: only the note
     assert "measured on other tokens (eval_tokens 0 -> 2000)" in with_tokens
-    # prepared again from the same text (the same characters: the same vocabulary): the same tokens, no note; then
-    # with val its last 20%: other tokens
+    # prepared again from the same text (the same characters: the same vocabulary): the same tokens, no note; the
+    # same tokens under another name (a copy), no note either (trial); then with val the text's last 20%: other tokens
     resume = [*args, "--max_iters=8", "--init_from=auto", "--batch_size=8", "--weight_decay=0.01", "--beta1=0.8",
               "--beta2=0.99"]
-    for val_fraction, changed in (("0.1", False), ("0.2", True)):
-        run_script("prepare.py", "shakespeare_char", f"--source={shakespeare_path}", f"--val_fraction={val_fraction}",
-                   cwd=data_dir)
-        again = train_here(capsys, *resume)
-        assert ("measured on other tokens (the val split of shakespeare_char was prepared anew)" in again) == changed
+    prepare = ["prepare.py", "shakespeare_char", f"--source={shakespeare_path}"]
+    run_script(*prepare, "--val_fraction=0.1", cwd=data_dir)
+    assert "measured on other tokens" not in train_here(capsys, *resume)
+    shutil.copytree(data_dir / "data/shakespeare_char", data_dir / "data/copy")
+    again = train_here(capsys, *resume, "--dataset=copy")
+    assert "dataset 'shakespeare_char' -> 'copy'" in again and "measured on other tokens" not in again
+    run_script(*prepare, "--val_fraction=0.2", cwd=data_dir)
+    assert "measured on other tokens (the val split of shakespeare_char was prepared anew)" in \
+        train_here(capsys, *resume)

@@ -649,6 +649,12 @@ def test_run_length_given_twice(data_dir, monkeypatch, capsys, tmp_path):  # noq
     out = train_here(capsys, *FREE_ARGS, "--max_tokens=500", "--warmup_iters=10", "--out_dir=d")  # 4 steps
     assert "note: the run ends inside its warmup (max_iters=4, warmup_iters=10): the learning rate only rises, to " \
         "36% of learning_rate at the last step, and never decays" in out  # step 3's: 4/11 (once "all the way")
+    assert "lr_decay_iters = 10  <- warmup_iters" in out  # not "<- max_iters", which is 4 (trial)
+    # nanoGPT's habit of giving both keys, in a run shorter than the default warmup: what to change instead
+    cfg, _ = configurator.parse(train.TrainConfig, ["--max_iters=50", "--lr_decay_iters=50"])
+    assert "lr_decay_iters=50 is shorter than warmup_iters=2000: lower --warmup_iters (to 5, say), or leave " \
+        "lr_decay_iters out (0: the schedule ends with the run, and a run shorter than its warmup is all warmup)" \
+        in train.validate(cfg)
     assert [r["lr"] for r in log_records("d") if "loss" in r] == pytest.approx([6e-4 * s / 11 for s in (1, 2, 3, 4)])
 
 
