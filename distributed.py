@@ -120,10 +120,14 @@ def pick_dtype(requested, device_type):
     return "float32"
 
 
-def init_distributed(launch, device):
+BACKENDS = ("auto", "nccl", "gloo")
+
+
+def init_distributed(launch, device, backend="auto"):
     """
-    Join the process group when there is more than one process: nccl on CUDA, gloo on CPU. Each rank pins its own
-    GPU (cuda:local_rank; a single process keeps an explicit 'cuda:N'). Returns the device this process should use.
+    Join the process group when there is more than one process: through `backend`, 'auto' being nccl on CUDA, gloo
+    on CPU. Each rank pins its own GPU (cuda:local_rank; a single process keeps an explicit 'cuda:N'). Returns the
+    device this process should use.
     """
     import torch
     import torch.distributed as dist
@@ -146,7 +150,10 @@ def init_distributed(launch, device):
         import torch.distributed.optim.zero_redundancy_optimizer  # noqa: F401
         os.environ.setdefault("MASTER_ADDR", launch.master_addr or "localhost")
         os.environ.setdefault("MASTER_PORT", str(launch.master_port or 29500))
-        backend = "nccl" if device_type == "cuda" else "gloo"
+        if backend == "nccl" and device_type != "cuda":
+            raise UserError(f"backend=nccl runs on CUDA GPUs, and this run's device is {device}: use --backend=gloo "
+                            "or auto")
+        backend = ("nccl" if device_type == "cuda" else "gloo") if backend == "auto" else backend
         kwargs = {"device_id": torch.device(device)} if device_type == "cuda" else {}
         dist.init_process_group(backend=backend, rank=launch.rank, world_size=launch.world_size, **kwargs)
     return device

@@ -34,7 +34,7 @@ import hellaswag
 from checkpoint import (BEST, Writer, checkpoint_meta, is_checkpoint, load_checkpoint, model_from_checkpoint,
                         save_training_checkpoint, snapshot, step_checkpoints, unfinished_files)
 from configurator import UserError
-from distributed import (ATTENTION_CHOICES, DTYPES, all_reduce_sum, cleanup_distributed, detect_launch,
+from distributed import (ATTENTION_CHOICES, BACKENDS, DTYPES, all_reduce_sum, cleanup_distributed, detect_launch,
                          fast_kernels, init_distributed, pick_device, pick_dtype)
 from generate import TEMPERATURE, TOP_K, Stop, generate
 from hf import GPT2_NAMES, check_dataset_tokenizer, fit_context, load_hf_gpt2, pretrained_config
@@ -119,6 +119,7 @@ class TrainConfig:
     cooldown_frac: float = 0.2  # wsd: the share of lr_decay_iters spent decaying
     # system
     device: str = "auto"  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
+    backend: str = "auto"  # torch.distributed's backend under torchrun or srun: 'auto' (nccl on CUDA, gloo otherwise), 'nccl' or 'gloo' (nanoGPT's key)
     dtype: str = "auto"  # 'auto' (bfloat16 where supported, else float16 on CUDA, float32 elsewhere), 'float32', 'bfloat16', 'float16'
     compile: bool | None = None  # torch.compile the model; None: on for CUDA only
     compile_mode: str = "default"  # torch.compile mode: 'default', 'reduce-overhead' (CUDA graphs: for small, launch-bound models), 'max-autotune', 'max-autotune-no-cudagraphs'
@@ -165,6 +166,8 @@ def validate(cfg):
                         f"folder holding ckpt.pt){f'; did you mean {close[0]!r}?' if close else ''}")
     if cfg.mlp not in MLP_KINDS:
         problems.append(f"mlp={cfg.mlp!r}: expected {', '.join(map(repr, MLP_KINDS))}")
+    if cfg.backend not in BACKENDS:
+        problems.append(f"backend={cfg.backend!r}: expected {', '.join(map(repr, BACKENDS))}")
     if cfg.norm not in NORMS:
         problems.append(f"norm={cfg.norm!r}: expected {', '.join(map(repr, NORMS))}")
     if cfg.attention not in ATTENTION_CHOICES:
@@ -896,7 +899,7 @@ def load_hellaswag_share(cfg, tokenizer, launch, device, say):
 
 def main(cfg, sources):
     launch = detect_launch()
-    device = init_distributed(launch, pick_device(cfg.device))
+    device = init_distributed(launch, pick_device(cfg.device), cfg.backend)
     try:
         kernels, kernels_note = fast_kernels(device, cfg.attention)
         # os.write, not print: a handler that prints while the loop is inside print raises "reentrant call"

@@ -116,6 +116,19 @@ def test_gradient_accumulation_equals_big_batch(tmp_path, shakespeare_path):
         assert abs(big[step] - accum[step]) < 1e-5, (step, big[step], accum[step])
 
 
+def test_backend_key():
+    """nanoGPT's backend key: 'auto', 'nccl' or 'gloo'; nccl is refused for a CPU run, in words, before any group."""
+    import configurator
+    import train
+    from configurator import UserError
+    from distributed import Launch, init_distributed
+    cfg, _ = configurator.parse(train.TrainConfig, ["--backend=mpi"])
+    assert "backend='mpi': expected 'auto', 'nccl', 'gloo'" in train.validate(cfg)
+    with pytest.raises(UserError, match="backend=nccl runs on CUDA GPUs, and this run's device is cpu: use "
+                                        "--backend=gloo or auto"):
+        init_distributed(Launch("torchrun", 0, 0, 2), "cpu", "nccl")
+
+
 def run_torchrun(tmp_path, *args, nproc=2):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -133,7 +146,7 @@ def test_two_ranks_equal_one_rank_with_accumulation(tmp_path, shakespeare_path):
     write_hellaswag(tmp_path / "data/hellaswag/hellaswag_val.jsonl")
     args = [*COMMON, "--batch_size=4", "--gradient_accumulation_steps=2", "--eval_tokens=3001", "--hellaswag=True"]
     run_script("train.py", *args, "--out_dir=one", cwd=tmp_path)
-    out = run_torchrun(tmp_path, *args, "--out_dir=two")
+    out = run_torchrun(tmp_path, *args, "--out_dir=two", "--backend=gloo")  # nanoGPT's key, as its users type it
     assert "launch: torchrun, 2 process(es)" in out.stdout
     assert "4 sequences x 32 tokens x 2 processes x 1 micro-steps" in out.stdout
     one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
