@@ -184,6 +184,10 @@ def val_loss(cfg, model, tokenizer, train_config, device, autocast, launch, say)
                                       lambda x, y: to_device(x, y, device))
     say(f"{data.data_dir}, {described.replace('evaluation: ', '', 1)}; seed {tc.seed}, on {launch.world_size} "
         "process(es)")
+    ranks = (train_config or {}).get("processes")
+    if not tc.eval_tokens and ranks and ranks != launch.world_size:  # each rank draws its own eval_iters batches
+        say(f"note: the run trained on {ranks} processes, each drawing its own evaluation batches; for the number "
+            f"its log shows, run this on {ranks} (torchrun --standalone --nproc_per_node={ranks} evaluate.py ...)")
     loss, bpb = estimate_loss(model, sets[cfg.split], autocast, launch,
                               byte_lengths=torch.as_tensor(tokenizer.byte_lengths(), device=device))
     model.eval()  # estimate_loss hands the model back in train mode

@@ -159,6 +159,16 @@ def test_val_loss_is_the_number_train_py_reported(tmp_path, evaluation):
                                                     rel=1e-6)
     assert (result["eval_iters"], result["batch_size"], result["block_size"]) == (3, 4, 32)
     assert result["eval_tokens"] == (5000 if "--eval_tokens=5000" in evaluation else 0)
+    if "--eval_tokens=5000" not in evaluation:  # a run of 2 processes drew 2 sets of batches: say how to match it
+        from checkpoint import load_checkpoint, save_checkpoint
+        checkpoint = load_checkpoint(str(tmp_path / "out/ckpt.pt"))
+        os.makedirs(tmp_path / "two")
+        save_checkpoint(str(tmp_path / "two/ckpt.pt"), {**checkpoint, "rng": checkpoint["rng"] * 2})  # per rank
+        said = run_script("evaluate.py", "--out_dir=two", "--task=val_loss", "--device=cpu", cwd=tmp_path).stdout
+        assert "note: the run trained on 2 processes, each drawing its own evaluation batches; for the number its " \
+            "log shows, run this on 2 (torchrun --standalone --nproc_per_node=2 evaluate.py ...)" in said
+        assert "note:" not in run_script("evaluate.py", "--out_dir=out", "--task=val_loss", "--device=cpu",
+                                         cwd=tmp_path).stdout
     if "--eval_tokens=5000" not in evaluation:  # its Hugging Face export: no training settings, windows of its context
         run_script("export.py", "--out_dir=out", cwd=tmp_path)
         hf = evaluate_json(run_script("evaluate.py", "--init_from=out-hf", "--task=val_loss", "--device=cpu",
