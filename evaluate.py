@@ -156,10 +156,12 @@ def hellaswag_task(cfg, model, tokenizer, device, autocast, launch, say):
     else:
         path = hellaswag.fetch(hellaswag.default_path(cfg.data_root),
                                "offline, point --source at a copy of hellaswag_val.jsonl")
-    items = hellaswag.read_items(path)[:cfg.max_items or None]
+    items, note = hellaswag.first_items(path, cfg.max_items)
+    if note:
+        say(note)
     mine = hellaswag.tokenize(items[launch.rank::launch.world_size], tokenizer, path)
     result = hellaswag.accuracy(model, mine, cfg.batch_size, device, autocast, launch, progress=launch.is_master)
-    say(f"hellaswag: {result['items']:,} items | acc_norm (mean token loss) {result['acc_norm']:.4f} | "
+    say(f"hellaswag: {hellaswag.count(result['items'])} | acc_norm (mean token loss) {result['acc_norm']:.4f} | "
         f"acc (summed loss) {result['acc']:.4f}")
     return {"task": "hellaswag", **result}
 

@@ -32,6 +32,18 @@ def fetch(path, offline_hint):
     return path
 
 
+def first_items(path, n):
+    """The first n items of a HellaSwag file (n 0: all of them), and a note when it holds fewer than n, or None."""
+    items = read_items(path)
+    if n > len(items):
+        return items, f"note: {path} holds {count(len(items))}, fewer than the {n:,} asked for: all of them are scored"
+    return items[:n or None], None
+
+
+def count(n):
+    return f"{n:,} item{'s' * (n != 1)}"
+
+
 def read_items(path):
     """(context, endings, label, line number) of each item of a HellaSwag jsonl file; anything else is refused by its
     line number."""

@@ -56,7 +56,7 @@ class TrainConfig:
     init_from: str = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt), 'auto' (resume if there is one), or weights to start from: gpt2[-medium|-large|-xl], a Hugging Face folder, or a checkpoint of this toolkit (a .pt file, or a folder holding ckpt.pt)
     eval_interval: int = 2000  # steps between val-loss evaluations (and checkpoints)
     eval_iters: int = 200  # random batches per split in each evaluation (the same ones every time)
-    eval_tokens: int = 0  # instead of eval_iters: each split's first eval_tokens tokens (all of a smaller split), every one predicted once in consecutive windows of block_size; exact, and cheaper where the split is small
+    eval_tokens: int = 0  # instead of eval_iters: each split's first eval_tokens tokens (all of a smaller split), every one but the first predicted once in consecutive windows of block_size; exact, and cheaper where the split is small
     eval_batch_size: int = 0  # most sequences per evaluation forward pass, a multiple of batch_size (0: batch_size); the same sequences are evaluated whatever it is, fewer passes are faster
     hellaswag: bool = False  # at each evaluation, also score HellaSwag (acc_norm, as GPT-2 is compared): its validation jsonl, downloaded into data_root/hellaswag/ once (offline: put it there), spread over the ranks
     hellaswag_items: int = 0  # score the first N items only; 0: all 10,042
@@ -463,7 +463,8 @@ def evaluation_sets(shards, cfg, launch, to_device):
     described = ", ".join(f"{split} {len(t):,} tokens{' (all of it)' if len(t) < cfg.eval_tokens else ''} in "
                           f"{sets[split].passes} pass{'es' if sets[split].passes > 1 else ''}"
                           for split, t in tokens.items())
-    return sets, (f"evaluation: each split's first {cfg.eval_tokens:,} tokens, every one predicted once, in passes "
+    return sets, (f"evaluation: each split's first {cfg.eval_tokens:,} tokens, every one but the first predicted "
+                  f"once, in passes "
                   f"of {rows} window{'s' if rows > 1 else ''} of {cfg.block_size} tokens"
                   f"{' per process' if launch.distributed else ''}: "
                   f"{described}")
@@ -885,9 +886,11 @@ def load_hellaswag_share(cfg, tokenizer, launch, device, say):
         error = e
     if not agree(int(error is not None), launch, device):
         try:
-            items = hellaswag.read_items(path)[:cfg.hellaswag_items or None]
+            items, note = hellaswag.first_items(path, cfg.hellaswag_items)
             mine = hellaswag.tokenize(items[launch.rank::launch.world_size], tokenizer, path)
-            say(f"hellaswag: {len(items):,} items of {path}, scored at each evaluation")
+            if note:
+                say(note)
+            say(f"hellaswag: {hellaswag.count(len(items))} of {path}, scored at each evaluation")
         except UserError as e:
             error = e
     if agree(int(error is not None), launch, device):

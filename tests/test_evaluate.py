@@ -96,8 +96,11 @@ def test_hellaswag_items_written_here(out_dir):  # noqa: F811
              {"ctx": "Good night", "endings": ["good night", "parting is", "such sweet sorrow", "!"], "label": 2},
              {"ctx": "A plague", "endings": ["o both your houses", "on it", "Tybalt"], "label": 0}]
     (out_dir / "hs.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
-    result = evaluate_json(run_script("evaluate.py", "--out_dir=out", "--task=hellaswag", "--source=hs.jsonl",
-                                      "--batch_size=2", "--device=cpu", cwd=out_dir))
+    proc = run_script("evaluate.py", "--out_dir=out", "--task=hellaswag", "--source=hs.jsonl", "--batch_size=2",
+                      "--max_items=50", "--device=cpu", cwd=out_dir)
+    # more items asked for than the file holds: all of them, said (a trial's --hellaswag_items=50 scored 3 quietly)
+    assert "note: hs.jsonl holds 4 items, fewer than the 50 asked for: all of them are scored" in proc.stdout
+    result = evaluate_json(proc)
     model, encode = tiny_model(), (lambda s: [CHARS.index(c) for c in s])
     by_mean = by_sum = 0
     for item in items:  # each ending on its own, token by token
