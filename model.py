@@ -114,7 +114,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * self.n_kv_head * self.head_size, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        # grouped-query attention: SDPA lets each key/value head serve n_head/n_kv_head query heads, as they are stored
+        # grouped-query attention in training: SDPA lets each key/value head serve n_head/n_kv_head query heads
         self.gqa = {"enable_gqa": True} if self.n_kv_head < self.n_head else {}
         self.dropout = config.dropout
         self.qk_norm = config.qk_norm
@@ -143,7 +143,18 @@ class CausalSelfAttention(nn.Module):
                                                is_causal=True, **self.gqa)
         else:
             k, v = cache.store(layer, k, v)  # (B, n_kv_head, S, hs): every position so far, this call's last
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **self.gqa)
+            if kv < self.n_head:
+                # the query heads that share a key/value head, side by side as one longer query of that head: plain
+                # attention over the heads as stored, with no copy of them per query head, whichever kernel takes
+                # the mask (a masked enable_gqa call may fall back to one that makes such copies)
+                group, S = self.n_head // kv, k.size(2)
+                assert mask is not None or T == 1  # a longer query's causal mask must be given
+                folded = None if mask is None else \
+                    mask.unsqueeze(2).expand(B, mask.size(1), group, T, S).reshape(B, mask.size(1), group * T, S)
+                y = F.scaled_dot_product_attention(q.reshape(B, kv, group * T, hs), k, v, attn_mask=folded)
+                y = y.view(B, self.n_head, T, hs)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
 
