@@ -54,7 +54,7 @@ class GPTConfig:
         return self.n_kv_head or self.n_head
 
     def departures(self):
-        """{option: value} of the architecture options above (rope on) that depart from GPT-2's defaults."""
+        """{option: value} of the ARCH_OPTIONS this model sets otherwise than GPT-2 has them."""
         return {name: getattr(self, name) for name in ARCH_OPTIONS
                 if getattr(self, name) != self.__dataclass_fields__[name].default}
 

@@ -292,8 +292,8 @@ def run_length(cfg, sources, tokens_per_step, done, tokens_done, count_params, s
 
 def parse_duration(text):
     """
-    A wall time -> seconds ('' or 0 -> None: no limit): hours:minutes:seconds ('3:55:00'), minutes:seconds ('55:00'), seconds
-    ('90': Slurm's --time would read minutes), or with days as Slurm writes them, the clock then read from the
+    A wall time -> seconds ('' or 0 -> None: no limit): hours:minutes:seconds ('3:55:00'), minutes:seconds
+    ('55:00'), seconds ('90': Slurm's --time would read minutes), or with days as Slurm writes them, the clock then read from the
     hours: days-hours ('1-5'), days-hours:minutes ('1-5:30'), days-hours:minutes:seconds ('1-05:30:00').
     """
     if not text:
@@ -1129,7 +1129,8 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
                 os.replace(best_path, kept)
                 say(f"note: {best_path}, the best on the old measure, is kept as {kept}")
         if step >= cfg.max_iters and not cfg.eval_only:
-            ended = cfg.decay_lr and cfg.lr_decay_iters <= step and sources.get("lr_decay_iters") not in ("max_iters", "warmup_iters")
+            ended = cfg.decay_lr and cfg.lr_decay_iters <= step and \
+                sources.get("lr_decay_iters") not in ("max_iters", "warmup_iters")
             key = sources["max_iters"] if sources.get("max_iters") in ("max_tokens", "tokens_per_param") else \
                 "max_iters"
             say(f"nothing to train: the checkpoint is at step {step} and max_iters is {cfg.max_iters}"
