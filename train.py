@@ -293,8 +293,8 @@ def run_length(cfg, sources, tokens_per_step, done, tokens_done, count_params, s
 def parse_duration(text):
     """
     A wall time -> seconds ('' or 0 -> None: no limit): hours:minutes:seconds ('3:55:00'), minutes:seconds
-    ('55:00'), seconds ('90': Slurm's --time would read minutes), or with days as Slurm writes them, the clock then read from the
-    hours: days-hours ('1-5'), days-hours:minutes ('1-5:30'), days-hours:minutes:seconds ('1-05:30:00').
+    ('55:00'), seconds ('90': Slurm's --time would read minutes), or with days as Slurm writes them, the clock then
+    read from the hours: days-hours ('1-5'), days-hours:minutes ('1-5:30'), days-hours:minutes:seconds ('1-05:30:00').
     """
     if not text:
         return None
