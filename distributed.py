@@ -140,6 +140,9 @@ def init_distributed(launch, device, backend="auto"):
                             f"{n_gpus} processes per node (--nproc_per_node / --ntasks-per-node)")
         torch.cuda.set_device(launch.local_rank)
         device = f"cuda:{launch.local_rank}"
+    if launch.distributed and backend == "nccl" and device_type != "cuda":  # before anything is set up
+        raise UserError(f"backend=nccl runs on CUDA GPUs, and this run's device is {device}: use --backend=gloo or "
+                        "auto")
     if launch.distributed:
         # torch.distributed.nn's functions take group.WORLD as a default argument, bound when the module is first
         # imported; DDP and torch.compile import it (through torch._dynamo) after the group exists, and that default
@@ -150,9 +153,6 @@ def init_distributed(launch, device, backend="auto"):
         import torch.distributed.optim.zero_redundancy_optimizer  # noqa: F401
         os.environ.setdefault("MASTER_ADDR", launch.master_addr or "localhost")
         os.environ.setdefault("MASTER_PORT", str(launch.master_port or 29500))
-        if backend == "nccl" and device_type != "cuda":
-            raise UserError(f"backend=nccl runs on CUDA GPUs, and this run's device is {device}: use --backend=gloo "
-                            "or auto")
         backend = ("nccl" if device_type == "cuda" else "gloo") if backend == "auto" else backend
         kwargs = {"device_id": torch.device(device)} if device_type == "cuda" else {}
         dist.init_process_group(backend=backend, rank=launch.rank, world_size=launch.world_size, **kwargs)

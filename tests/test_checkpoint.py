@@ -511,7 +511,7 @@ def test_model_is_gone_before_the_process_group(data_dir, monkeypatch, capsys, e
     monkeypatch.setattr(train, "cleanup_distributed",
                         lambda: alive_at_cleanup.append([m() is not None for m in models]))
     monkeypatch.chdir(data_dir)
-    max_runtime = ["--max_runtime=0:00:00", "--max_iters=100000"] if ending == "stop" else ["--max_iters=3"]
+    max_runtime = ["--max_runtime=0:00:01", "--max_iters=100000"] if ending == "stop" else ["--max_iters=3"]
     expected = {"done": contextlib.nullcontext(), "stop": pytest.raises(SystemExit, match="3"),
                 "error": pytest.raises(RuntimeError, match="a failing step")}[ending]
     with expected:

@@ -116,8 +116,10 @@ def test_gradient_accumulation_equals_big_batch(tmp_path, shakespeare_path):
         assert abs(big[step] - accum[step]) < 1e-5, (step, big[step], accum[step])
 
 
-def test_backend_key():
-    """nanoGPT's backend key: 'auto', 'nccl' or 'gloo'; nccl is refused for a CPU run, in words, before any group."""
+def test_backend_key(monkeypatch):
+    """nanoGPT's backend key: 'auto', 'nccl' or 'gloo'; nccl is refused for a CPU run, in words, before anything is
+    set up (MASTER_PORT once stayed in this process's environment, and later tests' processes met on it)."""
+    monkeypatch.delenv("MASTER_PORT", raising=False)
     import configurator
     import train
     from configurator import UserError
@@ -127,7 +129,7 @@ def test_backend_key():
     with pytest.raises(UserError, match="backend=nccl runs on CUDA GPUs, and this run's device is cpu: use "
                                         "--backend=gloo or auto"):
         init_distributed(Launch("torchrun", 0, 0, 2), "cpu", "nccl")
-
+    assert "MASTER_PORT" not in os.environ
 
 def run_torchrun(tmp_path, *args, nproc=2):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
