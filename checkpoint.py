@@ -154,6 +154,12 @@ def link_or_copy(source, target):
     os.replace(tmp, target)
 
 
+def kept_for_good(step, keep_every):
+    """Whether a numbered checkpoint at `step` is a milestone of the rules in `keep_every`: pairs (interval, the last
+    step it covers or None)."""
+    return any(every and step % every == 0 and (until is None or step <= until) for every, until in keep_every)
+
+
 def save_training_checkpoint(out_dir, checkpoint, step, keep_last_n, keep_every=(), best=False):
     """
     Save `checkpoint` as out_dir/ckpt.pt (always the latest complete one) and as ckpt_<step>.pt. Numbered checkpoints
@@ -169,7 +175,7 @@ def save_training_checkpoint(out_dir, checkpoint, step, keep_last_n, keep_every=
         link_or_copy(latest, os.path.join(out_dir, BEST))
     numbered_all = step_checkpoints(out_dir)
     for s, path in numbered_all[:max(len(numbered_all) - keep_last_n, 0)]:
-        if not any(every and s % every == 0 and (until is None or s <= until) for every, until in keep_every):
+        if not kept_for_good(s, keep_every):
             os.remove(path)
 
 

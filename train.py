@@ -31,8 +31,8 @@ import torch.distributed
 
 import configurator
 import hellaswag
-from checkpoint import (BEST, Writer, checkpoint_meta, is_checkpoint, load_checkpoint, model_from_checkpoint,
-                        save_training_checkpoint, snapshot, step_checkpoints, unfinished_files)
+from checkpoint import (BEST, Writer, checkpoint_meta, is_checkpoint, kept_for_good, load_checkpoint,
+                        model_from_checkpoint, save_training_checkpoint, snapshot, step_checkpoints, unfinished_files)
 from configurator import UserError
 from distributed import (ATTENTION_CHOICES, BACKENDS, DTYPES, all_reduce_sum, cleanup_distributed, detect_launch,
                          fast_kernels, init_distributed, pick_device, pick_dtype)
@@ -927,6 +927,7 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
     dtype = pick_dtype(cfg.dtype, device_type)
     data = Dataset(dataset_dir(cfg.dataset, cfg.data_root))
     train_shards, val_shards = data.shards("train"), data.shards("val")
+    val_data = data.fingerprint("val")  # recorded in checkpoints: a resume tells other val tokens by it
     meta = {k: data.meta.get(k) for k in ("tokenizer", "vocab_size", "eot_id")}
     try:  # for HellaSwag, the samples and bits per byte; a GPT-2 BPE that cannot load (offline) costs only the last two
         tokenizer, why_not = tokenizer_from_meta(data.meta), None
@@ -1090,11 +1091,11 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
         wandb_id = checkpoint.get("wandb_run_id")
         spikes.load_state_dict(checkpoint.get("spikes") or {})
         keep_every = milestone_rules(checkpoint, step, cfg.keep_every)
-        kept = [os.path.basename(p) for s, p in step_checkpoints(cfg.out_dir)
-                if any(s % every == 0 and until is not None and s <= until for every, until in keep_every)]
-        if kept and any(until == step for every, until in keep_every):  # an interval this resume drops
-            say(f"note: the checkpoints kept for good so far ({', '.join(kept[:4])}{', ...' if len(kept) > 4 else ''}) "
-                f"stay kept; delete them by hand to let them go")
+        dropped = [(every, until) for every, until in keep_every if until is not None]  # intervals the run dropped
+        milestones = [os.path.basename(p) for s, p in step_checkpoints(cfg.out_dir) if kept_for_good(s, dropped)]
+        if milestones and any(until == step for every, until in dropped):  # an interval this resume drops
+            say(f"note: the checkpoints kept for good so far ({', '.join(milestones[:4])}"
+                f"{', ...' if len(milestones) > 4 else ''}) stay kept; delete them by hand to let them go")
         if ("epoch" in checkpoint["sampler"]) == (cfg.data_order == "epochs"):
             sampler.load_state_dict(checkpoint["sampler"])  # the same on every rank: they draw one global batch
             windows = checkpoint["sampler"].get("windows")
@@ -1118,7 +1119,7 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
                        if getattr(before, k) != getattr(cfg, k)]
             say(f"note: the schedule changed ({', '.join(changed)}): the learning rate at step {step} is "
                 f"{lr_at(step, cfg):.3g}, not {lr_at(step, before):.3g}")
-        changes = evaluation_changes(checkpoint, cfg, launch.world_size, data.fingerprint("val"))
+        changes = evaluation_changes(checkpoint, cfg, launch.world_size, val_data)
         if changes and best_val_loss < float("inf"):  # not to be compared: a save could wait for a number out of reach
             say(f"note: the val loss is now measured on other tokens ({', '.join(changes)}); the next evaluation "
                 f"sets the best anew, {best_val_loss:.4f} was on the old ones")
@@ -1223,7 +1224,7 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
                 "model_args": model_args, "step": step, "best_val_loss": best_val_loss,
                 "config": dataclasses.asdict(cfg), "meta": meta, "sampler": sampler_state, "rng": rngs,
                 "wandb_run_id": wandb_id, "tokens_seen": tokens_seen, "evaluated": last_eval == step,
-                "spikes": spikes.state_dict(), "keep_every": keep_every, "val_data": data.fingerprint("val"),
+                "spikes": spikes.state_dict(), "keep_every": keep_every, "val_data": val_data,
             }
             if sharded:
                 forget_gathered_state(optimizer)
