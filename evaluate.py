@@ -159,7 +159,9 @@ def hellaswag_task(cfg, model, tokenizer, device, autocast, launch, say):
     items, note = hellaswag.first_items(path, cfg.max_items)
     if note:
         say(note)
-    mine = hellaswag.tokenize(items[launch.rank::launch.world_size], tokenizer, path)
+    mine, note = hellaswag.share(items, tokenizer, path, launch, model.config.block_size)
+    if note:
+        say(note)
     result = hellaswag.accuracy(model, mine, cfg.batch_size, device, autocast, launch, progress=launch.is_master)
     say(f"hellaswag: {hellaswag.count(result['items'])} | acc_norm (mean token loss) {result['acc_norm']:.4f} | "
         f"acc (summed loss) {result['acc']:.4f}")

@@ -87,6 +87,20 @@ def tokenize(items, tokenizer, path):
     return out
 
 
+def share(items, tokenizer, path, launch, block_size):
+    """
+    This rank's share of the items, tokenized, and a note naming how many are longer than the model's block_size
+    (their contexts lose their start, as scores() crops them), or None. Every rank tokenizes every item, so each
+    counts the same and a bad item is refused on all of them.
+    """
+    tokenized = tokenize(items, tokenizer, path)
+    long = sum(any(len(ctx) + len(end) > block_size + 1 for end in ends) for ctx, ends, _ in tokenized)
+    note = (f"note: {long:,} of the {count(len(items))} {'are' if long != 1 else 'is'} longer than the model's "
+            f"{block_size:,}-token block_size: the start of {'their contexts is' if long != 1 else 'its context is'} "
+            "cut off to fit") if long else None
+    return tokenized[launch.rank::launch.world_size], note
+
+
 @torch.no_grad()
 def scores(model, chunk, device, autocast):
     """

@@ -887,9 +887,10 @@ def load_hellaswag_share(cfg, tokenizer, launch, device, say):
     if not agree(int(error is not None), launch, device):
         try:
             items, note = hellaswag.first_items(path, cfg.hellaswag_items)
-            mine = hellaswag.tokenize(items[launch.rank::launch.world_size], tokenizer, path)
-            if note:
-                say(note)
+            mine, cropped = hellaswag.share(items, tokenizer, path, launch, cfg.block_size)
+            for line in (note, cropped):
+                if line:
+                    say(line)
             say(f"hellaswag: {hellaswag.count(len(items))} of {path}, scored at each evaluation")
         except UserError as e:
             error = e

@@ -116,6 +116,24 @@ def test_hellaswag_items_written_here(out_dir):  # noqa: F811
     assert result["acc_norm"] == pytest.approx(by_mean / 4) and result["acc"] == pytest.approx(by_sum / 4)
 
 
+def test_hellaswag_items_longer_than_the_block_are_named():
+    """An item whose context and an ending exceed block_size + 1 tokens is cropped when scored: a note says how many
+    (they used to be cut silently); every rank counts them all and takes every world_size-th item."""
+    import hellaswag
+    from tokenizer import CharTokenizer
+    tokenizer = CharTokenizer("abcdefghij ")
+    items = [("abc", ["de", "fghij"], 0, 1), ("abcdefgh", ["d", "e"], 1, 2), ("a", ["b", "c"], 0, 3)]
+    # with the joining space: 3 + 6 = 9 tokens, 8 + 2 = 10, 1 + 2 = 3; block_size + 1 fit (the last is only a target)
+    _, note = hellaswag.share(items, tokenizer, "hs", SINGLE, block_size=8)
+    assert note == ("note: 1 of the 3 items is longer than the model's 8-token block_size: the start of its context "
+                    "is cut off to fit")
+    mine, note = hellaswag.share(items, tokenizer, "hs", Launch("torchrun", 1, 1, 2), block_size=7)
+    assert note.startswith("note: 2 of the 3 items are longer than the model's 7-token block_size: the start of "
+                           "their contexts is cut off")
+    assert [ctx.tolist() for ctx, _, _ in mine] == [tokenizer.encode("abcdefgh")]  # rank 1 of 2: the second item
+    assert hellaswag.share(items, tokenizer, "hs", SINGLE, block_size=9)[1] is None
+
+
 def test_hellaswag_stops_when_asked():
     """train.py's Ctrl-C: asked between passes, a true stopping() abandons the scoring (None), on every rank alike."""
     import hellaswag
