@@ -751,8 +751,9 @@ def milestone_rules(checkpoint, step, keep_every):
     return rules
 
 
-def check_resume(checkpoint, cfg, data_meta, say):
-    """Refuse to resume into a different model or dataset; report the settings that changed."""
+def check_resume(checkpoint, cfg, data_meta, say, sources=None):
+    """Refuse to resume into a different model or dataset; report the settings that changed, a derived one with the
+    key it follows (sources: where each value came from; a key's name for one derived from that key)."""
     old = checkpoint.get("config") or {}
     # the model's own record: a run from --init_from once saved the command line's default shape in its config
     shape = weights_shape(checkpoint.get("model_args") or {})
@@ -772,7 +773,8 @@ def check_resume(checkpoint, cfg, data_meta, say):
         raise UserError("cannot resume: the checkpoint was trained with a different model or tokenizer (" +
                         "; ".join(problems) + "); resume with the checkpoint's settings, or start a new run in "
                         "another --out_dir")
-    changed = [f"{k} {old[k]!r} -> {getattr(cfg, k)!r}" for k in old
+    follows = {k: f" (follows {v})" for k, v in (sources or {}).items() if hasattr(cfg, v)}
+    changed = [f"{k} {old[k]!r} -> {getattr(cfg, k)!r}{follows.get(k, '')}" for k in old
                if hasattr(cfg, k) and k not in ("init_from", *SHAPE_KEYS) and old[k] != getattr(cfg, k)]
     if changed:
         say("resuming with changed settings: " + ", ".join(changed))
@@ -1027,7 +1029,7 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
         f"{run_tokens / train_tokens:.2f} epochs of the train split ({train_tokens:,} tokens; "
         f"data_order={cfg.data_order}: " + DATA_ORDERS[cfg.data_order] + ")")
     if checkpoint is not None:
-        check_resume(checkpoint, cfg, data.meta, say)
+        check_resume(checkpoint, cfg, data.meta, say, sources)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     if checkpoint is not None:
