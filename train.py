@@ -1140,6 +1140,8 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
             say(f"nothing to train: the checkpoint is at step {step} and max_iters is {cfg.max_iters}"
                 f"{f' (from {length_from})' if length_from else ''}; raise --{key}" +
                 (" (and --lr_decay_iters, or the learning rate stays at min_lr)" if ended else "") + " to train on")
+            if checkpoint.get("evaluated", True):
+                return best_val_loss  # nothing is due either: no compile or evaluation lines after that
         # an evaluation due at the resumed step is not repeated, unless a stop signal cut it short
         last_eval = step if checkpoint.get("evaluated", True) else None
         checkpoint = None  # free the memory

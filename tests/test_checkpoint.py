@@ -443,6 +443,7 @@ def test_ctrl_c_cuts_an_evaluation_short(data_dir):
                      cwd=data_dir).stdout
     assert "nothing to train: the checkpoint is at step 10 and max_iters is 10; raise --max_iters" in out
     assert "train loss" not in out  # step 10 was evaluated before this checkpoint
+    assert out.rstrip().endswith("to train on")  # its last word: no compile or evaluation lines after it (a trial)
 
 
 def test_max_runtime(data_dir):
