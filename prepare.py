@@ -394,16 +394,16 @@ def jsonl_documents(path, field, errors):
     with open(path, "rb") as f:
         offset, first = 0, True
         for lineno, raw in enumerate(f, 1):
-            line = decode(raw, path, offset, errors).strip()
+            line = decode(raw, path, offset, errors)  # not stripped: an error's column is the editor's
             if lineno == 1:
-                line = line.removeprefix(BOM.decode()).strip()  # the byte-order mark some Windows tools begin with
+                line = line.removeprefix(BOM.decode())  # the byte-order mark some Windows tools begin with
             offset += len(raw)
-            if not line:
+            if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                if first and line[0] in "[{":  # the opening line of a document spread over many
+                if first and line.lstrip()[0] in "[{":  # the opening line of a document spread over many
                     raise UserError(one_document) from None
                 raise UserError(f"{path} line {lineno}: not JSON ({e.msg}, column {e.colno}); each line must be "
                                 "one JSON object") from None

@@ -571,7 +571,7 @@ def test_bad_input(tmp_path, case):
     (tmp_path / "empty.txt").write_text("  \n")
     (tmp_path / "nothing.txt").write_text("")
     (tmp_path / "rows.jsonl").write_text('{"text": "a"}\n{"body": "b"}\n')
-    (tmp_path / "junk.jsonl").write_text('{"text": "a"}\n{"text": \n')
+    (tmp_path / "junk.jsonl").write_text('{"text": "a"}\n  {"text": 1,, \n')  # columns count the indent
     (tmp_path / "array.json").write_text('[{"text": "a"}, {"text": "b"}]\n')
     (tmp_path / "object.json").write_text('{\n  "text": "a"\n}\n')
     (tmp_path / "good.txt.gz").write_bytes(gzip.compress(b"fine text\n" * 100))
@@ -584,7 +584,7 @@ def test_bad_input(tmp_path, case):
         "no_field": (["--source=rows.jsonl", "--tokenizer=char"],
                      "rows.jsonl line 2: no 'text' field (it has: 'body'); choose the field with --text_field"),
         "not_json": (["--source=junk.jsonl", "--tokenizer=char"],
-                     "junk.jsonl line 2: not JSON (Expecting value, column 9); each line must be one JSON object"),
+                     "junk.jsonl line 2: not JSON (Expecting property name enclosed in double quotes, column 14); each line must be one JSON object"),
         "parquet_column": (["--source=t.parquet", "--tokenizer=char"], "has no column 'text' (it has: story)"),
         "hf_offline": (["--hf=nobody/no_such_dataset", "--tokenizer=char"], "point --source at them"),
         "val_fraction": (["--source=bad.txt", "--val_fraction=1.5", "--shard_size=0"],
