@@ -44,6 +44,8 @@ class GPTConfig:
     norm: str = "layernorm"  # 'layernorm' (GPT-2's: a learned gain, and a bias with bias=True) or 'rmsnorm' (RMSNorm with
     #                          nothing learned: nanochat's and modded-nanogpt's)
     logit_softcap: float = 0.0  # > 0: logits = c·tanh(logits/c), kept within (-c, c) (Gemma 2; nanochat's c is 15)
+    embed_norm: bool = False  # the input embeddings normalised (by `norm`) before the first block, as nanochat: the
+    #                           residual stream starts at unit scale whatever the embeddings' initialisation
 
     def __post_init__(self):
         if self.n_kv_head == self.n_head:  # GPT-2's attention, written one way only: a resume or export sees no change
@@ -69,7 +71,7 @@ class GPTConfig:
 MLP_KINDS = ("gelu", "relu2")
 NORMS = ("layernorm", "rmsnorm")
 # the GPTConfig fields GPT-2 does not have: at their defaults the model is GPT-2's
-ARCH_OPTIONS = ("rope", "qk_norm", "mlp", "tie_embeddings", "n_kv_head", "norm", "logit_softcap")
+ARCH_OPTIONS = ("rope", "qk_norm", "mlp", "tie_embeddings", "n_kv_head", "norm", "logit_softcap", "embed_norm")
 
 
 def head_problems(n_embd, n_head, rope=False, n_kv_head=0):
@@ -414,6 +416,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
             **({} if config.rope else dict(wpe=nn.Embedding(config.block_size, config.n_embd))),
+            **(dict(ln_e=make_norm(config)) if config.embed_norm else {}),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=make_norm(config),
@@ -485,6 +488,8 @@ class GPT(nn.Module):
             rotary = self.rope_cos[pos], self.rope_sin[pos]  # (T, hs/2) or (B, T, hs/2), for every layer
         else:
             rotary, x = None, x + self.transformer.wpe(pos)
+        if self.config.embed_norm:
+            x = self.transformer.ln_e(x)
         x = self.transformer.drop(x)
         recompute = self.recompute and self.training and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.transformer.h):

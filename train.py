@@ -100,6 +100,7 @@ class TrainConfig:
     n_kv_head: int = 0  # heads of keys and values, each shared by n_head/n_kv_head query heads (grouped-query attention; 1: multi-query): a smaller KV cache for sampling; 0 (or n_head itself, which becomes 0): n_head, as GPT-2; fewer is not exportable to GPT-2
     norm: str = "layernorm"  # 'layernorm' (GPT-2's) or 'rmsnorm' (RMSNorm with no learned gain: nanochat, modded-nanogpt); rmsnorm is not exportable to GPT-2
     logit_softcap: float = 0.0  # > 0: soft-cap the logits at this value, c·tanh(logits/c) (Gemma 2; nanochat uses 15); 0: off, as GPT-2; not exportable to GPT-2
+    embed_norm: bool = False  # normalise the input embeddings (with `norm`) before the first block, as nanochat; not exportable to GPT-2
     # optimizer
     optimizer: str = "adamw"  # 'adamw', or 'muon': Muon (torch.optim.Muon) for the blocks' weight matrices and AdamW for embeddings, gains and biases, at the same learning_rate and weight_decay (Muon's updates are scaled to AdamW's size)
     learning_rate: float = 6e-4  # peak learning rate

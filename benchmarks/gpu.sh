@@ -72,7 +72,7 @@ run gpt2_b32_recompute $py bench.py train "${gpt2[@]}" --batch_size=32 --recompu
 run gpt2_b32_muon $py bench.py train "${gpt2[@]}" --batch_size=32 --optimizer=muon  # what Newton-Schulz costs a step
 # nanochat's departures from GPT-2 (4 key/value heads for 12 query heads): what they cost a step
 run gpt2_b32_nanochat $py bench.py train "${gpt2[@]}" --batch_size=32 --rope=True --qk_norm=True --mlp=relu2 \
-    --tie_embeddings=False --n_kv_head=4 --norm=rmsnorm --logit_softcap=15
+    --tie_embeddings=False --n_kv_head=4 --norm=rmsnorm --logit_softcap=15 --embed_norm=True
 # compiler settings that change no math, measured before any becomes a default (long compiles: OPT_IN)
 run gpt2_b32_cdt env TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 $py bench.py train "${gpt2[@]}" --batch_size=32
 run gpt2_b32_autotune $py bench.py train "${gpt2[@]}" --batch_size=32 --compile_mode=max-autotune-no-cudagraphs

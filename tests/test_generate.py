@@ -17,7 +17,7 @@ from model import GPT, GPTConfig
 # query head reads which key/value head matters: 2 key/value heads for 4 query heads
 ARCHS = {"gpt2": {}, "rope": {"rope": True},
          "nanochat": {"rope": True, "qk_norm": True, "mlp": "relu2", "tie_embeddings": False, "n_kv_head": 1,
-                      "norm": "rmsnorm", "logit_softcap": 15.0},
+                      "norm": "rmsnorm", "logit_softcap": 15.0, "embed_norm": True},
          "gqa": {"n_head": 4, "n_kv_head": 2}}
 
 

@@ -14,7 +14,7 @@ GPU = [a.replace("--device=cpu", "--device=cuda") for a in COMMON]
 # nanochat's departures from GPT-2 (grouped-query attention: 2 key/value heads for 4 query heads), so that each test
 # also runs SDPA's enable_gqa and the soft-capped loss on the GPU's kernels
 ARCHS = {"gpt2": {}, "nanochat": dict(rope=True, qk_norm=True, mlp="relu2", tie_embeddings=False, n_kv_head=2,
-                                      norm="rmsnorm", logit_softcap=15.0)}
+                                      norm="rmsnorm", logit_softcap=15.0, embed_norm=True)}
 
 
 @pytest.mark.parametrize("arch", ARCHS)

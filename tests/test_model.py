@@ -34,7 +34,7 @@ def test_shapes_and_padding():
 
 # nanochat's departures from GPT-2 (n_kv_head=1 of tiny's 2 heads: multi-query attention)
 NANOCHAT = dict(rope=True, qk_norm=True, mlp="relu2", tie_embeddings=False, n_kv_head=1, norm="rmsnorm",
-                logit_softcap=15.0)
+                logit_softcap=15.0, embed_norm=True)
 
 
 @pytest.mark.parametrize("arch", [{}, {"rope": True}, NANOCHAT])
@@ -331,6 +331,32 @@ def test_rmsnorm_has_nothing_learned():
     x = torch.randn(2, 3, 32) * 5 + 1
     for norm in (model.transformer.h[1].ln_2, model.transformer.ln_f):
         assert torch.allclose(norm(x), x / x.square().mean(-1, keepdim=True).sqrt(), atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_embed_norm_normalises_what_the_first_block_reads(norm):
+    """embed_norm=True (nanochat's): the first block reads the embeddings (token, plus position without rope)
+    through one more normalisation of the model's kind; off, it reads them as they are. A LayerNorm's gain and bias
+    are parameters of their own, and the weights differ from GPT-2's by that layer only."""
+    for rope in (False, True):
+        normed, plain = tiny(embed_norm=True, norm=norm, rope=rope), tiny(norm=norm, rope=rope)
+        read = {}
+        for name, model in (("normed", normed), ("plain", plain)):
+            model.transformer.h[0].register_forward_pre_hook(lambda m, args, name=name: read.update({name: args[0]}))
+        idx = torch.randint(0, 50, (2, 7))
+        plain.load_state_dict({k: v for k, v in normed.state_dict().items() if ".ln_e." not in k})
+        normed(idx), plain(idx)
+        assert not torch.allclose(read["plain"], read["normed"])
+        assert torch.allclose(read["normed"], normed.transformer.ln_e(read["plain"]), atol=1e-6)
+        rms = read["normed"].square().mean(-1).sqrt()
+        # unit scale, from embeddings of 0.02 to 0.03 (the eps takes some off against their variance of 4e-4 to
+        # 8e-4: LayerNorm's 1e-5, 1 to 2%; RMSNorm's float32 epsilon, 1e-4; LayerNorm also centres them)
+        assert torch.allclose(rms, torch.ones_like(rms), atol=1e-3 if norm == "rmsnorm" else 0.03)
+        assert read["plain"].square().mean().sqrt() < 0.05
+    extra = {k for k in tiny(embed_norm=True).state_dict()} - {k for k in tiny().state_dict()}
+    assert extra == {"transformer.ln_e.weight", "transformer.ln_e.bias"}
+    assert not {k for k in tiny(embed_norm=True, norm="rmsnorm").state_dict()} - \
+        {k for k in tiny(norm="rmsnorm").state_dict()}  # RMSNorm: nothing learned
 
 
 def test_logit_softcap_bounds_the_logits():

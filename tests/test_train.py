@@ -706,22 +706,22 @@ def test_best_model_kept_apart_from_the_latest(data_dir, monkeypatch, capsys):  
 
 def test_nanochat_architecture_trains_resumes_and_samples(data_dir, monkeypatch, capsys):  # noqa: F811
     """--rope --qk_norm --mlp=relu2 --tie_embeddings=False --n_kv_head=1 --norm=rmsnorm --logit_softcap=15
-    (nanochat's model, less its optimizer and initialisation): it learns, resumes as that model without the keys
+    --embed_norm (nanochat's model, less its optimizer and initialisation): it learns, resumes as that model without the keys
     repeated, refuses another one at resume, samples, and is not exported as GPT-2."""
     monkeypatch.chdir(data_dir)
     arch = ["--rope=True", "--qk_norm=True", "--mlp=relu2", "--tie_embeddings=False", "--n_kv_head=1",
-            "--norm=rmsnorm", "--logit_softcap=15"]
+            "--norm=rmsnorm", "--logit_softcap=15", "--embed_norm=True"]
     out = train_here(capsys, *ARGS, *arch, "--max_iters=30", "--eval_interval=30", "--learning_rate=1e-2",
                      "--out_dir=out")
     losses = [r["loss"] for r in log_records("out") if "loss" in r]
     assert max(losses[-5:]) < losses[0] - 0.5, losses
     assert "; GPT-2 but for rope=True, qk_norm=True, mlp='relu2', tie_embeddings=False, n_kv_head=1, " \
-        "norm='rmsnorm', logit_softcap=15.0" in out
+        "norm='rmsnorm', logit_softcap=15.0, embed_norm=True" in out
     ckpt = load_checkpoint("out/ckpt.pt")
     assert {k: ckpt["model_args"][k] for k in ("qk_norm", "mlp", "tie_embeddings", "n_kv_head", "norm",
-                                                "logit_softcap")} == \
+                                                "logit_softcap", "embed_norm")} == \
         {"qk_norm": True, "mlp": "relu2", "tie_embeddings": False, "n_kv_head": 1, "norm": "rmsnorm",
-         "logit_softcap": 15.0}
+         "logit_softcap": 15.0, "embed_norm": True}
     assert not torch.equal(ckpt["model"]["lm_head.weight"], ckpt["model"]["transformer.wte.weight"])
     out = train_here(capsys, *ARGS, "--max_iters=32", "--eval_interval=32", "--out_dir=out", "--init_from=resume")
     assert "resumed from out/ckpt.pt at step 30" in out and "mlp = 'relu2'  <- the weights of out/ckpt.pt" in out
@@ -732,7 +732,7 @@ def test_nanochat_architecture_trains_resumes_and_samples(data_dir, monkeypatch,
     assert len(proc.stdout) > 20
     proc = run_script("export.py", "--out_dir=out", cwd=data_dir, check=False)
     assert proc.returncode == 2 and "GPT-2 cannot express this model (rope=True, qk_norm=True, mlp='relu2', " \
-        "tie_embeddings=False, n_kv_head=1, norm='rmsnorm', logit_softcap=15.0)" in proc.stderr
+        "tie_embeddings=False, n_kv_head=1, norm='rmsnorm', logit_softcap=15.0, embed_norm=True)" in proc.stderr
     import configurator
     import train
     cfg, _ = configurator.parse(train.TrainConfig, ["--mlp=relu", "--norm=rms", "--n_kv_head=5",
