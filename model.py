@@ -1,7 +1,7 @@
 """
 The GPT language model, GPT-2 architecture (nanochat's departures from it optional: rotary positions, QK-norm, ReLU²,
-an untied output layer, grouped-query attention, RMSNorm, soft-capped logits), in plain PyTorch; every script shares
-it.
+an untied output layer, grouped-query attention, RMSNorm, soft-capped logits, normalised input embeddings), in plain
+PyTorch; every script shares it.
 
 Module names follow Hugging Face / OpenAI GPT-2 (wte, wpe, h, ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc,
 mlp.c_proj, ln_f, lm_head), so loading GPT-2 weights is a key-for-key copy (with the Conv1D transposes).
@@ -38,7 +38,7 @@ class GPTConfig:
     qk_norm: bool = False  # queries and keys RMS-normalised per head (after rotation): bounded attention logits
     mlp: str = "gelu"  # the MLP's nonlinearity: 'gelu' (tanh-approximated, GPT-2's) or 'relu2' (ReLU squared, Primer)
     tie_embeddings: bool = True  # the output layer is the token embedding matrix (GPT-2); False: a matrix of its own
-    # and three more: grouped-query attention, parameter-free RMSNorm, soft-capped logits
+    # and four more: grouped-query attention, parameter-free RMSNorm, soft-capped logits, normalised embeddings
     n_kv_head: int = 0  # heads of keys and values; 0: n_head (GPT-2). Fewer: each is shared by n_head/n_kv_head query
     #                     heads (GQA, Ainslie et al. 2023; 1 is multi-query attention), a KV cache that much smaller
     norm: str = "layernorm"  # 'layernorm' (GPT-2's: a learned gain, and a bias with bias=True) or 'rmsnorm' (RMSNorm with

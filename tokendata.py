@@ -11,6 +11,7 @@ A prepared dataset is a folder data/<name>/ with train_000000.bin ..., val_00000
 optional meta.pkl) is read too.
 """
 
+import collections
 import difflib
 import glob
 import json
@@ -27,6 +28,9 @@ from tokenizer import spec_problems
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 # (magic, version) -> token dtype; the uint32 pair is llm.c's for vocabularies past 65,536 tokens (Llama 3)
+# shard files held open at once, the least recently read closed first: a dataset of thousands of shards (FineWeb's
+# 100B tokens in 100M-token shards make 1,000) must stay under the process's open-file limit (often 1,024; macOS 256)
+OPEN_SHARDS = 64
 FORMATS = {(20240520, 1): np.dtype("<u2"), (20240801, 7): np.dtype("<u4")}
 
 
@@ -116,9 +120,17 @@ class Shard:
                                  "with another tokenizer: prepare the dataset again")
         return tokens
 
+    _open = collections.OrderedDict()  # the shards with a file open, least recently read first
+
     def read(self, start, length):
         if self._file is None:
+            if len(Shard._open) >= OPEN_SHARDS:
+                oldest, _ = Shard._open.popitem(last=False)
+                oldest._file.close()
+                oldest._file = None
             self._file = open(self.path, "rb", buffering=0)
+        Shard._open[self] = None
+        Shard._open.move_to_end(self)
         self._file.seek(self.offset + start * self.dtype.itemsize)
         return np.frombuffer(self._file.read(length * self.dtype.itemsize), dtype=self.dtype)
 

@@ -2,10 +2,14 @@ import json
 import os
 import pickle
 import re
+import resource
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
+from conftest import REPO, generated_text, run_script
 from configurator import UserError
 from tokendata import BatchSampler, Dataset, Shard, TokenFileError, read_header, read_tokens, write_tokens
 
@@ -172,3 +176,30 @@ def test_dataset_name_before_a_folder_of_that_name(tmp_path, monkeypatch):
     assert dataset_dir("tinystories", "data") == os.path.join("data", "tinystories")
     assert dataset_dir("elsewhere/mine", "data") == "elsewhere/mine"
     assert dataset_dir("missing", "data") == os.path.join("data", "missing")
+
+
+def test_more_shards_than_the_open_file_limit(tmp_path):
+    """A shard keeps its file open between reads; with more shards than the process may open (FineWeb's 100B tokens
+    in 100M-token shards make 1,000; the usual limit is 1,024, macOS's 256) a run died mid-way of "Too many open
+    files" (a trial). At most OPEN_SHARDS stay open, the least recently read closed first: 360 shards train under a
+    limit of 100 files, and the closed ones read right when read again."""
+    (tmp_path / "t.txt").write_text(generated_text(400_000))
+    run_script("prepare.py", "many", "--source=t.txt", "--tokenizer=char", "--shard_size=1000", cwd=tmp_path)
+    assert len(list((tmp_path / "data/many").glob("train_*.bin"))) == 360
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (100, 100))
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--dataset=many", "--device=cpu",
+                           "--compile=False", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32",
+                           "--batch_size=16", "--max_iters=30", "--eval_interval=30", "--eval_iters=2",
+                           "--sample_tokens=0", "--plot=False", "--out_dir=o"], cwd=tmp_path, preexec_fn=limit,
+                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert proc.returncode == 0 and "saved checkpoint o/ckpt.pt at step 30" in proc.stdout, proc.stderr[-2000:]
+    import tokendata
+    data = Dataset(str(tmp_path / "data/many"))
+    shards = data.shards("train")
+    first = [s.read(5, 10).copy() for s in shards]  # more than OPEN_SHARDS: the first ones closed
+    assert len(Shard._open) == tokendata.OPEN_SHARDS and shards[0]._file is None and shards[-1]._file is not None
+    again = [s.read(5, 10) for s in shards[:3]]
+    assert all(np.array_equal(a, b) for a, b in zip(first, again)) and shards[0]._file is not None
+    assert all(np.array_equal(f, read_tokens(s.path)[5:15]) for f, s in zip(first, shards))
