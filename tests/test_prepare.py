@@ -855,3 +855,37 @@ def test_workers_pass_large_tasks_and_stop_midway():
     closing.join(timeout=60)
     assert not closing.is_alive(), "Workers.close() hung with tasks in flight"
     assert not os.path.exists(workers.spool)
+
+
+def test_a_download_cut_short_is_not_kept(tmp_path):
+    """A server that promises 100,000 bytes and closes after 10: the download is refused, with its byte counts, and
+    leaves no file that a later run would take for the whole (read() just ends early; a trial found the 10 bytes
+    kept as the dataset's input.txt)."""
+    import http.server
+    import threading
+
+    from configurator import UserError
+    from prepare import download
+
+    class CutShort(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            self.wfile.write(b"0123456789")
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), CutShort)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/input.txt"
+        with pytest.raises(UserError, match=r"could not download .*\(the connection closed after 10 of 100,000 bytes; "
+                                            r"run the command again\); offline, point --source at a local copy$"):
+            download(url, str(tmp_path / "input.txt"))
+        assert os.listdir(tmp_path) == []
+    finally:
+        server.shutdown()
+        server.server_close()
