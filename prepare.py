@@ -309,9 +309,18 @@ def passed_over(source):
 
 
 def all_source_files(cfg):
-    """The files of --source, --val_source and --test_source, in that order."""
-    return [f for flag in ("source", "val_source", "test_source") if getattr(cfg, flag)
-            for f in source_files(getattr(cfg, flag), f"--{flag}")]
+    """The files of --source, --val_source and --test_source, in that order; one named by two of them is refused (a
+    folder or glob for train that takes in the val file too: val would score text the model trained on)."""
+    files, split_of = [], {}
+    for flag in ("source", "val_source", "test_source"):
+        for f in source_files(getattr(cfg, flag), f"--{flag}") if getattr(cfg, flag) else []:
+            files.append(f)
+            other = split_of.setdefault(os.path.realpath(f), flag)
+            if other != flag:
+                raise UserError(f"{f} is read by both --{other} and --{flag}: its text would be in both splits, and "
+                                "the val loss would score text the model trained on; keep it out of --" + other +
+                                " (put the val and test files in a folder of their own, or narrow the glob)")
+    return files
 
 
 def file_kind(path):

@@ -563,7 +563,8 @@ def test_list_names_every_recipe(tmp_path):
 
 @pytest.mark.parametrize("case", ["missing", "empty", "undecodable", "no_field", "not_json", "parquet_column",
                                   "hf_offline", "val_fraction", "missing_val_source", "empty_test_source",
-                                  "tokenizer_typo", "bpe_size", "json_array", "json_object", "gzip", "two_vals"])
+                                  "tokenizer_typo", "bpe_size", "json_array", "json_object", "gzip", "two_vals",
+                                  "val_in_train"])
 def test_bad_input(tmp_path, case):
     """One line that says what is wrong and what to do, exit code 2, no traceback, no meta.json, no empty folder."""
     (tmp_path / "bad.txt").write_bytes(b"fine text\n" * 100 + b"caf\xe9\n")
@@ -575,6 +576,9 @@ def test_bad_input(tmp_path, case):
     (tmp_path / "array.json").write_text('[{"text": "a"}, {"text": "b"}]\n')
     (tmp_path / "object.json").write_text('{\n  "text": "a"\n}\n')
     (tmp_path / "good.txt.gz").write_bytes(gzip.compress(b"fine text\n" * 100))
+    (tmp_path / "corpus").mkdir()
+    for name in ("a.txt", "valid.txt"):
+        (tmp_path / "corpus" / name).write_text("fine text\n" * 100)
     args, message = {
         "missing": (["--source=missing/*.txt"], "no such file"),
         "empty": (["--source=empty.txt", "--tokenizer=char"], "holds no text"),
@@ -605,6 +609,12 @@ def test_bad_input(tmp_path, case):
         "tokenizer_typo": (["--source=good.txt", "--tokenizer=chars"],
                            "tokenizer='chars' is neither 'char' (one id per character), 'bpe:N' (an N-token BPE "
                            "trained on this text), a tiktoken encoding (gpt2, "),
+        # a glob for train that takes in the val file: val would score text trained on (a trial's meta.json listed
+        # valid.txt in both splits)
+        "val_in_train": (["--source=corpus/*.txt", "--val_source=corpus/valid.txt", "--tokenizer=char"],
+                         "corpus/valid.txt is read by both --source and --val_source: its text would be in both "
+                         "splits, and the val loss would score text the model trained on; keep it out of --source "
+                         "(put the val and test files in a folder of their own, or narrow the glob)"),
         "bpe_size": (["--source=good.txt", "--tokenizer=bpe:100k", "--bpe_train_chars=0"],
                      "tokenizer='bpe:100k': write a BPE's vocabulary size as bpe:N, e.g. bpe:8192"),
     }[case]
