@@ -188,6 +188,10 @@ def val_loss(cfg, model, tokenizer, train_config, device, autocast, launch, say)
                                       lambda x, y: to_device(x, y, device))
     say(f"{data.data_dir}, {described.replace('evaluation: ', '', 1)}; seed {tc.seed}, on {launch.world_size} "
         "process(es)")
+    recorded, now = (train_config or {}).get("val_data"), data.fingerprint("val")
+    if cfg.split == "val" and recorded and all(isinstance(d, str) for d in recorded + now) and recorded != now:
+        say(f"note: {data.data_dir}'s val split is not the one the run was evaluated on (its shards' digests differ: "
+            "prepared again since?), so this loss is over other tokens than its log's")
     ranks = (train_config or {}).get("processes")
     if not tc.eval_tokens and ranks and ranks != launch.world_size:  # each rank draws its own eval_iters batches
         say(f"note: the run trained on {ranks} processes, each drawing its own evaluation batches; for the number "

@@ -203,6 +203,12 @@ def test_val_loss_is_the_number_train_py_reported(tmp_path, evaluation):
                                    cwd=tmp_path))
     meta = json.loads((tmp_path / "data/shakespeare_char/meta.json").read_text())
     assert ppl["tokens"] == sum(s["tokens"] for s in meta["shards"]["val"]) - 1
+    if "--eval_tokens=5000" in evaluation:  # the dataset prepared again under its name, from other text: said
+        (tmp_path / "other.txt").write_text(text[::-1], encoding="utf-8")
+        run_script("prepare.py", "shakespeare_char", "--source=other.txt", "--tokenizer=out", cwd=tmp_path)
+        said = run_script("evaluate.py", "--out_dir=out", "--task=val_loss", "--device=cpu", cwd=tmp_path).stdout
+        assert "note: data/shakespeare_char's val split is not the one the run was evaluated on (its shards' " \
+            "digests differ: prepared again since?), so this loss is over other tokens than its log's" in said
 
 
 def test_ranks_split_the_work(out_dir):  # noqa: F811
