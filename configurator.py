@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import errno
 import inspect
+import math
 import os
 import re
 import select
@@ -106,6 +107,8 @@ def _check_value(key, value, tp, where):
     if base is int and isinstance(value, bool):
         raise ConfigError(f"{where}: {key} = {value!r}: expected int")
     value = _whole(value) if base is int else value
+    if isinstance(value, float) and not math.isfinite(value):  # the command line cannot spell them: nor may a file
+        raise ConfigError(f"{where}: {key} = {value!r}: expected a finite number")
     if isinstance(value, base):
         return value
     raise ConfigError(f"{where}: {key} = {value!r}: expected {_type_name(tp)}, got {type(value).__name__}")
@@ -118,10 +121,13 @@ def _read_config_file(path):
             source = f.read()
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start:,} is {e.object[e.start:e.start + 1]!r})"
+                          "; save it as UTF-8") from None
     namespace = {}
     try:
         exec(compile(source, path, "exec"), namespace)
-    except Exception as e:  # a config file is user code; any error in it is theirs to fix
+    except (Exception, SystemExit) as e:  # a config file is user code; any error in it (exit() too) is theirs to fix
         raise ConfigError(f"error in config file {path}: {type(e).__name__}: {e}") from None
     return {k: v for k, v in namespace.items()
             if not k.startswith("_") and not isinstance(v, types.ModuleType)}
@@ -250,11 +256,17 @@ def run(main, cls, validate=None, argv=None):
             raise
         silence_stdout()  # the reader of the output went away (`| head`): nothing left to say, and no one to hear
         sys.exit(141)  # as a shell reports a process ended by SIGPIPE
-    except OSError as e:  # a folder the user may not write to (permissions, a read-only file system) is theirs to fix
-        if not (isinstance(e, PermissionError) or e.errno == errno.EROFS):
+    except OSError as e:  # a folder the user may not write to (permissions, a read-only file system, a full disk, a
+        # path through a file) is theirs to fix
+        fixes = {errno.EACCES: "fix its permissions, or choose a folder this user can write to",
+                 errno.EPERM: "fix its permissions, or choose a folder this user can write to",
+                 errno.EROFS: "choose a folder this user can write to",
+                 errno.ENOSPC: "free some space, or choose a folder on another disk",
+                 errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path"}
+        if e.errno not in fixes:
             raise
-        sys.stderr.write(f"error: {e.filename or 'a file'}: {e.strerror}; fix its permissions, or choose a folder "
-                         "this user can write to (--out_dir, --out_root, --data_root)\n")
+        sys.stderr.write(f"error: {e.filename or 'a file'}: {e.strerror}; {fixes[e.errno]} (--out_dir, --out_root, "
+                         "--data_root)\n")
         sys.exit(2)
     except KeyboardInterrupt as e:
         print(f"\ninterrupted{f': {e}' if str(e) else ''}", file=sys.stderr)

@@ -1,4 +1,5 @@
 import os
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -72,6 +73,13 @@ def test_wrong_types():
 
 def test_wrong_type_in_file(tmp_path):
     path = tmp_path / "c.py"
+    for bad, message in (("learning_rate = float('nan')", "learning_rate = nan: expected a finite number"),
+                         ("learning_rate = 1e400", "learning_rate = inf: expected a finite number"),
+                         ("batch_size = 8\n# caf\xe9", "is not UTF-8 text (byte 20 is b'\\xe9'); save it as UTF-8"),
+                         ("import sys; sys.exit(0)", "error in config file .*: SystemExit: 0")):
+        path.write_bytes(bad.encode("latin-1"))  # the command line cannot spell nan; a trial's file could
+        with pytest.raises(ConfigError, match=message if "SystemExit" in message else re.escape(message)):
+            parse(Cfg, [str(path)])
     path.write_text("batch_size = '12'\n")
     with pytest.raises(ConfigError, match="expected int, got str"):
         parse(Cfg, [str(path)])
@@ -106,11 +114,17 @@ def test_every_shipped_config_is_valid(name):
         assert f"python prepare.py {cfg.dataset}" in f.read()
 
 
-@pytest.mark.parametrize("error", [PermissionError(13, "Permission denied", "/data/out"),
-                                   OSError(30, "Read-only file system", "/data/out")])
-def test_a_folder_that_cannot_be_written_is_one_line(error, capsys):
+@pytest.mark.parametrize("error, fix", [
+    (PermissionError(13, "Permission denied", "/data/out"), "fix its permissions, or choose a folder this user can "
+                                                            "write to"),
+    (OSError(30, "Read-only file system", "/data/out"), "choose a folder this user can write to"),
+    (OSError(28, "No space left on device", "/data/out"), "free some space, or choose a folder on another disk"),
+    (NotADirectoryError(20, "Not a directory", "/data/out"), "a part of the path is a file, not a folder: choose "
+                                                             "another path")])
+def test_a_folder_that_cannot_be_written_is_one_line(error, fix, capsys):
     """What a script meets in a folder it may not write to (found with a read-only out_dir, where train.py and
-    prepare.py ended in a traceback) is the user's to fix: one line naming the path, exit code 2."""
+    prepare.py ended in a traceback; a full disk in prepare.py and an --out_dir under a file, in a later trial) is
+    the user's to fix: one line naming the path, exit code 2."""
     from configurator import run
 
     @dataclass
@@ -123,8 +137,8 @@ def test_a_folder_that_cannot_be_written_is_one_line(error, capsys):
     with pytest.raises(SystemExit) as stop:
         run(main, Settings, argv=[])
     assert stop.value.code == 2
-    assert capsys.readouterr().err == (f"error: /data/out: {error.strerror}; fix its permissions, or choose a folder "
-                                       "this user can write to (--out_dir, --out_root, --data_root)\n")
+    assert capsys.readouterr().err == (f"error: /data/out: {error.strerror}; {fix} (--out_dir, --out_root, "
+                                       "--data_root)\n")
     with pytest.raises(FileNotFoundError):  # any other OSError is not assumed to be the user's
         run(lambda cfg, sources: open("/no/such/file"), Settings, argv=[])
 
