@@ -283,11 +283,14 @@ def nanogpt_char_meta(data_dir):
     pkl = os.path.join(data_dir, "meta.pkl")
     if not os.path.exists(pkl):
         return None
-    with open(pkl, "rb") as f:
-        old = pickle.load(f)
-    chars = "".join(old["itos"][i] for i in range(len(old["itos"])))
-    return {"tokenizer": {"type": "char", "chars": chars, "eot": False}, "vocab_size": old["vocab_size"],
-            "eot_id": None}
+    try:
+        with open(pkl, "rb") as f:
+            old = pickle.load(f)
+        chars, vocab_size = "".join(old["itos"][i] for i in range(len(old["itos"]))), int(old["vocab_size"])
+    except Exception as e:  # truncated, another pickle, a dict without nanoGPT's keys: pickle raises many kinds
+        raise UserError(f"{pkl} is not nanoGPT's char vocabulary (a dict with itos, stoi and vocab_size: "
+                        f"{type(e).__name__}: {e}); prepare the dataset again (nanoGPT's prepare.py, or ours)") from None
+    return {"tokenizer": {"type": "char", "chars": chars, "eot": False}, "vocab_size": vocab_size, "eot_id": None}
 
 
 def read_windows(shards, cumulative, picks, length, stride=1):

@@ -71,6 +71,14 @@ def test_nanogpt_layout(tmp_path):
     shard, = data.shards("train")
     assert shard.num_tokens == 300 and shard.offset == 0
     assert list(shard.read(10, 5)) == [i % len(chars) for i in range(10, 15)]
+    # a damaged meta.pkl, or one without nanoGPT's keys, is one line, not pickle's traceback (a trial)
+    whole = (tmp_path / "meta.pkl").read_bytes()
+    for damaged in (whole[:len(whole) // 2], pickle.dumps({"vocab_size": len(chars), "chars": chars})):
+        (tmp_path / "meta.pkl").write_bytes(damaged)
+        with pytest.raises(UserError, match=r"meta.pkl is not nanoGPT's char vocabulary \(a dict with itos, stoi "
+                                            r"and vocab_size: (UnpicklingError|EOFError|KeyError).*\); prepare the "
+                                            r"dataset again"):
+            Dataset(str(tmp_path))
 
 
 def test_missing_dataset_message(tmp_path, monkeypatch):
