@@ -986,15 +986,24 @@ def load_resume_state(work_dir, expected_fingerprint):
     if state.get("fingerprint") != json.loads(json.dumps(expected_fingerprint)):
         print(f"{path} is from a preparation with other settings or source files: starting over")
         return None
-    dtype = np.dtype(state["token_dtype"])
-    for split in state["splits"].values():
-        for shard in split["shards"]:
-            if not shard_intact(work_dir, shard, dtype):
-                print(f"{shard['file']} is not the shard the interrupted run wrote: starting over")
+    try:
+        dtype = np.dtype(state["token_dtype"])
+        for split in state["splits"].values():
+            for shard in split["shards"]:
+                if not shard_intact(work_dir, shard, dtype):
+                    print(f"{shard['file']} is not the shard the interrupted run wrote: starting over")
+                    return None
+            if split["partial"] and not os.path.exists(os.path.join(work_dir, split["partial"])):
+                print(f"{split['partial']} is missing: starting over")
                 return None
-        if split["partial"] and not os.path.exists(os.path.join(work_dir, split["partial"])):
-            print(f"{split['partial']} is missing: starting over")
-            return None
+            if "partial_sha256" in split and split["partial"] and not shard_intact(
+                    work_dir, {"file": split["partial"], "tokens": split["partial_tokens"],
+                               "sha256": split["partial_sha256"]}, dtype):
+                print(f"{split['partial']} is not what the interrupted run wrote: starting over")
+                return None
+    except (KeyError, TypeError, AttributeError):  # edited by hand, or a file of another kind
+        print(f"{path} lacks what a resume needs: starting over")
+        return None
     return state
 
 
@@ -1004,11 +1013,13 @@ def save_resume_state(work_dir, fp, tokenizer, dtype, next_piece, writers):
     old = set(glob.glob(os.path.join(work_dir, "resume-*.part")))
     splits = {}
     for split, w in writers.items():
-        partial = None
+        partial, check = None, {}
         if w.n:
             partial = f"resume-{split}-{next_piece}.part"
-            write_tokens(os.path.join(work_dir, partial), w.buf[:w.n], dtype)
-        splits[split] = {"shards": w.shards, "partial": partial}
+            tokens = w.buf[:w.n].astype(dtype, copy=False)
+            write_tokens(os.path.join(work_dir, partial), tokens, dtype)
+            check = {"partial_tokens": int(w.n), "partial_sha256": hashlib.sha256(tokens.tobytes()).hexdigest()}
+        splits[split] = {"shards": w.shards, "partial": partial, **check}
     state = {"fingerprint": fp, "tokenizer": tokenizer.meta(), "token_dtype": dtype.name, "next_piece": next_piece,
              "splits": splits}
     write_json(os.path.join(work_dir, "resume.json"), state)

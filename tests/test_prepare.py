@@ -357,6 +357,24 @@ def test_resume_after_kill_gives_same_bytes(tmp_path, sig, tokenizer, kill_sourc
     (tmp_path / "data/docs/unfinished/train_000099.bin.tmp4242").write_bytes(b"half a shard")
     kept = json.loads(state_path.read_text())["splits"]["train"]["shards"]
     kept_mtimes = {s["file"]: os.path.getmtime(tmp_path / "data/docs/unfinished" / s["file"]) for s in kept}
+    if tokenizer == "char":  # the tokens after the last shard, damaged in a copy: refused there, by their digest
+        shutil.copytree(tmp_path / "data", tmp_path / "damaged/data")
+        partial = json.loads(state_path.read_text())["splits"]["train"]["partial"]
+        damaged = tmp_path / "damaged/data/docs/unfinished" / partial
+        data = bytearray(damaged.read_bytes())
+        data[-1] ^= 1  # the last token, 256 ids off
+        damaged.write_bytes(data)
+        again = run_script("prepare.py", *args, cwd=tmp_path / "damaged")
+        assert f"{partial} is not what the interrupted run wrote: starting over" in again.stdout
+        assert shard_bytes(tmp_path / "damaged/data/docs") == shard_bytes(clean / "docs")
+        # a resume.json edited by hand: the same, not a KeyError that threw the finished shards away (a trial)
+        from prepare import load_resume_state
+        state = json.loads(state_path.read_text())
+        assert load_resume_state(str(state_path.parent), state["fingerprint"]) is not None
+        shutil.copy(state_path, tmp_path / "resume.json")
+        state_path.write_text(json.dumps({k: v for k, v in state.items() if k != "splits"}))
+        assert load_resume_state(str(state_path.parent), state["fingerprint"]) is None
+        shutil.copy(tmp_path / "resume.json", state_path)
 
     resumed = run_script("prepare.py", *args, cwd=tmp_path)
     assert "resuming: " in resumed.stdout and "learned a" not in resumed.stdout  # its BPE, not learned again
