@@ -300,6 +300,14 @@ def load_checkpoint(path, map_location="cpu"):
         if os.path.isfile(os.path.join(folder, "config.json")):  # export.py's output, or a Hugging Face download
             raise CheckpointError(f"no checkpoint at {path}: {folder} holds a Hugging Face model; give "
                                   f"--init_from={folder} to sample or evaluate it")
+        # ckpt.pt deleted or moved by hand: the run's other checkpoints, the newest numbered one first
+        others = [p for _, p in step_checkpoints(folder)][::-1] + \
+            [p for p in [os.path.join(folder, BEST)] if os.path.isfile(p)]
+        if others:
+            raise CheckpointError(f"no checkpoint at {path}, but {folder} holds {len(others)} other"
+                                  f"{'s' * (len(others) > 1)}: give {others[0]} instead (--init_from={others[0]}; "
+                                  f"export.py: --out_dir={others[0]}), or, to resume training from it, link it "
+                                  f"first: ln -f {others[0]} {path}")
         raise CheckpointError(f"no checkpoint at {path}; train one first (python train.py ...) or check --out_dir")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=False)
@@ -315,6 +323,9 @@ def load_checkpoint(path, map_location="cpu"):
             problem = "is corrupt: its tensors do not match the checksum written with them"
     if problem:
         raise CheckpointError(f"{path} {problem}{_fallback_hint(path)}")
+    if checkpoint.get("format", CHECKPOINT_FORMAT) > CHECKPOINT_FORMAT:  # its keys may mean what this code cannot know
+        raise CheckpointError(f"{path} is a checkpoint of format {checkpoint['format']}, newer than this toolkit "
+                              f"reads ({CHECKPOINT_FORMAT}): update the toolkit (git pull)")
     checkpoint["model"] = clean_state_dict(checkpoint["model"])
     if "meta" not in checkpoint:  # nanoGPT's
         checkpoint["meta"] = meta = _nanogpt_meta(checkpoint)

@@ -388,6 +388,27 @@ def test_fallback_hint_works_through_hard_links(tmp_path):
     assert (tmp_path / "ckpt_00000200.pt").read_bytes() == b"garbage"  # not a copy of step 100 under step 200's name
 
 
+def test_a_missing_ckpt_pt_names_the_runs_other_checkpoints(tmp_path):
+    """ckpt.pt deleted or moved, the numbered checkpoints and best.pt still there: not "train one first" (a trial),
+    but the newest to give instead, and the link that resumes from it (which then works)."""
+    for step in (100, 200):
+        save_training_checkpoint(str(tmp_path), big_checkpoint(step), step, keep_last_n=5)
+    os.unlink(tmp_path / "ckpt.pt")
+    newest = tmp_path / "ckpt_00000200.pt"
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(str(tmp_path))
+    assert str(error.value) == (f"no checkpoint at {tmp_path}/ckpt.pt, but {tmp_path} holds 2 others: give {newest} "
+                                f"instead (--init_from={newest}; export.py: --out_dir={newest}), or, to resume "
+                                f"training from it, link it first: ln -f {newest} {tmp_path}/ckpt.pt")
+    subprocess.run(str(error.value).split("link it first: ")[1], shell=True, check=True)
+    assert load_checkpoint(str(tmp_path))["step"] == 200
+    # a checkpoint of a later format: its keys may mean what this code cannot know
+    save_checkpoint(str(tmp_path / "new.pt"), {**big_checkpoint(5), "format": 2})
+    with pytest.raises(CheckpointError, match=r"new.pt is a checkpoint of format 2, newer than this toolkit reads "
+                                              r"\(1\): update the toolkit \(git pull\)"):
+        load_checkpoint(str(tmp_path / "new.pt"))
+
+
 def test_prefixes_stripped(tmp_path):
     save_checkpoint(str(tmp_path / "ckpt.pt"), {"model": {"_orig_mod.module.lm_head.weight": torch.ones(1),
                                                           "module.wte": torch.ones(1)}, "model_args": {}})
