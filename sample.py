@@ -109,6 +109,12 @@ class Streamer:
         print(text[self.printed:], flush=True)
 
 
+# the keys each way of decoding leaves unread: beam search and greedy decoding draw nothing at random
+UNUSED_BY = {"beam search": ("temperature", "top_k", "top_p", "seed"),
+             "greedy decoding": ("top_k", "top_p", "seed", "length_penalty", "early_stopping"),
+             "sampling": ("length_penalty", "early_stopping")}
+
+
 def main(cfg, sources):
     device = pick_device(cfg.device)
     device_type = device.split(":")[0]
@@ -131,6 +137,10 @@ def main(cfg, sources):
         stop_ids.append(tokenizer.eot_id)  # a sample ends where its document would
     stop = Stop(stop_ids, strings, tokenizer.decode)
 
+    kind = "beam search" if cfg.num_beams > 1 else "greedy decoding" if cfg.temperature == 0 else "sampling"
+    unused = [k for k in UNUSED_BY[kind] if k in sources]  # given, and nothing reads them: say so, not ignore them
+    if unused:
+        print(f"note: {kind} does not use {', '.join('--' + k for k in unused)}", file=sys.stderr)
     if cfg.num_beams > 1:
         how = (f"beam search, {cfg.num_beams} beams, length penalty {cfg.length_penalty}, "
                f"{'early stopping' if cfg.early_stopping else 'no early stopping'}")

@@ -83,6 +83,13 @@ def test_seed_reproduces_and_beams(out_dir, tmp_path):
                    "--stop=[\"\\n\\n\", 1]")
     texts = samples_of(beams.stdout)
     assert len(texts) == 2 and texts[0] != texts[1] and all(t.startswith("A") for t in texts)
+    assert "note:" not in beams.stderr
+    # settings the decoding never reads are named, not quietly dropped (a trial's --temperature with beams)
+    told = sample(out_dir, "--start=A", "--max_new_tokens=10", "--num_beams=3", "--num_samples=2",
+                  "--stop=[\"\\n\\n\", 1]", "--temperature=0.7", "--top_p=0.9", "--seed=5")
+    assert told.stdout == beams.stdout and "note: beam search does not use --temperature, --top_p, --seed" in told.stderr
+    told = sample(out_dir, "--start=A", "--max_new_tokens=5", "--num_samples=1", "--length_penalty=2")
+    assert "note: sampling does not use --length_penalty" in told.stderr
     # the checkpoint named as train.py's --init_from takes it, its folder or its file, from anywhere
     for init_from in ("out", "out/ckpt.pt"):
         named = run_script("sample.py", f"--init_from={init_from}", "--out_dir=elsewhere", "--device=cpu", *args,
