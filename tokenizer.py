@@ -262,7 +262,14 @@ def spec_problems(spec, vocab_size=None):
                 f'{{"type": "bpe", ...}}']
     if spec["type"] == "tiktoken":
         encoding = spec.get("encoding", "gpt2")
-        return [] if isinstance(encoding, str) else [f"tiktoken encoding {encoding!r} is not a name"]
+        if not isinstance(encoding, str):
+            return [f"tiktoken encoding {encoding!r} is not a name"]
+        import tiktoken
+        if encoding not in tiktoken.list_encoding_names():  # known without loading (or downloading) its files
+            return [f"tiktoken has no encoding {encoding!r} (it has: {', '.join(tiktoken.list_encoding_names())})"]
+        if vocab_size is not None and encoding in ("gpt2", "r50k_base") and vocab_size != 50257:
+            return [f"the tiktoken encoding {encoding!r} has 50,257 tokens, but vocab_size is {vocab_size:,}"]
+        return []
     if spec["type"] == "bpe":
         return bpe_json_problems(spec.get("tokenizer_json"), vocab_size)
     chars, eot = spec.get("chars"), spec.get("eot", False)

@@ -150,6 +150,11 @@ CHARS = "abcdefghij"
     (lambda m: {k: v for k, v in m.items() if k != "tokenizer"}, "tokenizer None is not"),
     (lambda m: {**m, "tokenizer": {"type": "char", "chars": "aabcdefghi", "eot": False}}, "repeat a character"),
     (lambda m: {**m, "eot_id": 10}, "eot_id 10 is not an id of the vocabulary"),
+    # a GPT-2 dataset's vocab_size edited, and an encoding tiktoken does not have (trained on, then unsampleable)
+    (lambda m: {**m, "tokenizer": {"type": "tiktoken", "encoding": "gpt2"}, "vocab_size": 60000},
+     "the tiktoken encoding 'gpt2' has 50,257 tokens, but vocab_size is 60,000"),
+    (lambda m: {**m, "tokenizer": {"type": "tiktoken", "encoding": "gpt3"}}, "tiktoken has no encoding 'gpt3' (it "
+                                                                             "has: gpt2, r50k_base, "),
 ])
 def test_edited_meta_json_refused(tmp_path, edit, message):
     """A meta.json edited by hand or damaged is refused when the dataset is opened, naming what is wrong."""
