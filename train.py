@@ -151,6 +151,8 @@ def validate(cfg):
                                             "log_interval", "gradient_accumulation_steps", "max_bad_steps") +
                                       (() if cfg.eval_tokens else ("eval_iters",)), 1)  # unused with eval_tokens
     problems += head_problems(cfg.n_embd, cfg.n_head, cfg.rope, cfg.n_kv_head)
+    if not cfg.dataset.strip():  # else the data root itself was taken for the dataset's folder
+        problems.append("dataset='' names no dataset: give --dataset=NAME (prepared under data_root) or its folder")
     if cfg.skip_spikes < 0:
         problems.append(f"skip_spikes={cfg.skip_spikes} must be 0 (off) or a number of standard deviations")
     if cfg.spike_window < 2:

@@ -73,6 +73,7 @@ def test_bpe_pipeline(tmp_path, shakespeare_path):
     (["--n_embd=100", "--n_head=3", "--dropout=1.5", "--total_batch_size=1000"],
      "n_embd=100 is not divisible by n_head=3"),
     (["--dataset=no_such_data"], "python prepare.py no_such_data"),
+    (["--dataset="], "dataset='' names no dataset: give --dataset=NAME (prepared under data_root) or its folder"),
     (["--dataset=data/no_such_data"], "dataset folder data/no_such_data does not exist"),  # not data/data/...
     (["--dataset=a_run"], "a_run is a training run's folder, not a dataset"),
     (["--init_from=resum"], "; did you mean 'resume'?"),
