@@ -93,6 +93,11 @@ def read_tokens(path):
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count,))
 
 
+def identity(stat):
+    """What tells a file from another put in its place: its inode, size and modification time."""
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
 class Shard:
     """One file of tokens: a headered token file or a headerless nanoGPT .bin. Reads go through a plain file handle
     so that resident memory stays flat over a long run (a memmap's touched pages count towards RSS).
@@ -109,7 +114,7 @@ class Shard:
         else:  # nanoGPT: raw uint16, no header
             self.dtype, self.offset = np.dtype("<u2"), 0
             self.num_tokens = os.path.getsize(path) // 2
-        self._file = None
+        self._file, self._identity = None, identity(os.stat(path))
 
     def check_ids(self, start, tokens):
         """tokens (read from `start`), once none is outside the vocabulary; an embedding lookup would crash later."""
@@ -128,7 +133,18 @@ class Shard:
                 oldest, _ = Shard._open.popitem(last=False)
                 oldest._file.close()
                 oldest._file = None
-            self._file = open(self.path, "rb", buffering=0)
+            try:
+                self._file = open(self.path, "rb", buffering=0)
+                same = identity(os.fstat(self._file.fileno())) == self._identity
+            except FileNotFoundError:
+                same = False
+            if not same:  # prepare.py run again under the dataset's name: batches would mix two datasets
+                if self._file is not None:
+                    self._file.close()
+                    self._file = None
+                raise TokenFileError(f"{self.path} has changed since this run started reading it (the dataset "
+                                     "prepared again?); its batches would mix two datasets: resume once the "
+                                     "preparation is done")
         Shard._open[self] = None
         Shard._open.move_to_end(self)
         self._file.seek(self.offset + start * self.dtype.itemsize)

@@ -216,3 +216,23 @@ def test_more_shards_than_the_open_file_limit(tmp_path):
     again = [s.read(5, 10) for s in shards[:3]]
     assert all(np.array_equal(a, b) for a, b in zip(first, again)) and shards[0]._file is not None
     assert all(np.array_equal(f, read_tokens(s.path)[5:15]) for f, s in zip(first, shards))
+
+
+def test_a_shard_replaced_while_read_is_refused(tmp_path):
+    """prepare.py run again under a dataset's name while a run reads it: the shards the run had not opened yet (or
+    had closed, past OPEN_SHARDS) held the other text, mixed into its batches without a word, and a shard the new
+    preparation lacks was a traceback (a trial). A file that is not the one the run started with is refused."""
+    paths = [str(tmp_path / f"train_{i:06d}.bin") for i in range(3)]
+    for path in paths:
+        write_tokens(path, np.arange(100) % 7)
+    shards = [Shard(p, headered=True, vocab_size=7) for p in paths]
+    assert list(shards[0].read(3, 4)) == [3, 4, 5, 6]
+    write_tokens(paths[1], np.arange(100) % 5)  # the same size, another file in its place
+    os.remove(paths[2])
+    for shard in shards[1:]:
+        with pytest.raises(TokenFileError, match=r"train_00000[12].bin has changed since this run started reading it "
+                                                 r"\(the dataset prepared again\?\); its batches would mix two "
+                                                 r"datasets: resume once the preparation is done"):
+            shard.read(0, 4)
+        assert shard._file is None and shard not in Shard._open
+    assert list(shards[0].read(3, 4)) == [3, 4, 5, 6]  # the one it holds open reads as it was
