@@ -20,6 +20,7 @@ tokenizers. The tests check the results against transformers.
 """
 
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -411,6 +412,9 @@ def save_hf_gpt2(model, meta, hf_dir, dtype="float32"):
     hf_dir = os.path.normpath(hf_dir)
     if os.path.exists(hf_dir) and not os.path.isdir(hf_dir):
         raise UserError(f"{hf_dir} is a file, not a folder: choose another --hf_dir")
+    if os.path.ismount(hf_dir):  # written beside it and renamed into place: a mount point cannot be (a volume)
+        raise UserError(f"{hf_dir} is a mount point, which an export cannot replace: give a folder inside it, "
+                        f"--hf_dir={os.path.join(hf_dir, 'model')}")
     if os.path.exists(hf_dir):
         foreign = sorted(set(os.listdir(hf_dir)) - EXPORT_FILES)
         if foreign:
@@ -425,7 +429,12 @@ def save_hf_gpt2(model, meta, hf_dir, dtype="float32"):
         _write_text(tmp, "config.json", json.dumps(hf_config(model.config, eot_id, dtype), indent=2))
         _write_text(tmp, "generation_config.json", json.dumps({"bos_token_id": eot_id, "eos_token_id": eot_id}))
         from safetensors.torch import save_file
-        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        try:
+            save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        except Exception as e:  # safetensors' own error type for what is an OSError: a full disk most of all
+            if "No space left" in str(e):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), hf_dir) from None
+            raise
         umask = os.umask(0)
         os.umask(umask)  # safetensors writes its file for its owner only (0600): give it a new file's usual mode, so
         os.chmod(os.path.join(tmp, "model.safetensors"), 0o666 & ~umask)  # the rest of a shared cluster can read it

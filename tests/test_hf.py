@@ -260,6 +260,35 @@ def test_export_refusals_leave_nothing_behind(tmp_path):
     save_hf_gpt2(model, meta, tmp_path / "hf")  # re-exporting replaces a previous export
     assert load_hf_gpt2(str(tmp_path / "hf")).transformer.ln_f.weight.eq(2.0).all()
 
+
+def test_export_into_a_full_disk_or_a_mount_point(tmp_path, monkeypatch):
+    """A full disk is an OSError (one line from every script), not safetensors' own error's traceback, and leaves the
+    earlier export whole; a mount point (a container's volume), which the swap into place cannot rename, is refused
+    before anything is written, with the folder inside it to give (both tracebacks in a trial)."""
+    import errno
+
+    import safetensors.torch
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20))
+    meta = {"tokenizer": CharTokenizer("abcdefghijklmnopqrst").meta(), "vocab_size": 20, "eot_id": None}
+    save_hf_gpt2(model, meta, tmp_path / "hf")
+    first = (tmp_path / "hf" / "model.safetensors").read_bytes()
+
+    def full(*args, **kwargs):
+        raise safetensors.SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                                          "message: \"No space left on device\" })")
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(OSError) as error:
+        save_hf_gpt2(model, meta, tmp_path / "hf")
+    assert error.value.errno == errno.ENOSPC and error.value.filename == str(tmp_path / "hf")
+    assert sorted(os.listdir(tmp_path)) == ["hf"] and (tmp_path / "hf" / "model.safetensors").read_bytes() == first
+    monkeypatch.undo()
+    mounted = str(tmp_path / "volume")
+    monkeypatch.setattr(os.path, "ismount", lambda path: os.path.normpath(path) == mounted)  # mounting needs root
+    with pytest.raises(UserError, match=f"{mounted} is a mount point, which an export cannot replace: give a folder "
+                                        f"inside it, --hf_dir={mounted}/model"):
+        save_hf_gpt2(model, meta, mounted)
+    assert sorted(os.listdir(tmp_path)) == ["hf"]
+
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="holds files an export does not write \\(notes.txt\\)"):
