@@ -67,15 +67,28 @@ def write_hellaswag(path, extra=()):
     return path
 
 
-@pytest.fixture
-def shakespeare_path(tmp_path):
-    """tiny Shakespeare from ../shared/data when present, else generated text of similar character."""
+def shakespeare_text_in(folder):
+    """tiny Shakespeare from ../shared/data when present, else generated text of similar character, in `folder`."""
     path = os.path.join(SHARED, "data", "tinyshakespeare.txt")
     if os.path.exists(path):
         return os.path.abspath(path)
-    path = tmp_path / "generated.txt"
+    path = folder / "generated.txt"
     path.write_text(generated_text())
     return str(path)
+
+
+@pytest.fixture
+def shakespeare_path(tmp_path):
+    return shakespeare_text_in(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def prepared_shakespeare(tmp_path_factory):
+    """data/shakespeare_char as `python prepare.py shakespeare_char` makes it, once per session: the tests that
+    only train on it copy it (some 60 preparations took 1.5 s each of CI's time)."""
+    folder = tmp_path_factory.mktemp("prepared")
+    run_script("prepare.py", "shakespeare_char", f"--source={shakespeare_text_in(folder)}", cwd=folder)
+    return folder / "data"
 
 
 def run_script(script, *args, cwd, check=True, timeout=600, env=None):

@@ -24,8 +24,9 @@ ARGS = ["--dataset=shakespeare_char", "--device=cpu", "--compile=False", "--n_la
 
 
 @pytest.fixture
-def data_dir(tmp_path, shakespeare_path):
-    run_script("prepare.py", "shakespeare_char", f"--source={shakespeare_path}", cwd=tmp_path)
+def data_dir(tmp_path, prepared_shakespeare):
+    """A folder of its own with data/shakespeare_char in it, a copy of the session's preparation."""
+    shutil.copytree(prepared_shakespeare, tmp_path / "data")
     return tmp_path
 
 

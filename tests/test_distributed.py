@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -91,8 +92,9 @@ def test_salloc_and_batch_shell_run_single():
     assert detect_launch(slurm_env(SLURM_STEP_NUM_TASKS="1", SLURM_NTASKS="1", SLURM_PROCID="0")).mode == "single"
 
 
-def prepare_tiny(tmp_path, shakespeare_path):
-    run_script("prepare.py", "shakespeare_char", f"--source={shakespeare_path}", cwd=tmp_path)
+def prepare_tiny(tmp_path, prepared_shakespeare):
+    """data/shakespeare_char in tmp_path: a copy of the session's preparation (conftest.prepared_shakespeare)."""
+    shutil.copytree(prepared_shakespeare, tmp_path / "data")
 
 
 COMMON = ["--dataset=shakespeare_char", "--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2",
@@ -105,8 +107,8 @@ def train_losses(out_dir):
         return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
-def test_gradient_accumulation_equals_big_batch(tmp_path, shakespeare_path):
-    prepare_tiny(tmp_path, shakespeare_path)
+def test_gradient_accumulation_equals_big_batch(tmp_path, prepared_shakespeare):
+    prepare_tiny(tmp_path, prepared_shakespeare)
     run_script("train.py", *COMMON, "--batch_size=8", "--out_dir=big", cwd=tmp_path)
     run_script("train.py", *COMMON, "--batch_size=2", "--gradient_accumulation_steps=4", "--out_dir=accum",
                cwd=tmp_path)
@@ -140,11 +142,11 @@ def run_torchrun(tmp_path, *args, nproc=2):
     return proc
 
 
-def test_two_ranks_equal_one_rank_with_accumulation(tmp_path, shakespeare_path):
+def test_two_ranks_equal_one_rank_with_accumulation(tmp_path, prepared_shakespeare):
     """The same training steps, and with eval_tokens the same evaluation (3,001 tokens: 94 windows, the last one
     short, 47 a rank), HellaSwag's items shared out (3 a rank) included."""
     from conftest import write_hellaswag
-    prepare_tiny(tmp_path, shakespeare_path)
+    prepare_tiny(tmp_path, prepared_shakespeare)
     write_hellaswag(tmp_path / "data/hellaswag/hellaswag_val.jsonl")
     args = [*COMMON, "--batch_size=4", "--gradient_accumulation_steps=2", "--eval_tokens=3001", "--hellaswag=True"]
     run_script("train.py", *args, "--out_dir=one", cwd=tmp_path)
@@ -164,14 +166,14 @@ def test_two_ranks_equal_one_rank_with_accumulation(tmp_path, shakespeare_path):
     assert np.allclose(evals["one"], evals["two"], rtol=0, atol=1e-5), evals
 
 
-def test_a_signal_to_one_rank_stops_every_rank_alike(tmp_path, shakespeare_path):
+def test_a_signal_to_one_rank_stops_every_rank_alike(tmp_path, prepared_shakespeare):
     """Ctrl-C's SIGINT reaching rank 1 alone (a terminal's process group, a kill by pid): every rank stops at the same
     step for that reason, and every rank exits with its code, 130, not the requeue code 3 for the ranks that saw no
     signal (under srun, the code decides whether the job is requeued)."""
     import re
     import signal
     import time
-    prepare_tiny(tmp_path, shakespeare_path)
+    prepare_tiny(tmp_path, prepared_shakespeare)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     with open(tmp_path / "out.txt", "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -209,8 +211,8 @@ def test_a_config_error_is_said_once_under_torchrun(tmp_path):
     assert (proc.stdout + proc.stderr).count("error: unknown option --bach_size") == 1, proc.stderr[-3000:]
 
 
-def test_total_batch_size_must_divide(tmp_path, shakespeare_path):
-    prepare_tiny(tmp_path, shakespeare_path)
+def test_total_batch_size_must_divide(tmp_path, prepared_shakespeare):
+    prepare_tiny(tmp_path, prepared_shakespeare)
     proc = run_script("train.py", *COMMON, "--batch_size=4", "--total_batch_size=1000", cwd=tmp_path, check=False)
     assert proc.returncode == 2
     assert "total_batch_size=1,000 tokens is not a multiple of batch_size 4 x block_size 32 x 1 processes = 128" \

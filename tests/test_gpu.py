@@ -132,9 +132,9 @@ def test_masked_attention_skips_cudnn_under_flash_first():
     assert "aten::_scaled_dot_product_efficient_attention" in ops and not any("cudnn" in op for op in ops), ops
 
 
-def test_torchrun_one_gpu_matches_python(tmp_path, shakespeare_path):
+def test_torchrun_one_gpu_matches_python(tmp_path, prepared_shakespeare):
     """A single-GPU run under torchrun --nproc_per_node=1 follows plain python step for step."""
-    prepare_tiny(tmp_path, shakespeare_path)
+    prepare_tiny(tmp_path, prepared_shakespeare)
     args = [*GPU, "--batch_size=8", "--compile=True", "--dtype=bfloat16"]
     run_script("train.py", *args, "--out_dir=python", cwd=tmp_path)
     out = run_torchrun(tmp_path, *args, "--out_dir=torchrun", nproc=1)
