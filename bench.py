@@ -2,7 +2,7 @@
 Benchmarks: the numbers behind the README's claims, one subcommand each (measurements, not timed tests).
 
     python bench.py sample                    # tokens/s generating with and without the KV cache
-    python bench.py sample --device=cuda --batch_sizes=1,8,32 --compile=True   # also the compiled static-cache step
+    python bench.py sample --device=cuda --batch_sizes=1,8,64 --compile=True   # also the compiled static-cache step
     python bench.py sample --help             # every key of a subcommand
     python bench.py train config/gpt2_124m.py --batch_size=32 --total_batch_size=0 --profile=True
                                               # ms/step, tokens/s, MFU, peak memory of train.py's optimizer step
@@ -183,6 +183,12 @@ def run_train_bench(cfg, device, dtype, grad_accum, batch_explain, vocab_size, s
     def one_step():
         accumulate_gradients(step_model, batches, grad_accum, autocast, scaler, optimizer, cfg.grad_clip, False)
 
+    # said before the timing, which takes minutes where a step does (GPT-2 small on a CPU): not a silent wait
+    print(f"train: {batch_explain}; {round(model.get_num_params() / 1e6, 2)}M parameters on {device_name(device)}, "
+          f"{dtype}, compile {cfg.compile_mode if use_compile else 'off'}, fused loss "
+          f"{'on' if cfg.fused_loss else 'off'}{', recompute on' if cfg.recompute else ''}"
+          f"{', Muon' if cfg.optimizer == 'muon' else ''}"
+          f"{''.join(f', {k}={v}' for k, v in model.config.departures().items())}; {kernels_note}", flush=True)
     times = []
     for i in range(cfg.warmup + cfg.steps):
         sync()
@@ -218,11 +224,6 @@ def run_train_bench(cfg, device, dtype, grad_accum, batch_explain, vocab_size, s
         "peak_memory_GiB": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device_type == "cuda" else None,
         "first_step_s": round(times[0], 2),  # includes torch.compile when it is on
     }
-    print(f"train: {batch_explain}; {result['params_M']}M parameters on {result['device']}, {dtype}, "
-          f"compile {cfg.compile_mode if use_compile else 'off'}, fused loss {'on' if cfg.fused_loss else 'off'}"
-          f"{', recompute on' if cfg.recompute else ''}{', Muon' if cfg.optimizer == 'muon' else ''}"
-          f"{''.join(f', {k}={v}' for k, v in model.config.departures().items())}; "
-          f"{kernels_note}")
     memory = "-" if result["peak_memory_GiB"] is None else f"{result['peak_memory_GiB']} GiB"
     print(f"  {ms:.1f} ms/step (median of {cfg.steps}) | {result['tokens_per_sec']:,} tokens/s | "
           f"mfu {f'{mfu:.1%}' if mfu else '-'} | peak memory {memory} | "
