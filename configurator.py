@@ -200,6 +200,10 @@ def parse(cls, argv, prog=None):
                 values[key] = _check_value(key, value, hints[key], arg)
                 sources[key] = arg
         else:
+            before = argv[argv.index(arg) - 1] if argv.index(arg) else ""
+            if before.startswith("--") and "=" not in before:  # --max_iters 10, as argparse would take it
+                raise ConfigError(f"unexpected argument {arg!r}: did you mean {before}={arg}? (a value follows its "
+                                  "key after =)")
             raise ConfigError(f"unexpected argument {arg!r}: give config files (*.py) and --key=value options")
     return cls(**values), sources
 

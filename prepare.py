@@ -125,8 +125,9 @@ def validate(cfg):
         problems.append("name the dataset: a recipe (python prepare.py shakespeare_char; see --list), or a name of "
                         "your own for your text: python prepare.py mytext --source=PATH")
     elif cfg.name not in RECIPES and not cfg.source and not cfg.hf:
-        problems.append(f"{cfg.name!r} is not a recipe (see --list); for your own text give --source=PATH "
-                        "or --hf=owner/name")
+        close = difflib.get_close_matches(cfg.name, RECIPES, n=1)
+        problems.append(f"{cfg.name!r} is not a recipe ({f'did you mean {close[0]!r}? ' if close else ''}see --list)"
+                        "; for your own text give --source=PATH or --hf=owner/name")
     if cfg.source and cfg.hf:
         problems.append("give --source (local files) or --hf (a Hugging Face dataset), not both")
     if (cfg.val_source or cfg.test_source) and not cfg.source:

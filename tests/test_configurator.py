@@ -69,6 +69,9 @@ def test_wrong_types():
         parse(Cfg, ["--decay_lr=maybe"])
     with pytest.raises(ConfigError, match="needs a value"):
         parse(Cfg, ["--batch_size"])
+    with pytest.raises(ConfigError, match=r"unexpected argument '10': did you mean --batch_size=10\? \(a value "
+                                          r"follows its key after =\)"):  # argparse's spelling, in a trial
+        parse(Cfg, ["--compile=False", "--batch_size", "10"])
 
 
 def test_wrong_type_in_file(tmp_path):

@@ -543,6 +543,9 @@ def test_name_like_a_recipe_gets_a_note(tmp_path):
     typo = run_script("prepare.py", "shakespeare_chr", "--source=a.txt", "--num_proc=1", cwd=tmp_path, check=False)
     assert ("note: 'shakespeare_chr' is not a recipe but resembles 'shakespeare_char'; preparing 'shakespeare_chr' "
             "from your --source with the gpt2 tokenizer") in typo.stdout
+    alone = run_script("prepare.py", "shakespeare_chr", cwd=tmp_path, check=False)  # no --source: refused, the same
+    assert alone.returncode == 2 and "'shakespeare_chr' is not a recipe (did you mean 'shakespeare_char'? see " \
+        "--list); for your own text give --source=PATH or --hf=owner/name" in alone.stderr
     other = run_script("prepare.py", "mynotes", "--source=a.txt", "--tokenizer=char", "--num_proc=1", cwd=tmp_path)
     assert "note:" not in other.stdout and (tmp_path / "data/mynotes/meta.json").exists()
     # the name among the options, where it was once "unexpected argument 'later'"
