@@ -72,6 +72,8 @@ def validate(cfg):
     if cfg.task == "perplexity" and bool(cfg.text) == bool(cfg.dataset):
         problems.append("perplexity needs one of --text=FILE or --dataset=NAME" +
                         (f", not both (--text={cfg.text}, --dataset={cfg.dataset})" if cfg.text else ""))
+    if cfg.task == "perplexity" and cfg.text and cfg.split != EvalConfig.split:  # a file has no splits to choose
+        problems.append(f"--split={cfg.split} goes with --dataset, not --text: the whole file is scored")
     problems += configurator.too_small(cfg, ("block_size", "stride", "max_items"), 0)
     if cfg.task in TASK_KEYS:  # an option of another task would be ignored without a word
         for key in sorted(set().union(*TASK_KEYS.values()) - TASK_KEYS[cfg.task]):

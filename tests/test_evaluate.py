@@ -229,6 +229,7 @@ def test_ranks_split_the_work(out_dir):  # noqa: F811
 @pytest.mark.parametrize("args, message", [
     (["--task=ppl", "--batch_size=0"], "task='ppl': expected perplexity, hellaswag or val_loss"),
     (["--text=a.txt", "--dataset=b", "--block_size=8", "--stride=9"], "stride=9 is longer than the window"),
+    (["--text=a.txt", "--split=test"], "--split=test goes with --dataset, not --text: the whole file is scored"),
     (["--text=nowhere.txt"], "cannot read --text=nowhere.txt"),
     (["--text=verse.txt", "--out_dir=nowhere"], "no checkpoint at nowhere/ckpt.pt"),
     (["--task=hellaswag", "--source=missing.jsonl"], "--source=missing.jsonl does not exist"),
