@@ -235,8 +235,9 @@ def download(url, path, offline_hint="offline, point --source at a local copy"):
                 while chunk := response.read(1 << 20):
                     f.write(chunk)
                     bar.update(len(chunk))
-            if total is not None and bar.n != total:  # the connection closed early: read() just ends
-                raise OSError(f"the connection closed after {bar.n:,} of {total:,} bytes; run the command again")
+            got = f.tell()  # not the bar's count: a disabled tqdm (TQDM_DISABLE=1) counts nothing
+            if total is not None and got != total:  # the connection closed early: read() just ends
+                raise OSError(f"the connection closed after {got:,} of {total:,} bytes; run the command again")
     except OSError as e:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -888,22 +888,27 @@ def test_workers_pass_large_tasks_and_stop_midway():
     assert not os.path.exists(workers.spool)
 
 
-def test_a_download_cut_short_is_not_kept(tmp_path):
+@pytest.mark.parametrize("progress", ["on", "off"])
+def test_a_download_cut_short_is_not_kept(tmp_path, monkeypatch, progress):
     """A server that promises 100,000 bytes and closes after 10: the download is refused, with its byte counts, and
     leaves no file that a later run would take for the whole (read() just ends early; a trial found the 10 bytes
-    kept as the dataset's input.txt)."""
+    kept as the dataset's input.txt). One that sends them all is kept, with tqdm's bars off too (TQDM_DISABLE=1, as
+    CI and batch jobs set it: a disabled bar counts nothing, and a first version refused every download then)."""
     import http.server
     import threading
 
     from configurator import UserError
     from prepare import download
 
+    if progress == "off":
+        monkeypatch.setenv("TQDM_DISABLE", "1")
+
     class CutShort(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             self.send_response(200)
             self.send_header("Content-Length", "100000")
             self.end_headers()
-            self.wfile.write(b"0123456789")
+            self.wfile.write(b"0123456789" * (10_000 if self.path == "/whole.txt" else 1))
             self.close_connection = True
 
         def log_message(self, *args):
@@ -917,6 +922,8 @@ def test_a_download_cut_short_is_not_kept(tmp_path):
                                             r"run the command again\); offline, point --source at a local copy$"):
             download(url, str(tmp_path / "input.txt"))
         assert os.listdir(tmp_path) == []
+        download(url.replace("input.txt", "whole.txt"), str(tmp_path / "input.txt"))
+        assert (tmp_path / "input.txt").read_bytes() == b"0123456789" * 10_000 and os.listdir(tmp_path) == ["input.txt"]
     finally:
         server.shutdown()
         server.server_close()
