@@ -18,6 +18,7 @@ import json
 import os
 import pickle
 import re
+import weakref
 
 import numpy as np
 
@@ -27,10 +28,10 @@ from tokenizer import spec_problems
 
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
-# (magic, version) -> token dtype; the uint32 pair is llm.c's for vocabularies past 65,536 tokens (Llama 3)
 # shard files held open at once, the least recently read closed first: a dataset of thousands of shards (FineWeb's
 # 100B tokens in 100M-token shards make 1,000) must stay under the process's open-file limit (often 1,024; macOS 256)
 OPEN_SHARDS = 64
+# (magic, version) -> token dtype; the uint32 pair is llm.c's for vocabularies past 65,536 tokens (Llama 3)
 FORMATS = {(20240520, 1): np.dtype("<u2"), (20240801, 7): np.dtype("<u4")}
 
 
@@ -94,8 +95,9 @@ def read_tokens(path):
 
 
 def identity(stat):
-    """What tells a file from another put in its place: its inode, size and modification time."""
-    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+    """What tells a file from another put in its place: its size and modification time (prepare.py writes every
+    shard anew). Not its inode, which FUSE mounts (sshfs, s3fs) and some CIFS mounts may renumber between opens."""
+    return stat.st_size, stat.st_mtime_ns
 
 
 class Shard:
@@ -125,14 +127,18 @@ class Shard:
                                  "with another tokenizer: prepare the dataset again")
         return tokens
 
-    _open = collections.OrderedDict()  # the shards with a file open, least recently read first
+    # id -> weak reference of each shard with a file open, least recently read first: weak, so that a shard no one
+    # holds any more goes, and its file with it (a deleted file's space is freed; Windows can delete it)
+    _open = collections.OrderedDict()
 
     def read(self, start, length):
         if self._file is None:
             if len(Shard._open) >= OPEN_SHARDS:
-                oldest, _ = Shard._open.popitem(last=False)
-                oldest._file.close()
-                oldest._file = None
+                _, oldest = Shard._open.popitem(last=False)
+                oldest = oldest()
+                if oldest is not None and oldest._file is not None:
+                    oldest._file.close()
+                    oldest._file = None
             try:
                 self._file = open(self.path, "rb", buffering=0)
                 same = identity(os.fstat(self._file.fileno())) == self._identity
@@ -145,8 +151,8 @@ class Shard:
                 raise TokenFileError(f"{self.path} has changed since this run started reading it (the dataset "
                                      "prepared again?); its batches would mix two datasets: resume once the "
                                      "preparation is done")
-        Shard._open[self] = None
-        Shard._open.move_to_end(self)
+        Shard._open[id(self)] = weakref.ref(self)
+        Shard._open.move_to_end(id(self))
         self._file.seek(self.offset + start * self.dtype.itemsize)
         return np.frombuffer(self._file.read(length * self.dtype.itemsize), dtype=self.dtype)
 

@@ -216,6 +216,14 @@ def test_more_shards_than_the_open_file_limit(tmp_path):
     again = [s.read(5, 10) for s in shards[:3]]
     assert all(np.array_equal(a, b) for a, b in zip(first, again)) and shards[0]._file is not None
     assert all(np.array_equal(f, read_tokens(s.path)[5:15]) for f, s in zip(first, shards))
+    # the registry holds shards weakly: dropped, a shard goes with its file (a review found files of a dropped
+    # dataset kept open, deleted ones taking their disk space until the process ended)
+    import gc
+    import weakref
+    files = [weakref.ref(s._file) for s in shards if s._file is not None]  # a file object gone is a file closed
+    del data, shards
+    gc.collect()
+    assert len(files) == tokendata.OPEN_SHARDS and all(f() is None for f in files)
 
 
 def test_a_shard_replaced_while_read_is_refused(tmp_path):
@@ -234,5 +242,5 @@ def test_a_shard_replaced_while_read_is_refused(tmp_path):
                                                  r"\(the dataset prepared again\?\); its batches would mix two "
                                                  r"datasets: resume once the preparation is done"):
             shard.read(0, 4)
-        assert shard._file is None and shard not in Shard._open
+        assert shard._file is None and id(shard) not in Shard._open
     assert list(shards[0].read(3, 4)) == [3, 4, 5, 6]  # the one it holds open reads as it was
