@@ -85,6 +85,8 @@ def _parse_string(key, text, tp):
         if base is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         value = _whole(value) if base is int else value
+        if isinstance(value, float) and not math.isfinite(value):  # 1e400 is read as inf
+            raise ConfigError(f"--{key}={text}: expected a finite number")
         if isinstance(value, base) and not isinstance(value, bool):
             return value
         raise ConfigError(f"--{key}={text}: expected {_type_name(tp)}")
@@ -107,7 +109,7 @@ def _check_value(key, value, tp, where):
     if base is int and isinstance(value, bool):
         raise ConfigError(f"{where}: {key} = {value!r}: expected int")
     value = _whole(value) if base is int else value
-    if isinstance(value, float) and not math.isfinite(value):  # the command line cannot spell them: nor may a file
+    if isinstance(value, float) and not math.isfinite(value):  # nan, inf: as on the command line
         raise ConfigError(f"{where}: {key} = {value!r}: expected a finite number")
     if isinstance(value, base):
         return value
@@ -201,7 +203,8 @@ def parse(cls, argv, prog=None):
                 sources[key] = arg
         else:
             before = argv[argv.index(arg) - 1] if argv.index(arg) else ""
-            if before.startswith("--") and "=" not in before:  # --max_iters 10, as argparse would take it
+            if before.startswith("--") and "=" not in before and before[2:].replace("-", "_") in hints \
+                    and _unwrap_optional(hints[before[2:].replace("-", "_")])[0] is not bool:  # argparse's --max_iters 10
                 raise ConfigError(f"unexpected argument {arg!r}: did you mean {before}={arg}? (a value follows its "
                                   "key after =)")
             raise ConfigError(f"unexpected argument {arg!r}: give config files (*.py) and --key=value options")

@@ -69,6 +69,9 @@ def test_wrong_types():
         parse(Cfg, ["--decay_lr=maybe"])
     with pytest.raises(ConfigError, match="needs a value"):
         parse(Cfg, ["--batch_size"])
+    for text in ("1e400", "-1e999"):  # read as inf: no number a setting means
+        with pytest.raises(ConfigError, match=f"--learning_rate={text}: expected a finite number"):
+            parse(Cfg, [f"--learning_rate={text}"])
     with pytest.raises(ConfigError, match=r"unexpected argument '10': did you mean --batch_size=10\? \(a value "
                                           r"follows its key after =\)"):  # argparse's spelling, in a trial
         parse(Cfg, ["--compile=False", "--batch_size", "10"])
