@@ -300,20 +300,23 @@ def load_checkpoint(path, map_location="cpu"):
         if os.path.isfile(os.path.join(folder, "config.json")):  # export.py's output, or a Hugging Face download
             raise CheckpointError(f"no checkpoint at {path}: {folder} holds a Hugging Face model; give "
                                   f"--init_from={folder} to sample or evaluate it")
-        # ckpt.pt deleted or moved by hand: the run's other checkpoints, the newest numbered one first
-        others = [p for _, p in step_checkpoints(folder)][::-1] + \
-            [p for p in [os.path.join(folder, BEST)] if os.path.isfile(p)]
-        if others:
-            raise CheckpointError(f"no checkpoint at {path}, but {folder} holds {len(others)} other"
-                                  f"{'s' * (len(others) > 1)}: give {others[0]} instead (--init_from={others[0]}; "
-                                  f"export.py: --out_dir={others[0]}), or, to resume training from it, link it "
-                                  f"first: ln -f {others[0]} {path}")
+        # ckpt.pt deleted or moved by hand: the run's newest numbered checkpoint, else its best.pt
+        newest = ([p for _, p in step_checkpoints(folder)][::-1] + [p for p in [os.path.join(folder, BEST)]
+                                                                      if os.path.isfile(p)])[:1]
+        if newest:
+            raise CheckpointError(f"no checkpoint at {path}, but the run's other checkpoints are there: "
+                                  f"{read_instead(newest[0])}, or, to resume training from it, link it first: "
+                                  f"ln -f {newest[0]} {path}")
         raise CheckpointError(f"no checkpoint at {path}; train one first (python train.py ...) or check --out_dir")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=False)
         problem = None
     except Exception as e:  # torch raises many types for a truncated or garbled zip archive
         checkpoint, problem = None, f"is truncated or corrupt and cannot be loaded ({type(e).__name__})"
+    newer = checkpoint.get("format", CHECKPOINT_FORMAT) if isinstance(checkpoint, dict) else CHECKPOINT_FORMAT
+    if isinstance(newer, int) and newer > CHECKPOINT_FORMAT:  # first: its keys may be named as this code cannot know
+        raise CheckpointError(f"{path} is a checkpoint of format {newer}, newer than this toolkit reads "
+                              f"({CHECKPOINT_FORMAT}): update the toolkit (git pull)")
     if checkpoint is not None and (not isinstance(checkpoint, dict) or "model" not in checkpoint
                                    or "model_args" not in checkpoint):
         raise CheckpointError(f"{path} is not a GPT checkpoint (no model weights and model_args in it)")
@@ -323,9 +326,6 @@ def load_checkpoint(path, map_location="cpu"):
             problem = "is corrupt: its tensors do not match the checksum written with them"
     if problem:
         raise CheckpointError(f"{path} {problem}{_fallback_hint(path)}")
-    if checkpoint.get("format", CHECKPOINT_FORMAT) > CHECKPOINT_FORMAT:  # its keys may mean what this code cannot know
-        raise CheckpointError(f"{path} is a checkpoint of format {checkpoint['format']}, newer than this toolkit "
-                              f"reads ({CHECKPOINT_FORMAT}): update the toolkit (git pull)")
     checkpoint["model"] = clean_state_dict(checkpoint["model"])
     if "meta" not in checkpoint:  # nanoGPT's
         checkpoint["meta"] = meta = _nanogpt_meta(checkpoint)
@@ -368,6 +368,11 @@ def checkpoint_meta(checkpoint, out_dir):
     return meta
 
 
+def read_instead(path):
+    """How to read another checkpoint than the one asked for, in each script's words."""
+    return f"give {path} instead (--init_from={path}; export.py: --out_dir={path})"
+
+
 def _fallback_hint(bad_path):
     """Where to go instead of a bad checkpoint: the newest numbered one before it that is not the same file, to read
     as it is or, where the bad one is the run's ckpt.pt, to resume from."""
@@ -382,7 +387,7 @@ def _fallback_hint(bad_path):
         if (st.st_ino, st.st_dev) == (bad.st_ino, bad.st_dev) or (numbered and step >= int(numbered.group(1))):
             continue
         path = os.path.join(os.path.dirname(bad_path), os.path.basename(path))
-        read = f"give {path} instead (--init_from={path}; export.py: --out_dir={path})"
+        read = read_instead(path)
         if not numbered and not resumed:  # best.pt, say: of no known step, so not "previous"
             return f"; another checkpoint of the run, {path} (step {step}), may be intact: {read}"
         if not resumed:
