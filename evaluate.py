@@ -190,8 +190,9 @@ def val_loss(cfg, model, tokenizer, train_config, device, autocast, launch, say)
                                       lambda x, y: to_device(x, y, device))
     say(f"{data.data_dir}, {described.replace('evaluation: ', '', 1)}; seed {tc.seed}, on {launch.world_size} "
         "process(es)")
-    recorded, now = (train_config or {}).get("val_data"), data.fingerprint("val")
-    if cfg.split == "val" and recorded and all(isinstance(d, str) for d in recorded + now) and recorded != now:
+    # the run's own dataset, prepared anew since (as train.py's resume tells it; another --dataset is chosen)
+    if cfg.split == "val" and not cfg.dataset and (train_config or {}).get("val_data") not in (
+            None, data.fingerprint("val")):
         say(f"note: {data.data_dir}'s val split is not the one the run was evaluated on (its shards' digests differ: "
             "prepared again since?), so this loss is over other tokens than its log's")
     ranks = (train_config or {}).get("processes")
