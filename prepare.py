@@ -936,11 +936,14 @@ class ShardWriter:
         if self.n or not self.shards:
             self._write()
 
-    def _write(self):
-        name = f"{self.split}_{len(self.shards):06d}.bin"
+    def write_as(self, name):
+        """The tokens not yet in a shard, written to `name` in out_dir: its entry, with their count and digest."""
         tokens = self.buf[:self.n]
         write_tokens(os.path.join(self.out_dir, name), tokens, self.dtype)
-        self.shards.append({"file": name, "tokens": self.n, "sha256": hashlib.sha256(tokens).hexdigest()})
+        return {"file": name, "tokens": self.n, "sha256": hashlib.sha256(tokens).hexdigest()}
+
+    def _write(self):
+        self.shards.append(self.write_as(f"{self.split}_{len(self.shards):06d}.bin"))
         self.n = 0
 
 
@@ -1018,9 +1021,8 @@ def save_resume_state(work_dir, fp, tokenizer, dtype, next_piece, writers):
         partial, check = None, {}
         if w.n:
             partial = f"resume-{split}-{next_piece}.part"
-            tokens = w.buf[:w.n].astype(dtype, copy=False)
-            write_tokens(os.path.join(work_dir, partial), tokens, dtype)
-            check = {"partial_tokens": int(w.n), "partial_sha256": hashlib.sha256(tokens.tobytes()).hexdigest()}
+            written = w.write_as(partial)
+            check = {"partial_tokens": written["tokens"], "partial_sha256": written["sha256"]}
         splits[split] = {"shards": w.shards, "partial": partial, **check}
     state = {"fingerprint": fp, "tokenizer": tokenizer.meta(), "token_dtype": dtype.name, "next_piece": next_piece,
              "splits": splits}
