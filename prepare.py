@@ -407,19 +407,21 @@ def jsonl_documents(path, field, errors):
     with open(path, "rb") as f:
         offset, first = 0, True
         for lineno, raw in enumerate(f, 1):
-            line = decode(raw, path, offset, errors)  # not stripped: an error's column is the editor's
+            line = decode(raw, path, offset, errors)
             if lineno == 1:
                 line = line.removeprefix(BOM.decode())  # the byte-order mark some Windows tools begin with
             offset += len(raw)
-            if not line.strip():
+            indent = len(line) - len(line.lstrip())  # an error's column counts it, as an editor does
+            line = line.strip()  # Python's whitespace, more than JSON's (a form feed, a no-break space)
+            if not line:
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                if first and line.lstrip()[0] in "[{":  # the opening line of a document spread over many
+                if first and line[0] in "[{":  # the opening line of a document spread over many
                     raise UserError(one_document) from None
-                raise UserError(f"{path} line {lineno}: not JSON ({e.msg}, column {e.colno}); each line must be "
-                                "one JSON object") from None
+                raise UserError(f"{path} line {lineno}: not JSON ({e.msg}, column {indent + e.colno}); each line "
+                                "must be one JSON object") from None
             if first and isinstance(row, list):
                 raise UserError(one_document)
             first = False

@@ -927,3 +927,11 @@ def test_a_download_cut_short_is_not_kept(tmp_path, monkeypatch, progress):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_jsonl_lines_with_any_whitespace_around(tmp_path):
+    """Python's whitespace around a line (a form feed, a no-break space), which JSON itself refuses, is stripped as it
+    always was: a review caught a first version of the column fix refusing such files, which had prepared before."""
+    from prepare import jsonl_documents
+    (tmp_path / "docs.jsonl").write_text('\u00a0{"text": "a"}\x0c\n\t{"text": "b"}  \n', encoding="utf-8")
+    assert list(jsonl_documents(str(tmp_path / "docs.jsonl"), "text", "strict")) == ["a", "b"]
