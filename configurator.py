@@ -269,6 +269,7 @@ def run(main, cls, validate=None, argv=None):
                  errno.EPERM: "fix its permissions, or choose a folder this user can write to",
                  errno.EROFS: "choose a folder this user can write to",
                  errno.ENOSPC: "free some space, or choose a folder on another disk",
+                 errno.EDQUOT: "free some of your quota, or choose a folder it does not cover",
                  errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path"}
         if e.errno not in fixes:
             raise

@@ -432,8 +432,9 @@ def save_hf_gpt2(model, meta, hf_dir, dtype="float32"):
         try:
             save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         except Exception as e:  # safetensors' own error type for what is an OSError: a full disk most of all
-            if "No space left" in str(e):
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), hf_dir) from None
+            for code, words in ((errno.ENOSPC, ("No space left", "StorageFull")), (errno.EDQUOT, ("quota",))):
+                if any(w.lower() in str(e).lower() for w in words):
+                    raise OSError(code, os.strerror(code), hf_dir) from None
             raise
         umask = os.umask(0)
         os.umask(umask)  # safetensors writes its file for its owner only (0600): give it a new file's usual mode, so

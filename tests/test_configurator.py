@@ -125,6 +125,8 @@ def test_every_shipped_config_is_valid(name):
                                                             "write to"),
     (OSError(30, "Read-only file system", "/data/out"), "choose a folder this user can write to"),
     (OSError(28, "No space left on device", "/data/out"), "free some space, or choose a folder on another disk"),
+    (OSError(122, "Disk quota exceeded", "/data/out"), "free some of your quota, or choose a folder it does not "
+                                                       "cover"),  # a cluster's usual full disk
     (NotADirectoryError(20, "Not a directory", "/data/out"), "a part of the path is a file, not a folder: choose "
                                                              "another path")])
 def test_a_folder_that_cannot_be_written_is_one_line(error, fix, capsys):
