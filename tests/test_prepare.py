@@ -551,6 +551,9 @@ def test_name_like_a_recipe_gets_a_note(tmp_path):
     # the name among the options, where it was once "unexpected argument 'later'"
     run_script("prepare.py", "--tokenizer=char", "later", "--source=a.txt", "--num_proc=1", cwd=tmp_path)
     assert (tmp_path / "data/later/meta.json").exists()
+    # argparse's spelling: the value is not taken for the name, and the answer is --key=value (a review)
+    spaced = run_script("prepare.py", "--source", "a.txt", "mine", cwd=tmp_path, check=False)
+    assert spaced.returncode == 2 and "unexpected argument 'a.txt': did you mean --source=a.txt?" in spaced.stderr
 
 
 def test_saved_dataset_folder_points_to_hf(tmp_path):
