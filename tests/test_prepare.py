@@ -903,8 +903,11 @@ def test_a_download_cut_short_is_not_kept(tmp_path, monkeypatch, progress):
     from configurator import UserError
     from prepare import download
 
-    if progress == "off":
-        monkeypatch.setenv("TQDM_DISABLE", "1")
+    if progress == "off":  # as TQDM_DISABLE=1 does, read by tqdm when it is imported
+        import functools
+
+        import prepare
+        monkeypatch.setattr(prepare, "tqdm", functools.partial(prepare.tqdm, disable=True))
 
     class CutShort(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
