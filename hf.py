@@ -172,6 +172,10 @@ def resolve(name_or_path):
     """A local folder holding the model: the path itself, or the Hub's files downloaded into transformers' cache."""
     if os.path.isdir(name_or_path):
         return name_or_path
+    if os.path.isfile(name_or_path):  # model.pth, say: a checkpoint of ours under another name reads as .pt
+        raise UserError(f"{name_or_path} is a file, neither a Hugging Face model folder (config.json and "
+                        "model.safetensors) nor a checkpoint ending in .pt; a checkpoint of this toolkit's or "
+                        "nanoGPT's saved under another name is read once renamed to .pt")
     if name_or_path not in GPT2_NAMES and "/" not in name_or_path:
         raise UserError(f"{name_or_path!r} is neither a folder nor one of {', '.join(GPT2_NAMES)} (or a Hub "
                         "repository such as user/model)")

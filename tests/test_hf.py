@@ -100,8 +100,12 @@ def test_import_refusals(tmp_path):
     for path in (str(tmp_path / "nowhere"), "./nowhere", "runs/out/hf"):  # a path, not a Hub repository to download
         with pytest.raises(UserError, match="no such folder"):
             load_hf_gpt2(path)
-    with pytest.raises(UserError, match="not a folder"):
+    with pytest.raises(UserError, match="config.json is a file, neither a Hugging Face model folder"):
         load_hf_gpt2(str(tmp_path / "ok" / "config.json"))
+    (tmp_path / "model.pth").write_bytes(b"a torch.save'd checkpoint, named otherwise")  # a trial's rename
+    with pytest.raises(UserError, match=r"model.pth is a file, .* nor a checkpoint ending in .pt; a checkpoint of "
+                                        r"this toolkit's or nanoGPT's saved under another name is read once renamed"):
+        load_hf_gpt2(str(tmp_path / "model.pth"))
 
 
 @pytest.mark.parametrize("bias", [True, False])
