@@ -124,8 +124,9 @@ def _read_config_file(path):
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
     except UnicodeDecodeError as e:
-        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start:,} is {e.object[e.start:e.start + 1]!r})"
-                          "; save it as UTF-8") from None
+        bad = e.object[e.start:e.start + 1]
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start:,} is {bad!r}); save it as UTF-8") \
+            from None
     namespace = {}
     try:
         exec(compile(source, path, "exec"), namespace)
@@ -203,8 +204,9 @@ def parse(cls, argv, prog=None):
                 sources[key] = arg
         else:
             before = argv[argv.index(arg) - 1] if argv.index(arg) else ""
-            if before.startswith("--") and "=" not in before and before[2:].replace("-", "_") in hints \
-                    and _unwrap_optional(hints[before[2:].replace("-", "_")])[0] is not bool:  # argparse's --max_iters 10
+            key = before[2:].replace("-", "_")
+            if before.startswith("--") and "=" not in before and key in hints \
+                    and _unwrap_optional(hints[key])[0] is not bool:  # argparse's --max_iters 10
                 raise ConfigError(f"unexpected argument {arg!r}: did you mean {before}={arg}? (a value follows its "
                                   "key after =)")
             raise ConfigError(f"unexpected argument {arg!r}: give config files (*.py) and --key=value options")

@@ -29,8 +29,9 @@ def load_model(init_from, out_dir, device):
     """
     (model in eval mode on `device`, tokenizer, the training config dict, with the run's number of processes as
     'processes' and its val split's fingerprint as 'val_data' where the checkpoint tells them, or None) for
-    init_from 'resume' (the checkpoint in out_dir), another checkpoint (a .pt file, or a run's folder holding ckpt.pt, as train.py takes), or
-    GPT-2 weights (gpt2, gpt2-medium, gpt2-large, gpt2-xl or a local Hugging Face folder).
+    init_from 'resume' (the checkpoint in out_dir), another checkpoint (a .pt file, or a run's folder holding
+    ckpt.pt, as train.py takes), or GPT-2 weights (gpt2, gpt2-medium, gpt2-large, gpt2-xl or a local Hugging Face
+    folder).
     """
     if init_from == "resume" or is_checkpoint(init_from):
         where = model_name(init_from, out_dir)

@@ -311,7 +311,8 @@ def nanogpt_char_meta(data_dir):
         chars, vocab_size = "".join(old["itos"][i] for i in range(len(old["itos"]))), int(old["vocab_size"])
     except Exception as e:  # truncated, another pickle, a dict without nanoGPT's keys: pickle raises many kinds
         raise UserError(f"{pkl} is not nanoGPT's char vocabulary (a dict with itos, stoi and vocab_size: "
-                        f"{type(e).__name__}: {e}); prepare the dataset again (nanoGPT's prepare.py, or ours)") from None
+                        f"{type(e).__name__}: {e}); prepare the dataset again (nanoGPT's prepare.py, or ours)") \
+            from None
     return {"tokenizer": {"type": "char", "chars": chars, "eot": False}, "vocab_size": vocab_size, "eot_id": None}
 
 

@@ -612,7 +612,8 @@ def test_bad_input(tmp_path, case):
         "no_field": (["--source=rows.jsonl", "--tokenizer=char"],
                      "rows.jsonl line 2: no 'text' field (it has: 'body'); choose the field with --text_field"),
         "not_json": (["--source=junk.jsonl", "--tokenizer=char"],
-                     "junk.jsonl line 2: not JSON (Expecting property name enclosed in double quotes, column 14); each line must be one JSON object"),
+                     "junk.jsonl line 2: not JSON (Expecting property name enclosed in double quotes, column 14); "
+                     "each line must be one JSON object"),
         "parquet_column": (["--source=t.parquet", "--tokenizer=char"], "has no column 'text' (it has: story)"),
         "hf_offline": (["--hf=nobody/no_such_dataset", "--tokenizer=char"], "point --source at them"),
         "val_fraction": (["--source=bad.txt", "--val_fraction=1.5", "--shard_size=0"],

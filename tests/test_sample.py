@@ -87,7 +87,8 @@ def test_seed_reproduces_and_beams(out_dir, tmp_path):
     # settings the decoding never reads are named, not quietly dropped (a trial's --temperature with beams)
     told = sample(out_dir, "--start=A", "--max_new_tokens=10", "--num_beams=3", "--num_samples=2",
                   "--stop=[\"\\n\\n\", 1]", "--temperature=0.7", "--top_p=0.9", "--seed=5")
-    assert told.stdout == beams.stdout and "note: beam search does not use --temperature, --top_p, --seed" in told.stderr
+    assert told.stdout == beams.stdout
+    assert "note: beam search does not use --temperature, --top_p, --seed" in told.stderr
     told = sample(out_dir, "--start=A", "--max_new_tokens=5", "--num_samples=1", "--length_penalty=2")
     assert "note: sampling does not use --length_penalty" in told.stderr
     # the checkpoint named as train.py's --init_from takes it, its folder or its file, from anywhere
