@@ -778,7 +778,7 @@ def check_resume(checkpoint, cfg, data_meta, say, sources=None):
                         "another --out_dir")
     follows = {k: f" (follows {v})" for k, v in (sources or {}).items() if hasattr(cfg, v)}
     changed = [f"{k} {old[k]!r} -> {getattr(cfg, k)!r}{follows.get(k, '')}" for k in old
-               if hasattr(cfg, k) and k not in ("init_from", *SHAPE_KEYS) and old[k] != getattr(cfg, k)]
+               if hasattr(cfg, k) and k not in ("init_from", "eval_only", *SHAPE_KEYS) and old[k] != getattr(cfg, k)]
     if changed:
         say("resuming with changed settings: " + ", ".join(changed))
 
@@ -1028,9 +1028,10 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
     say(f"batch: {batch_explain}")
     train_tokens = sum(s.num_tokens for s in train_shards)
     run_tokens = tokens_done + max(cfg.max_iters - steps_done, 0) * tokens_per_step
-    say(f"length: {cfg.max_iters:,} steps = {run_tokens:,} tokens{f' ({length_from})' if length_from else ''}, "
-        f"{run_tokens / train_tokens:.2f} epochs of the train split ({train_tokens:,} tokens; "
-        f"data_order={cfg.data_order}: " + DATA_ORDERS[cfg.data_order] + ")")
+    if not cfg.eval_only:  # an evaluation has no length
+        say(f"length: {cfg.max_iters:,} steps = {run_tokens:,} tokens{f' ({length_from})' if length_from else ''}, "
+            f"{run_tokens / train_tokens:.2f} epochs of the train split ({train_tokens:,} tokens; "
+            f"data_order={cfg.data_order}: " + DATA_ORDERS[cfg.data_order] + ")")
     if checkpoint is not None:
         check_resume(checkpoint, cfg, data.meta, say, sources)
 

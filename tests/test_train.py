@@ -231,6 +231,8 @@ def test_earlier_run_is_never_overwritten(data_dir):  # noqa: F811
     proc = run_script("train.py", *shapeless, "--init_from=resume", "--eval_only=True", cwd=data_dir)  # its shape
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["step"] == 4 and unchanged()
+    # no training's words for an evaluation: no length, nor eval_only among the changed settings (a trial)
+    assert "length:" not in proc.stdout and "resuming with changed settings" not in proc.stdout
     fresh = run_script("train.py", *args, "--eval_only=True", cwd=data_dir).stdout  # from scratch: it says so
     assert "note: eval_only evaluates freshly initialised weights (init_from=scratch); --init_from=auto" in fresh
     with open(data_dir / "out/log.jsonl") as f:
