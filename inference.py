@@ -67,7 +67,7 @@ def read_prompt(start, flag="--start"):
 
 def prompt_ids(tokenizer, prompt, flag="--start"):
     """The token ids a sample continues: the prompt's, or the end-of-text token for an empty prompt (GPT-2 starts
-    each document after one)."""
+    each document after one). flag names the prompt in errors: the option, or the option and its FILE:path."""
     try:
         ids = tokenizer.encode(prompt)
     except UserError as e:  # a character-level model cannot read a character it never saw
@@ -78,7 +78,7 @@ def prompt_ids(tokenizer, prompt, flag="--start"):
         return ids
     if tokenizer.eot_id is None:
         raise UserError(f"{flag} is empty and this tokenizer has no end-of-text token to start from; give "
-                        f"{flag}=\"some text\"")
+                        f"{flag.split('=')[0]}=\"some text\"")
     return [tokenizer.eot_id]
 
 

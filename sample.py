@@ -122,7 +122,7 @@ def main(cfg, sources):
     model, tokenizer, _ = load_model(cfg.init_from, cfg.out_dir, device)
 
     prompt = read_prompt(cfg.start)
-    ids = prompt_ids(tokenizer, prompt)
+    ids = prompt_ids(tokenizer, prompt, f"--start={cfg.start}" if cfg.start.startswith("FILE:") else "--start")
     strings, stop_ids = parse_stop(cfg.stop)
     outside = [i for i in stop_ids if not 0 <= i < tokenizer.vocab_size]
     if outside:

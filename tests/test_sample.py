@@ -118,6 +118,8 @@ def test_stop_escapes():
 
 @pytest.mark.parametrize("args, message", [
     (["--start="], "--start is empty and this tokenizer has no end-of-text token"),
+    (["--start=FILE:empty.txt"], "--start=FILE:empty.txt is empty and this tokenizer has no end-of-text token to "
+                                 "start from; give --start=\"some text\""),  # the file named (a trial)
     (["--start=ROMEO#"], "--start: text has characters outside this model's"),
     (["--start=A\\nB"], "the text is taken as it is: for a newline, type one ($'a\\nb' in bash) or use FILE:path"),
     (["--max_new_tokens=0", "--top_p=0", "--stop=[\"a\", 1.5]", "--stream", "--num_beams=2"],
@@ -138,6 +140,7 @@ def test_stop_escapes():
 ])
 def test_bad_input(out_dir, args, message):
     (out_dir / "latin1.txt").write_bytes("café".encode("latin-1"))
+    (out_dir / "empty.txt").write_text("")
     (out_dir / "hf").mkdir(exist_ok=True)  # an export, given as a run
     (out_dir / "hf" / "config.json").write_text("{}")
     proc = sample(out_dir, *args, check=False)
