@@ -232,9 +232,8 @@ def test_earlier_run_is_never_overwritten(data_dir):  # noqa: F811
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["step"] == 4 and unchanged()
     # no training's words for an evaluation: no length, nor eval_only among the changed settings (a trial)
-    said = proc.stdout + proc.stderr  # eval_only's words go to stderr: stdout is the JSON's
-    assert "resumed from out/ckpt.pt at step 4" in said
-    assert "length:" not in said and "resuming with changed settings" not in said
+    assert "resumed from out/ckpt.pt at step 4" in proc.stdout
+    assert "length:" not in proc.stdout and "resuming with changed settings" not in proc.stdout
     fresh = run_script("train.py", *args, "--eval_only=True", cwd=data_dir).stdout  # from scratch: it says so
     assert "note: eval_only evaluates freshly initialised weights (init_from=scratch); --init_from=auto" in fresh
     with open(data_dir / "out/log.jsonl") as f:
