@@ -708,15 +708,23 @@ def weights_shape(model_args):
     return {k: model_args.get(k, GPTConfig.__dataclass_fields__[k].default) for k in SHAPE_KEYS}
 
 
-def shape_from_weights(cfg, sources, model_args, name, say, resume=False):
+def config_files_of(sources):
+    """The names of the config files a run's settings came from (sources: where each value came from); a file whose
+    every setting the command line overrode is not among them."""
+    return sorted({os.path.basename(v) for v in sources.values() if v.endswith(".py")})
+
+
+def shape_from_weights(cfg, sources, model_args, name, say, resume=False, read_before=None):
     """
     A run on given weights (a new run from a checkpoint or GPT-2, eval_only, or a resume) has their model: the
     SHAPE_KEYS come from model_args, so that the config this run saves says what it trains, and block_size too unless
     it is set (a smaller one crops the context; a longer one takes rope: fit_context). A shape key set on the command
     line to another value is refused, as a request for another model; one a config file sets (a recipe's
     from-scratch shape) gives way, with a note, block_size where the weights cannot take it. A resume goes on with
-    the checkpoint's model, block_size included, whatever a config file says; the command line's keys are left to
-    check_resume, which refuses those that differ.
+    the checkpoint's model, block_size included, whatever the config files its run read say (read_before: their
+    names; None for checkpoints from before they were recorded), but refuses another shape from a config file that
+    run never read: another experiment's, a sweep's next point in the same out_dir. The command line's keys are left
+    to check_resume, which refuses those that differ.
     """
     shape = weights_shape(model_args)
     if resume:
@@ -729,6 +737,14 @@ def shape_from_weights(cfg, sources, model_args, name, say, resume=False):
         fixed = [k for k in SHAPE_KEYS if k != "block_size" or k not in sources or longer]
     differ = [k for k in fixed if k in sources and getattr(cfg, k) != shape[k]]
     asked = [f"--{k}={getattr(cfg, k)} ({name} has {shape[k]})" for k in differ if sources[k] == "command line"]
+    strangers = [f"{k}={getattr(cfg, k)!r} ({sources[k]})" for k in differ if read_before is not None
+                 and sources[k].endswith(".py") and os.path.basename(sources[k]) not in read_before]
+    if strangers:
+        raise UserError(f"cannot resume {name} with {', '.join(strangers)}: its run trained "
+                        f"{', '.join(f'{k}={shape[k]!r}' for k in differ)}, and none of its settings came from that "
+                        f"config file ({'they came from ' + ', '.join(read_before) if read_before else 'nor from any'}"
+                        "); another experiment belongs in another --out_dir (to resume this run, give its shape on "
+                        "the command line)")
     if asked:
         raise UserError(f"{name}'s weights fix the model's shape: {', '.join(asked)}; leave "
                         f"{'these settings' if len(asked) > 1 else 'it'} out, or train a model of that shape from "
@@ -934,6 +950,7 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
     data = Dataset(dataset_dir(cfg.dataset, cfg.data_root))
     train_shards, val_shards = data.shards("train"), data.shards("val")
     val_data = data.fingerprint("val")  # recorded in checkpoints: a resume tells other val tokens by it
+    config_files = config_files_of(sources)  # recorded too: a resume tells another experiment's config file by it
     meta = {k: data.meta.get(k) for k in ("tokenizer", "vocab_size", "eot_id")}
     try:  # for HellaSwag, the samples and bits per byte; a GPT-2 BPE that cannot load (offline) costs only the last two
         tokenizer, why_not = tokenizer_from_meta(data.meta), None
@@ -1002,7 +1019,8 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
         cfg = dataclasses.replace(cfg, optimizer=(checkpoint.get("config") or {}).get("optimizer", "adamw"))
     elif checkpoint is not None:  # a resume: a shape key left out, or a config file's, is the checkpoint's
         cfg, sources = shape_from_weights(cfg, sources, checkpoint.get("model_args") or {}, ckpt_path, say,
-                                          resume=True)
+                                          resume=True, read_before=checkpoint.get("config_files"))
+        config_files = sorted(set(config_files) | set(checkpoint.get("config_files", [])))
     grad_accum, batch_explain = micro_steps_per_rank(cfg, launch.world_size)
     given = sources.get("gradient_accumulation_steps")
     if cfg.total_batch_size and given and cfg.gradient_accumulation_steps != grad_accum * launch.world_size:
@@ -1234,6 +1252,7 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
                 "config": dataclasses.asdict(cfg), "meta": meta, "sampler": sampler_state, "rng": rngs,
                 "wandb_run_id": wandb_id, "tokens_seen": tokens_seen, "evaluated": last_eval == step,
                 "spikes": spikes.state_dict(), "keep_every": keep_every, "val_data": val_data,
+                "config_files": config_files,
             }
             if sharded:
                 forget_gathered_state(optimizer)

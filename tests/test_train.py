@@ -758,3 +758,28 @@ def test_training_outlives_the_reader_of_its_output(data_dir):  # noqa: F811
     assert proc.wait(timeout=300) == 0 and "Traceback" not in stderr, stderr
     assert [r["step"] for r in log_records(data_dir / "out") if "loss" in r][-1] == 60
     assert load_checkpoint(str(data_dir / "out/ckpt.pt"))["step"] == 60
+
+
+def test_a_config_file_the_run_never_read_cannot_resume_it(data_dir, monkeypatch, capsys):  # noqa: F811
+    """A sweep whose points share an out_dir: the next point's config file, with another shape, once resumed the
+    first point's model under its own name with a note, and exited 0 (a trial). A resume goes on with the run's model
+    whatever the config files it read say (the quickstart's shape given on the command line, resumed with its config
+    file alone), but refuses another shape from a config file it never read."""
+    monkeypatch.chdir(data_dir)
+    (data_dir / "small.py").write_text("n_layer = 1\nn_embd = 32\n")
+    (data_dir / "big.py").write_text("n_layer = 2\nn_embd = 64\nbeta2 = 0.99\n")
+    args = [a for a in ARGS if not a.startswith(("--n_layer", "--n_embd"))] + ["--eval_interval=4", "--out_dir=out"]
+    train_here(capsys, "small.py", *args, "--max_iters=4", "--init_from=auto")
+    with pytest.raises(UserError, match=r"cannot resume out/ckpt.pt with n_layer=2 \(big.py\), n_embd=64 \(big.py\): "
+                                        r"its run trained n_layer=1, n_embd=32, and none of its settings came from "
+                                        r"that config file \(they came from small.py\); another experiment belongs "
+                                        r"in another --out_dir \(to resume this run, give its shape on the command "
+                                        r"line\)"):
+        train_here(capsys, "big.py", *args, "--max_iters=8", "--init_from=auto")
+    assert "resumed from out/ckpt.pt at step 4" in train_here(capsys, "small.py", *args, "--max_iters=6",
+                                                               "--init_from=auto")
+    # its own config file with the shape the command line gave: goes on, with the note it always had
+    train_here(capsys, "big.py", *args, "--n_layer=1", "--n_embd=32", "--max_iters=4", "--out_dir=own")  # beta2: big.py's
+    out = train_here(capsys, "big.py", *args, "--max_iters=6", "--out_dir=own", "--init_from=auto")
+    assert "note: the model's shape comes from own/ckpt.pt: n_layer=1, not 2 (big.py), n_embd=32, not 64 " \
+        "(big.py)" in out and "resumed from own/ckpt.pt at step 4" in out
