@@ -818,13 +818,47 @@ def evaluation_changes(checkpoint, cfg, world_size, val_data):
     return changes
 
 
+def set_aside_later(out_dir, step, log_path):
+    """
+    A resume from `step` where the run had gone further (ckpt.pt linked back to an earlier checkpoint, the README's
+    way back): the later numbered checkpoints, best.pt where it is one of them, and the log's records past `step` are
+    another branch. Left in place, keep_last_n would keep them over the new branch's own checkpoints, and a fallback
+    hint would name them; they move, whole, to out_dir/after_<step>/. Returns a note saying so, or None.
+    """
+    later = [path for s, path in step_checkpoints(out_dir) if s > step]
+    if not later:
+        return None
+    folder, n = os.path.join(out_dir, f"after_{step:08d}"), 1
+    while os.path.exists(folder):  # the branch of an earlier return to this step stays whole
+        folder, n = os.path.join(out_dir, f"after_{step:08d}.{n}"), n + 1
+    os.makedirs(folder)
+    best = os.path.join(out_dir, BEST)
+    moved = later + [best] if os.path.isfile(best) and any(os.path.samefile(best, p) for p in later) else later
+    for path in moved:
+        os.replace(path, os.path.join(folder, os.path.basename(path)))
+    if os.path.exists(log_path):
+        with open(os.path.join(folder, "log.jsonl"), "a", encoding="utf-8") as f:
+            f.writelines(log_records_split(log_path, step)[1])
+    names = [os.path.basename(p) for p in moved]
+    return (f"note: the run had gone past step {step} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): "
+            f"that branch is moved to {folder}, with its log, so this one's checkpoints are kept in its place "
+            "(delete the folder to let it go)")
+
+
+def log_records_split(path, step):
+    """The complete lines of log.jsonl up to `step` and past it."""
+    with open(path, encoding="utf-8") as f:
+        # a last line without its newline is the end of a run killed while writing it (or a full disk)
+        lines = [line for line in f if line.endswith("\n") and line.strip()]
+    past = [json.loads(line).get("step", 0) > step for line in lines]
+    return [line for line, p in zip(lines, past) if not p], [line for line, p in zip(lines, past) if p]
+
+
 def trim_log(path, step):
     """Drop log records past `step` (written after the checkpoint being resumed), so no step appears twice."""
     if not os.path.exists(path):
         return
-    with open(path, encoding="utf-8") as f:
-        # a last line without its newline is the end of a run killed while writing it (or a full disk)
-        kept = [line for line in f if line.endswith("\n") and line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = log_records_split(path, step)[0]
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(kept)
@@ -1204,6 +1238,9 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
             wandb_id = wandb_run.id
         os.makedirs(cfg.out_dir, exist_ok=True)
         if resume:
+            branch = set_aside_later(cfg.out_dir, step, log_path)
+            if branch:
+                say(branch)
             trim_log(log_path, step)
         elif os.path.exists(log_path) and os.path.getsize(log_path) == 0:  # of a run stopped before its first step
             os.remove(log_path)

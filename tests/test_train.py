@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from checkpoint import load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint, step_checkpoints
 from configurator import UserError
 from conftest import REPO, run_script
 from model import GPT, GPTConfig
@@ -778,8 +778,32 @@ def test_a_config_file_the_run_never_read_cannot_resume_it(data_dir, monkeypatch
         train_here(capsys, "big.py", *args, "--max_iters=8", "--init_from=auto")
     assert "resumed from out/ckpt.pt at step 4" in train_here(capsys, "small.py", *args, "--max_iters=6",
                                                                "--init_from=auto")
-    # its own config file with the shape the command line gave: goes on, with the note it always had
-    train_here(capsys, "big.py", *args, "--n_layer=1", "--n_embd=32", "--max_iters=4", "--out_dir=own")  # beta2: big.py's
+    # its own config file (beta2 is its) with the shape the command line gave: goes on, with the note it always had
+    train_here(capsys, "big.py", *args, "--n_layer=1", "--n_embd=32", "--max_iters=4", "--out_dir=own")
     out = train_here(capsys, "big.py", *args, "--max_iters=6", "--out_dir=own", "--init_from=auto")
     assert "note: the model's shape comes from own/ckpt.pt: n_layer=1, not 2 (big.py), n_embd=32, not 64 " \
         "(big.py)" in out and "resumed from own/ckpt.pt at step 4" in out
+
+
+def test_going_back_to_an_earlier_checkpoint_sets_the_later_ones_aside(data_dir, monkeypatch, capsys):  # noqa: F811
+    """ckpt.pt linked back to an earlier checkpoint (the README's way back) and resumed: keep_last_n kept the
+    abandoned branch's higher steps and deleted the new branch's own, and a fallback hint named the abandoned ones (a
+    trial). The later checkpoints, best.pt among them, and the log past the step move whole to after_<step>/."""
+    monkeypatch.chdir(data_dir)
+    args = [*ARGS, "--eval_interval=2", "--keep_last_n=3", "--always_save_checkpoint=False", "--out_dir=out"]
+    train_here(capsys, *args, "--max_iters=10")
+    branch = {name: (data_dir / "out" / name).read_bytes() for name in os.listdir(data_dir / "out")
+              if name.startswith("ckpt_0000001") or name == "best.pt" and load_checkpoint("out/best.pt")["step"] > 8}
+    os.remove("out/ckpt.pt")
+    os.link("out/ckpt_00000008.pt", "out/ckpt.pt")  # back to step 8
+    out = train_here(capsys, *args, "--max_iters=12", "--learning_rate=1e-4", "--always_save_checkpoint=True",
+                     "--init_from=resume")  # a save at every evaluation: whether the loss improves or not
+    assert "note: the run had gone past step 8 (ckpt_00000010.pt" in out and "that branch is moved to out/after_" \
+        "00000008, with its log" in out
+    moved = data_dir / "out/after_00000008"
+    assert {name: (moved / name).read_bytes() for name in branch} == branch
+    assert [r["step"] for r in log_records(moved) if "val_loss" in r] == [10]
+    assert [s for s, _ in step_checkpoints("out")] == [8, 10, 12]  # the new branch's, kept in its place
+    assert load_checkpoint("out/ckpt_00000010.pt")["config"]["learning_rate"] == 1e-4
+    steps = [r["step"] for r in log_records("out") if "loss" in r]
+    assert steps == sorted(steps) and steps[-1] == 12 and len(steps) == len(set(steps))
