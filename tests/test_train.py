@@ -162,8 +162,8 @@ def test_resume_into_another_dataset_folder_needs_the_same_tokenizer():
     # a setting derived from another names it (a trial took a re-derived lr_decay_iters for one it never gave)
     said.clear()
     checkpoint["config"].update(max_iters=100, lr_decay_iters=100)
-    check_resume(checkpoint, TrainConfig(dataset="shakespeare_char", max_iters=300, lr_decay_iters=300), {"tokenizer": char}, said.append,
-                 {"max_iters": "command line", "lr_decay_iters": "max_iters"})
+    check_resume(checkpoint, TrainConfig(dataset="shakespeare_char", max_iters=300, lr_decay_iters=300),
+                 {"tokenizer": char}, said.append, {"max_iters": "command line", "lr_decay_iters": "max_iters"})
     assert said == ["resuming with changed settings: max_iters 100 -> 300, lr_decay_iters 100 -> 300 (follows "
                     "max_iters)"]
     with pytest.raises(UserError, match=r"cannot resume: out reads a 2-character vocabulary, but data/owt was "
