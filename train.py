@@ -879,7 +879,7 @@ def plot_losses(log_path, png_path):
             if not line.endswith("\n"):
                 break
             r = json.loads(line)
-            if "loss" in r:
+            if "loss" in r and not r.get("skipped"):  # a skipped spike's loss trained nothing
                 train.append((r["tokens"], r["loss"]))
             if "val_loss" in r:
                 val.append((r["tokens"], r["val_loss"]))
@@ -1448,7 +1448,7 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
                 scaler.update()
                 say(f"step {step}: a spike, {skipped}; step skipped")
                 log({"step": step, "skipped": True, "spike": skipped, "loss": spikes.history["loss"][-1],
-                     "grad_norm": spikes.history["grad_norm"][-1]})
+                     "grad_norm": spikes.history["grad_norm"][-1], "tokens": tokens_seen})
                 continue
             bad_steps = 0
             step += 1

@@ -112,8 +112,9 @@ def test_a_spike_is_skipped_and_training_goes_on(data_dir, monkeypatch, capsys):
     monkeypatch.setattr(torch.optim.AdamW, "step", counted_step)
     monkeypatch.chdir(data_dir)
     out = train_here(capsys, *ARGS, "--max_iters=30", "--eval_interval=100", "--skip_spikes=5", "--spike_window=10",
-                     "--out_dir=out")
+                     "--out_dir=out", "--plot=True")
     assert "step 14: a spike, loss " in out
+    assert "plot: off" not in out and (data_dir / "out/loss.png").exists()  # its record once broke the plot (a trial)
     skipped = [r for r in log_records(data_dir / "out") if r.get("skipped")]
     assert [r["step"] for r in skipped] == [14] and skipped[0]["spike"].startswith("loss ")
     assert calls["n"] == 31 and len(steps) == 30
