@@ -1132,6 +1132,13 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
     step, best_val_loss, wandb_id, tokens_seen = 0, float("inf"), None, 0
     # (interval, last step it covers; None: this run's) for every keep_every the run has had: their milestones stay
     keep_every = [(cfg.keep_every, None)] if cfg.keep_every else []
+    saves = [n for n in (cfg.eval_interval, cfg.save_interval) if n]  # the steps a checkpoint can be written at
+    if cfg.keep_every and not cfg.eval_only and not any(cfg.keep_every % n == 0 for n in saves):
+        first = min(math.lcm(cfg.keep_every, n) for n in saves)
+        keys = "eval_interval" + (", save_interval" if cfg.save_interval else "")
+        say(f"note: keep_every={cfg.keep_every} keeps the saves that fall on its multiples, and saves come every "
+            f"{' or '.join(f'{n:,}' for n in saves)} steps ({keys}): the first kept is at step {first:,}; "
+            f"--save_interval={cfg.keep_every} keeps each multiple")
     spikes = SpikeGuard(cfg.skip_spikes, cfg.spike_window)
     sampler = SAMPLERS[cfg.data_order](train_shards, cfg.block_size, cfg.batch_size, seed=[cfg.seed, 0],
                                        rank=launch.rank, world_size=launch.world_size)

@@ -807,3 +807,18 @@ def test_going_back_to_an_earlier_checkpoint_sets_the_later_ones_aside(data_dir,
     assert load_checkpoint("out/ckpt_00000010.pt")["config"]["learning_rate"] == 1e-4
     steps = [r["step"] for r in log_records("out") if "loss" in r]
     assert steps == sorted(steps) and steps[-1] == 12 and len(steps) == len(set(steps))
+
+
+def test_keep_every_off_the_save_steps_is_said(data_dir, monkeypatch, capsys):  # noqa: F811
+    """Checkpoints are written at evaluations and save_interval's steps only: keep_every=3 with evaluations every 2
+    steps kept steps 6 and 12 of 12 without a word (a trial asked for 50 and got 100 and 200). A note says which come,
+    and what keeps each multiple."""
+    monkeypatch.chdir(data_dir)
+    out = train_here(capsys, *ARGS, "--max_iters=12", "--eval_interval=2", "--keep_every=3", "--keep_last_n=1",
+                     "--out_dir=out")
+    assert "note: keep_every=3 keeps the saves that fall on its multiples, and saves come every 2 steps " \
+        "(eval_interval): the first kept is at step 6; --save_interval=3 keeps each multiple" in out
+    assert [s for s, _ in step_checkpoints("out")] == [6, 12]
+    out = train_here(capsys, *ARGS, "--max_iters=12", "--eval_interval=2", "--keep_every=3", "--keep_last_n=1",
+                     "--save_interval=3", "--out_dir=each")
+    assert "keep_every=3 keeps" not in out and [s for s, _ in step_checkpoints("each")] == [3, 6, 9, 12]
