@@ -224,8 +224,9 @@ def evaluate(cfg, launch, device, sources):
     dtype = pick_dtype(cfg.dtype, device_type)
     model, tokenizer, train_config = load_model(cfg.init_from, cfg.out_dir, device)
     autocast = torch.autocast(device_type=device_type, dtype=getattr(torch, dtype), enabled=(dtype != "float32"))
-    say(f"{model_name(cfg.init_from, cfg.out_dir)}: {model.get_num_params() / 1e6:.2f}M "
-        f"parameters on {device} in {dtype}, {launch.world_size} process(es)")
+    step = (train_config or {}).get("step")  # a checkpoint's: which one a run still training had saved
+    say(f"{model_name(cfg.init_from, cfg.out_dir)}{f' (step {step:,})' if step is not None else ''}: "
+        f"{model.get_num_params() / 1e6:.2f}M parameters on {device} in {dtype}, {launch.world_size} process(es)")
     for note in model_notes(cfg, sources):
         say(note)
     if cfg.task == "perplexity":
@@ -234,7 +235,7 @@ def evaluate(cfg, launch, device, sources):
         result = hellaswag_task(cfg, model, tokenizer, device, autocast, launch, say)
     else:
         result = val_loss(cfg, model, tokenizer, train_config, device, autocast, launch, say)
-    say(json.dumps({**result, "model": cfg.init_from if cfg.init_from != "resume" else cfg.out_dir}))
+    say(json.dumps({**result, "model": cfg.init_from if cfg.init_from != "resume" else cfg.out_dir, "step": step}))
     return result
 
 

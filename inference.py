@@ -28,7 +28,8 @@ def model_notes(cfg, sources):
 def load_model(init_from, out_dir, device):
     """
     (model in eval mode on `device`, tokenizer, the training config dict, with the run's number of processes as
-    'processes' and its val split's fingerprint as 'val_data' where the checkpoint tells them, or None) for
+    'processes', its val split's fingerprint as 'val_data' and the checkpoint's step as 'step' where the checkpoint
+    tells them, or None) for
     init_from 'resume' (the checkpoint in out_dir), another checkpoint (a .pt file, or a run's folder holding
     ckpt.pt, as train.py takes), or GPT-2 weights (gpt2, gpt2-medium, gpt2-large, gpt2-xl or a local Hugging Face
     folder).
@@ -42,6 +43,8 @@ def load_model(init_from, out_dir, device):
             train_config = {**train_config, "processes": len(checkpoint["rng"])}
         if train_config is not None and checkpoint.get("val_data"):  # the val shards' digests (Dataset.fingerprint)
             train_config = {**train_config, "val_data": checkpoint["val_data"]}
+        if train_config is not None and "step" in checkpoint:  # which of a live run's checkpoints was read
+            train_config = {**train_config, "step": checkpoint["step"]}
     else:
         model, meta = load_gpt2(init_from)
         train_config = None

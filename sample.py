@@ -119,7 +119,8 @@ def main(cfg, sources):
     device = pick_device(cfg.device)
     device_type = device.split(":")[0]
     dtype = pick_dtype(cfg.dtype, device_type)
-    model, tokenizer, _ = load_model(cfg.init_from, cfg.out_dir, device)
+    model, tokenizer, train_config = load_model(cfg.init_from, cfg.out_dir, device)
+    step = (train_config or {}).get("step")  # a checkpoint's: which one a run still training had saved
 
     prompt = read_prompt(cfg.start)
     ids = prompt_ids(tokenizer, prompt, f"--start={cfg.start}" if cfg.start.startswith("FILE:") else "--start")
@@ -148,7 +149,8 @@ def main(cfg, sources):
         how = "greedy"
     else:
         how = f"sampling at temperature {cfg.temperature}, top_k {cfg.top_k or 'off'}, top_p {cfg.top_p}"
-    print(f"{model_name(cfg.init_from, cfg.out_dir)}: {len(ids)}-token prompt, {how}, on "
+    print(f"{model_name(cfg.init_from, cfg.out_dir)}{f' (step {step:,})' if step is not None else ''}: "
+          f"{len(ids)}-token prompt, {how}, on "
           f"{device} in {dtype}{', compiled' if cfg.compile else ''}", file=sys.stderr)
     for note in model_notes(cfg, sources):
         print(note, file=sys.stderr)

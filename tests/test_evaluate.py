@@ -167,6 +167,7 @@ def test_val_loss_is_the_number_train_py_reported(tmp_path, evaluation):
     result = evaluate_json(run_script("evaluate.py", "--out_dir=out", "--task=val_loss", "--device=cpu",
                                       cwd=tmp_path))
     assert result["loss"] == pytest.approx(reported["val_loss"], abs=1e-6)
+    assert result["step"] == 10  # which checkpoint was read: a run still training saves several (a trial)
     assert result["bits_per_byte"] == pytest.approx(reported["val_bpb"], abs=1e-6)
     if "--eval_tokens=5000" in evaluation:
         from tokendata import Dataset
@@ -194,7 +195,7 @@ def test_val_loss_is_the_number_train_py_reported(tmp_path, evaluation):
         run_script("export.py", "--out_dir=out", cwd=tmp_path)
         hf = evaluate_json(run_script("evaluate.py", "--init_from=out-hf", "--task=val_loss", "--device=cpu",
                                       "--dataset=shakespeare_char", cwd=tmp_path))
-        assert (hf["block_size"], hf["batch_size"], hf["eval_iters"]) == (32, 12, 200)
+        assert (hf["block_size"], hf["batch_size"], hf["eval_iters"]) == (32, 12, 200) and hf["step"] is None
         assert abs(hf["loss"] - result["loss"]) < 0.5  # the same weights, over other batches
 
     # and strided perplexity over the prepared split runs on the same data

@@ -34,6 +34,7 @@ def test_char_pipeline(tmp_path, shakespeare_path):
     sample = run_script("sample.py", "--out_dir=out", "--start=ROMEO:", "--num_samples=2", "--max_new_tokens=50",
                         "--device=cpu", cwd=tmp_path)
     texts = [t for t in sample.stdout.split("---------------") if t.strip()]
+    assert sample.stderr.startswith("out (step 80): ")  # which checkpoint of a run (still training, maybe) it read
     assert len(texts) == 2 and all(t.strip().startswith("ROMEO:") and len(t.strip()) >= 50 for t in texts)
 
     resumed = run_script("train.py", "config/train_shakespeare_char.py", *TINY, "--max_iters=100",
