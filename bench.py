@@ -184,7 +184,8 @@ def run_train_bench(cfg, device, dtype, grad_accum, batch_explain, vocab_size, s
         accumulate_gradients(step_model, batches, grad_accum, autocast, scaler, optimizer, cfg.grad_clip, False)
 
     # said before the timing, which takes minutes where a step does (GPT-2 small on a CPU): not a silent wait
-    print(f"train: {batch_explain}; {round(model.get_num_params() / 1e6, 2)}M parameters on {device_name(device)}, "
+    params_m = round(model.get_num_params() / 1e6, 2)
+    print(f"train: {batch_explain}; {params_m}M parameters on {device_name(device)}, "
           f"{dtype}, compile {cfg.compile_mode if use_compile else 'off'}, fused loss "
           f"{'on' if cfg.fused_loss else 'off'}{', recompute on' if cfg.recompute else ''}"
           f"{', Muon' if cfg.optimizer == 'muon' else ''}"
@@ -217,7 +218,7 @@ def run_train_bench(cfg, device, dtype, grad_accum, batch_explain, vocab_size, s
         **{k: getattr(cfg, k) for k in ARCH_OPTIONS},
         "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "block_size": cfg.block_size, "batch_size": cfg.batch_size,
         "grad_accum": grad_accum,
-        "params_M": round(model.get_num_params() / 1e6, 2),
+        "params_M": params_m,
         "ms_per_step": round(ms, 2), "tokens_per_sec": round(tokens_per_step / (ms / 1000)),
         "ms_per_step_back_to_back": round(ms_back_to_back, 2),
         "mfu": round(mfu, 4) if mfu else None,

@@ -301,12 +301,12 @@ def load_checkpoint(path, map_location="cpu"):
             raise CheckpointError(f"no checkpoint at {path}: {folder} holds a Hugging Face model; give "
                                   f"--init_from={folder} to sample or evaluate it")
         # ckpt.pt deleted or moved by hand: the run's newest numbered checkpoint, else its best.pt
-        newest = ([p for _, p in step_checkpoints(folder)][::-1] + [p for p in [os.path.join(folder, BEST)]
-                                                                      if os.path.isfile(p)])[:1]
+        numbered, best = step_checkpoints(folder), os.path.join(folder, BEST)
+        newest = numbered[-1][1] if numbered else best if os.path.isfile(best) else None
         if newest:
             raise CheckpointError(f"no checkpoint at {path}, but the run's other checkpoints are there: "
-                                  f"{read_instead(newest[0])}, or, to resume training from it, link it first: "
-                                  f"ln -f {newest[0]} {path}")
+                                  f"{read_instead(newest)}, or, to resume training from it, link it first: "
+                                  f"ln -f {newest} {path}")
         raise CheckpointError(f"no checkpoint at {path}; train one first (python train.py ...) or check --out_dir")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=False)

@@ -57,6 +57,11 @@ def _unwrap_optional(tp):
     return tp, False
 
 
+def value_keys(cls):
+    """The options of a config dataclass that take a value: every key but the bools, which a bare --key sets."""
+    return {k for k, tp in typing.get_type_hints(cls).items() if _unwrap_optional(tp)[0] is not bool}
+
+
 def _type_name(tp):
     base, optional = _unwrap_optional(tp)
     name = getattr(base, "__name__", str(base))
@@ -170,7 +175,7 @@ def parse(cls, argv, prog=None):
     Prints help and exits 0 on --help / -h.
     """
     prog = prog or sys.argv[0]
-    hints = typing.get_type_hints(cls)
+    hints, takes_value = typing.get_type_hints(cls), value_keys(cls)
     known = [f.name for f in dataclasses.fields(cls)]
     values, sources = {}, {}
     if any(arg in ("--help", "-h") for arg in argv):
@@ -183,7 +188,7 @@ def parse(cls, argv, prog=None):
             if key not in hints:
                 raise ConfigError(f"unknown option --{key}{_closest(key, known)}; see --help for every key")
             if not eq:
-                if _unwrap_optional(hints[key])[0] is not bool:
+                if key in takes_value:
                     raise ConfigError(f"--{key} needs a value: --{key}=...")
                 text = "True"
             values[key] = _parse_string(key, text, hints[key])
@@ -204,9 +209,8 @@ def parse(cls, argv, prog=None):
                 sources[key] = arg
         else:
             before = argv[argv.index(arg) - 1] if argv.index(arg) else ""
-            key = before[2:].replace("-", "_")
-            if before.startswith("--") and "=" not in before and key in hints \
-                    and _unwrap_optional(hints[key])[0] is not bool:  # argparse's --max_iters 10
+            if before.startswith("--") and "=" not in before and \
+                    before[2:].replace("-", "_") in takes_value:  # argparse's --max_iters 10
                 raise ConfigError(f"unexpected argument {arg!r}: did you mean {before}={arg}? (a value follows its "
                                   "key after =)")
             raise ConfigError(f"unexpected argument {arg!r}: give config files (*.py) and --key=value options")

@@ -38,7 +38,7 @@ import hellaswag
 from configurator import UserError
 from distributed import (all_reduce_sum, cleanup_distributed, detect_launch, fast_kernels, init_distributed,
                          pick_device, pick_dtype)
-from inference import load_model, model_name, model_notes, read_text
+from inference import load_model, model_label, model_name, model_notes, read_text
 from tokendata import Dataset, dataset_dir, first_tokens, window_batch, windows
 from tokenizer import mismatch
 
@@ -224,9 +224,8 @@ def evaluate(cfg, launch, device, sources):
     dtype = pick_dtype(cfg.dtype, device_type)
     model, tokenizer, train_config = load_model(cfg.init_from, cfg.out_dir, device)
     autocast = torch.autocast(device_type=device_type, dtype=getattr(torch, dtype), enabled=(dtype != "float32"))
-    step = (train_config or {}).get("step")  # a checkpoint's: which one a run still training had saved
-    say(f"{model_name(cfg.init_from, cfg.out_dir)}{f' (step {step:,})' if step is not None else ''}: "
-        f"{model.get_num_params() / 1e6:.2f}M parameters on {device} in {dtype}, {launch.world_size} process(es)")
+    say(f"{model_label(cfg.init_from, cfg.out_dir, train_config)}: {model.get_num_params() / 1e6:.2f}M parameters on "
+        f"{device} in {dtype}, {launch.world_size} process(es)")
     for note in model_notes(cfg, sources):
         say(note)
     if cfg.task == "perplexity":
@@ -235,7 +234,8 @@ def evaluate(cfg, launch, device, sources):
         result = hellaswag_task(cfg, model, tokenizer, device, autocast, launch, say)
     else:
         result = val_loss(cfg, model, tokenizer, train_config, device, autocast, launch, say)
-    say(json.dumps({**result, "model": cfg.init_from if cfg.init_from != "resume" else cfg.out_dir, "step": step}))
+    say(json.dumps({**result, "model": cfg.init_from if cfg.init_from != "resume" else cfg.out_dir,
+                    "step": (train_config or {}).get("step")}))
     return result
 
 

@@ -16,6 +16,13 @@ def model_name(init_from, out_dir):
     return out_dir if init_from == "resume" else init_from
 
 
+def model_label(init_from, out_dir, train_config):
+    """model_name, with the step of the checkpoint read where it is known (load_model's train_config): which of a run's
+    saves, the run maybe still training, the figures are from."""
+    step = (train_config or {}).get("step")
+    return model_name(init_from, out_dir) + (f" (step {step:,})" if step is not None else "")
+
+
 def model_notes(cfg, sources):
     """What sample.py and evaluate.py say about the model their --init_from and --out_dir name: a run whose best is
     another checkpoint than its latest, and an --out_dir given but not used."""
@@ -27,24 +34,21 @@ def model_notes(cfg, sources):
 
 def load_model(init_from, out_dir, device):
     """
-    (model in eval mode on `device`, tokenizer, the training config dict, with the run's number of processes as
-    'processes', its val split's fingerprint as 'val_data' and the checkpoint's step as 'step' where the checkpoint
-    tells them, or None) for
-    init_from 'resume' (the checkpoint in out_dir), another checkpoint (a .pt file, or a run's folder holding
-    ckpt.pt, as train.py takes), or GPT-2 weights (gpt2, gpt2-medium, gpt2-large, gpt2-xl or a local Hugging Face
-    folder).
+    (model in eval mode on `device`, tokenizer, the training config dict or None) for init_from 'resume' (the
+    checkpoint in out_dir), another checkpoint (a .pt file, or a run's folder holding ckpt.pt, as train.py takes), or
+    GPT-2 weights (gpt2, gpt2-medium, gpt2-large, gpt2-xl or a local Hugging Face folder). The config carries what
+    the checkpoint tells of its run besides, where it does: 'processes' (their number: one random state each),
+    'val_data' (the val shards' digests, Dataset.fingerprint) and 'step' (which of a live run's saves was read).
     """
     if init_from == "resume" or is_checkpoint(init_from):
         where = model_name(init_from, out_dir)
         checkpoint = load_checkpoint(where)
         model = model_from_checkpoint(checkpoint, dropout=0.0)
         meta, train_config = checkpoint_meta(checkpoint, where), checkpoint.get("config")
-        if train_config is not None and checkpoint.get("rng"):  # one random state per process
-            train_config = {**train_config, "processes": len(checkpoint["rng"])}
-        if train_config is not None and checkpoint.get("val_data"):  # the val shards' digests (Dataset.fingerprint)
-            train_config = {**train_config, "val_data": checkpoint["val_data"]}
-        if train_config is not None and "step" in checkpoint:  # which of a live run's checkpoints was read
-            train_config = {**train_config, "step": checkpoint["step"]}
+        if train_config is not None:
+            told = {"processes": len(checkpoint.get("rng") or []) or None,
+                    "val_data": checkpoint.get("val_data") or None, "step": checkpoint.get("step")}
+            train_config = {**train_config, **{k: v for k, v in told.items() if v is not None}}
     else:
         model, meta = load_gpt2(init_from)
         train_config = None

@@ -39,7 +39,7 @@ import time
 import unicodedata
 import urllib.request
 from collections import deque
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import regex
@@ -1331,7 +1331,7 @@ def parse_args(argv):
     """`prepare.py NAME --key=value`: the dataset name as a bare word, first or among the options (the first bare
     word that is not a config file, nor the value of a `--key value` written as argparse takes it, which the
     configurator answers with --key=value)."""
-    takes_value = {f"--{f.name}" for f in fields(PrepareConfig) if f.type not in (bool, "bool")}
+    takes_value = {f"--{key}" for key in configurator.value_keys(PrepareConfig)}
     for i, arg in enumerate(argv):
         if not arg.startswith("-") and not arg.endswith(".py") and (i == 0 or argv[i - 1] not in takes_value):
             return argv[:i] + [f"--name={arg}"] + argv[i + 1:]

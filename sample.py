@@ -22,7 +22,7 @@ import configurator
 from configurator import UserError
 from distributed import pick_device, pick_dtype
 from generate import TEMPERATURE, TOP_K, Stop, beam_search, generate
-from inference import load_model, model_name, model_notes, prompt_ids, read_prompt
+from inference import load_model, model_label, model_notes, prompt_ids, read_prompt
 
 
 @dataclass
@@ -120,7 +120,6 @@ def main(cfg, sources):
     device_type = device.split(":")[0]
     dtype = pick_dtype(cfg.dtype, device_type)
     model, tokenizer, train_config = load_model(cfg.init_from, cfg.out_dir, device)
-    step = (train_config or {}).get("step")  # a checkpoint's: which one a run still training had saved
 
     prompt = read_prompt(cfg.start)
     ids = prompt_ids(tokenizer, prompt, f"--start={cfg.start}" if cfg.start.startswith("FILE:") else "--start")
@@ -142,22 +141,21 @@ def main(cfg, sources):
     unused = [k for k in UNUSED_BY[kind] if k in sources]  # given, and nothing reads them: say so, not ignore them
     if unused:
         print(f"note: {kind} does not use {', '.join('--' + k for k in unused)}", file=sys.stderr)
-    if cfg.num_beams > 1:
+    if kind == "beam search":
         how = (f"beam search, {cfg.num_beams} beams, length penalty {cfg.length_penalty}, "
                f"{'early stopping' if cfg.early_stopping else 'no early stopping'}")
-    elif cfg.temperature == 0:
+    elif kind == "greedy decoding":
         how = "greedy"
     else:
         how = f"sampling at temperature {cfg.temperature}, top_k {cfg.top_k or 'off'}, top_p {cfg.top_p}"
-    print(f"{model_name(cfg.init_from, cfg.out_dir)}{f' (step {step:,})' if step is not None else ''}: "
-          f"{len(ids)}-token prompt, {how}, on "
-          f"{device} in {dtype}{', compiled' if cfg.compile else ''}", file=sys.stderr)
+    print(f"{model_label(cfg.init_from, cfg.out_dir, train_config)}: {len(ids)}-token prompt, {how}, on {device} in "
+          f"{dtype}{', compiled' if cfg.compile else ''}", file=sys.stderr)
     for note in model_notes(cfg, sources):
         print(note, file=sys.stderr)
     if len(ids) > model.config.block_size:
         print(f"note: the prompt's {len(ids):,} tokens are more than the model's context: each new token is predicted "
               f"from the last {model.config.block_size} only", file=sys.stderr)
-    if how == "greedy" and cfg.num_samples > 1:
+    if kind == "greedy decoding" and cfg.num_samples > 1:
         print(f"note: greedy decoding writes the same text {cfg.num_samples} times; for different samples give a "
               f"--temperature above 0, or --num_beams={cfg.num_samples} for the {cfg.num_samples} likeliest",
               file=sys.stderr)

@@ -828,9 +828,7 @@ def set_aside_later(out_dir, step, log_path):
     later = [path for s, path in step_checkpoints(out_dir) if s > step]
     if not later:
         return None
-    folder, n = os.path.join(out_dir, f"after_{step:08d}"), 1
-    while os.path.exists(folder):  # the branch of an earlier return to this step stays whole
-        folder, n = os.path.join(out_dir, f"after_{step:08d}.{n}"), n + 1
+    folder = free_name(os.path.join(out_dir, f"after_{step:08d}"))  # an earlier return's branch stays whole
     os.makedirs(folder)
     best = os.path.join(out_dir, BEST)
     moved = later + [best] if os.path.isfile(best) and any(os.path.samefile(best, p) for p in later) else later
@@ -1516,14 +1514,20 @@ def refuse_to_overwrite(out_dir, ckpt_path):
                     f"(or delete {out_dir} first)")
 
 
-def keep_aside(path):
-    """Rename `path` (dir/name.ext) to the first free dir/name.N.ext, N = 1, 2, ...; returns the new name."""
+def free_name(path):
+    """`path` (dir/name.ext) if nothing is there, else the first free dir/name.N.ext, N = 1, 2, ..."""
     stem, ext = os.path.splitext(path)
-    n = 1
-    while os.path.exists(f"{stem}.{n}{ext}"):
-        n += 1
-    os.rename(path, f"{stem}.{n}{ext}")
-    return f"{stem}.{n}{ext}"
+    name, n = path, 1
+    while os.path.exists(name):
+        name, n = f"{stem}.{n}{ext}", n + 1
+    return name
+
+
+def keep_aside(path):
+    """Rename `path` to the first free dir/name.N.ext (see free_name); returns the new name."""
+    kept = free_name(path)
+    os.rename(path, kept)
+    return kept
 
 
 def disk_error(what, error, ckpt_path):

@@ -16,7 +16,7 @@ import torch
 from checkpoint import (CheckpointError, load_checkpoint, save_checkpoint, save_training_checkpoint, snapshot,
                         step_checkpoints)
 from conftest import REPO, free_port, run_script
-from test_distributed import run_torchrun, train_losses
+from test_distributed import prepare_tiny, run_torchrun, train_losses
 
 ARGS = ["--dataset=shakespeare_char", "--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=32",
         "--block_size=32", "--batch_size=4", "--dropout=0.0", "--eval_iters=2", "--log_interval=1",
@@ -26,7 +26,7 @@ ARGS = ["--dataset=shakespeare_char", "--device=cpu", "--compile=False", "--n_la
 @pytest.fixture
 def data_dir(tmp_path, prepared_shakespeare):
     """A folder of its own with data/shakespeare_char in it, a copy of the session's preparation."""
-    shutil.copytree(prepared_shakespeare, tmp_path / "data")
+    prepare_tiny(tmp_path, prepared_shakespeare)
     return tmp_path
 
 
