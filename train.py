@@ -11,14 +11,18 @@ boundary (SIGTERM, SIGUSR1, max_runtime) and resumed exactly: the checkpoint hol
 
 import dataclasses
 import difflib
+import errno
 import importlib.util
+import io
 import json
 import math
 import os
 import random
 import shutil
 import signal
+import stat
 import statistics
+import sys
 import threading
 import time
 import traceback
@@ -515,10 +519,11 @@ def set_rng_state(state, device):
 
 class StopFlag:
     """
-    SIGTERM (what Slurm and torchrun send before killing), SIGUSR1 (Slurm's --signal=USR1@120) and Ctrl-C's SIGINT
-    only set a flag: the training loop notices it at the next step boundary, on every rank at once, then saves and
-    exits. A second Ctrl-C raises KeyboardInterrupt at once, for a user who will not wait for the save. (Under
-    torchrun the workers run in a session of their own: Ctrl-C reaches them once, forwarded by torchrun.)
+    SIGTERM (what Slurm and torchrun send before killing), SIGUSR1 (Slurm's --signal=USR1@120), Ctrl-C's SIGINT and
+    SIGHUP (the terminal closed: an ssh connection lost) only set a flag: the training loop notices it at the next
+    step boundary, on every rank at once, then saves and exits. A second Ctrl-C raises KeyboardInterrupt at once, for
+    a user who will not wait for the save. (Under torchrun the workers run in a session of their own: Ctrl-C reaches
+    them once, forwarded by torchrun.) A SIGHUP that nohup set to be ignored stays ignored.
     A context manager: the handlers it replaced are back when it exits.
     """
 
@@ -527,9 +532,11 @@ class StopFlag:
         self._replaced, self._leaving, self._interrupts = {}, False, 0
 
     def __enter__(self):
-        for name in ("SIGTERM", "SIGUSR1", "SIGINT"):
+        for name in ("SIGTERM", "SIGUSR1", "SIGINT", "SIGHUP"):
             if hasattr(signal, name):
                 sig = getattr(signal, name)
+                if name == "SIGHUP" and signal.getsignal(sig) == signal.SIG_IGN:  # nohup: the run outlives the terminal
+                    continue
                 self._replaced[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -553,9 +560,23 @@ class StopFlag:
         if self._interrupts > 1:  # counted apart: a Ctrl-C after a SIGTERM is the first one (it once never stopped)
             raise KeyboardInterrupt
         self.signal = self.signal or name
+        if name == "SIGHUP":  # writes to the terminal fail now (EIO); log.jsonl gets its records still
+            hung_up_to_devnull()
         if name == "SIGINT" and self.say_now:
             self.say_now("\nCtrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again: stop now, "
                          "without saving)\n")
+
+
+def hung_up_to_devnull():
+    """Standard output and error to nowhere where they were a terminal (a character device: after the hang-up a pty
+    is no longer a tty to isatty); redirected to a file or a pipe, they still get every line."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            fd = stream.fileno()
+            if stat.S_ISCHR(os.fstat(fd).st_mode):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+        except (OSError, ValueError, io.UnsupportedOperation):  # closed, or a stream with no file (a test's capture)
+            pass
 
 
 def reduce_mean(value, launch):
@@ -567,7 +588,7 @@ def reduce_mean(value, launch):
 
 GO_ON, STOP, WRITE_FAILED = 0, 1, 2  # what the ranks agree on before each step: the most serious any rank says
 # why a run stops, agreed too (a signal may reach one rank only): the later wins, Ctrl-C (exit 130, not requeued) first
-STOP_REASONS = (None, "max_runtime", "SIGUSR1", "SIGTERM", "SIGINT")
+STOP_REASONS = (None, "max_runtime", "SIGUSR1", "SIGHUP", "SIGTERM", "SIGINT")
 
 
 def agree(status, launch, device):
@@ -905,12 +926,17 @@ PRINT_LOCK = threading.Lock()
 
 def locked_print(*args, **kwargs):
     """print, but whole: the writer thread's messages never land between a line of the loop's and its newline. A
-    reader of the output that goes away (`| head`) stops the printing, not the run: log.jsonl has every record."""
+    reader of the output that goes away (`| head`), or a terminal that does (a lost ssh connection, where SIGHUP is
+    ignored or not yet handled), stops the printing, not the run: log.jsonl has every record."""
     with PRINT_LOCK:
         try:
             print(*args, **kwargs)
         except BrokenPipeError:
             configurator.silence_stdout()
+        except OSError as e:
+            if e.errno != errno.EIO:
+                raise
+            hung_up_to_devnull()
 
 
 def start_wandb(cfg, run_id):

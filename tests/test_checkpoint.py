@@ -440,6 +440,36 @@ def test_signal_saves_and_resumes(data_dir, sig, code):
     assert f"resumed from out/ckpt.pt at step {saved}" in out.stdout
 
 
+@pytest.mark.parametrize("nohup", [False, True])
+def test_hangup_saves_or_goes_on(data_dir, nohup):
+    """A lost ssh connection: the terminal hangs up, so writes to it fail (EIO), and SIGHUP comes. The run saves at
+    the next step boundary and exits 3, as on SIGTERM, where it used to die with the steps since its last save. Under
+    nohup (SIGHUP ignored) it goes on to its end, its output gone. The run writes to a dead terminal before the
+    signal comes: it keeps training through that too."""
+    import pty
+    master, terminal = pty.openpty()
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), *ARGS, f"--max_iters={40 if nohup else 100000}",
+           "--lr_decay_iters=100000", "--eval_interval=100000", "--out_dir=out"]
+    ignore = (lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if nohup else None
+    proc = subprocess.Popen(cmd, cwd=data_dir, stdout=terminal, stderr=terminal, preexec_fn=ignore)
+    os.close(terminal)
+    try:
+        seen = b""
+        while b"step 5 |" not in seen:
+            seen += os.read(master, 4096)
+        os.close(master)  # the hang-up
+        while b'"step": 10,' not in (data_dir / "out/log.jsonl").read_bytes():  # printing into the dead terminal
+            assert proc.poll() is None, "the run died on writing to a terminal that hung up"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGHUP)
+        assert proc.wait(timeout=60) == (0 if nohup else 3)
+    finally:
+        proc.kill()
+    saved = torch.load(data_dir / "out/ckpt.pt", weights_only=False)["step"]
+    assert saved == 40 if nohup else saved >= 10
+    assert max(r["step"] for r in log_records(data_dir / "out")) <= saved  # every logged step is in the checkpoint
+
+
 def test_ctrl_c_cuts_an_evaluation_short(data_dir):
     """Ctrl-C during an evaluation (200 batches take minutes on a CPU) stops at the next batch, saves the step without
     that evaluation, and the resumed run evaluates it; resuming a finished run says there is nothing to train."""
