@@ -82,7 +82,7 @@ class TrainConfig:
     # wandb
     wandb_log: bool = False  # WANDB_MODE=offline works without network
     wandb_project: str = "gpt"
-    wandb_run_name: str = "run"
+    wandb_run_name: str = ""  # empty: the out_dir's folder name, which tells a sweep's runs apart
     # data
     dataset: str = "openwebtext"  # a folder under data_root (or a path to a prepared dataset)
     data_root: str = "data"
@@ -946,8 +946,9 @@ def start_wandb(cfg, run_id):
         raise UserError("wandb_log=True but wandb is not installed: pip install wandb") from None
     # the same run id after a resume continues the same wandb run
     try:
-        return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=dataclasses.asdict(cfg),
-                          id=run_id, resume="allow")
+        name = cfg.wandb_run_name or os.path.basename(os.path.normpath(os.path.abspath(cfg.out_dir)))
+        return wandb.init(project=cfg.wandb_project, name=name, config=dataclasses.asdict(cfg), id=run_id,
+                          resume="allow")
     except Exception as e:  # no API key, no network, a bad project name: wandb's own words, in one line
         raise UserError(f"wandb could not start a run ({type(e).__name__}: {str(e).strip().splitlines()[0]}); run "
                         "`wandb login`, or set WANDB_MODE=offline to log locally, or drop --wandb_log") from None

@@ -796,6 +796,18 @@ def test_wandb_offline_resumes_same_run(data_dir):
     assert torch.load(data_dir / "out/ckpt.pt", weights_only=False)["wandb_run_id"] in run_ids
 
 
+def test_wandb_run_name(monkeypatch):
+    """Runs without a name of their own are named by their out_dir's folder, where every one was 'run'."""
+    import types
+
+    import train
+    started = []
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: started.append(kw["name"])))
+    for out_dir, name in (("runs/lr3e-4/", ""), ("out", ""), ("out", "baseline")):
+        train.start_wandb(train.TrainConfig(out_dir=out_dir, wandb_run_name=name), None)
+    assert started == ["lr3e-4", "out", "baseline"]
+
+
 def test_resume_applies_changed_settings(data_dir, shakespeare_path, monkeypatch, capsys):  # noqa: F811
     """weight_decay, beta1 and beta2 changed on resume are listed and are what AdamW then uses (the optimizer state
     loaded from the checkpoint carries the old ones; the no-decay group keeps none). A float32 run resumes in float16
