@@ -946,7 +946,7 @@ def start_wandb(cfg, run_id):
         raise UserError("wandb_log=True but wandb is not installed: pip install wandb") from None
     # the same run id after a resume continues the same wandb run
     try:
-        name = cfg.wandb_run_name or os.path.basename(os.path.normpath(os.path.abspath(cfg.out_dir)))
+        name = cfg.wandb_run_name or os.path.basename(os.path.abspath(cfg.out_dir))
         return wandb.init(project=cfg.wandb_project, name=name, config=dataclasses.asdict(cfg), id=run_id,
                           resume="allow")
     except Exception as e:  # no API key, no network, a bad project name: wandb's own words, in one line
