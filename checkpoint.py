@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import sys
+import zipfile
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
@@ -72,6 +73,23 @@ def _tensor_crc32(obj, crc=0):
         for value in obj:
             crc = _tensor_crc32(value, crc)
     return crc
+
+
+def _pickle_intact(path):
+    """Whether the archive's pickled part (the settings, the vocabulary, the step: all but the tensors' data) matches
+    the CRC-32 the zip format keeps for it: _tensor_crc32 covers the rest. zipfile checks it on reading. An archive
+    written without CRCs (torch.serialization.set_crc32_options(False): every one 0) or of torch's older, unzipped
+    format has none to check."""
+    if not zipfile.is_zipfile(path):
+        return True
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.filename.endswith(".pkl") and (info.CRC or not info.file_size):
+                    archive.read(info)
+    except zipfile.BadZipFile:
+        return False
+    return True
 
 
 def save_checkpoint(path, checkpoint):
@@ -324,6 +342,8 @@ def load_checkpoint(path, map_location="cpu"):
         stored = checkpoint.pop("crc32")
         if _tensor_crc32(checkpoint) != stored:
             problem = "is corrupt: its tensors do not match the checksum written with them"
+    if checkpoint is not None and not problem and not _pickle_intact(path):  # torch.load does not check it either
+        problem = "is corrupt: its settings and vocabulary do not match the checksum the archive keeps for them"
     if problem:
         raise CheckpointError(f"{path} {problem}{_fallback_hint(path)}")
     checkpoint["model"] = clean_state_dict(checkpoint["model"])
