@@ -1359,6 +1359,10 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
         writer.wait(raise_error=False)
         return agree(WRITE_FAILED if write_failed() else status, launch, device)
 
+    # the settings of this run (or of this stretch of it, after a resume) and where each changed one came from: runs
+    # are told apart, and compared, from their log.jsonl alone
+    log({"step": step, "start": {"time": time.time(), "world_size": launch.world_size, "torch": torch.__version__,
+                                 "config": dataclasses.asdict(cfg), "sources": sources}}, to_wandb=False)
     batches = Prefetcher(sampler, batch_to_device)
     t_last, steps_since_log, bad_steps = time.time(), 0, 0
 

@@ -46,6 +46,23 @@ def log_records(out_dir):
         return [json.loads(line) for line in f]
 
 
+def test_log_records_each_start(data_dir, monkeypatch, capsys):
+    """log.jsonl tells what each stretch of a run was started with: every setting, and where each changed one came
+    from, so a sweep's logs can be told apart and compared by themselves."""
+    monkeypatch.chdir(data_dir)
+    (data_dir / "fast.py").write_text("learning_rate = 3e-3\n")
+    train_here(capsys, "fast.py", *ARGS, "--max_iters=4", "--eval_interval=2", "--out_dir=out")
+    train_here(capsys, *ARGS, "--max_iters=6", "--eval_interval=2", "--out_dir=out", "--init_from=resume",
+               "--learning_rate=1e-3")
+    starts = [r for r in log_records(data_dir / "out") if "start" in r]
+    assert [r["step"] for r in starts] == [0, 4]
+    first, second = (r["start"] for r in starts)
+    assert (first["config"]["learning_rate"], first["sources"]["learning_rate"]) == (3e-3, "fast.py")
+    assert (second["config"]["learning_rate"], second["sources"]["learning_rate"]) == (1e-3, "command line")
+    assert first["config"]["n_embd"] == 32 and "n_embd" in first["sources"] and "seed" not in first["sources"]
+    assert first["world_size"] == 1 and first["torch"] == torch.__version__
+
+
 def test_exact_resume(data_dir):
     """40 steps straight equal 17 steps, then a resume to 40, bit for bit; eval cadence does not matter."""
     run_script("train.py", *ARGS, "--max_iters=40", "--eval_interval=1000", "--out_dir=straight", cwd=data_dir)
@@ -350,6 +367,25 @@ def test_corrupt_checkpoint_detected(tmp_path):
     (tmp_path / "ckpt.pt").write_bytes(bytes(data[:len(data) // 3]))
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         load_checkpoint(str(tmp_path))
+
+
+def test_corrupt_settings_detected(tmp_path):
+    """A flipped byte in the pickled part, in a value that is no tensor (a setting, the vocabulary): torch.load reads
+    it and the tensors' checksum (which covers the keys too) cannot see it (trial G); the archive's CRC-32 can.
+    Archives written without CRCs still load."""
+    path, state = tmp_path / "ckpt.pt", {"model": {"w": torch.ones(3)}, "model_args": {}, "config": {"dataset": "owt"}}
+    save_checkpoint(str(path), state)
+    path.write_bytes(path.read_bytes().replace(b"owt", b"oxt"))
+    assert torch.load(path, weights_only=False)["config"] == {"dataset": "oxt"}  # what went unnoticed
+    with pytest.raises(CheckpointError, match="ckpt.pt is corrupt: its settings and vocabulary do not match"):
+        load_checkpoint(str(path))
+    before = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        save_checkpoint(str(path), state)
+    finally:
+        torch.serialization.set_crc32_options(before)
+    assert load_checkpoint(str(path))["config"] == {"dataset": "owt"}
 
 
 def test_fallback_hint_fits_the_checkpoint(tmp_path):
