@@ -115,7 +115,11 @@ class Shard:
             self.dtype, self.num_tokens, self.offset = read_header(path)
         else:  # nanoGPT: raw uint16, no header
             self.dtype, self.offset = np.dtype("<u2"), 0
-            self.num_tokens = os.path.getsize(path) // 2
+            size = os.path.getsize(path)
+            if size % 2:  # half a token at the end: a copy cut short, or no token file at all
+                raise TokenFileError(f"{path} holds {size:,} bytes, an odd number: not whole uint16 tokens (a copy cut "
+                                     "short?); copy or prepare it again")
+            self.num_tokens = size // 2
         self._file, self._identity = None, identity(os.stat(path))
 
     def check_ids(self, start, tokens):
@@ -123,7 +127,7 @@ class Shard:
         if self.vocab_size is not None and len(tokens) and tokens.max() >= self.vocab_size:
             at = int(np.argmax(tokens >= self.vocab_size))
             raise TokenFileError(f"{self.path}: token {start + at:,} is id {int(tokens[at])}, outside the vocabulary "
-                                 f"of {self.vocab_size} (meta.json's vocab_size); the file is damaged or was made "
+                                 f"of {self.vocab_size} (the dataset's vocab_size); the file is damaged or was made "
                                  "with another tokenizer: prepare the dataset again")
         return tokens
 
@@ -282,7 +286,9 @@ def _nanogpt_layout(data_dir):
     optional meta.pkl, or llm.c's and modded-nanogpt's headered shards (fineweb_train_000001.bin, ...)."""
     splits = {}
     for split in ("train", "val"):
-        paths = sorted(glob.glob(os.path.join(data_dir, f"*{split}*.bin")))
+        # nanoGPT's one file, where it is there: a train_backup.bin beside it is not part of the split
+        exact = os.path.join(data_dir, f"{split}.bin")
+        paths = [exact] if os.path.isfile(exact) else sorted(glob.glob(os.path.join(data_dir, f"*{split}*.bin")))
         if paths:
             splits[split] = paths
     if not splits and glob.glob(os.path.join(data_dir, "ckpt*.pt")):
@@ -308,12 +314,18 @@ def nanogpt_char_meta(data_dir):
     try:
         with open(pkl, "rb") as f:
             old = pickle.load(f)
-        chars, vocab_size = "".join(old["itos"][i] for i in range(len(old["itos"]))), int(old["vocab_size"])
+        pieces, vocab_size = [old["itos"][i] for i in range(len(old["itos"]))], int(old["vocab_size"])
+        long = [p for p in pieces if not isinstance(p, str) or len(p) != 1]
     except Exception as e:  # truncated, another pickle, a dict without nanoGPT's keys: pickle raises many kinds
         raise UserError(f"{pkl} is not nanoGPT's char vocabulary (a dict with itos, stoi and vocab_size: "
                         f"{type(e).__name__}: {e}); prepare the dataset again (nanoGPT's prepare.py, or ours)") \
             from None
-    return {"tokenizer": {"type": "char", "chars": chars, "eot": False}, "vocab_size": vocab_size, "eot_id": None}
+    if long:  # a vocabulary of words, say: no tokenizer here reads or writes its text, so nothing trained on it could
+        raise UserError(f"{pkl} maps ids to {len(long):,} pieces of more than one character ({long[0]!r}, ...), not "
+                        "nanoGPT's char vocabulary: no tokenizer of this toolkit writes such text; prepare the "
+                        "text with prepare.py (--tokenizer=char, gpt2 or bpe:N)")
+    return {"tokenizer": {"type": "char", "chars": "".join(pieces), "eot": False}, "vocab_size": vocab_size,
+            "eot_id": None}
 
 
 def read_windows(shards, cumulative, picks, length, stride=1):

@@ -71,6 +71,24 @@ def test_nanogpt_layout(tmp_path):
     shard, = data.shards("train")
     assert shard.num_tokens == 300 and shard.offset == 0
     assert list(shard.read(10, 5)) == [i % len(chars) for i in range(10, 15)]
+    # a backup beside train.bin is no part of the split (a trial's was mixed into the batches); a copy cut short by
+    # one byte is refused, where its half token used to be dropped unsaid
+    np.zeros(500, dtype=np.uint16).tofile(tmp_path / "train_old_backup.bin")
+    assert [s.path for s in Dataset(str(tmp_path)).shards("train")] == [str(tmp_path / "train.bin")]
+    with open(tmp_path / "val.bin", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(TokenFileError, match=r"val.bin holds 201 bytes, an odd number: not whole uint16 tokens"):
+        Dataset(str(tmp_path)).shards("val")
+    np.arange(100, dtype=np.uint16).__mod__(len(chars)).astype(np.uint16).tofile(tmp_path / "val.bin")
+    # a vocabulary of words (nanoGPT's layout, one's own prepare script): nothing here could read or write its text
+    words = ["the", "cat", " "] + list("abcdefgh")
+    (tmp_path / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": len(words), "itos": dict(enumerate(words)),
+                                                      "stoi": {w: i for i, w in enumerate(words)}}))
+    with pytest.raises(UserError, match=r"meta.pkl maps ids to 2 pieces of more than one character \('the', ...\), "
+                                        r"not nanoGPT's char vocabulary"):
+        Dataset(str(tmp_path))
+    (tmp_path / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": len(chars), "itos": dict(enumerate(chars)),
+                                                      "stoi": {c: i for i, c in enumerate(chars)}}))
     # a damaged meta.pkl, or one without nanoGPT's keys, is one line, not pickle's traceback (a trial)
     whole = (tmp_path / "meta.pkl").read_bytes()
     for damaged in (whole[:len(whole) // 2], pickle.dumps({"vocab_size": len(chars), "chars": chars})):
