@@ -30,7 +30,7 @@ import torch
 from configurator import UserError
 from model import GPT, GPTConfig, head_problems
 from tokendata import GPT2_META
-from tokenizer import EOT, BPETokenizer, bpe_json_problems, bytes_to_unicode, mismatch
+from tokenizer import EOT, BPETokenizer, bpe_json_problems, bytes_to_unicode, mismatch, spec_problems
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's four GPT-2s on the Hub
 # weights transformers keeps in Conv1D layout (in, out); nn.Linear keeps (out, in)
@@ -367,6 +367,10 @@ def write_tokenizer(meta, folder, max_length):
     """Tokenizer files transformers' AutoTokenizer loads: GPT-2's for GPT-2 BPE, a tokenizers-library
     tokenizer.json with one token per character for char-level models, and a trained BPE's own tokenizer.json."""
     spec = meta["tokenizer"]
+    problems = spec_problems(spec, meta.get("vocab_size"))
+    if problems:  # sample.py refuses it too: files of it would read text as ids the model does not have
+        raise UserError(f"the checkpoint's tokenizer is unusable ({problems[0]}): no Hugging Face tokenizer can be "
+                        "written for it")
     kind = spec["type"]
     common = {"model_max_length": max_length, "clean_up_tokenization_spaces": False}  # decode text exactly
     if kind == "tiktoken":

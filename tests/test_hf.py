@@ -252,6 +252,13 @@ def test_export_refusals_leave_nothing_behind(tmp_path):
     with pytest.raises(UserError, match="no Hugging Face tokenizer for the tiktoken encoding 'cl100k_base'"):
         save_hf_gpt2(model, bad_meta, tmp_path / "hf")
     assert os.listdir(tmp_path) == []  # no folder that looks complete, no temporary one either
+    # a description sample.py refuses (a trial's, from a word-level meta.pkl): its tokenizer.json mapped characters
+    # to ids past the model's vocabulary, and transformers crashed on them
+    words = {"tokenizer": {"type": "char", "chars": "the cat sat", "eot": False}, "vocab_size": 20, "eot_id": None}
+    with pytest.raises(UserError, match=r"the checkpoint's tokenizer is unusable \(the char tokenizer's chars repeat "
+                                        r"a character\): no Hugging Face tokenizer can be written for it"):
+        save_hf_gpt2(model, words, tmp_path / "hf")
+    assert os.listdir(tmp_path) == []
 
     save_hf_gpt2(model, meta, tmp_path / "hf")
     first = (tmp_path / "hf" / "model.safetensors").read_bytes()
