@@ -121,8 +121,30 @@ def _check_value(key, value, tp, where):
     raise ConfigError(f"{where}: {key} = {value!r}: expected {_type_name(tp)}, got {type(value).__name__}")
 
 
-def _read_config_file(path):
-    """Run a config file of plain assignments and return the names it set (modules and _private names skipped)."""
+class _Assigned(ast.NodeVisitor):
+    """The names a module's own code assigns (`x = ...`, `x += ...`, `for x in ...`, `x, y = ...`), not those of
+    the functions, classes and comprehensions in it, which have scopes of their own."""
+
+    def __init__(self):
+        self.names = {}  # in the order of the file, as a dict keeps it
+
+    def visit_Name(self, node):
+        if isinstance(node.ctx, ast.Store):
+            self.names[node.id] = None
+
+    def _own_scope(self, node):
+        pass
+
+    visit_FunctionDef = visit_AsyncFunctionDef = visit_ClassDef = visit_Lambda = _own_scope
+    visit_ListComp = visit_SetComp = visit_DictComp = visit_GeneratorExp = _own_scope
+
+
+def _read_config_file(path, visible=None):
+    """
+    Run a config file of plain assignments and return the names it assigns (_private names skipped), with their
+    values. The file sees `visible` (the defaults and the earlier files' settings) as nanoGPT's exec in train.py's
+    globals let it: `lr_decay_iters = max_iters`.
+    """
     try:
         with open(path, encoding="utf-8") as f:
             source = f.read()
@@ -132,13 +154,15 @@ def _read_config_file(path):
         bad = e.object[e.start:e.start + 1]
         raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start:,} is {bad!r}); save it as UTF-8") \
             from None
-    namespace = {}
+    namespace = dict(visible or {})
     try:
-        exec(compile(source, path, "exec"), namespace)
+        code = compile(source, path, "exec")
+        exec(code, namespace)
     except (Exception, SystemExit) as e:  # a config file is user code; any error in it (exit() too) is theirs to fix
         raise ConfigError(f"error in config file {path}: {type(e).__name__}: {e}") from None
-    return {k: v for k, v in namespace.items()
-            if not k.startswith("_") and not isinstance(v, types.ModuleType)}
+    assigned = _Assigned()
+    assigned.visit(ast.parse(source, path))
+    return {k: namespace[k] for k in assigned.names if not k.startswith("_") and k in namespace}
 
 
 def field_comments(cls):
@@ -157,11 +181,15 @@ def field_comments(cls):
     return comments
 
 
+def _default(field):
+    return field.default if field.default is not dataclasses.MISSING else field.default_factory()
+
+
 def help_text(cls, prog):
     lines = [f"usage: python {prog} [config_file.py ...] [--key=value ...]", "", "keys (default):"]
     comments = field_comments(cls)
     for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = _default(f)
         note = f"  # {comments[f.name]}" if f.name in comments else ""
         lines.append(f"  --{f.name}={default!r} ({_type_name(f.type)}){note}")
     return "\n".join(lines)
@@ -177,6 +205,7 @@ def parse(cls, argv, prog=None):
     prog = prog or sys.argv[0]
     hints, takes_value = typing.get_type_hints(cls), value_keys(cls)
     known = [f.name for f in dataclasses.fields(cls)]
+    defaults = {f.name: _default(f) for f in dataclasses.fields(cls)}
     values, sources = {}, {}
     if any(arg in ("--help", "-h") for arg in argv):
         print(help_text(cls, prog))
@@ -197,7 +226,8 @@ def parse(cls, argv, prog=None):
             if not os.path.exists(arg):  # config/x.py also works when run from outside the toolkit's folder
                 beside = os.path.join(os.path.dirname(os.path.abspath(sys.argv[0])), arg)
                 arg = beside if os.path.exists(beside) else arg
-            for key, value in _read_config_file(arg).items():
+            visible = {**defaults, **values}  # nanoGPT's files could read the settings so far
+            for key, value in _read_config_file(arg, visible).items():
                 if key not in hints:
                     close = _closest(key, known)
                     # config/ holds train.py's files: sample.py and evaluate.py take the run's out_dir instead

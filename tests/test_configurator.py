@@ -38,6 +38,23 @@ def test_config_file(tmp_path):
     assert (cfg.batch_size, cfg.out_dir, sources["batch_size"]) == (8, "d", "command line")
 
 
+def test_config_file_reads_the_settings_so_far(tmp_path):
+    """As nanoGPT's exec in train.py's globals let its config files: a file reads the defaults and what earlier files
+    set (a trial's `lr_decay_iters = max_iters` was a NameError). What it assigns is its, a branch not taken too
+    (with the value it had); a name it only reads, and the names of a function or a comprehension, are not."""
+    (tmp_path / "a.py").write_text("batch_size = 4\n")
+    (tmp_path / "b.py").write_text("learning_rate = learning_rate * batch_size\n"
+                                   "def _twice(x):\n    out_dir = 'no'\n    return 2 * x\n"
+                                   "_sizes = [decay_lr for decay_lr in (1, 2)]\n"
+                                   "if batch_size > 100:\n    compile = True\n"
+                                   "batch_size = _twice(batch_size)\n")
+    cfg, sources = parse(Cfg, [str(tmp_path / "a.py"), str(tmp_path / "b.py")])
+    assert (cfg.batch_size, cfg.learning_rate) == (8, 4 * 6e-4)
+    assert sources == {"batch_size": str(tmp_path / "b.py"), "learning_rate": str(tmp_path / "b.py"),
+                       "compile": str(tmp_path / "b.py")}
+    assert (cfg.out_dir, cfg.decay_lr, cfg.compile) == ("out", True, None)
+
+
 def test_unknown_key_suggests():
     with pytest.raises(ConfigError, match=r"unknown option --batch_sise \(did you mean 'batch_size'\?\)"):
         parse(Cfg, ["--batch_sise=3"])
