@@ -349,6 +349,8 @@ def load_checkpoint(path, map_location="cpu"):
     checkpoint["model"] = clean_state_dict(checkpoint["model"])
     if "meta" not in checkpoint:  # nanoGPT's
         checkpoint["meta"] = meta = _nanogpt_meta(checkpoint)
+        # the causal mask nanoGPT kept as a buffer when it ran without PyTorch 2's flash attention: not a weight
+        checkpoint["model"] = {k: v for k, v in checkpoint["model"].items() if not NANOGPT_MASK.fullmatch(k)}
         args = checkpoint["model_args"]
         if meta and meta["vocab_size"] < (args.get("vocab_size") or 0):
             from model import GPTConfig
@@ -359,11 +361,15 @@ def load_checkpoint(path, map_location="cpu"):
     return checkpoint
 
 
+NANOGPT_MASK = re.compile(r"transformer\.h\.\d+\.attn\.bias")
+
+
 def _nanogpt_meta(checkpoint):
     """
     The tokenizer of a checkpoint nanoGPT wrote, which does not record it, found where nanoGPT's sample.py looks:
     its dataset folder's meta.pkl (a char vocabulary; or the meta.json of our prepare.py), else GPT-2 BPE when the
-    vocabulary is GPT-2's (50,257, or 50,304 padded). None when neither fits the model.
+    vocabulary is GPT-2's (50,257, or 50,304 padded). None when neither fits the model; the folder looked in is
+    then kept in the checkpoint as "meta_searched", for the message.
     """
     from tokendata import GPT2_META, dataset_dir, nanogpt_char_meta, read_meta
     vocab_size = checkpoint["model_args"].get("vocab_size") or 0
@@ -374,6 +380,7 @@ def _nanogpt_meta(checkpoint):
         meta = read_meta(meta_json) if os.path.exists(meta_json) else nanogpt_char_meta(folder)
         if meta and meta["vocab_size"] <= vocab_size:
             return {k: meta.get(k) for k in ("tokenizer", "vocab_size", "eot_id")}
+        checkpoint["meta_searched"] = folder
     return dict(GPT2_META) if vocab_size in (50257, 50304) else None
 
 
@@ -382,9 +389,12 @@ def checkpoint_meta(checkpoint, out_dir):
     cannot be known."""
     meta = checkpoint.get("meta")
     if not meta or "tokenizer" not in meta:
-        raise CheckpointError(f"the checkpoint in {out_dir} does not say which tokenizer it was trained with, and no "
-                              "dataset folder beside it does (an old nanoGPT checkpoint? run from the folder that "
-                              "holds its data/); without it no text can be read or written")
+        searched = checkpoint.get("meta_searched")
+        where = (f"its dataset folder {searched} holds no meta.pkl or meta.json that fits it" if searched else
+                 "it names no dataset folder")
+        raise CheckpointError(f"the checkpoint in {out_dir} does not say which tokenizer it was trained with, and "
+                              f"{where} (an old nanoGPT checkpoint? run from the folder that holds its data/); "
+                              "without it no text can be read or written")
     return meta
 
 

@@ -47,7 +47,8 @@ def load_model(init_from, out_dir, device):
         meta, train_config = checkpoint_meta(checkpoint, where), checkpoint.get("config")
         if train_config is not None:
             told = {"processes": len(checkpoint.get("rng") or []) or None,
-                    "val_data": checkpoint.get("val_data") or None, "step": checkpoint.get("step")}
+                    "val_data": checkpoint.get("val_data") or None,
+                    "step": checkpoint.get("step", checkpoint.get("iter_num"))}  # iter_num: nanoGPT's
             train_config = {**train_config, **{k: v for k, v in told.items() if v is not None}}
     else:
         model, meta = load_gpt2(init_from)

@@ -1208,8 +1208,9 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
             # a longer run whose schedule follows it, a token count now in steps of another size, a new schedule
             changed = [f"{k} {getattr(before, k)!r} -> {getattr(cfg, k)!r}" for k in SCHEDULE_KEYS
                        if getattr(before, k) != getattr(cfg, k)]
-            say(f"note: the schedule changed ({', '.join(changed)}): the learning rate at step {step} is "
-                f"{lr_at(step, cfg):.3g}, not {lr_at(step, before):.3g}")
+            now, then = told_apart(lr_at(step, cfg), lr_at(step, before))
+            say(f"note: the schedule changed ({', '.join(changed)}): the learning rate at step {step} is {now}, "
+                f"not {then}")
         changes = evaluation_changes(checkpoint, cfg, launch.world_size, val_data)
         if changes and best_val_loss < float("inf"):  # not to be compared: a save could wait for a number out of reach
             say(f"note: the val loss is now measured on other tokens ({', '.join(changes)}); the next evaluation "
@@ -1535,6 +1536,9 @@ def refuse_to_overwrite(out_dir, ckpt_path):
     """A run that does not resume must not start in the folder of an earlier run's checkpoints: its first save would
     replace that run's ckpt.pt, and the earlier numbered checkpoints would mix with its own."""
     numbered = step_checkpoints(out_dir)
+    if os.path.isfile(ckpt_path) and written_by_nanogpt(ckpt_path):  # --init_from=auto would refuse it (a trial)
+        raise UserError(f"{ckpt_path} is a nanoGPT checkpoint, which holds no training state to resume: train on "
+                        f"from its weights in another --out_dir with --init_from={ckpt_path}, or sample from it")
     if os.path.isfile(ckpt_path):
         how = "continue it with --init_from=auto"
     elif numbered:  # ckpt.pt deleted by hand
@@ -1543,6 +1547,23 @@ def refuse_to_overwrite(out_dir, ckpt_path):
         return
     raise UserError(f"{out_dir} holds the checkpoints of an earlier run: {how}, or start over in a new --out_dir "
                     f"(or delete {out_dir} first)")
+
+
+def told_apart(a, b):
+    """Two different floats written with as few significant digits (3 at least) as tell them apart: a trial was told
+    a learning rate 'is 0.0001, not 0.0001'."""
+    digits = next((d for d in range(3, 17) if f"{a:.{d}g}" != f"{b:.{d}g}"), 17)
+    return f"{a:.{digits}g}", f"{b:.{digits}g}"
+
+
+def written_by_nanogpt(path):
+    """Whether a checkpoint is nanoGPT's (no tokenizer, no training state of ours in it), told without reading its
+    tensors into memory."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception:  # a damaged one: the resume says so
+        return False
+    return isinstance(checkpoint, dict) and "model" in checkpoint and "meta" not in checkpoint
 
 
 def free_name(path):

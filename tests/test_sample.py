@@ -168,13 +168,17 @@ def test_gpt2_weights_come_from_hf_py(monkeypatch):
 
 
 def test_nanogpt_checkpoint_samples_with_its_datasets_vocabulary(out_dir):
-    """A ckpt.pt nanoGPT wrote (no tokenizer in it, an unpadded vocabulary, `_orig_mod.` prefixes, iter_num) samples
-    with the characters of its dataset's meta.pkl, as nanoGPT's own sample.py does, and gives the text our
-    checkpoint of the same weights gives. Without that meta.pkl it is one line; train.py will not resume it."""
+    """A ckpt.pt nanoGPT wrote (no tokenizer in it, an unpadded vocabulary, `_orig_mod.` prefixes, iter_num, and the
+    causal-mask buffers it kept before PyTorch 2) samples with the characters of its dataset's meta.pkl, as nanoGPT's
+    own sample.py does, and gives the text our checkpoint of the same weights gives. Without that meta.pkl it is one
+    line, naming where it looked; train.py will not resume it."""
     import pickle
     rows = len(CHARS)
     state = {"_orig_mod." + k: (v[:rows] if k in ("transformer.wte.weight", "lm_head.weight") else v)
              for k, v in tiny_model().state_dict().items()}
+    block = TINY_ARGS["block_size"]
+    state.update({f"_orig_mod.transformer.h.{i}.attn.bias": torch.ones(block, block).tril().view(1, 1, block, block)
+                  for i in range(TINY_ARGS["n_layer"])})
     (out_dir / "nano").mkdir()
     torch.save({"model": state, "optimizer": {}, "model_args": dict(TINY_ARGS), "iter_num": 250, "best_val_loss": 1.5,
                 "config": {"dataset": "nano_char", "n_layer": 2}}, out_dir / "nano/ckpt.pt")
@@ -183,17 +187,22 @@ def test_nanogpt_checkpoint_samples_with_its_datasets_vocabulary(out_dir):
         pickle.dump({"vocab_size": rows, "itos": dict(enumerate(CHARS)), "stoi": {c: i for i, c in enumerate(CHARS)}},
                     f)
     args = ["--start=ROMEO:", "--temperature=0", "--max_new_tokens=40", "--num_samples=1"]
-    assert sample(out_dir, *args, "--out_dir=nano").stdout == sample(out_dir, *args).stdout
+    nano = sample(out_dir, *args, "--out_dir=nano")
+    assert nano.stdout == sample(out_dir, *args).stdout and nano.stderr.startswith("nano (step 250): ")
 
     for split in ("train", "val"):  # nanoGPT's headerless uint16 files
         (torch.arange(200) % rows).to(torch.int16).numpy().tofile(out_dir / f"data/nano_char/{split}.bin")
     proc = run_script("train.py", "--out_dir=nano", "--init_from=resume", "--dataset=nano_char", "--device=cpu",
                       cwd=out_dir, check=False)
     assert proc.returncode == 2 and "holds no training state to resume (a nanoGPT checkpoint?)" in proc.stderr
+    proc = run_script("train.py", "--out_dir=nano", "--dataset=nano_char", "--device=cpu", cwd=out_dir, check=False)
+    assert proc.returncode == 2 and "nano/ckpt.pt is a nanoGPT checkpoint, which holds no training state to resume: " \
+        "train on from its weights in another --out_dir with --init_from=nano/ckpt.pt" in proc.stderr  # not auto
 
     (out_dir / "data/nano_char/meta.pkl").unlink()
     proc = sample(out_dir, *args, "--out_dir=nano", check=False)
-    assert proc.returncode == 2 and "the checkpoint in nano does not say which tokenizer" in proc.stderr
+    assert proc.returncode == 2 and "the checkpoint in nano does not say which tokenizer it was trained with, and " \
+        "its dataset folder data/nano_char holds no meta.pkl or meta.json that fits it" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

@@ -617,6 +617,13 @@ def test_run_length_in_tokens(data_dir, monkeypatch, capsys):  # noqa: F811
     assert "max_iters is 12 (from max_tokens=2,000); raise --max_tokens to train on" in out
 
 
+def test_told_apart():
+    from train import told_apart
+    assert told_apart(1.00004e-4, 1.00001e-4) == ("0.000100004", "0.000100001")
+    assert told_apart(6e-4, 6e-5) == ("0.0006", "6e-05") and told_apart(0.1 + 0.2, 0.3) == \
+        ("0.30000000000000004", "0.29999999999999999")  # as many digits for both
+
+
 def test_run_length_per_parameter(data_dir, monkeypatch, capsys):  # noqa: F811
     """--tokens_per_param: tokens = the ratio x the parameter count train.py prints (that of the model it builds)."""
     monkeypatch.chdir(data_dir)
