@@ -326,7 +326,10 @@ def main(argv):
         return
     if not argv or argv[0] not in SUBCOMMANDS:
         given = f"unknown subcommand {argv[0]!r}; " if argv and not argv[0].startswith("-") else ""
-        print(f"error: {given}usage: python bench.py {{{','.join(SUBCOMMANDS)}}} [--key=value ...]",
+        # nanoGPT's bench.py takes its settings alone: here they follow what is timed
+        train = f" (timing training, as nanoGPT's bench.py: python bench.py train {' '.join(argv)})" \
+            if argv and (argv[0].startswith("--") or argv[0].endswith(".py")) else ""
+        print(f"error: {given}usage: python bench.py {{{','.join(SUBCOMMANDS)}}} [--key=value ...]{train}",
               file=sys.stderr)
         sys.exit(2)
     cls, run, validate = SUBCOMMANDS[argv[0]]

@@ -19,7 +19,10 @@ def test_bench_sample_runs_and_cache_changes_no_token(tmp_path):
     assert all(row["same_tokens"] and row["cache_tokens_per_s"] > 0 for row in result["rows"])
 
     proc = run_script("bench.py", "smaple", cwd=tmp_path, check=False)
-    assert proc.returncode == 2 and "unknown subcommand 'smaple'" in proc.stderr
+    assert proc.returncode == 2 and "unknown subcommand 'smaple'" in proc.stderr and "nanoGPT" not in proc.stderr
+    proc = run_script("bench.py", "--batch_size=12", cwd=tmp_path, check=False)  # nanoGPT's bench.py takes just these
+    assert proc.returncode == 2 and proc.stderr.rstrip().endswith(
+        "(timing training, as nanoGPT's bench.py: python bench.py train --batch_size=12)")
     proc = run_script("bench.py", "--help", cwd=tmp_path)  # the subcommands, with an example of each
     assert all(f"python bench.py {name}" in proc.stdout for name in ("sample", "train", "prepare"))
     # train's keys are train.py's, explained as train.py's --help explains them (they once came bare)
