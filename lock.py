@@ -30,16 +30,22 @@ class FolderLock:
             return self
         folder = os.path.dirname(self.path)
         self.made_folder = not os.path.isdir(folder)
-        os.makedirs(folder, exist_ok=True)
-        self.file = open(self.path, "a+b", buffering=0)  # unbuffered: nothing left to fail at close (a full disk)
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.file.seek(0)
-            self.holder = named_holder(self.file)
+        while True:
+            os.makedirs(folder, exist_ok=True)
+            self.file = open(self.path, "a+b", buffering=0)  # unbuffered: nothing left to fail at close (a full disk)
+            try:
+                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                self.file.seek(0)
+                self.holder = named_holder(self.file)
+                self.file.close()
+                self.file = None
+                return self
+            if self._still_there():
+                break
+            # the file its last holder removed on the way out (with the folder it made), between our open and our
+            # lock: a third process may have the new one, so holding this one would keep no one out
             self.file.close()
-            self.file = None
-            return self
         try:  # who holds it, for the message of a run refused; not worth failing over (a full disk)
             self.file.seek(0)
             self.file.truncate()
@@ -48,13 +54,25 @@ class FolderLock:
             pass
         return self
 
+    def _still_there(self):
+        """Whether the file locked is the one at self.path."""
+        try:
+            there = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(self.file.fileno())
+        return (mine.st_ino, mine.st_dev) == (there.st_ino, there.st_dev)
+
     def __exit__(self, *exc):
         if self.file is None:
             return
         folder = os.path.dirname(self.path)
         if self.made_folder and os.listdir(folder) == [os.path.basename(self.path)]:  # nothing came of the run
-            os.remove(self.path)
-            os.rmdir(folder)
+            os.remove(self.path)  # still locked: a process that opened it meanwhile is refused, then finds it gone
+            try:
+                os.rmdir(folder)
+            except OSError:  # another process's lock file came in since (it made the folder again, in its place)
+                pass
         self.file.close()  # and with it the lock
 
 

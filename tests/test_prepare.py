@@ -258,6 +258,29 @@ def test_in_child_ends_with_a_parent_killed_outright(tmp_path):
         raise AssertionError("the child outlived its parent's kill -9")
 
 
+def test_lock_of_a_file_removed_meanwhile_is_taken_again(tmp_path, monkeypatch):
+    """A lock file opened just as its holder, leaving, removes it with the folder it made (nothing came of its run):
+    locking that file would keep no one out, since a third process makes a new one. The lock is taken on the file at
+    the path (trial H)."""
+    import fcntl
+
+    from lock import FolderLock
+    real, calls = fcntl.flock, []
+
+    def holder_leaves_first(file, flags):
+        if not calls:  # the earlier holder's exit, between our open and our lock
+            os.remove(tmp_path / "run/train.lock")
+            os.rmdir(tmp_path / "run")
+        calls.append(flags)
+        return real(file, flags)
+    monkeypatch.setattr(fcntl, "flock", holder_leaves_first)
+    with FolderLock(str(tmp_path / "run"), "train.lock") as lock:
+        assert lock.holder is None and len(calls) == 2
+        assert os.path.samestat(os.fstat(lock.file.fileno()), os.stat(tmp_path / "run/train.lock"))
+        (tmp_path / "run/ckpt.pt").write_text("")  # something came of this run: the folder stays
+    assert sorted(os.listdir(tmp_path / "run")) == ["ckpt.pt", "train.lock"]
+
+
 def test_a_second_run_on_the_same_name_is_refused(tmp_path, shakespeare_path):
     """Two runs preparing one name would clear and fill the same unfinished/ folder: a dataset of both that looks
     finished. While one holds data/<name>/prepare.lock, another is refused in one line and changes nothing."""
