@@ -48,17 +48,6 @@ def clean_state_dict(state_dict):
     return cleaned
 
 
-def unwrap_model(model):
-    """The plain GPT inside DDP and/or torch.compile wrappers."""
-    while True:
-        if hasattr(model, "module"):  # DistributedDataParallel
-            model = model.module
-        elif hasattr(model, "_orig_mod"):  # torch.compile
-            model = model._orig_mod
-        else:
-            return model
-
-
 def _tensor_crc32(obj, crc=0):
     """CRC-32 over every tensor in a nested dict/list, in order: torch.load does not notice flipped bytes in tensor
     data (only a truncated archive), so checkpoints carry this to detect silent corruption."""
@@ -298,7 +287,7 @@ def is_checkpoint(path):
     return path.endswith(".pt") or os.path.isfile(os.path.join(path, "ckpt.pt"))
 
 
-def load_checkpoint(path, map_location="cpu"):
+def load_checkpoint(path):
     """
     Read a checkpoint written by save_checkpoint (or an older nanoGPT ckpt.pt) from a file or an out_dir. A truncated
     or corrupted file is refused with a message that names the newest other checkpoint to fall back to.
@@ -327,7 +316,7 @@ def load_checkpoint(path, map_location="cpu"):
                                   f"ln -f {newest} {path}")
         raise CheckpointError(f"no checkpoint at {path}; train one first (python train.py ...) or check --out_dir")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         problem = None
     except Exception as e:  # torch raises many types for a truncated or garbled zip archive
         checkpoint, problem = None, f"is truncated or corrupt and cannot be loaded ({type(e).__name__})"
@@ -382,6 +371,11 @@ def _nanogpt_meta(checkpoint):
             return {k: meta.get(k) for k in ("tokenizer", "vocab_size", "eot_id")}
         checkpoint["meta_searched"] = folder
     return dict(GPT2_META) if vocab_size in (50257, 50304) else None
+
+
+def step_of(checkpoint):
+    """The step a checkpoint was saved at (nanoGPT's `iter_num`), or None."""
+    return checkpoint.get("step", checkpoint.get("iter_num"))
 
 
 def checkpoint_meta(checkpoint, out_dir):

@@ -266,9 +266,10 @@ def stdout_closed():
         return False
 
 
-def silence_stdout():
-    """Standard output to nowhere, after its reader went away: later prints, and the flush at exit, fail no more."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+def silence(stream):
+    """A standard stream to nowhere, after its reader went away (a pipe's, a terminal's): later writes, and the flush
+    at exit, fail no more."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 
 def run(main, cls, validate=None, argv=None):
@@ -297,7 +298,7 @@ def run(main, cls, validate=None, argv=None):
     except BrokenPipeError:
         if not stdout_closed():  # another pipe (a socket, a child's): a real error
             raise
-        silence_stdout()  # the reader of the output went away (`| head`): nothing left to say, and no one to hear
+        silence(sys.stdout)  # the reader of the output went away (`| head`): nothing left to say, and no one to hear
         sys.exit(141)  # as a shell reports a process ended by SIGPIPE
     except OSError as e:  # a folder the user may not write to (permissions, a read-only file system, a full disk, a
         # path through a file) is theirs to fix

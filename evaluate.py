@@ -234,7 +234,7 @@ def evaluate(cfg, launch, device, sources):
         result = hellaswag_task(cfg, model, tokenizer, device, autocast, launch, say)
     else:
         result = val_loss(cfg, model, tokenizer, train_config, device, autocast, launch, say)
-    say(json.dumps({**result, "model": cfg.init_from if cfg.init_from != "resume" else cfg.out_dir,
+    say(json.dumps({**result, "model": model_name(cfg.init_from, cfg.out_dir),
                     "step": (train_config or {}).get("step")}))
     return result
 

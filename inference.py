@@ -5,7 +5,8 @@ Both use the plain, uncompiled model: generation and evaluation change shapes at
 make torch.compile recompile again and again for no gain.
 """
 
-from checkpoint import best_elsewhere, checkpoint_meta, is_checkpoint, load_checkpoint, model_from_checkpoint
+from checkpoint import (best_elsewhere, checkpoint_meta, is_checkpoint, load_checkpoint, model_from_checkpoint,
+                        step_of)
 from configurator import UserError
 from tokenizer import tokenizer_from_meta
 
@@ -47,8 +48,7 @@ def load_model(init_from, out_dir, device):
         meta, train_config = checkpoint_meta(checkpoint, where), checkpoint.get("config")
         if train_config is not None:
             told = {"processes": len(checkpoint.get("rng") or []) or None,
-                    "val_data": checkpoint.get("val_data") or None,
-                    "step": checkpoint.get("step", checkpoint.get("iter_num"))}  # iter_num: nanoGPT's
+                    "val_data": checkpoint.get("val_data") or None, "step": step_of(checkpoint)}
             train_config = {**train_config, **{k: v for k, v in told.items() if v is not None}}
     else:
         model, meta = load_gpt2(init_from)

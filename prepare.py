@@ -39,6 +39,7 @@ import time
 import unicodedata
 import urllib.request
 from collections import deque
+from itertools import chain
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -191,11 +192,11 @@ def borrowed_tokenizer(name, out_root):
     tokenizer files), or a byte-level BPE's tokenizer.json alone (or a folder holding one, as save_pretrained
     writes a tokenizer).
     """
-    from checkpoint import checkpoint_meta, is_checkpoint, load_checkpoint  # torch, for this --tokenizer only
+    from checkpoint import checkpoint_meta, is_checkpoint, load_checkpoint, step_checkpoints  # torch: this only
     path = borrowed_path(name, out_root)
-    numbered = sorted(glob.glob(os.path.join(path, "ckpt_*.pt")))  # ckpt_<step, zero-padded>.pt
-    if os.path.isdir(path) and not is_checkpoint(path) and numbered:
-        path = numbered[-1]  # the newest: every checkpoint of a run holds its tokenizer
+    numbered = step_checkpoints(path)
+    if not is_checkpoint(path) and numbered:
+        path = numbered[-1][1]  # the newest: every checkpoint of a run holds its tokenizer
     tokenizer_json = path if os.path.basename(path) == "tokenizer.json" else os.path.join(path, "tokenizer.json")
     if is_checkpoint(path):
         meta = checkpoint_meta(load_checkpoint(path), path)
@@ -552,11 +553,6 @@ def source_rule(cfg, recipe, files):
     if all(file_kind(f) == "text" for f in files):
         return "text"
     return recipe.splits[0][1] if recipe and len(recipe.splits) == 1 else "random"
-
-
-def chain(*iterables):
-    for it in iterables:
-        yield from it
 
 
 def started(iterator):
@@ -1339,5 +1335,4 @@ def parse_args(argv):
 
 
 if __name__ == "__main__":
-    import sys
     configurator.run(main, PrepareConfig, validate, argv=parse_args(sys.argv[1:]))

@@ -160,9 +160,6 @@ class Shard:
         self._file.seek(self.offset + start * self.dtype.itemsize)
         return np.frombuffer(self._file.read(length * self.dtype.itemsize), dtype=self.dtype)
 
-    def __getstate__(self):  # picklable for data-loader workers: the file handle is reopened on first read
-        return {**self.__dict__, "_file": None}
-
 
 def dataset_dir(dataset, data_root):
     """The folder a --dataset names: a name under --data_root, or else a folder as given (or its meta.json). The name

@@ -93,9 +93,6 @@ class TiktokenTokenizer:
             return self.enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=()).astype(np.int64)
         return np.array(self.enc.encode_ordinary(text), dtype=np.int64)
 
-    def encode_batch(self, texts, num_threads=1):
-        return self.enc.encode_ordinary_batch(texts, num_threads=num_threads)
-
     def decode(self, ids):
         return self.enc.decode([i for i in ids if i < self.vocab_size])
 

@@ -36,7 +36,8 @@ import torch.distributed
 import configurator
 import hellaswag
 from checkpoint import (BEST, Writer, checkpoint_meta, is_checkpoint, kept_for_good, load_checkpoint,
-                        model_from_checkpoint, save_training_checkpoint, snapshot, step_checkpoints, unfinished_files)
+                        model_from_checkpoint, save_training_checkpoint, snapshot, step_checkpoints, step_of,
+                        unfinished_files)
 from configurator import UserError
 from distributed import (ATTENTION_CHOICES, BACKENDS, DTYPES, all_reduce_sum, cleanup_distributed, detect_launch,
                          fast_kernels, init_distributed, pick_device, pick_dtype)
@@ -572,9 +573,8 @@ def hung_up_to_devnull():
     is no longer a tty to isatty); redirected to a file or a pipe, they still get every line."""
     for stream in (sys.stdout, sys.stderr):
         try:
-            fd = stream.fileno()
-            if stat.S_ISCHR(os.fstat(fd).st_mode):
-                os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+            if stat.S_ISCHR(os.fstat(stream.fileno()).st_mode):
+                configurator.silence(stream)
         except (OSError, ValueError, io.UnsupportedOperation):  # closed, or a stream with no file (a test's capture)
             pass
 
@@ -648,7 +648,7 @@ class Prefetcher:
 def accumulate_gradients(model, batches, grad_accum, autocast, scaler, optimizer, grad_clip, distributed,
                          spike=None):
     """
-    One optimizer step over grad_accum micro-batches drawn from `batches`. Returns (summed micro-step losses, global
+    One optimizer step over grad_accum micro-batches drawn from `batches`. Returns (the micro-steps' mean loss, global
     gradient norm, why the step was skipped or None): a step whose gradient norm is not finite is not applied, nor one
     that spike(losses, norm) calls a spike.
     """
@@ -932,7 +932,7 @@ def locked_print(*args, **kwargs):
         try:
             print(*args, **kwargs)
         except BrokenPipeError:
-            configurator.silence_stdout()
+            configurator.silence(sys.stdout)
         except OSError as e:
             if e.errno != errno.EIO:
                 raise
@@ -1000,7 +1000,7 @@ def main(cfg, sources):
         cleanup_distributed()
 
 
-def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
+def train(cfg, sources, launch, device, stop, kernels_note, lock):
     t_start = time.time()
     say = locked_print if launch.is_master else (lambda *a, **k: None)
     max_runtime = parse_duration(cfg.max_runtime)
@@ -1026,12 +1026,12 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
         sample_from = (text, prompt_ids(tokenizer, text, "--sample_start"))
 
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    if agree(int(lock is not None and lock.holder is not None), launch, device):  # every rank stops, rank 0 says why
-        if lock is not None and lock.holder is not None:
+    if agree(int(lock.holder is not None), launch, device):  # every rank stops, rank 0 says why
+        if lock.holder is not None:
             raise UserError(f"another train.py is running in {cfg.out_dir} ({lock.holder}, says {lock.path}): wait "
                             "for it to end, or give this run another --out_dir")
         raise SystemExit(2)
-    if lock is not None and lock.file is not None:  # held: no other train.py writes here, what a killed one was
+    if lock.file is not None:  # held: no other train.py writes here, what a killed one was
         # writing is left over
         leftovers = unfinished_files(cfg.out_dir)
         if leftovers:
@@ -1122,7 +1122,7 @@ def train(cfg, sources, launch, device, stop, kernels_note="", lock=None):
         if cfg.block_size > trained_at:  # a rope model's
             say(f"note: block_size={cfg.block_size} is longer than the {trained_at} tokens {pretrained} was trained "
                 "on: RoPE's angles reach the new positions, but using them well takes training at this length")
-        at = start_from.get("step", start_from.get("iter_num"))  # iter_num: nanoGPT's
+        at = step_of(start_from)
         say(f"initialised from the weights of {pretrained}{f' (its step {at})' if at is not None else ''}; the "
             "optimizer, the step count and the schedule start anew")
         start_from = None  # free the memory
