@@ -7,7 +7,7 @@ writes a GPT2LMHeadModel folder: config.json, model.safetensors (float32, or hal
 float16), generation_config.json and the tokenizer (GPT-2's for GPT-2 BPE models, a one-token-per-character
 tokenizer.json for char-level ones). Then, with no code of ours:
 
-    transformers.pipeline("text-generation", model="hf-shakespeare-char")("ROMEO:")
+    transformers.pipeline("text-generation", model="hf-shakespeare-char")("ROMEO:", max_new_tokens=50)
 
 The weight mapping lives in hf.py.
 """

@@ -372,7 +372,10 @@ def write_tokenizer(meta, folder, max_length):
         raise UserError(f"the checkpoint's tokenizer is unusable ({problems[0]}): no Hugging Face tokenizer can be "
                         "written for it")
     kind = spec["type"]
-    common = {"model_max_length": max_length, "clean_up_tokenization_spaces": False}  # decode text exactly
+    # decode text exactly; and no token_type_ids, which transformers 4's PreTrainedTokenizerFast returns by default
+    # and GPT-2 adds as the embedding of token 0 at every position (a trial's generate(**tok(text)) went wrong)
+    common = {"model_max_length": max_length, "clean_up_tokenization_spaces": False,
+              "model_input_names": ["input_ids", "attention_mask"]}
     if kind == "tiktoken":
         if spec.get("encoding") != "gpt2":
             raise UserError(f"no Hugging Face tokenizer for the tiktoken encoding {spec.get('encoding')!r}: "
@@ -435,7 +438,10 @@ def save_hf_gpt2(model, meta, hf_dir, dtype="float32"):
     try:
         write_tokenizer(meta, tmp, model.config.block_size)
         _write_text(tmp, "config.json", json.dumps(hf_config(model.config, eot_id, dtype), indent=2))
-        _write_text(tmp, "generation_config.json", json.dumps({"bos_token_id": eot_id, "eos_token_id": eot_id}))
+        # max_length: generate() and the pipeline stop at the context, where their defaults (256 new tokens in
+        # transformers 5's pipeline) ran past a small model's position table into an IndexError
+        _write_text(tmp, "generation_config.json", json.dumps({"bos_token_id": eot_id, "eos_token_id": eot_id,
+                                                               "max_length": model.config.block_size}))
         from safetensors.torch import save_file
         try:
             save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
