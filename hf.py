@@ -7,7 +7,8 @@ pytorch_model.bin) and tokenizer files. Our module names are the same, so the we
 - the four projections are transformers' Conv1D, which stores its matrix as (in, out): the transpose of nn.Linear;
 - our token embedding has padded rows for vocabularies of 1,024 or more (vocab_size rounded up to a multiple of 64,
   see GPTConfig); the file has the real vocabulary only, so rows are added on import (never used: logits are cut
-  to the real vocabulary) and dropped on export;
+  to the real vocabulary) and dropped on export. A file whose own rows run past its tokenizer's ids, padded to a
+  multiple of 64 or 128 (resize_token_embeddings(pad_to_multiple_of=64), nanoGPT's 50,304), is read the same way;
 - lm_head is tied to wte in both; the file usually leaves lm_head out and transformers ties it back;
 - GPT-2 always has biases. A bias=False model is exported with zero biases, which computes exactly the same function
   (a LayerNorm or Linear without bias is one whose bias is zero); it comes back from an import as bias=True.
@@ -109,9 +110,9 @@ def from_hf_state_dict(hf_state, config, where="the weights"):
     for key in list(state):
         if key.endswith(CONV1D_WEIGHTS):
             state[key] = state[key].t()
-        elif key == "transformer.wte.weight":  # padded rows: zero, never looked up, their logits cut off
-            pad = config.padded_vocab_size - state[key].size(0)
-            state[key] = torch.cat([state[key], state[key].new_zeros(pad, state[key].size(1))])
+        elif key == "transformer.wte.weight":  # padded rows: never looked up, their logits cut off
+            rows = state[key][:config.padded_vocab_size]  # a folder's own padding past that: never used either
+            state[key] = torch.cat([rows, rows.new_zeros(config.padded_vocab_size - rows.size(0), rows.size(1))])
     state["lm_head.weight"] = state["transformer.wte.weight"]
     return state
 
@@ -229,9 +230,17 @@ def read_config(folder):
 
 
 def pretrained_config(name_or_path):
-    """The GPTConfig of a Hugging Face GPT-2 (see load_hf_gpt2 for the names), from its config.json alone: the shape
-    of the model its weights make."""
-    return config_from_hf(read_config(resolve(name_or_path)), where=f"{name_or_path}/config.json")
+    """The GPTConfig of a Hugging Face GPT-2 (see load_hf_gpt2 for the names), from its config.json and tokenizer:
+    the shape of the model its weights make. An embedding with rows past the tokenizer's ids, padded to a multiple of
+    64 or 128 (nanoGPT's 50,304 for GPT-2's 50,257; resize_token_embeddings(pad_to_multiple_of=64)), is the
+    tokenizer's vocabulary and padding, which from_hf_state_dict makes this toolkit's."""
+    folder = resolve(name_or_path)
+    config = config_from_hf(read_config(folder), where=f"{name_or_path}/config.json")
+    try:
+        config.vocab_size = hf_tokenizer_meta(name_or_path)["vocab_size"]
+    except UserError:  # weights without a tokenizer here: what reads text says so, in its words
+        pass
+    return config
 
 
 def load_hf_gpt2(name_or_path, dropout=0.0, block_size=None):
@@ -241,7 +250,7 @@ def load_hf_gpt2(name_or_path, dropout=0.0, block_size=None):
     a smaller block_size crops the position table (GPT-2's 1024 is often more than fine-tuning needs).
     """
     folder = resolve(name_or_path)
-    config = config_from_hf(read_config(folder), where=f"{name_or_path}/config.json")
+    config = pretrained_config(name_or_path)
     config.dropout = dropout
     state = from_hf_state_dict(read_weights(folder), config, where=f"{name_or_path}'s weights")
     model = GPT(config)
@@ -274,7 +283,10 @@ def hf_tokenizer_meta(name_or_path):
     if name_or_path in GPT2_NAMES and not os.path.isdir(name_or_path):  # a local folder wins, as in resolve()
         return GPT2_META
     folder = resolve(name_or_path)
-    vocab_size = read_config(folder).get("vocab_size", 50257)
+    rows = read_config(folder).get("vocab_size", 50257)  # the embedding's, maybe padded past the tokenizer's ids
+
+    def fits(n):  # a tokenizer of n ids: the rows, or n rounded up to a multiple of 64 or 128 (padding, never sampled)
+        return n == rows or rows % 64 == 0 and n < rows < n + 128
     path = os.path.join(folder, "tokenizer.json")
     text, spec = "", {}
     if os.path.exists(path):
@@ -285,25 +297,33 @@ def hf_tokenizer_meta(name_or_path):
         tokens = [t for t, _ in sorted(spec["vocab"].items(), key=lambda item: item[1])]
         eot = tokens[-1:] == [EOT]
         chars = tokens[:-1] if eot else tokens
-        if all(len(t) == 1 for t in chars) and len(tokens) == vocab_size:
-            return {"tokenizer": {"type": "char", "chars": "".join(chars), "eot": eot}, "vocab_size": vocab_size,
+        if all(len(t) == 1 for t in chars) and fits(len(tokens)):
+            return {"tokenizer": {"type": "char", "chars": "".join(chars), "eot": eot}, "vocab_size": len(tokens),
                     "eot_id": len(chars) if eot else None}
+        reason = (f" (its tokenizer.json's {len(tokens):,} words do not fit the model's {rows:,} rows)"
+                  if all(len(t) == 1 for t in chars) else " (a WordLevel tokenizer of words, not single characters)")
     elif spec.get("type", "BPE") == "BPE":
         vocab = spec.get("vocab")
         if vocab is None and os.path.exists(os.path.join(folder, "vocab.json")):
             with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as f:
                 vocab = json.load(f)
         # weights alone: GPT-2's, by size; " the" at GPT-2's id first, so another BPE needs no GPT-2 files
-        if vocab_size == 50257 and (vocab is None or vocab.get("\u0120the") == 262 and vocab == gpt2_vocab()):
+        if fits(50257) and (vocab is None or vocab.get("\u0120the") == 262 and vocab == gpt2_vocab()):
             return GPT2_META
-        if text and not bpe_json_problems(text, vocab_size):
+        problems = bpe_json_problems(text) if text else ["no tokenizer.json"]
+        if not problems:
             tokenizer = BPETokenizer(text)  # its meta holds the file as prepare.py writes it, whoever saved it last
-            return {"tokenizer": tokenizer.meta(), "vocab_size": vocab_size, "eot_id": tokenizer.eot_id}
-        if vocab_size == 50257:
+            if fits(tokenizer.vocab_size):
+                return {"tokenizer": tokenizer.meta(), "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id}
+            problems = bpe_json_problems(text, rows)
+        if fits(50257) and vocab is not None and len(vocab) == 50257:
             raise UserError(f"{name_or_path}'s tokenizer has 50,257 tokens, as GPT-2's, but other ids for them, and "
                             f"no tokenizer.json of a byte-level BPE with {EOT}: a BPE this toolkit cannot read")
-    raise UserError(f"cannot tell which tokenizer {name_or_path} uses: this toolkit knows GPT-2 BPE (50257 tokens), "
-                    f"the character-level tokenizer export.py writes, and byte-level BPEs with {EOT} in a "
+        reason = f" ({problems[0]})"
+    else:
+        reason = f" (a {spec.get('type')} model in its tokenizer.json)"
+    raise UserError(f"cannot tell which tokenizer {name_or_path} uses{reason}: this toolkit knows GPT-2 BPE (50257 "
+                    f"tokens), the character-level tokenizer export.py writes, and byte-level BPEs with {EOT} in a "
                     f"tokenizer.json (what prepare.py --tokenizer=bpe:N trains)")
 
 

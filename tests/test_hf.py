@@ -212,6 +212,37 @@ def test_nanogpt_gpt2_checkpoint_exports_the_real_vocabulary(tmp_path):
     assert (our_logits(load_hf_gpt2(str(tmp_path / "hf")), idx) - our_logits(model, idx)).abs().max().item() < 1e-5
 
 
+def test_padded_vocabulary_imports(tmp_path):
+    """An embedding with rows past its tokenizer's ids, padded to a multiple of 64 (transformers'
+    resize_token_embeddings(pad_to_multiple_of=64), as nanoGPT pads GPT-2's to 50,304): the tokenizer's vocabulary,
+    the rest padding that is never sampled, and the logits over the real ids are transformers' own. Rows that are no
+    such padding, and a tokenizer this toolkit cannot read, are refused saying why (a trial was told only that its
+    tokenizer could not be told)."""
+    from tokenizer import BPETokenizer
+    text = generated_text(30_000)
+    bpe = BPETokenizer.train([text[i:i + 5000] for i in range(0, len(text), 5000)], 1000, show_progress=False)
+    n = bpe.vocab_size  # as many as the text gives, up to 1,000
+    rows = n // 64 * 64 + 64
+    hf = random_hf_gpt2(vocab_size=rows)
+    hf.save_pretrained(tmp_path / "padded")
+    (tmp_path / "padded/tokenizer.json").write_text(bpe.json)
+    assert hf_tokenizer_meta(str(tmp_path / "padded")) == {"tokenizer": bpe.meta(), "vocab_size": n,
+                                                             "eot_id": bpe.eot_id}
+    model = load_hf_gpt2(str(tmp_path / "padded"))
+    assert model.config.vocab_size == n
+    idx = torch.randint(0, n, (2, 16))
+    assert (our_logits(model, idx) - hf_logits(hf, idx)[..., :n]).abs().max().item() < 1e-4
+    out = run_script("sample.py", "--init_from=padded", "--start=the", "--max_new_tokens=5", "--device=cpu",
+                     cwd=tmp_path)
+    assert out.stdout.startswith("the")
+    for odd in (rows + 1, rows + 128):  # not a multiple of 64; more than padding
+        random_hf_gpt2(vocab_size=odd).save_pretrained(tmp_path / "odd")
+        (tmp_path / "odd/tokenizer.json").write_text(bpe.json)
+        with pytest.raises(UserError, match=rf"cannot tell which tokenizer .*odd uses \(the bpe tokenizer has {n} "
+                                            rf"tokens, but vocab_size is {odd}\)"):
+            hf_tokenizer_meta(str(tmp_path / "odd"))
+
+
 @pytest.mark.skipif(not gpt2_bpe_available(), reason="GPT-2 BPE files not available offline")
 def test_a_bpe_of_its_own_is_not_taken_for_gpt2s(tmp_path):
     """A folder whose tokenizer has GPT-2's 50,257 tokens under other ids would read and write wrong text with GPT-2's
@@ -223,6 +254,9 @@ def test_a_bpe_of_its_own_is_not_taken_for_gpt2s(tmp_path):
     (tmp_path / "own/vocab.json").write_text(vocab)
     (tmp_path / "own/merges.txt").write_text(merges)
     assert hf_tokenizer_meta(str(tmp_path / "own")) == GPT2_META
+    random_hf_gpt2(vocab_size=50304, n_layer=1, n_embd=16).save_pretrained(tmp_path / "own")  # nanoGPT's padding
+    assert hf_tokenizer_meta(str(tmp_path / "own")) == GPT2_META
+    assert load_hf_gpt2(str(tmp_path / "own")).config.vocab_size == 50257
     ids = json.loads(vocab)
     ids["\u0120the"], ids["\u0120of"] = ids["\u0120of"], ids["\u0120the"]  # " the" and " of", byte-level
     (tmp_path / "own/vocab.json").write_text(json.dumps(ids))
