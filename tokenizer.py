@@ -176,6 +176,8 @@ class BPETokenizer:
         lengths = np.zeros(self.vocab_size, dtype=np.int64)
         for token, i in self.tok.get_vocab(with_added_tokens=False).items():
             lengths[i] = len(token)
+        if self.eot_id is not None:  # in the model's vocabulary too where it is id 0: still no text
+            lengths[self.eot_id] = 0
         return lengths
 
     def meta(self):
@@ -200,8 +202,8 @@ def bpe_json_problems(text, vocab_size=None):
     What keeps a tokenizer.json text from being one BPETokenizer runs as it was meant to: a byte-level BPE (each id's
     text is its bytes, one character each, as byte_lengths counts them), its text split by this module's
     pre-tokenizer or GPT-2's (where prepare.safe_cut may cut it) with no space put in front, end-of-text as its one
-    added token and last id, nothing done to the text before or ids added after (transformers' save_pretrained adds
-    a template that adds none), and vocab_size ids.
+    added token and its first or last id, nothing done to the text before or ids added after (transformers'
+    save_pretrained adds a template that adds none), and vocab_size ids.
     """
     try:
         spec = json.loads(text)
@@ -228,8 +230,10 @@ def bpe_json_problems(text, vocab_size=None):
     if post and not (post.get("type") == "ByteLevel" or post.get("type") == "TemplateProcessing" and
                      not post.get("special_tokens") and [list(p) for p in post.get("single", [])] == [["Sequence"]]):
         why.append("it adds ids to what it encodes")
-    if [t.get("content") for t in added] != [EOT] or added[0].get("id") != size - 1:
-        why.append(f"its one added token is not {EOT}, last")
+    # end-of-text last, as prepare.py trains it, or first, as tokenizers' ByteLevelBPETokenizer.train puts its special
+    # tokens (in the vocabulary too, where byte_lengths leaves it out)
+    if [t.get("content") for t in added] != [EOT] or added[0].get("id") not in (0, size - 1):
+        why.append(f"its one added token is not {EOT}, first or last")
     if why:
         return [f"the bpe tokenizer's tokenizer.json cannot be run as prepare.py trains one: {'; '.join(why)}"]
     if vocab_size is not None and size != vocab_size:

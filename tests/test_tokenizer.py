@@ -136,6 +136,26 @@ def test_bpe_refuses_what_it_would_run_otherwise():
     assert BPETokenizer(saved_again["tokenizer_json"]).meta() == tok.meta()
 
 
+def test_bpe_with_end_of_text_first():
+    """The tokenizers library's own recipe, ByteLevelBPETokenizer.train(special_tokens=["<|endoftext|>"]), puts
+    end-of-text first, in the vocabulary too (a trial's was refused): it runs, and counts the bytes of text, none for
+    end-of-text (not its 13 letters)."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    from tokenizer import BPETokenizer, bpe_json_problems
+    text = generated_text(30_000)
+    hf = ByteLevelBPETokenizer()
+    hf.train_from_iterator([text[i:i + 5000] for i in range(0, len(text), 5000)], vocab_size=400,
+                           special_tokens=[EOT], show_progress=False)
+    assert bpe_json_problems(hf.to_str()) == []
+    tok = BPETokenizer(hf.to_str())
+    assert tok.eot_id == 0 and tok.byte_lengths()[0] == 0
+    sample = "héllo 你好, it's\n\n <|endoftext|> 🤖"
+    ids = tok.encode(sample)
+    assert tok.decode(ids) == sample and 0 not in ids  # end-of-text in a text is text
+    assert tok.byte_lengths()[ids].sum() == len(sample.encode())
+
+
 def test_mismatch_names_both_tokenizers_and_the_command():
     """Two BPEs of one size read alike in a few words: the dataset's is 'another'; the command borrows the model's."""
     from tokenizer import mismatch
