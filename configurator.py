@@ -13,6 +13,7 @@ key with its default. Problems are raised as ConfigError so scripts print one li
 """
 
 import ast
+import builtins
 import dataclasses
 import difflib
 import errno
@@ -121,29 +122,29 @@ def _check_value(key, value, tp, where):
     raise ConfigError(f"{where}: {key} = {value!r}: expected {_type_name(tp)}, got {type(value).__name__}")
 
 
-class _Assigned(ast.NodeVisitor):
-    """The names a module's own code assigns (`x = ...`, `x += ...`, `for x in ...`, `x, y = ...`), not those of
-    the functions, classes and comprehensions in it, which have scopes of their own."""
+class _Recorder(dict):
+    """A config file's namespace that notes every name set in it, by its own code's assignments and by what that code
+    runs (`from base import *`, `exec(open("base.py").read())`, `globals().update(...)`): exec passes a dict subclass
+    its stores. A branch not taken sets nothing; a name set to the value it had is still set."""
 
-    def __init__(self):
-        self.names = {}  # in the order of the file, as a dict keeps it
+    def __init__(self, values):
+        super().__init__(values)
+        self.set = {}  # in the order set, as a dict keeps it
 
-    def visit_Name(self, node):
-        if isinstance(node.ctx, ast.Store):
-            self.names[node.id] = None
+    def __setitem__(self, key, value):
+        self.set[key] = None
+        super().__setitem__(key, value)
 
-    def _own_scope(self, node):
-        pass
-
-    visit_FunctionDef = visit_AsyncFunctionDef = visit_ClassDef = visit_Lambda = _own_scope
-    visit_ListComp = visit_SetComp = visit_DictComp = visit_GeneratorExp = _own_scope
+    def update(self, *args, **kwargs):
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
 
 
 def _read_config_file(path, visible=None):
     """
-    Run a config file of plain assignments and return the names it assigns (_private names skipped), with their
-    values. The file sees `visible` (the defaults and the earlier files' settings) as nanoGPT's exec in train.py's
-    globals let it: `lr_decay_iters = max_iters`.
+    Run a config file of plain assignments and return the names it sets (_private names, modules, functions and
+    classes skipped), with their values. The file sees `visible` (the defaults and the earlier files' settings) as
+    nanoGPT's exec in train.py's globals let it: `lr_decay_iters = max_iters`.
     """
     try:
         with open(path, encoding="utf-8") as f:
@@ -154,15 +155,13 @@ def _read_config_file(path, visible=None):
         bad = e.object[e.start:e.start + 1]
         raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start:,} is {bad!r}); save it as UTF-8") \
             from None
-    namespace = dict(visible or {})
+    namespace = _Recorder(visible or {})
     try:
-        code = compile(source, path, "exec")
-        exec(code, namespace)
+        exec(compile(source, path, "exec"), namespace)
     except (Exception, SystemExit) as e:  # a config file is user code; any error in it (exit() too) is theirs to fix
         raise ConfigError(f"error in config file {path}: {type(e).__name__}: {e}") from None
-    assigned = _Assigned()
-    assigned.visit(ast.parse(source, path))
-    return {k: namespace[k] for k in assigned.names if not k.startswith("_") and k in namespace}
+    return {k: namespace[k] for k in namespace.set if not k.startswith("_") and k in namespace
+            and not isinstance(namespace[k], (types.ModuleType, types.FunctionType, type))}
 
 
 def field_comments(cls):
@@ -205,7 +204,8 @@ def parse(cls, argv, prog=None):
     prog = prog or sys.argv[0]
     hints, takes_value = typing.get_type_hints(cls), value_keys(cls)
     known = [f.name for f in dataclasses.fields(cls)]
-    defaults = {f.name: _default(f) for f in dataclasses.fields(cls)}
+    # a default named as a builtin (prepare.py's `list`) would hide it from the files: visible once a file sets it
+    defaults = {f.name: _default(f) for f in dataclasses.fields(cls) if not hasattr(builtins, f.name)}
     values, sources = {}, {}
     if any(arg in ("--help", "-h") for arg in argv):
         print(help_text(cls, prog))

@@ -38,10 +38,13 @@ def test_config_file(tmp_path):
     assert (cfg.batch_size, cfg.out_dir, sources["batch_size"]) == (8, "d", "command line")
 
 
-def test_config_file_reads_the_settings_so_far(tmp_path):
+def test_config_file_reads_the_settings_so_far(tmp_path, monkeypatch):
     """As nanoGPT's exec in train.py's globals let its config files: a file reads the defaults and what earlier files
-    set (a trial's `lr_decay_iters = max_iters` was a NameError). What it assigns is its, a branch not taken too
-    (with the value it had); a name it only reads, and the names of a function or a comprehension, are not."""
+    set (a trial's `lr_decay_iters = max_iters` was a NameError). What it sets is its, however it sets it (another
+    file's settings brought in by `from ... import *` or exec, as before); a branch not taken, a name it only reads,
+    a function and a comprehension's variable set nothing. A default named as a builtin (prepare.py's `list`) does
+    not hide it."""
+    monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "a.py").write_text("batch_size = 4\n")
     (tmp_path / "b.py").write_text("learning_rate = learning_rate * batch_size\n"
                                    "def _twice(x):\n    out_dir = 'no'\n    return 2 * x\n"
@@ -50,9 +53,16 @@ def test_config_file_reads_the_settings_so_far(tmp_path):
                                    "batch_size = _twice(batch_size)\n")
     cfg, sources = parse(Cfg, [str(tmp_path / "a.py"), str(tmp_path / "b.py")])
     assert (cfg.batch_size, cfg.learning_rate) == (8, 4 * 6e-4)
-    assert sources == {"batch_size": str(tmp_path / "b.py"), "learning_rate": str(tmp_path / "b.py"),
-                       "compile": str(tmp_path / "b.py")}
+    assert sources == {"batch_size": str(tmp_path / "b.py"), "learning_rate": str(tmp_path / "b.py")}
     assert (cfg.out_dir, cfg.decay_lr, cfg.compile) == ("out", True, None)
+    for bring in ("from a import *", f"exec(open({str(tmp_path / 'a.py')!r}).read())",
+                  "globals().update(batch_size=4)"):
+        (tmp_path / "c.py").write_text(f"{bring}\ndecay_lr = False\n")
+        cfg, sources = parse(Cfg, [str(tmp_path / "c.py")])
+        assert (cfg.batch_size, cfg.decay_lr, sources["batch_size"]) == (4, False, str(tmp_path / "c.py")), bring
+    from prepare import PrepareConfig
+    (tmp_path / "p.py").write_text("name = 'mine'\nsource = ','.join(list(('a.txt', 'b.txt')))\n")
+    assert parse(PrepareConfig, [str(tmp_path / "p.py")])[0].source == "a.txt,b.txt"
 
 
 def test_unknown_key_suggests():
