@@ -30,7 +30,7 @@ class FolderLock:
             return self
         folder = os.path.dirname(self.path)
         self.made_folder = not os.path.isdir(folder)
-        while True:
+        for attempt in range(10):  # a file system whose inodes fstat and stat tell otherwise: the tenth lock holds
             os.makedirs(folder, exist_ok=True)
             self.file = open(self.path, "a+b", buffering=0)  # unbuffered: nothing left to fail at close (a full disk)
             try:
@@ -41,7 +41,7 @@ class FolderLock:
                 self.file.close()
                 self.file = None
                 return self
-            if self._still_there():
+            if self._still_there() or attempt == 9:
                 break
             # the file its last holder removed on the way out (with the folder it made), between our open and our
             # lock: a third process may have the new one, so holding this one would keep no one out

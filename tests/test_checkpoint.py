@@ -806,14 +806,19 @@ def test_loss_plot_written(data_dir):
 
 
 def test_empty_log_of_a_run_that_never_stepped_is_not_kept(data_dir, monkeypatch, capsys):
-    """A run stopped before its first record leaves an empty log.jsonl: the next one writes over it instead of keeping
-    it aside as log.1.jsonl, one more with each such start (trial)."""
+    """A run stopped before its first record leaves a log.jsonl with its start record at most (an out-of-memory in
+    the first step, a Ctrl-C while compiling): the next one writes over it instead of keeping it aside as
+    log.1.jsonl, one more with each such start (trial)."""
     monkeypatch.chdir(data_dir)
     (data_dir / "out").mkdir()
-    (data_dir / "out/log.jsonl").write_text("")
-    out = train_here(capsys, *ARGS, "--max_iters=1", "--eval_interval=1", "--out_dir=out")
-    assert "kept as" not in out and sorted(os.listdir("out")) == ["ckpt.pt", "ckpt_00000001.pt", "log.jsonl",
-                                                                   "train.lock"]
+    for before in ("", json.dumps({"step": 0, "start": {}}) + "\n" + '{"step": 0, "st'):
+        (data_dir / "out/log.jsonl").write_text(before)
+        out = train_here(capsys, *ARGS, "--max_iters=1", "--eval_interval=1", "--out_dir=out")
+        assert "kept as" not in out and sorted(os.listdir("out")) == ["ckpt.pt", "ckpt_00000001.pt", "log.jsonl",
+                                                                       "train.lock"]
+        assert ["start" in r for r in log_records("out")].count(True) == 1  # this run's, the earlier one's gone
+        shutil.rmtree("out")
+        os.mkdir("out")
 
 
 def test_broken_matplotlib_turns_plotting_off(data_dir):
