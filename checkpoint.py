@@ -68,17 +68,16 @@ def _pickle_intact(path):
     """Whether the archive's pickled part (the settings, the vocabulary, the step: all but the tensors' data) matches
     the CRC-32 the zip format keeps for it: _tensor_crc32 covers the rest. zipfile checks it on reading. An archive
     written without CRCs (torch.serialization.set_crc32_options(False): every one 0) or of torch's older, unzipped
-    format has none to check, nor one whose headers zipfile cannot parse where torch.load read past them (a flipped
-    byte in a file name, say: the tensors' own CRC has passed)."""
+    format has none to check. Zip headers damaged where torch.load read past them fail too: the file is damaged."""
     try:
+        if not zipfile.is_zipfile(path):
+            return True
         with zipfile.ZipFile(path) as archive:
             for info in archive.infolist():
                 if info.filename.endswith(".pkl") and (info.CRC or not info.file_size):
                     archive.read(info)
-    except zipfile.BadZipFile as e:
-        return not str(e).startswith("Bad CRC-32")
-    except Exception:  # headers zipfile reads otherwise than torch (NotImplementedError, UnicodeDecodeError, ...)
-        return True
+    except Exception:  # BadZipFile (a CRC), or what damaged headers make zipfile raise (NotImplementedError, ...)
+        return False
     return True
 
 
@@ -333,7 +332,7 @@ def load_checkpoint(path):
         if _tensor_crc32(checkpoint) != stored:
             problem = "is corrupt: its tensors do not match the checksum written with them"
     if checkpoint is not None and not problem and not _pickle_intact(path):  # torch.load does not check it either
-        problem = "is corrupt: its settings and vocabulary do not match the checksum the archive keeps for them"
+        problem = "is corrupt: its settings and vocabulary fail the checks of the archive that holds them"
     if problem:
         raise CheckpointError(f"{path} {problem}{_fallback_hint(path)}")
     checkpoint["model"] = clean_state_dict(checkpoint["model"])

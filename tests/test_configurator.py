@@ -48,6 +48,7 @@ def test_config_file_reads_the_settings_so_far(tmp_path, monkeypatch):
     (tmp_path / "a.py").write_text("batch_size = 4\n")
     (tmp_path / "b.py").write_text("learning_rate = learning_rate * batch_size\n"
                                    "def _twice(x):\n    out_dir = 'no'\n    return 2 * x\n"
+                                   "def helper():\n    pass\n"
                                    "_sizes = [decay_lr for decay_lr in (1, 2)]\n"
                                    "if batch_size > 100:\n    compile = True\n"
                                    "batch_size = _twice(batch_size)\n")
