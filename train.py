@@ -864,15 +864,18 @@ def set_aside_later(out_dir, step, log_path):
             "(delete the folder to let it go)")
 
 
-def log_records_split(path, step, trained_only=False):
-    """The complete lines of log.jsonl up to `step` and past it (trained_only: without the start records)."""
+def log_records_split(path, step):
+    """The complete lines of log.jsonl up to `step` and past it."""
     with open(path, encoding="utf-8") as f:
         # a last line without its newline is the end of a run killed while writing it (or a full disk)
         lines = [line for line in f if line.endswith("\n") and line.strip()]
-    if trained_only:
-        lines = [line for line in lines if "start" not in json.loads(line)]
     past = [json.loads(line).get("step", 0) > step for line in lines]
     return [line for line, p in zip(lines, past) if not p], [line for line, p in zip(lines, past) if p]
+
+
+def started_only(path):
+    """Whether a log.jsonl holds no records but start records: of a run stopped before its first step."""
+    return all("start" in json.loads(line) for line in log_records_split(path, math.inf)[0])
 
 
 def trim_log(path, step):
@@ -1277,8 +1280,8 @@ def train(cfg, sources, launch, device, stop, kernels_note, lock):
             if branch:
                 say(branch)
             trim_log(log_path, step)
-        elif os.path.exists(log_path) and not log_records_split(log_path, -1, trained_only=True)[1]:
-            os.remove(log_path)  # of a run stopped before its first step: its start records, at most
+        elif os.path.exists(log_path) and started_only(log_path):  # of a run stopped before its first step
+            os.remove(log_path)
         elif os.path.exists(log_path):  # of a run stopped before its first checkpoint: kept, this run starts anew
             kept = keep_aside(log_path)
             say(f"note: {log_path} of an earlier run that saved no checkpoint is kept as {kept}")
