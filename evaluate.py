@@ -48,7 +48,8 @@ class EvalConfig:
     init_from: str = "resume"  # 'resume' (out_dir's checkpoint), another checkpoint (a .pt file, or a run's folder holding ckpt.pt), or gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a Hugging Face GPT-2 folder
     out_dir: str = "out"  # the folder holding ckpt.pt
     task: str = "perplexity"  # 'perplexity', 'hellaswag' or 'val_loss'
-    text: str = ""  # perplexity: a UTF-8 text file to score
+    text: str = ""  # perplexity: a file to score: UTF-8 text as one document, or .jsonl/.parquet one document per line or row (as prepare.py reads them)
+    text_field: str = "text"  # perplexity: the field of a .jsonl --text, or column of a .parquet one, that holds the text
     dataset: str = ""  # perplexity: a prepared dataset to score instead; val_loss: '' means the checkpoint's own
     data_root: str = "data"  # where prepared datasets live (and the HellaSwag download goes)
     split: str = "val"  # the split of --dataset (perplexity, val_loss)
@@ -61,7 +62,8 @@ class EvalConfig:
     dtype: str = "auto"  # 'auto', 'float32', 'bfloat16', 'float16'
 
 
-TASK_KEYS = {"perplexity": {"text", "dataset", "split", "block_size", "stride"}, "val_loss": {"dataset", "split"},
+TASK_KEYS = {"perplexity": {"text", "text_field", "dataset", "split", "block_size", "stride"},
+             "val_loss": {"dataset", "split"},
              "hellaswag": {"source", "max_items"}}  # the options each task reads
 
 
@@ -108,12 +110,31 @@ def strided_nll(model, tokens, window, stride, batch_size, device, autocast, lau
     return total[0].item(), int(total[1].item())
 
 
+def text_tokens(cfg, tokenizer):
+    """The tokens of --text as a prepared split would hold them: end-of-text before each document (GPT-2's start of
+    one: its first token is scored too), where the tokenizer has one. A text file is one document; a .jsonl or
+    .parquet file one per line or row, read as prepare.py reads them (a trial's .jsonl was scored as its JSON)."""
+    from prepare import file_kind, jsonl_documents, parquet_documents
+    kind = file_kind(cfg.text)
+    if kind == "text":
+        docs = [read_text(cfg.text, f"--text={cfg.text}")]
+    else:
+        rows = jsonl_documents(cfg.text, cfg.text_field, "strict") if kind == "jsonl" else \
+            parquet_documents(cfg.text, cfg.text_field)
+        docs = [text for text in rows if text]
+        if len(docs) > 1 and tokenizer.eot_id is None:
+            raise UserError(f"--text={cfg.text} holds {len(docs):,} documents, but this model's tokenizer has no "
+                            "end-of-text token to put between them; score them as one text file")
+    eot = [] if tokenizer.eot_id is None else [tokenizer.eot_id]
+    try:
+        return np.array([i for doc in docs for i in eot + tokenizer.encode(doc)], dtype=np.int64)
+    except UserError as e:  # a character the model's vocabulary lacks
+        raise UserError(f"--text={cfg.text}: {e}") from None
+
+
 def perplexity(cfg, model, tokenizer, device, autocast, launch, say):
     if cfg.text:
-        ids = tokenizer.encode(read_text(cfg.text, f"--text={cfg.text}"))
-        if tokenizer.eot_id is not None:
-            ids = [tokenizer.eot_id] + ids  # GPT-2's start of a document: its first token is scored too
-        tokens, what = np.array(ids, dtype=np.int64), cfg.text
+        tokens, what = text_tokens(cfg, tokenizer), cfg.text
     else:
         data = open_dataset(cfg.dataset, cfg.data_root, model_name(cfg.init_from, cfg.out_dir), tokenizer)
         shards = data.shards(cfg.split)

@@ -90,6 +90,34 @@ def test_perplexity_of_a_text_file(out_dir):  # noqa: F811
     assert evaluate_json(proc) == {**result, "source": "bom.txt"}
 
 
+def test_perplexity_of_documents(out_dir):  # noqa: F811
+    """A .jsonl --text is one document per line, as prepare.py reads it: end-of-text before each, as a prepared split
+    holds them (a trial's was scored as its JSON, braces and field names, at 22 times the perplexity). Without an
+    end-of-text token there is nothing to put between documents: refused, in one line."""
+    from checkpoint import save_checkpoint
+    eot = len(CHARS)
+    args = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=eot + 1)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**args)).eval()
+    meta = {"tokenizer": {"type": "char", "chars": CHARS, "eot": True}, "vocab_size": eot + 1, "eot_id": eot}
+    save_checkpoint(str(out_dir / "eot/ckpt.pt"), {"model": model.state_dict(), "model_args": args, "meta": meta})
+    docs = ["ROMEO:\nBut soft!", "JULIET:\nAy me.", "What light through yonder window breaks?"]
+    rows = [{"text": docs[0]}, {"text": None}, {"text": docs[1]}, {"text": ""}, {"text": docs[2]}]
+    (out_dir / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = run_script("evaluate.py", "--out_dir=eot", "--text=docs.jsonl", "--stride=10", "--device=cpu",
+                      cwd=out_dir)
+    ids = np.array([i for doc in docs for i in [eot] + [CHARS.index(c) for c in doc]])
+    nll, count = strided_nll(model, ids, 32, 10, 4, "cpu", torch.autocast("cpu", enabled=False), SINGLE)
+    result = evaluate_json(proc)
+    assert result["tokens"] == count == len(ids) - 1 and result["nll"] == pytest.approx(nll / count, rel=1e-5)
+    proc = run_script("evaluate.py", "--out_dir=eot", "--text=docs.jsonl", "--text_field=story", "--device=cpu",
+                      cwd=out_dir, check=False)
+    assert proc.returncode == 2 and "docs.jsonl line 1: no 'story' field (it has: 'text')" in proc.stderr
+    proc = run_script("evaluate.py", "--out_dir=out", "--text=docs.jsonl", "--device=cpu", cwd=out_dir, check=False)
+    assert proc.returncode == 2 and "--text=docs.jsonl holds 3 documents, but this model's tokenizer has no " \
+        "end-of-text token to put between them" in proc.stderr
+
+
 def test_hellaswag_items_written_here(out_dir):  # noqa: F811
     items = [{"ctx": "ROMEO: What light", "endings": ["is yonder", "breaks", "ZZZZ QQQ", "is the east."], "label": 3},
              {"ctx": "JULIET:", "endings": ["Ay me!", "Oh", "Romeo, Romeo", "xx"], "label": 0},
