@@ -136,7 +136,8 @@ def validate(cfg):
     if cfg.split != "train" and not cfg.hf:
         problems.append("--split goes with --hf; for local files use --val_source / --test_source")
     if cfg.val_fraction is not None and not 0.0 < cfg.val_fraction < 1.0:
-        problems.append(f"val_fraction={cfg.val_fraction} must be between 0 and 1")
+        problems.append(f"val_fraction={cfg.val_fraction} must be more than 0 and less than 1 (a split of its own: "
+                        "--val_source)")
     elif cfg.val_fraction is not None and cfg.val_source:
         problems.append("--val_fraction carves val out of --source, and --val_source is val already: give one")
     if not 1 <= cfg.shard_size < 2**31:  # the header counts a shard's tokens in an int32

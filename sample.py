@@ -29,7 +29,7 @@ from inference import load_model, model_label, model_notes, prompt_ids, read_pro
 class SampleConfig:
     init_from: str = "resume"  # 'resume' (out_dir's checkpoint), another checkpoint (a .pt file, or a run's folder holding ckpt.pt), or gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a Hugging Face GPT-2 folder
     out_dir: str = "out"  # the folder holding ckpt.pt
-    start: str = "\n"  # the prompt, or FILE:path to read it from a file
+    start: str = "\n"  # the prompt, or FILE:path to read it from a file; empty: end-of-text, a document's start (for a corpus of separate documents)
     num_samples: int = 3  # samples, generated as one batch (with beam search: the best hypotheses)
     max_new_tokens: int = 500  # tokens generated per sample, at most
     temperature: float = TEMPERATURE  # 1.0 samples the model's distribution; lower is more conservative; 0 is greedy

@@ -685,7 +685,7 @@ def test_bad_input(tmp_path, case):
     assert not (tmp_path / "data/mine/meta.json").exists()
     assert not (tmp_path / "data/mine").exists()  # nothing half-written, nothing that looks resumable
     if case == "val_fraction":  # every problem at once
-        assert "val_fraction=1.5 must be between 0 and 1" in proc.stderr
+        assert "val_fraction=1.5 must be more than 0 and less than 1" in proc.stderr
     if case == "tokenizer_typo":
         assert proc.stderr.rstrip().endswith("; did you mean 'char'?")
     if case == "bpe_size":
