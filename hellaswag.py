@@ -49,17 +49,17 @@ def read_items(path):
     line number."""
     import json
     items = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:  # decoded line by line: a byte that is not UTF-8 is named by its line
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
-                item = json.loads(line)
+                item = json.loads(raw.decode("utf-8"))
                 context, endings, label = item["ctx"], item["endings"], int(item["label"])
                 if not (isinstance(context, str) and isinstance(endings, list) and len(endings) >= 2
                         and all(isinstance(e, str) for e in endings) and 0 <= label < len(endings)):
                     raise ValueError
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, OverflowError):
                 raise UserError(f"{path}:{n} is not a HellaSwag item: expected a JSON object with ctx (text), "
                                 "endings (a list of 2 or more texts) and label (the index of the right ending)") \
                     from None

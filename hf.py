@@ -441,6 +441,9 @@ def save_hf_gpt2(model, meta, hf_dir, dtype="float32"):
     export writes. Returns the file names written.
     """
     hf_dir = os.path.normpath(hf_dir)
+    if os.path.islink(hf_dir):  # the swap below would replace the link with a folder, and leave the link aside
+        raise UserError(f"{hf_dir} is a symbolic link: give the folder it points to, "
+                        f"--hf_dir={os.path.realpath(hf_dir)}")
     if os.path.exists(hf_dir) and not os.path.isdir(hf_dir):
         raise UserError(f"{hf_dir} is a file, not a folder: choose another --hf_dir")
     if os.path.ismount(hf_dir):  # written beside it and renamed into place: a mount point cannot be (a volume)

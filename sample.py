@@ -120,6 +120,10 @@ def main(cfg, sources):
     device_type = device.split(":")[0]
     dtype = pick_dtype(cfg.dtype, device_type)
     model, tokenizer, train_config = load_model(cfg.init_from, cfg.out_dir, device)
+    if cfg.num_beams > model.config.vocab_size:  # more than the first step can fill, and a (beams, vocab) score
+        # table per step that a trial's 60,000 beams of GPT-2's vocabulary ran out of memory on
+        raise UserError(f"num_beams={cfg.num_beams} is more than the model's {model.config.vocab_size:,} tokens; "
+                        "a few (4 to 16) is the usual beam search")
 
     prompt = read_prompt(cfg.start)
     ids = prompt_ids(tokenizer, prompt, f"--start={cfg.start}" if cfg.start.startswith("FILE:") else "--start")

@@ -188,7 +188,11 @@ def run_bench(args):
     if os.path.isdir(os.path.join(SHARED, "tiktoken_cache")):  # GPT-2 BPE files offline, for every process below
         os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.abspath(os.path.join(SHARED, "tiktoken_cache")))
     cores = len(os.sched_getaffinity(0))
-    work = args.workdir or tempfile.mkdtemp(prefix="prepare_bench_")
+    if args.workdir and os.path.exists(args.workdir) and (not os.path.isdir(args.workdir) or os.listdir(args.workdir)):
+        sys.exit(f"error: --workdir={args.workdir} is a file or a folder with files in it; give a new folder (the "
+                 "benchmark writes its corpus and datasets there)")
+    # absolute: prepare.py runs in it, and is given its files by path
+    work = os.path.abspath(args.workdir) if args.workdir else tempfile.mkdtemp(prefix="prepare_bench_")
     os.makedirs(work, exist_ok=True)
     try:
         bench(args, cores, work)

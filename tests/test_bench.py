@@ -39,12 +39,14 @@ def test_bench_sample_runs_and_cache_changes_no_token(tmp_path):
 
 @pytest.mark.skipif(not gpt2_bpe_available(), reason="GPT-2 BPE files not available offline")
 def test_bench_prepare_runs_every_row(tmp_path):
-    proc = run_script("bench.py", "prepare", "--mb=0.4", "--bpe_mb=0.2", f"--workdir={tmp_path / 'work'}",
-                      cwd=tmp_path)
+    proc = run_script("bench.py", "prepare", "--mb=0.4", "--bpe_mb=0.2", "--workdir=work",  # relative: a trial's
+                      cwd=tmp_path)  # always failed, prepare.py run inside it and given its files by the same path
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ")][1:]  # rows after the header
     names = [line.split(" | ")[0] for line in table]
     assert len(names) == 8 and sum("prepare.py" in n for n in names) == 4 and sum("ceiling" in n for n in names) == 2
     assert (tmp_path / "work" / "corpus.jsonl").exists()  # --workdir is kept
+    proc = run_script("bench.py", "prepare", "--mb=0.4", "--bpe_mb=0.2", "--workdir=work", cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "--workdir=work is a file or a folder with files in it" in proc.stderr  # kept too
 
     proc = run_script("bench.py", "prepare", "--mb=1", "--bpe_mb=2", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "need 0 < bpe_mb <= mb" in proc.stderr

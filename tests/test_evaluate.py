@@ -266,6 +266,9 @@ def test_ranks_split_the_work(out_dir):  # noqa: F811
     (["--task=hellaswag", "--source=hs/empty.jsonl"], "hs/empty.jsonl holds no HellaSwag items"),
     (["--task=hellaswag", "--source=hs/string.jsonl"], "hs/string.jsonl:2 is not a HellaSwag item"),
     (["--task=hellaswag", "--source=hs/label.jsonl"], "hs/label.jsonl:1 is not a HellaSwag item"),
+    # a trial's: tracebacks, where a byte that is not UTF-8 or a label of 1e400 was read
+    (["--task=hellaswag", "--source=hs/latin1.jsonl"], "hs/latin1.jsonl:2 is not a HellaSwag item"),
+    (["--task=hellaswag", "--source=hs/inf.jsonl"], "hs/inf.jsonl:1 is not a HellaSwag item"),
     # its endings' first tokens would have nothing before them: NaN scores, and argmin picking ending 0
     (["--task=hellaswag", "--source=hs/no_ctx.jsonl"], "has an empty ctx, and this model's tokenizer has no end-of"),
     (["--task=hellaswag", "--source=hs/oov.jsonl"], "hs/oov.jsonl:2: text has characters outside this model's"),
@@ -287,6 +290,9 @@ def test_bad_input(out_dir, args, message):  # noqa: F811
     # endings as one text would be scored letter by letter; a label past the endings would never be right
     (out_dir / "hs/string.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({**good, "endings": "Ay me!"}))
     (out_dir / "hs/label.jsonl").write_text(json.dumps({**good, "label": 9}))
+    (out_dir / "hs/latin1.jsonl").write_bytes((json.dumps(good) + "\n" + json.dumps({**good, "ctx": "caf\u00e9"},
+                                                                                  ensure_ascii=False)).encode("latin-1"))
+    (out_dir / "hs/inf.jsonl").write_text(json.dumps(good).replace('"label": 0', '"label": 1e400'))
     (out_dir / "hs/no_ctx.jsonl").write_text(json.dumps({**good, "ctx": "", "endings": ["A", "B"]}))
     (out_dir / "hs/oov.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({**good, "endings": ["Ay", "\u2603"]}))
     proc = run_script("evaluate.py", "--out_dir=out", "--device=cpu", *args, cwd=out_dir, check=False)

@@ -315,6 +315,13 @@ def test_export_refusals_leave_nothing_behind(tmp_path):
         model.transformer.ln_f.weight.fill_(2.0)
     save_hf_gpt2(model, meta, tmp_path / "hf")  # re-exporting replaces a previous export
     assert load_hf_gpt2(str(tmp_path / "hf")).transformer.ln_f.weight.eq(2.0).all()
+    # a link to the folder (on bigger storage, say): the swap would put a folder in its place and the link aside,
+    # then fail on rmtree of the link (a trial's traceback)
+    os.symlink(tmp_path / "hf", tmp_path / "link")
+    with pytest.raises(UserError, match=rf"link is a symbolic link: give the folder it points to, "
+                                        rf"--hf_dir={tmp_path / 'hf'}$"):
+        save_hf_gpt2(model, meta, tmp_path / "link")
+    assert os.path.islink(tmp_path / "link") and sorted(os.listdir(tmp_path)) == ["hf", "link"]
 
 
 def test_export_into_a_full_disk_or_a_mount_point(tmp_path, monkeypatch):

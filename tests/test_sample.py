@@ -137,6 +137,7 @@ def test_stop_escapes():
     (["--stop=END@"], "no sample could ever end on 'END@': text has characters outside this model's"),
     (["--num_beams=2"], "num_samples=3 (its default) is more than num_beams=2 hypotheses: pass --num_samples=2 or "
                         "fewer for the best ones"),
+    (["--num_beams=60", "--num_samples=1"], "num_beams=60 is more than the model's 59 tokens"),  # a trial's OOM
 ])
 def test_bad_input(out_dir, args, message):
     (out_dir / "latin1.txt").write_bytes("café".encode("latin-1"))
