@@ -290,8 +290,8 @@ def test_bad_input(out_dir, args, message):  # noqa: F811
     # endings as one text would be scored letter by letter; a label past the endings would never be right
     (out_dir / "hs/string.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({**good, "endings": "Ay me!"}))
     (out_dir / "hs/label.jsonl").write_text(json.dumps({**good, "label": 9}))
-    (out_dir / "hs/latin1.jsonl").write_bytes((json.dumps(good) + "\n" + json.dumps({**good, "ctx": "caf\u00e9"},
-                                                                                  ensure_ascii=False)).encode("latin-1"))
+    latin1 = json.dumps(good) + "\n" + json.dumps({**good, "ctx": "caf\u00e9"}, ensure_ascii=False)
+    (out_dir / "hs/latin1.jsonl").write_bytes(latin1.encode("latin-1"))
     (out_dir / "hs/inf.jsonl").write_text(json.dumps(good).replace('"label": 0', '"label": 1e400'))
     (out_dir / "hs/no_ctx.jsonl").write_text(json.dumps({**good, "ctx": "", "endings": ["A", "B"]}))
     (out_dir / "hs/oov.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({**good, "endings": ["Ay", "\u2603"]}))
