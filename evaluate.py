@@ -119,6 +119,9 @@ def text_tokens(cfg, tokenizer):
     if kind == "text":
         docs = [read_text(cfg.text, f"--text={cfg.text}")]
     else:
+        if not os.path.isfile(cfg.text):  # as read_text says it of a text file
+            what = "a folder" if os.path.isdir(cfg.text) else "no such file"
+            raise UserError(f"cannot read --text={cfg.text}: {what}")
         rows = jsonl_documents(cfg.text, cfg.text_field, "strict") if kind == "jsonl" else \
             parquet_documents(cfg.text, cfg.text_field)
         docs = [text for text in rows if text]

@@ -260,6 +260,7 @@ def test_ranks_split_the_work(out_dir):  # noqa: F811
     (["--text=a.txt", "--dataset=b", "--block_size=8", "--stride=9"], "stride=9 is longer than the window"),
     (["--text=a.txt", "--split=test"], "--split=test goes with --dataset, not --text: the whole file is scored"),
     (["--text=nowhere.txt"], "cannot read --text=nowhere.txt"),
+    (["--text=nowhere.jsonl"], "cannot read --text=nowhere.jsonl: no such file"),
     (["--text=verse.txt", "--out_dir=nowhere"], "no checkpoint at nowhere/ckpt.pt"),
     (["--task=hellaswag", "--source=missing.jsonl"], "--source=missing.jsonl does not exist"),
     (["--task=hellaswag", "--source=hs"], "--source=hs is a folder: name the validation jsonl file in it"),
