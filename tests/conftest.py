@@ -3,9 +3,14 @@ Shared test helpers. Outside data comes from ../shared (override with GPT_SHARED
 that uses it falls back to text it writes itself.
 """
 
+import contextlib
+import io
 import os
+import runpy
+import signal
 import subprocess
 import sys
+import traceback
 
 import pytest
 
@@ -101,3 +106,49 @@ def run_script(script, *args, cwd, check=True, timeout=600, env=None):
         raise AssertionError(f"{script} {' '.join(map(str, args))} exited {proc.returncode}:\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def run_here(script, *args, cwd, check=True, env=None):
+    """run_script in this process: the script runs as __main__ with these arguments, from `cwd`, with `env`'s
+    variables, its output captured and its exit as a process's exit code. It saves an interpreter start (about 1.7 s,
+    most of it importing torch) for tests of what a command prints and writes; what only a process of its own shows
+    (signals, launches, a closed pipe, exact resume in a fresh process) stays with run_script."""
+    path = os.path.join(REPO, script)
+    out, err = io.StringIO(), io.StringIO()
+    with _as_a_process(cwd, env, [path, *map(str, args)]), contextlib.redirect_stdout(out), \
+            contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(path, run_name="__main__")
+            code = 0
+        except SystemExit as e:  # as the interpreter reads it: None is 0, a message is printed and exits 1
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+            if not isinstance(e.code, (int, type(None))):
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    proc = subprocess.CompletedProcess([sys.executable, path, *map(str, args)], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"{script} {' '.join(map(str, args))} exited {code}:\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")
+    return proc
+
+
+@contextlib.contextmanager
+def _as_a_process(cwd, env, argv):
+    """What a script may change for the process it runs in, put back after it: the working directory, the
+    environment, sys.argv, the handlers of the signals the scripts catch."""
+    before = os.getcwd(), dict(os.environ), sys.argv
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)}
+    os.chdir(cwd)
+    os.environ.update({k: str(v) for k, v in (env or {}).items()})
+    sys.argv = argv
+    try:
+        yield
+    finally:
+        os.chdir(before[0])
+        os.environ.clear()
+        os.environ.update(before[1])
+        sys.argv = before[2]
+        for s, handler in handlers.items():
+            signal.signal(s, handler)

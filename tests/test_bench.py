@@ -7,26 +7,26 @@ import sys
 
 import pytest
 
-from conftest import REPO, gpt2_bpe_available, run_script
+from conftest import REPO, gpt2_bpe_available, run_here, run_script
 
 
 def test_bench_sample_runs_and_cache_changes_no_token(tmp_path):
-    proc = run_script("bench.py", "sample", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
-                      "--vocab_size=100", "--prompt_tokens=8", "--new_tokens=40", "--batch_sizes=1,3",
-                      "--device=cpu", cwd=tmp_path)
+    proc = run_here("bench.py", "sample", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
+                    "--vocab_size=100", "--prompt_tokens=8", "--new_tokens=40", "--batch_sizes=1,3",
+                    "--device=cpu", cwd=tmp_path)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [row["batch_size"] for row in result["rows"]] == [1, 3]
     assert all(row["same_tokens"] and row["cache_tokens_per_s"] > 0 for row in result["rows"])
 
-    proc = run_script("bench.py", "smaple", cwd=tmp_path, check=False)
+    proc = run_here("bench.py", "smaple", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "unknown subcommand 'smaple'" in proc.stderr and "nanoGPT" not in proc.stderr
-    proc = run_script("bench.py", "--batch_size=12", cwd=tmp_path, check=False)  # nanoGPT's bench.py takes just these
+    proc = run_here("bench.py", "--batch_size=12", cwd=tmp_path, check=False)  # nanoGPT's bench.py takes just these
     assert proc.returncode == 2 and proc.stderr.rstrip().endswith(
         "(timing training, as nanoGPT's bench.py: python bench.py train --batch_size=12)")
-    proc = run_script("bench.py", "--help", cwd=tmp_path)  # the subcommands, with an example of each
+    proc = run_here("bench.py", "--help", cwd=tmp_path)  # the subcommands, with an example of each
     assert all(f"python bench.py {name}" in proc.stdout for name in ("sample", "train", "prepare"))
     # train's keys are train.py's, explained as train.py's --help explains them (they once came bare)
-    proc = run_script("bench.py", "train", "--help", cwd=tmp_path)
+    proc = run_here("bench.py", "train", "--help", cwd=tmp_path)
     assert "--batch_size=12 (int)  # sequences per micro-step per process" in proc.stdout
     assert "--steps=20 (int)  # timed optimizer steps" in proc.stdout
     # under torchrun each rank timed a single process of its own (trial): refused, by rank 0, in one line
@@ -39,16 +39,16 @@ def test_bench_sample_runs_and_cache_changes_no_token(tmp_path):
 
 @pytest.mark.skipif(not gpt2_bpe_available(), reason="GPT-2 BPE files not available offline")
 def test_bench_prepare_runs_every_row(tmp_path):
-    proc = run_script("bench.py", "prepare", "--mb=0.4", "--bpe_mb=0.2", "--workdir=work",  # relative: a trial's
-                      cwd=tmp_path)  # always failed, prepare.py run inside it and given its files by the same path
+    proc = run_here("bench.py", "prepare", "--mb=0.4", "--bpe_mb=0.2", "--workdir=work",  # relative: a trial's
+                    cwd=tmp_path)  # always failed, prepare.py run inside it and given its files by the same path
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ")][1:]  # rows after the header
     names = [line.split(" | ")[0] for line in table]
     assert len(names) == 8 and sum("prepare.py" in n for n in names) == 4 and sum("ceiling" in n for n in names) == 2
     assert (tmp_path / "work" / "corpus.jsonl").exists()  # --workdir is kept
-    proc = run_script("bench.py", "prepare", "--mb=0.4", "--bpe_mb=0.2", "--workdir=work", cwd=tmp_path, check=False)
+    proc = run_here("bench.py", "prepare", "--mb=0.4", "--bpe_mb=0.2", "--workdir=work", cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "--workdir=work is a file or a folder with files in it" in proc.stderr  # kept too
 
-    proc = run_script("bench.py", "prepare", "--mb=1", "--bpe_mb=2", cwd=tmp_path, check=False)
+    proc = run_here("bench.py", "prepare", "--mb=1", "--bpe_mb=2", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "need 0 < bpe_mb <= mb" in proc.stderr
 
 

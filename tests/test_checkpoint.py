@@ -15,7 +15,7 @@ import torch
 
 from checkpoint import (CheckpointError, load_checkpoint, save_checkpoint, save_training_checkpoint, snapshot,
                         step_checkpoints)
-from conftest import REPO, free_port, run_script
+from conftest import REPO, free_port, run_here, run_script
 from test_distributed import prepare_tiny, run_torchrun, train_losses
 
 ARGS = ["--dataset=shakespeare_char", "--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=32",
@@ -196,8 +196,8 @@ def test_muon_resumes_exactly_sharded_or_not(data_dir):
     assert "optimizer: Muon for the blocks' weight matrices, AdamW for the rest, its state sharded over the 2" \
         in out.stdout
     before = (data_dir / "split/ckpt.pt").read_bytes()
-    refused = run_script("train.py", *args, "--max_iters=20", "--out_dir=split", "--init_from=resume",
-                         "--optimizer=adamw", cwd=data_dir, check=False)
+    refused = run_here("train.py", *args, "--max_iters=20", "--out_dir=split", "--init_from=resume",
+                       "--optimizer=adamw", cwd=data_dir, check=False)
     assert refused.returncode != 0 and "trained with optimizer='muon', this run asks for 'adamw'" in refused.stderr
     assert (data_dir / "split/ckpt.pt").read_bytes() == before
     run_torchrun(data_dir, *args, "--max_iters=20", "--out_dir=split", "--init_from=resume")
@@ -212,8 +212,8 @@ def test_muon_resumes_exactly_sharded_or_not(data_dir):
         assert sorted(states[0]) == sorted(states[1]) and states[0]
         assert all(torch.equal(states[0][i][k], states[1][i][k]) for i in states[0] for k in keys)
     # an evaluation of the checkpoint needs no --optimizer: it takes the checkpoint's
-    out = run_script("train.py", *[a for a in args if a != "--optimizer=muon"], "--out_dir=split", "--eval_only=True",
-                     "--init_from=auto", cwd=data_dir)
+    out = run_here("train.py", *[a for a in args if a != "--optimizer=muon"], "--out_dir=split", "--eval_only=True",
+                   "--init_from=auto", cwd=data_dir)
     assert json.loads(out.stdout.strip().splitlines()[-1])["step"] == 20
 
 
@@ -241,9 +241,9 @@ def test_cuda_rng_state_is_this_gpus_own(monkeypatch):
 
 
 def test_resume_refuses_other_model(data_dir):
-    run_script("train.py", *ARGS, "--max_iters=3", "--eval_interval=3", "--out_dir=out", cwd=data_dir)
-    proc = run_script("train.py", *ARGS, "--max_iters=6", "--n_layer=3", "--out_dir=out", "--init_from=resume",
-                      cwd=data_dir, check=False)
+    run_here("train.py", *ARGS, "--max_iters=3", "--eval_interval=3", "--out_dir=out", cwd=data_dir)
+    proc = run_here("train.py", *ARGS, "--max_iters=6", "--n_layer=3", "--out_dir=out", "--init_from=resume",
+                    cwd=data_dir, check=False)
     assert proc.returncode == 2 and "cannot resume" in proc.stderr and "n_layer: checkpoint 2, now 3" in proc.stderr
 
 
@@ -258,11 +258,11 @@ def test_rope_model_trains_samples_resumes_and_grows_its_context(data_dir, monke
     assert len(evals) == 2 and evals[1] < evals[0] - 0.5, evals
     checkpoint = load_checkpoint("out")
     assert checkpoint["model_args"]["rope"] is True and not any("wpe" in k for k in checkpoint["model"])
-    sample = run_script("sample.py", "--out_dir=out", "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=40",
-                        "--device=cpu", cwd=data_dir)
+    sample = run_here("sample.py", "--out_dir=out", "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=40",
+                      "--device=cpu", cwd=data_dir)
     assert sample.stdout.startswith("ROMEO:") and len(sample.stdout) > 40
-    proc = run_script("train.py", *ARGS, "--rope=False", "--max_iters=40", "--out_dir=out", "--init_from=resume",
-                      cwd=data_dir, check=False)
+    proc = run_here("train.py", *ARGS, "--rope=False", "--max_iters=40", "--out_dir=out", "--init_from=resume",
+                    cwd=data_dir, check=False)
     assert proc.returncode == 2 and "rope: checkpoint True, now False" in proc.stderr
     out = train_here(capsys, *ARGS, "--rope=True", "--block_size=64", "--max_iters=4", "--eval_interval=4",
                      "--init_from=out", "--out_dir=long")  # twice the context: a learned table could not grow
@@ -273,11 +273,11 @@ def test_rope_model_trains_samples_resumes_and_grows_its_context(data_dir, monke
 
 
 def test_auto_resume(data_dir):
-    out = run_script("train.py", *ARGS, "--max_iters=3", "--eval_interval=3", "--out_dir=out", "--init_from=auto",
-                     cwd=data_dir)
+    out = run_here("train.py", *ARGS, "--max_iters=3", "--eval_interval=3", "--out_dir=out", "--init_from=auto",
+                   cwd=data_dir)
     assert "resumed" not in out.stdout
-    out = run_script("train.py", *ARGS, "--max_iters=5", "--eval_interval=5", "--out_dir=out", "--init_from=auto",
-                     cwd=data_dir)
+    out = run_here("train.py", *ARGS, "--max_iters=5", "--eval_interval=5", "--out_dir=out", "--init_from=auto",
+                   cwd=data_dir)
     assert "resumed from out/ckpt.pt at step 3" in out.stdout
 
 
@@ -481,8 +481,8 @@ def test_signal_saves_and_resumes(data_dir, sig, code):
     assert f"exiting with code {code}: run the same command with --init_from=auto to resume" in rest
     saved = torch.load(data_dir / "out/ckpt.pt", weights_only=False)["step"]
     assert saved >= 5
-    out = run_script("train.py", *ARGS, "--max_iters=20", "--lr_decay_iters=100000", "--eval_interval=100000",
-                     "--out_dir=out", "--init_from=resume", cwd=data_dir)
+    out = run_here("train.py", *ARGS, "--max_iters=20", "--lr_decay_iters=100000", "--eval_interval=100000",
+                   "--out_dir=out", "--init_from=resume", cwd=data_dir)
     assert f"resumed from out/ckpt.pt at step {saved}" in out.stdout
 
 
@@ -519,7 +519,7 @@ def test_hangup_saves_or_goes_on(data_dir, nohup):
 def test_ctrl_c_cuts_an_evaluation_short(data_dir):
     """Ctrl-C during an evaluation (200 batches take minutes on a CPU) stops at the next batch, saves the step without
     that evaluation, and the resumed run evaluates it; resuming a finished run says there is nothing to train."""
-    run_script("train.py", *ARGS, "--max_iters=5", "--eval_interval=5", "--out_dir=out", cwd=data_dir)
+    run_here("train.py", *ARGS, "--max_iters=5", "--eval_interval=5", "--out_dir=out", cwd=data_dir)
     cmd = [sys.executable, os.path.join(REPO, "train.py"), *ARGS, "--max_iters=20", "--eval_interval=5",
            "--out_dir=out", "--init_from=auto", "--eval_iters=10000000"]  # an evaluation of hours at step 10
     proc = subprocess.Popen(cmd, cwd=data_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -535,11 +535,11 @@ def test_ctrl_c_cuts_an_evaluation_short(data_dir):
     rest = proc.stdout.read()
     assert "step 10: evaluation abandoned to stop" in rest and "saved checkpoint out/ckpt.pt at step 10" in rest, rest
     assert "train loss" not in rest and "Traceback" not in rest
-    out = run_script("train.py", *ARGS, "--max_iters=10", "--eval_interval=5", "--out_dir=out", "--init_from=auto",
-                     cwd=data_dir).stdout
+    out = run_here("train.py", *ARGS, "--max_iters=10", "--eval_interval=5", "--out_dir=out", "--init_from=auto",
+                   cwd=data_dir).stdout
     assert "resumed from out/ckpt.pt at step 10" in out and "step 10: train loss" in out  # evaluated now
-    out = run_script("train.py", *ARGS, "--max_iters=10", "--eval_interval=5", "--out_dir=out", "--init_from=auto",
-                     cwd=data_dir).stdout
+    out = run_here("train.py", *ARGS, "--max_iters=10", "--eval_interval=5", "--out_dir=out", "--init_from=auto",
+                   cwd=data_dir).stdout
     assert "nothing to train: the checkpoint is at step 10 and max_iters is 10; raise --max_iters" in out
     assert "train loss" not in out  # step 10 was evaluated before this checkpoint
     assert out.rstrip().endswith("to train on")  # its last word: no compile or evaluation lines after it (a trial)
@@ -547,8 +547,8 @@ def test_ctrl_c_cuts_an_evaluation_short(data_dir):
 
 def test_max_runtime(data_dir):
     # the clock starts before the model is built: 3 s left no step on a busy machine
-    proc = run_script("train.py", *ARGS, "--max_iters=100000", "--eval_interval=100000", "--max_runtime=0:00:10",
-                      "--out_dir=out", cwd=data_dir, check=False)
+    proc = run_here("train.py", *ARGS, "--max_iters=100000", "--eval_interval=100000", "--max_runtime=0:00:10",
+                    "--out_dir=out", cwd=data_dir, check=False)
     assert proc.returncode == 3 and "stopping on max_runtime" in proc.stdout
     assert load_checkpoint(str(data_dir / "out"))["step"] > 0
 
@@ -703,8 +703,8 @@ def test_failed_checkpoint_write_stops_the_run(data_dir, async_save):
     """A checkpoint that cannot be written (here ckpt.pt is a folder) ends the run with one message, not silently,
     also when it is written in the background; no temporary file is left behind."""
     os.makedirs(data_dir / "out/ckpt.pt")
-    proc = run_script("train.py", *ARGS, "--max_iters=8", "--eval_interval=2", f"--async_save={async_save}",
-                      "--out_dir=out", cwd=data_dir, check=False)
+    proc = run_here("train.py", *ARGS, "--max_iters=8", "--eval_interval=2", f"--async_save={async_save}",
+                    "--out_dir=out", cwd=data_dir, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "error: could not write a checkpoint to out" in proc.stderr and "Traceback" not in proc.stderr
     assert sorted(os.listdir(data_dir / "out")) == ["ckpt.pt", "log.jsonl", "train.lock"]
@@ -714,9 +714,9 @@ def test_failed_background_write_stops_the_run_at_once(data_dir):
     """The only checkpoint (step 2; the learning rate is 0 afterwards, so val loss never improves again and nothing
     else is submitted) fails on the writer thread: the run stops soon after, not after max_iters steps."""
     os.makedirs(data_dir / "out/ckpt.pt")
-    proc = run_script("train.py", *ARGS, "--max_iters=300", "--eval_interval=2", "--warmup_iters=0",
-                      "--lr_decay_iters=2", "--min_lr=0", "--always_save_checkpoint=False", "--out_dir=out",
-                      cwd=data_dir, check=False)
+    proc = run_here("train.py", *ARGS, "--max_iters=300", "--eval_interval=2", "--warmup_iters=0",
+                    "--lr_decay_iters=2", "--min_lr=0", "--always_save_checkpoint=False", "--out_dir=out",
+                    cwd=data_dir, check=False)
     assert proc.returncode == 2 and "error: could not write a checkpoint to out" in proc.stderr, proc.stderr[-2000:]
     assert "saved checkpoint" not in proc.stdout
     assert max(r["step"] for r in log_records(data_dir / "out")) < 100
@@ -764,8 +764,8 @@ def small_disk(tmp_path):
 def test_full_disk_stops_the_run_with_a_message(data_dir, small_disk, async_save):
     """torch.save on a full disk raises a RuntimeError from its zip writer, not an OSError: the same message, and no
     temporary file left to fill the disk."""
-    proc = run_script("train.py", *ARGS, "--max_iters=8", "--eval_interval=2", f"--async_save={async_save}",
-                      f"--out_dir={small_disk}", cwd=data_dir, check=False)
+    proc = run_here("train.py", *ARGS, "--max_iters=8", "--eval_interval=2", f"--async_save={async_save}",
+                    f"--out_dir={small_disk}", cwd=data_dir, check=False)
     assert proc.returncode == 2 and f"error: could not write a checkpoint to {small_disk}" in proc.stderr, \
         proc.stderr[-2000:]
     assert "the disk is probably full (" in proc.stderr  # torch's own words say only "unexpected pos"
@@ -781,8 +781,8 @@ def test_full_disk_while_logging_stops_the_run_with_a_message(data_dir, small_di
                 f.write(b"\0" * 4096)
         except OSError:  # the disk is full
             pass
-    proc = run_script("train.py", *ARGS, "--max_iters=100", "--eval_interval=50", f"--out_dir={small_disk}",
-                      cwd=data_dir, check=False)
+    proc = run_here("train.py", *ARGS, "--max_iters=100", "--eval_interval=50", f"--out_dir={small_disk}",
+                    cwd=data_dir, check=False)
     assert proc.returncode == 2 and f"error: could not append to {small_disk}/log.jsonl" in proc.stderr, \
         proc.stderr[-2000:]
     assert "No space left on device" in proc.stderr and "Traceback" not in proc.stderr
@@ -796,8 +796,8 @@ def test_loss_plot_written(data_dir):
     earlier = '{"step": 1, "loss": 9.0}\n' * 3
     for path in ("out/log.jsonl", "out/log.1.jsonl"):
         (data_dir / path).write_text(earlier)
-    out = run_script("train.py", *ARGS, "--max_iters=4", "--eval_interval=2", "--plot=True", "--out_dir=out",
-                     cwd=data_dir).stdout
+    out = run_here("train.py", *ARGS, "--max_iters=4", "--eval_interval=2", "--plot=True", "--out_dir=out",
+                   cwd=data_dir).stdout
     png = data_dir / "out/loss.png"
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "note: out/log.jsonl of an earlier run that saved no checkpoint is kept as out/log.2.jsonl" in out

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import REPO, generated_text, run_script
+from conftest import REPO, generated_text, run_here, run_script
 from distributed import Launch
 from evaluate import strided_nll
 from model import GPT, GPTConfig
@@ -73,8 +73,8 @@ def test_strided_nll_by_hand():
 def test_perplexity_of_a_text_file(out_dir):  # noqa: F811
     text = "ROMEO:\nBut soft, what light through yonder window breaks?\n" * 3
     (out_dir / "verse.txt").write_text(text)
-    proc = run_script("evaluate.py", "--out_dir=out", "--text=verse.txt", "--stride=10", "--batch_size=3",
-                      "--device=cpu", cwd=out_dir)
+    proc = run_here("evaluate.py", "--out_dir=out", "--text=verse.txt", "--stride=10", "--batch_size=3",
+                    "--device=cpu", cwd=out_dir)
     result = evaluate_json(proc)
     ids = np.array([CHARS.index(c) for c in text])  # no end-of-text: scored from the second character
     nll, count = strided_nll(tiny_model(), ids, 32, 10, 4, "cpu", torch.autocast("cpu", enabled=False), SINGLE)
@@ -85,8 +85,8 @@ def test_perplexity_of_a_text_file(out_dir):  # noqa: F811
     assert f"perplexity {result['perplexity']:.3f}" in proc.stdout
     # a byte-order mark first is not text: the same score (as prepare.py drops it)
     (out_dir / "bom.txt").write_bytes(b"\xef\xbb\xbf" + text.encode())
-    proc = run_script("evaluate.py", "--out_dir=out", "--text=bom.txt", "--stride=10", "--batch_size=3",
-                      "--device=cpu", cwd=out_dir)
+    proc = run_here("evaluate.py", "--out_dir=out", "--text=bom.txt", "--stride=10", "--batch_size=3",
+                    "--device=cpu", cwd=out_dir)
     assert evaluate_json(proc) == {**result, "source": "bom.txt"}
 
 
@@ -104,16 +104,16 @@ def test_perplexity_of_documents(out_dir):  # noqa: F811
     docs = ["ROMEO:\nBut soft!", "JULIET:\nAy me.", "What light through yonder window breaks?"]
     rows = [{"text": docs[0]}, {"text": None}, {"text": docs[1]}, {"text": ""}, {"text": docs[2]}]
     (out_dir / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    proc = run_script("evaluate.py", "--out_dir=eot", "--text=docs.jsonl", "--stride=10", "--device=cpu",
-                      cwd=out_dir)
+    proc = run_here("evaluate.py", "--out_dir=eot", "--text=docs.jsonl", "--stride=10", "--device=cpu",
+                    cwd=out_dir)
     ids = np.array([i for doc in docs for i in [eot] + [CHARS.index(c) for c in doc]])
     nll, count = strided_nll(model, ids, 32, 10, 4, "cpu", torch.autocast("cpu", enabled=False), SINGLE)
     result = evaluate_json(proc)
     assert result["tokens"] == count == len(ids) - 1 and result["nll"] == pytest.approx(nll / count, rel=1e-5)
-    proc = run_script("evaluate.py", "--out_dir=eot", "--text=docs.jsonl", "--text_field=story", "--device=cpu",
-                      cwd=out_dir, check=False)
+    proc = run_here("evaluate.py", "--out_dir=eot", "--text=docs.jsonl", "--text_field=story", "--device=cpu",
+                    cwd=out_dir, check=False)
     assert proc.returncode == 2 and "docs.jsonl line 1: no 'story' field (it has: 'text')" in proc.stderr
-    proc = run_script("evaluate.py", "--out_dir=out", "--text=docs.jsonl", "--device=cpu", cwd=out_dir, check=False)
+    proc = run_here("evaluate.py", "--out_dir=out", "--text=docs.jsonl", "--device=cpu", cwd=out_dir, check=False)
     assert proc.returncode == 2 and "--text=docs.jsonl holds 3 documents, but this model's tokenizer has no " \
         "end-of-text token to put between them" in proc.stderr
 
@@ -124,8 +124,8 @@ def test_hellaswag_items_written_here(out_dir):  # noqa: F811
              {"ctx": "Good night", "endings": ["good night", "parting is", "such sweet sorrow", "!"], "label": 2},
              {"ctx": "A plague", "endings": ["o both your houses", "on it", "Tybalt"], "label": 0}]
     (out_dir / "hs.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
-    proc = run_script("evaluate.py", "--out_dir=out", "--task=hellaswag", "--source=hs.jsonl", "--batch_size=2",
-                      "--max_items=50", "--device=cpu", cwd=out_dir)
+    proc = run_here("evaluate.py", "--out_dir=out", "--task=hellaswag", "--source=hs.jsonl", "--batch_size=2",
+                    "--max_items=50", "--device=cpu", cwd=out_dir)
     # more items asked for than the file holds: all of them, said (a trial's --hellaswag_items=50 scored 3 quietly)
     assert "note: hs.jsonl holds 4 items, fewer than the 50 asked for: all of them are scored" in proc.stdout
     result = evaluate_json(proc)
@@ -192,8 +192,8 @@ def test_val_loss_is_the_number_train_py_reported(tmp_path, evaluation):
     with open(tmp_path / "out" / "log.jsonl") as f:
         reported = [json.loads(line) for line in f if "val_loss" in line][-1]
     assert reported["step"] == 10
-    result = evaluate_json(run_script("evaluate.py", "--out_dir=out", "--task=val_loss", "--device=cpu",
-                                      cwd=tmp_path))
+    result = evaluate_json(run_here("evaluate.py", "--out_dir=out", "--task=val_loss", "--device=cpu",
+                                    cwd=tmp_path))
     assert result["loss"] == pytest.approx(reported["val_loss"], abs=1e-6)
     assert result["step"] == 10  # which checkpoint was read: a run still training saves several (a trial)
     assert result["bits_per_byte"] == pytest.approx(reported["val_bpb"], abs=1e-6)
@@ -214,28 +214,28 @@ def test_val_loss_is_the_number_train_py_reported(tmp_path, evaluation):
         checkpoint = load_checkpoint(str(tmp_path / "out/ckpt.pt"))
         os.makedirs(tmp_path / "two")
         save_checkpoint(str(tmp_path / "two/ckpt.pt"), {**checkpoint, "rng": checkpoint["rng"] * 2})  # per rank
-        said = run_script("evaluate.py", "--out_dir=two", "--task=val_loss", "--device=cpu", cwd=tmp_path).stdout
+        said = run_here("evaluate.py", "--out_dir=two", "--task=val_loss", "--device=cpu", cwd=tmp_path).stdout
         assert "note: the run trained on 2 processes, each drawing its own evaluation batches; for the number its " \
             "log shows, run this on 2 (torchrun --standalone --nproc_per_node=2 evaluate.py ...)" in said
-        assert "note:" not in run_script("evaluate.py", "--out_dir=out", "--task=val_loss", "--device=cpu",
-                                         cwd=tmp_path).stdout
+        assert "note:" not in run_here("evaluate.py", "--out_dir=out", "--task=val_loss", "--device=cpu",
+                                       cwd=tmp_path).stdout
     if "--eval_tokens=5000" not in evaluation:  # its Hugging Face export: no training settings, windows of its context
-        run_script("export.py", "--out_dir=out", cwd=tmp_path)
-        hf = evaluate_json(run_script("evaluate.py", "--init_from=out-hf", "--task=val_loss", "--device=cpu",
-                                      "--dataset=shakespeare_char", cwd=tmp_path))
+        run_here("export.py", "--out_dir=out", cwd=tmp_path)
+        hf = evaluate_json(run_here("evaluate.py", "--init_from=out-hf", "--task=val_loss", "--device=cpu",
+                                    "--dataset=shakespeare_char", cwd=tmp_path))
         assert (hf["block_size"], hf["batch_size"], hf["eval_iters"]) == (32, 12, 200) and hf["step"] is None
         assert abs(hf["loss"] - result["loss"]) < 0.5  # the same weights, over other batches
 
     # and strided perplexity over the prepared split runs on the same data
-    ppl = evaluate_json(run_script("evaluate.py", "--out_dir=out", "--dataset=shakespeare_char",
-                                   "--block_size=32", "--stride=32", "--batch_size=64", "--device=cpu",
-                                   cwd=tmp_path))
+    ppl = evaluate_json(run_here("evaluate.py", "--out_dir=out", "--dataset=shakespeare_char",
+                                 "--block_size=32", "--stride=32", "--batch_size=64", "--device=cpu",
+                                 cwd=tmp_path))
     meta = json.loads((tmp_path / "data/shakespeare_char/meta.json").read_text())
     assert ppl["tokens"] == sum(s["tokens"] for s in meta["shards"]["val"]) - 1
     if "--eval_tokens=5000" in evaluation:  # the dataset prepared again under its name, from other text: said
         (tmp_path / "other.txt").write_text(text[::-1], encoding="utf-8")
         run_script("prepare.py", "shakespeare_char", "--source=other.txt", "--tokenizer=out", cwd=tmp_path)
-        said = run_script("evaluate.py", "--out_dir=out", "--task=val_loss", "--device=cpu", cwd=tmp_path).stdout
+        said = run_here("evaluate.py", "--out_dir=out", "--task=val_loss", "--device=cpu", cwd=tmp_path).stdout
         assert "note: data/shakespeare_char's val split is not the one the run was evaluated on (its shards' " \
             "digests differ: prepared again since?), so this loss is over other tokens than its log's" in said
 
@@ -244,7 +244,7 @@ def test_ranks_split_the_work(out_dir):  # noqa: F811
     """Two gloo processes under torchrun report what one process does."""
     (out_dir / "verse.txt").write_text("Parting is such sweet sorrow, that I shall say good night till it be morrow.\n" * 4)
     args = ["--out_dir=out", "--text=verse.txt", "--stride=8", "--batch_size=2", "--device=cpu"]
-    single = evaluate_json(run_script("evaluate.py", *args, cwd=out_dir))
+    single = evaluate_json(run_here("evaluate.py", *args, cwd=out_dir))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE"))}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            os.path.join(REPO, "evaluate.py"), *args], cwd=out_dir, env=env, capture_output=True,
@@ -296,7 +296,7 @@ def test_bad_input(out_dir, args, message):  # noqa: F811
     (out_dir / "hs/inf.jsonl").write_text(json.dumps(good).replace('"label": 0', '"label": 1e400'))
     (out_dir / "hs/no_ctx.jsonl").write_text(json.dumps({**good, "ctx": "", "endings": ["A", "B"]}))
     (out_dir / "hs/oov.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({**good, "endings": ["Ay", "\u2603"]}))
-    proc = run_script("evaluate.py", "--out_dir=out", "--device=cpu", *args, cwd=out_dir, check=False)
+    proc = run_here("evaluate.py", "--out_dir=out", "--device=cpu", *args, cwd=out_dir, check=False)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
     if "--batch_size=0" in args or "--stride=9" in args:  # every problem at once

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 
 from checkpoint import save_checkpoint
 from configurator import UserError, parse
-from conftest import generated_text, gpt2_bpe_available, run_script
+from conftest import generated_text, gpt2_bpe_available, run_here, run_script
 from hf import check_dataset_tokenizer, hf_tokenizer_meta, load_hf_gpt2, save_hf_gpt2
 from model import GPT, GPTConfig
 from tokendata import GPT2_META
@@ -151,9 +151,9 @@ def test_trained_model_exported_by_command_line(tmp_path):
     out = run_script("export.py", "--out_dir=out", "--hf_dir=hf", cwd=tmp_path)
     assert "zero biases for bias=False" in out.stdout
     # one checkpoint file of a run: exported beside the run (out-ckpt-hf), not into a folder inside it named ckpt.pt-hf
-    assert "wrote out-ckpt-hf:" in run_script("export.py", "--out_dir=out/ckpt.pt", cwd=tmp_path).stdout
+    assert "wrote out-ckpt-hf:" in run_here("export.py", "--out_dir=out/ckpt.pt", cwd=tmp_path).stdout
     # from inside the run: beside it too, by its name (not a hidden '.-hf' inside it)
-    assert f"wrote {tmp_path / 'out'}-hf:" in run_script("export.py", "--out_dir=.", cwd=tmp_path / "out").stdout
+    assert f"wrote {tmp_path / 'out'}-hf:" in run_here("export.py", "--out_dir=.", cwd=tmp_path / "out").stdout
     assert os.path.isfile(tmp_path / "out-hf" / "config.json") and not os.path.exists(tmp_path / "out" / ".-hf")
     modes = {os.stat(tmp_path / "hf" / name).st_mode & 0o777 for name in ("config.json", "model.safetensors")}
     assert len(modes) == 1, modes  # the weights as readable as the rest (safetensors alone writes 0600)
@@ -188,8 +188,8 @@ def test_trained_model_exported_by_command_line(tmp_path):
 
     # sample.py reads the folder with its own char tokenizer: the same text as from the checkpoint
     args = ["--start=ROMEO:", "--temperature=0", "--num_samples=1", "--max_new_tokens=20", "--device=cpu"]
-    from_hf = run_script("sample.py", "--init_from=hf", *args, cwd=tmp_path).stdout
-    from_checkpoint = run_script("sample.py", "--out_dir=out", *args, cwd=tmp_path).stdout
+    from_hf = run_here("sample.py", "--init_from=hf", *args, cwd=tmp_path).stdout
+    from_checkpoint = run_here("sample.py", "--out_dir=out", *args, cwd=tmp_path).stdout
     assert from_hf == from_checkpoint and from_hf.startswith("ROMEO:")
 
 
@@ -203,7 +203,7 @@ def test_nanogpt_gpt2_checkpoint_exports_the_real_vocabulary(tmp_path):
     state = {"_orig_mod." + k: v for k, v in model.state_dict().items()}
     os.makedirs(tmp_path / "nano")
     torch.save({"model": state, "model_args": args, "iter_num": 100, "config": {}}, tmp_path / "nano/ckpt.pt")
-    run_script("export.py", "--out_dir=nano", "--hf_dir=hf", cwd=tmp_path)
+    run_here("export.py", "--out_dir=nano", "--hf_dir=hf", cwd=tmp_path)
     hf_model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
     assert hf_model.config.vocab_size == 50257
     idx = torch.randint(0, 50257, (2, 16))
@@ -232,8 +232,8 @@ def test_padded_vocabulary_imports(tmp_path):
     assert model.config.vocab_size == n
     idx = torch.randint(0, n, (2, 16))
     assert (our_logits(model, idx) - hf_logits(hf, idx)[..., :n]).abs().max().item() < 1e-4
-    out = run_script("sample.py", "--init_from=padded", "--start=the", "--max_new_tokens=5", "--device=cpu",
-                     cwd=tmp_path)
+    out = run_here("sample.py", "--init_from=padded", "--start=the", "--max_new_tokens=5", "--device=cpu",
+                   cwd=tmp_path)
     assert out.stdout.startswith("the")
     for odd in (rows + 1, rows + 128):  # not a multiple of 64; more than padding
         random_hf_gpt2(vocab_size=odd).save_pretrained(tmp_path / "odd")
@@ -377,8 +377,8 @@ def test_export_in_half_precision(tmp_path):
     meta = {"tokenizer": CharTokenizer(chr(32 + i) for i in range(50)).meta(), "vocab_size": 50, "eot_id": None}
     checkpoint = {"model": model.state_dict(), "model_args": dataclasses.asdict(config), "meta": meta}
     save_checkpoint(str(tmp_path / "out" / "ckpt.pt"), checkpoint)
-    run_script("export.py", "--out_dir=out", "--hf_dir=hf32", cwd=tmp_path)
-    out = run_script("export.py", "--out_dir=out", "--hf_dir=hf16", "--dtype=bfloat16", cwd=tmp_path)
+    run_here("export.py", "--out_dir=out", "--hf_dir=hf32", cwd=tmp_path)
+    out = run_here("export.py", "--out_dir=out", "--hf_dir=hf16", "--dtype=bfloat16", cwd=tmp_path)
     assert "bfloat16 weights" in out.stdout
     from safetensors import safe_open
     with safe_open(str(tmp_path / "hf16" / "model.safetensors"), "pt") as f:
@@ -401,17 +401,17 @@ def test_export_in_half_precision(tmp_path):
         model.transformer.h[1].mlp.c_fc.weight[0, 0] = 1e6
     checkpoint["model"] = model.state_dict()
     save_checkpoint(str(tmp_path / "big" / "ckpt.pt"), checkpoint)
-    proc = run_script("export.py", "--out_dir=big", "--hf_dir=hf_big", "--dtype=float16", cwd=tmp_path, check=False)
+    proc = run_here("export.py", "--out_dir=big", "--hf_dir=hf_big", "--dtype=float16", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "transformer.h.1.mlp.c_fc.weight has weights too large for float16" in proc.stderr
     assert not (tmp_path / "hf_big").exists()
-    assert run_script("export.py", "--out_dir=big", "--hf_dir=hf_big", "--dtype=bfloat16", cwd=tmp_path).returncode == 0
+    assert run_here("export.py", "--out_dir=big", "--hf_dir=hf_big", "--dtype=bfloat16", cwd=tmp_path).returncode == 0
 
 
 def test_export_command_line_errors(tmp_path):
-    proc = run_script("export.py", "--out_dir=nowhere", cwd=tmp_path, check=False)
+    proc = run_here("export.py", "--out_dir=nowhere", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "no checkpoint at nowhere/ckpt.pt" in proc.stderr
     assert "Traceback" not in proc.stderr
-    proc = run_script("export.py", "--out_dir=nowhere", "--dtype=int8", cwd=tmp_path, check=False)
+    proc = run_here("export.py", "--out_dir=nowhere", "--dtype=int8", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "dtype='int8': expected one of float32, bfloat16, float16" in proc.stderr
 
 
@@ -435,9 +435,9 @@ def test_train_finetunes_from_hf_folder(tmp_path, shakespeare_path):
     hf_model = random_hf_gpt2(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257)
     hf_model.save_pretrained(tmp_path / "hf-tiny")
     run_script("prepare.py", "shakespeare", f"--source={shakespeare_path}", cwd=tmp_path)
-    out = run_script("train.py", "--dataset=shakespeare", "--init_from=hf-tiny", "--device=cpu", "--compile=False",
-                     "--block_size=32", "--batch_size=4", "--max_iters=4", "--eval_interval=4", "--eval_iters=2",
-                     "--warmup_iters=1", "--out_dir=out", "--plot=False", cwd=tmp_path)
+    out = run_here("train.py", "--dataset=shakespeare", "--init_from=hf-tiny", "--device=cpu", "--compile=False",
+                   "--block_size=32", "--batch_size=4", "--max_iters=4", "--eval_interval=4", "--eval_iters=2",
+                   "--warmup_iters=1", "--out_dir=out", "--plot=False", cwd=tmp_path)
     assert "initialised from hf-tiny" in out.stdout
     ckpt = torch.load(tmp_path / "out/ckpt.pt", weights_only=False)
     assert ckpt["model_args"]["n_layer"] == 2 and ckpt["model_args"]["block_size"] == 32

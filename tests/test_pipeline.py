@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import gpt2_bpe_available, run_script
+from conftest import gpt2_bpe_available, run_here, run_script
 
 TINY = ["--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=32",
         "--batch_size=8", "--dropout=0.0", "--eval_iters=5", "--log_interval=10", "--warmup_iters=5"]
@@ -87,7 +87,7 @@ def test_bpe_pipeline(tmp_path, shakespeare_path):
 def test_train_bad_input(tmp_path, args, message):
     (tmp_path / "a_run").mkdir()
     (tmp_path / "a_run/ckpt.pt").write_bytes(b"")
-    proc = run_script("train.py", "--device=cpu", *args, cwd=tmp_path, check=False)
+    proc = run_here("train.py", "--device=cpu", *args, cwd=tmp_path, check=False)
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -105,20 +105,20 @@ def test_nanogpt_finetuning_config_is_accepted(tmp_path):
     """nanoGPT's config/finetune_shakespeare.py as it is: learning_rate 3e-5 with decay_lr=False leaves min_lr (6e-5
     by default) unused, so it is no reason to refuse the run; with decay it is."""
     (tmp_path / "finetune.py").write_text("learning_rate = 3e-5\ndecay_lr = False\n")
-    proc = run_script("train.py", "finetune.py", "--device=cpu", "--dataset=nowhere", cwd=tmp_path, check=False)
+    proc = run_here("train.py", "finetune.py", "--device=cpu", "--dataset=nowhere", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "python prepare.py nowhere" in proc.stderr  # past validation, to the dataset
-    proc = run_script("train.py", "finetune.py", "--decay_lr=True", "--device=cpu", cwd=tmp_path, check=False)
+    proc = run_here("train.py", "finetune.py", "--decay_lr=True", "--device=cpu", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "min_lr=6e-05 is above learning_rate=3e-05" in proc.stderr
 
 
 def test_config_file_typo(tmp_path):
     (tmp_path / "my.py").write_text("learning_rat = 1e-3\n")
-    proc = run_script("train.py", "my.py", cwd=tmp_path, check=False)
+    proc = run_here("train.py", "my.py", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "unknown key 'learning_rat'" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_sample_without_checkpoint(tmp_path):
-    proc = run_script("sample.py", "--out_dir=nowhere", "--device=cpu", cwd=tmp_path, check=False)
+    proc = run_here("sample.py", "--out_dir=nowhere", "--device=cpu", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "no checkpoint at nowhere/ckpt.pt" in proc.stderr
 
 

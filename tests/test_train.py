@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from checkpoint import load_checkpoint, save_checkpoint, step_checkpoints
 from configurator import UserError
-from conftest import REPO, run_script
+from conftest import REPO, run_here, run_script
 from model import GPT, GPTConfig
 from test_checkpoint import ARGS, data_dir, log_records, train_here  # noqa: F401 (a fixture)
 
@@ -125,7 +125,7 @@ def test_damaged_dataset_refused_in_one_line(data_dir, damage):  # noqa: F811
     else:
         meta["tokenizer"]["chars"] = meta["tokenizer"]["chars"][:30]
         (folder / "meta.json").write_text(json.dumps(meta))
-    proc = run_script("train.py", *ARGS, "--max_iters=2", cwd=data_dir, check=False)
+    proc = run_here("train.py", *ARGS, "--max_iters=2", cwd=data_dir, check=False)
     message = {"unfinished": "is an unfinished preparation: it holds train_000000.bin but no meta.json",
                "no_header": "train_000000.bin: header magic 0",
                "id_outside_vocab": f"is id {meta['vocab_size']}, outside the vocabulary of {meta['vocab_size']}",
@@ -136,8 +136,8 @@ def test_damaged_dataset_refused_in_one_line(data_dir, damage):  # noqa: F811
         model_args = dict(n_layer=1, n_head=1, n_embd=8, block_size=16, vocab_size=meta["vocab_size"])
         save_checkpoint(str(data_dir / "model/ckpt.pt"), {"model": GPT(GPTConfig(**model_args)).state_dict(),
                                                           "model_args": model_args, "meta": meta})
-        proc = run_script("evaluate.py", "--out_dir=model", "--dataset=shakespeare_char", "--split=train",
-                          "--device=cpu", cwd=data_dir, check=False)
+        proc = run_here("evaluate.py", "--out_dir=model", "--dataset=shakespeare_char", "--split=train",
+                        "--device=cpu", cwd=data_dir, check=False)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
@@ -210,7 +210,7 @@ def test_earlier_run_is_never_overwritten(data_dir):  # noqa: F811
     --eval_only writes nothing there: no second record of the step in log.jsonl, the losses as JSON on stdout; it
     evaluates the checkpoint's model without its shape given again."""
     args = [*ARGS, "--max_iters=4", "--eval_interval=2", "--out_dir=out"]
-    run_script("train.py", *args, cwd=data_dir)
+    run_here("train.py", *args, cwd=data_dir)
     def files():  # train.lock names the last process to run there, refused or not
         return {name: (data_dir / "out" / name).read_bytes() for name in os.listdir(data_dir / "out")
                 if name != "train.lock"}
@@ -222,30 +222,30 @@ def test_earlier_run_is_never_overwritten(data_dir):  # noqa: F811
         return files() == before
 
     for init_from in ("scratch", "gpt2"):  # fine-tuning is a new run too (refused before any download)
-        proc = run_script("train.py", *args, f"--init_from={init_from}", cwd=data_dir, check=False)
+        proc = run_here("train.py", *args, f"--init_from={init_from}", cwd=data_dir, check=False)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert "error: out holds the checkpoints of an earlier run: continue it with --init_from=auto" in proc.stderr
         assert unchanged()
 
     shapeless = [a for a in args if not a.startswith(("--n_layer", "--n_head", "--n_embd", "--block_size"))]
-    proc = run_script("train.py", *shapeless, "--init_from=resume", "--eval_only=True", cwd=data_dir)  # its shape
+    proc = run_here("train.py", *shapeless, "--init_from=resume", "--eval_only=True", cwd=data_dir)  # its shape
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["step"] == 4 and unchanged()
     # no training's words for an evaluation: no length, nor eval_only among the changed settings (a trial)
     assert "resumed from out/ckpt.pt at step 4" in proc.stdout
     assert "length:" not in proc.stdout and "resuming with changed settings" not in proc.stdout
-    fresh = run_script("train.py", *args, "--eval_only=True", cwd=data_dir).stdout  # from scratch: it says so
+    fresh = run_here("train.py", *args, "--eval_only=True", cwd=data_dir).stdout  # from scratch: it says so
     assert "note: eval_only evaluates freshly initialised weights (init_from=scratch); --init_from=auto" in fresh
     with open(data_dir / "out/log.jsonl") as f:
         assert [r["val_loss"] for r in map(json.loads, f) if r["step"] == 4 and "val_loss" in r] == \
             [pytest.approx(result["val_loss"], abs=1e-6)]  # the same evaluation, logged once
 
     (data_dir / "out/ckpt.pt").unlink()  # only numbered checkpoints: the way back is named
-    proc = run_script("train.py", *args, cwd=data_dir, check=False)
+    proc = run_here("train.py", *args, cwd=data_dir, check=False)
     assert proc.returncode == 2 and "ln -f out/ckpt_00000004.pt out/ckpt.pt and --init_from=auto" in proc.stderr
     os.link(data_dir / "out/ckpt_00000004.pt", data_dir / "out/ckpt.pt")
-    out = run_script("train.py", *[a for a in args if a != "--max_iters=4"], "--max_iters=6", "--init_from=auto",
-                     cwd=data_dir).stdout
+    out = run_here("train.py", *[a for a in args if a != "--max_iters=4"], "--max_iters=6", "--init_from=auto",
+                   cwd=data_dir).stdout
     assert "resumed from out/ckpt.pt at step 4" in out and "step 6: train loss" in out
 
 
@@ -287,14 +287,14 @@ def test_stop_with_nothing_new_to_save(data_dir):  # noqa: F811
     """A stop before the first step (Ctrl-C while compiling, here a max_runtime already past) saves nothing, so the
     same command can start again; a stop right after resuming does not write the same checkpoint again."""
     args = [*ARGS, "--max_iters=8", "--eval_interval=4", "--out_dir=out"]
-    proc = run_script("train.py", *args, "--max_runtime=0.001", cwd=data_dir, check=False)
+    proc = run_here("train.py", *args, "--max_runtime=0.001", cwd=data_dir, check=False)
     assert proc.returncode == 3 and "stopping on max_runtime: nothing trained yet" in proc.stdout, proc.stderr
     assert ("exiting with code 3: nothing trained to resume; the same command starts anew (slurm/train.sbatch "
             "requeues itself, unless the job was cancelled)") in proc.stdout
     assert not os.path.exists(data_dir / "out/ckpt.pt")
-    run_script("train.py", *args, "--max_iters=4", cwd=data_dir)
+    run_here("train.py", *args, "--max_iters=4", cwd=data_dir)
     mtime = os.path.getmtime(data_dir / "out/ckpt.pt")
-    proc = run_script("train.py", *args, "--init_from=auto", "--max_runtime=0.001", cwd=data_dir, check=False)
+    proc = run_here("train.py", *args, "--init_from=auto", "--max_runtime=0.001", cwd=data_dir, check=False)
     assert proc.returncode == 3 and "stopping on max_runtime: saved already" in proc.stdout, proc.stderr
     assert os.path.getmtime(data_dir / "out/ckpt.pt") == mtime
 
@@ -310,8 +310,8 @@ def test_a_second_run_in_the_same_out_dir_is_refused(data_dir):  # noqa: F811
             if line.startswith("step 3 |"):
                 break
         for init_from in ("scratch", "auto"):
-            proc = run_script("train.py", *args, f"--init_from={init_from}", "--max_iters=5", cwd=data_dir,
-                              check=False)
+            proc = run_here("train.py", *args, f"--init_from={init_from}", "--max_iters=5", cwd=data_dir,
+                            check=False)
             assert proc.returncode == 2 and "error: another train.py is running in out (process " \
                 f"{first.pid} on" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         first.send_signal(signal.SIGTERM)
@@ -319,7 +319,7 @@ def test_a_second_run_in_the_same_out_dir_is_refused(data_dir):  # noqa: F811
         assert first.wait(timeout=60) == 3
     finally:
         first.kill()
-    out = run_script("train.py", *args, "--init_from=auto", "--max_iters=1", cwd=data_dir).stdout
+    out = run_here("train.py", *args, "--init_from=auto", "--max_iters=1", cwd=data_dir).stdout
     assert "resumed from out/ckpt.pt" in out
 
 
@@ -355,19 +355,19 @@ def test_hellaswag_at_each_evaluation(data_dir):  # noqa: F811
     named by its line, before any training."""
     from conftest import write_hellaswag
     path = write_hellaswag(data_dir / "data/hellaswag/hellaswag_val.jsonl")
-    run_script("train.py", *ARGS, "--max_iters=6", "--eval_interval=3", "--hellaswag=True", "--hellaswag_items=5",
-               "--out_dir=out", cwd=data_dir)
+    run_here("train.py", *ARGS, "--max_iters=6", "--eval_interval=3", "--hellaswag=True", "--hellaswag_items=5",
+             "--out_dir=out", cwd=data_dir)
     with open(data_dir / "out/log.jsonl") as f:
         evaluations = [r for r in map(json.loads, f) if "val_loss" in r]
     assert [r["step"] for r in evaluations] == [0, 3, 6] and all("hellaswag" in r for r in evaluations)
-    proc = run_script("evaluate.py", "--out_dir=out", "--task=hellaswag", f"--source={path}", "--max_items=5",
-                      "--device=cpu", "--batch_size=3", cwd=data_dir)
+    proc = run_here("evaluate.py", "--out_dir=out", "--task=hellaswag", f"--source={path}", "--max_items=5",
+                    "--device=cpu", "--batch_size=3", cwd=data_dir)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["items"] == 5 and result["acc_norm"] == pytest.approx(evaluations[-1]["hellaswag"])
 
     write_hellaswag(path, extra=[{"ctx": "ROMEO:", "endings": ["a snowman \u2603", "night"], "label": 1}])
-    proc = run_script("train.py", *ARGS, "--max_iters=6", "--hellaswag=True", "--out_dir=out2", cwd=data_dir,
-                      check=False)
+    proc = run_here("train.py", *ARGS, "--max_iters=6", "--hellaswag=True", "--out_dir=out2", cwd=data_dir,
+                    check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "hellaswag_val.jsonl:7: text has characters outside this model's" in proc.stderr, proc.stderr
     assert "step 1 |" not in proc.stdout and not (data_dir / "out2/ckpt.pt").exists()
@@ -379,24 +379,24 @@ def test_samples_at_evaluations(data_dir):  # noqa: F811
     a draw from the global random state would change the masks that follow). A prompt the tokenizer cannot write
     stops the run before any training."""
     args = [*ARGS, "--max_iters=6", "--eval_interval=3", "--dropout=0.1"]
-    proc = run_script("train.py", *args, "--sample_tokens=20", "--sample_start=ROMEO:", "--out_dir=out",
-                      cwd=data_dir)
+    proc = run_here("train.py", *args, "--sample_tokens=20", "--sample_start=ROMEO:", "--out_dir=out",
+                    cwd=data_dir)
     samples = [r for r in log_records(data_dir / "out") if "sample" in r]
     assert [r["step"] for r in samples] == [3, 6] and all(r["sample"].startswith("ROMEO:") for r in samples)
     assert f"step 6: sample\n{samples[-1]['sample']}\n---" in proc.stdout and "step 0: sample" not in proc.stdout
-    drawn = run_script("sample.py", "--out_dir=out", "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=20",
-                       "--device=cpu", cwd=data_dir).stdout
+    drawn = run_here("sample.py", "--out_dir=out", "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=20",
+                     "--device=cpu", cwd=data_dir).stdout
     assert drawn.split("\n---------------")[0] == samples[-1]["sample"]
 
-    run_script("train.py", *args, "--out_dir=plain", cwd=data_dir)
+    run_here("train.py", *args, "--out_dir=plain", cwd=data_dir)
     trained = [torch.load(data_dir / d / "ckpt.pt", weights_only=False)["model"] for d in ("out", "plain")]
     assert all(torch.equal(trained[0][k], trained[1][k]) for k in trained[1])
     losses = [[r for r in log_records(data_dir / d) if "loss" in r or "val_loss" in r] for d in ("out", "plain")]
     assert ([[r.get("loss"), r.get("val_loss")] for r in losses[0]] ==
             [[r.get("loss"), r.get("val_loss")] for r in losses[1]])
 
-    proc = run_script("train.py", *args, "--sample_tokens=20", "--sample_start=ROMEO#", "--out_dir=bad",
-                      cwd=data_dir, check=False)
+    proc = run_here("train.py", *args, "--sample_tokens=20", "--sample_start=ROMEO#", "--out_dir=bad",
+                    cwd=data_dir, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "--sample_start: text has characters outside this model's" in proc.stderr, proc.stderr
     assert "step 1 |" not in proc.stdout
@@ -439,8 +439,8 @@ def test_accumulation_steps_that_total_batch_size_overrides(data_dir, monkeypatc
     """total_batch_size decides the micro-steps: a gradient_accumulation_steps asked for on the command line beside it
     that disagrees is refused (it was silently ignored); one from a config file gets a note."""
     monkeypatch.chdir(data_dir)
-    proc = run_script("train.py", *ARGS, "--total_batch_size=256", "--gradient_accumulation_steps=8",
-                      "--max_iters=1", "--out_dir=refused", cwd=data_dir, check=False)
+    proc = run_here("train.py", *ARGS, "--total_batch_size=256", "--gradient_accumulation_steps=8",
+                    "--max_iters=1", "--out_dir=refused", cwd=data_dir, check=False)
     assert proc.returncode == 2 and ("gradient_accumulation_steps=8 (command line) is not used: "
                                      "total_batch_size=256 makes it 2; give --total_batch_size=0") in proc.stderr
     (data_dir / "recipe.py").write_text("gradient_accumulation_steps = 8\n")
@@ -543,16 +543,16 @@ def test_init_from_a_checkpoint_starts_a_new_run_from_its_weights(data_dir, monk
     assert "resumed from ft/ckpt.pt at step 4" in out
     monkeypatch.delenv("GPT_RESUME_RUN")
 
-    proc = run_script("train.py", *ARGS, "--block_size=64", "--max_iters=2", "--init_from=pre", "--out_dir=long",
-                      cwd=data_dir, check=False)
+    proc = run_here("train.py", *ARGS, "--block_size=64", "--max_iters=2", "--init_from=pre", "--out_dir=long",
+                    cwd=data_dir, check=False)
     assert proc.returncode == 2 and "block_size=64 exceeds pre's context of 32 tokens" in proc.stderr
-    proc = run_script("train.py", *ARGS, "--n_layer=3", "--max_iters=2", "--init_from=pre", "--out_dir=deeper",
-                      cwd=data_dir, check=False)
+    proc = run_here("train.py", *ARGS, "--n_layer=3", "--max_iters=2", "--init_from=pre", "--out_dir=deeper",
+                    cwd=data_dir, check=False)
     assert proc.returncode == 2 and "pre's weights fix the model's shape: --n_layer=3 (pre has 2)" in proc.stderr
     (data_dir / "digits.txt").write_text("0123456789 \n" * 2000)
     run_script("prepare.py", "digits", "--source=digits.txt", "--tokenizer=char", cwd=data_dir)
-    proc = run_script("train.py", *ARGS, "--dataset=digits", "--max_iters=2", "--init_from=pre", "--out_dir=out_digits",
-                      cwd=data_dir, check=False)
+    proc = run_here("train.py", *ARGS, "--dataset=digits", "--max_iters=2", "--init_from=pre", "--out_dir=out_digits",
+                    cwd=data_dir, check=False)
     assert proc.returncode == 2 and "pre reads a " in proc.stderr, proc.stderr
     assert "data/digits was tokenized with a 12-character vocabulary (12 ids); tokenize the text as the model reads, " \
            f"beside it: python prepare.py digits --tokenizer=pre --out_root=data-pre --source={data_dir}/digits.txt " \
@@ -563,15 +563,15 @@ def test_init_from_a_checkpoint_starts_a_new_run_from_its_weights(data_dir, monk
 def test_save_interval_saves_between_evaluations(data_dir):  # noqa: F811
     """--save_interval: checkpoints every N steps without an evaluation, besides those at evaluations, and one that
     resumes trains on as the uninterrupted run did."""
-    out = run_script("train.py", *ARGS, "--max_iters=7", "--eval_interval=1000", "--save_interval=3",
-                     "--keep_last_n=5", "--out_dir=out", cwd=data_dir).stdout
+    out = run_here("train.py", *ARGS, "--max_iters=7", "--eval_interval=1000", "--save_interval=3",
+                   "--keep_last_n=5", "--out_dir=out", cwd=data_dir).stdout
     assert "at step 3 (save_interval=3)" in out and "at step 6 (save_interval=3)" in out
     assert sorted(p.name for p in (data_dir / "out").glob("ckpt_*.pt")) == [f"ckpt_0000000{s}.pt" for s in (3, 6, 7)]
     assert [r["step"] for r in log_records(data_dir / "out") if "val_loss" in r] == [0, 7]  # no evaluation added
     os.makedirs(data_dir / "again")
     os.link(data_dir / "out/ckpt_00000003.pt", data_dir / "again/ckpt.pt")
-    run_script("train.py", *ARGS, "--max_iters=7", "--eval_interval=1000", "--init_from=resume", "--out_dir=again",
-               cwd=data_dir)
+    run_here("train.py", *ARGS, "--max_iters=7", "--eval_interval=1000", "--init_from=resume", "--out_dir=again",
+             cwd=data_dir)
     losses = [{r["step"]: r["loss"] for r in log_records(data_dir / d) if "loss" in r} for d in ("out", "again")]
     assert losses[1] == {s: losses[0][s] for s in range(4, 8)}
 
@@ -695,11 +695,11 @@ def test_best_model_kept_apart_from_the_latest(data_dir, monkeypatch, capsys):  
     assert "at step 60 (save_interval=5; the best val loss stays in best.pt)" in out
     note = ("note: out/ckpt.pt is the run's latest state; its best val loss is in out/best.pt "
             "(always_save_checkpoint=False): --init_from=out/best.pt for that one")
-    proc = run_script("sample.py", "--out_dir=out", "--device=cpu", "--max_new_tokens=5", "--num_samples=1",
-                      cwd=data_dir)
+    proc = run_here("sample.py", "--out_dir=out", "--device=cpu", "--max_new_tokens=5", "--num_samples=1",
+                    cwd=data_dir)
     assert note in proc.stderr
-    proc = run_script("sample.py", "--init_from=out/best.pt", "--device=cpu", "--max_new_tokens=5", "--num_samples=1",
-                      cwd=data_dir)
+    proc = run_here("sample.py", "--init_from=out/best.pt", "--device=cpu", "--max_new_tokens=5", "--num_samples=1",
+                    cwd=data_dir)
     assert "note:" not in proc.stderr
     # resumed with another batch size: the val loss is measured on other batches, and the best starts anew; the old
     # best stays, aside, not replaced by whatever the first new evaluation finds (an evaluation alone moves nothing)
@@ -737,8 +737,8 @@ def test_nanochat_architecture_trains_resumes_and_samples(data_dir, monkeypatch,
     assert "resumed from out/ckpt.pt at step 30" in out and "mlp = 'relu2'  <- the weights of out/ckpt.pt" in out
     with pytest.raises(UserError, match=r"mlp: checkpoint 'relu2', now 'gelu'"):
         train_here(capsys, *ARGS, "--mlp=gelu", "--max_iters=34", "--out_dir=out", "--init_from=resume")
-    proc = run_script("sample.py", "--out_dir=out", "--device=cpu", "--max_new_tokens=20", "--num_samples=1",
-                      cwd=data_dir)
+    proc = run_here("sample.py", "--out_dir=out", "--device=cpu", "--max_new_tokens=20", "--num_samples=1",
+                    cwd=data_dir)
     assert len(proc.stdout) > 20
     proc = run_script("export.py", "--out_dir=out", cwd=data_dir, check=False)
     assert proc.returncode == 2 and "GPT-2 cannot express this model (rope=True, qk_norm=True, mlp='relu2', " \
