@@ -423,11 +423,15 @@ def _fallback_hint(bad_path):
             (": train anew, in another --out_dir or with this one's checkpoints deleted" if resumed else ""))
 
 
-def model_from_checkpoint(checkpoint, **overrides):
-    """Rebuild the GPT a checkpoint holds (on CPU, in float32); `overrides` change GPTConfig fields such as dropout."""
+def model_from_checkpoint(checkpoint, where, **overrides):
+    """Rebuild the GPT a checkpoint (read from `where`) holds, on CPU, in float32; `overrides` change GPTConfig
+    fields such as dropout."""
     from model import GPT, GPTConfig
-    fields = GPTConfig.__dataclass_fields__
-    args = {k: v for k, v in checkpoint["model_args"].items() if k in fields}
+    args = dict(checkpoint["model_args"])
+    unknown = [f"{k}={v!r}" for k, v in args.items() if k not in GPTConfig.__dataclass_fields__]
+    if unknown:  # left out, the model would be another one, silently: a fork's checkpoint read by this code
+        raise CheckpointError(f"{where}'s model sets {', '.join(unknown)}, which this model.py does not know: it was "
+                              "trained by other code (a fork, or a later version of this toolkit); read it with that")
     args.update(overrides)
     model = GPT(GPTConfig(**args))
     state = dict(checkpoint["model"])

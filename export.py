@@ -51,7 +51,7 @@ def main(cfg, sources):
         hf_dir = named_folder(cfg.out_dir) + "-hf"
     checkpoint = load_checkpoint(cfg.out_dir)
     meta = checkpoint_meta(checkpoint, cfg.out_dir)
-    model = model_from_checkpoint(checkpoint)
+    model = model_from_checkpoint(checkpoint, cfg.out_dir)
     del checkpoint
     files = save_hf_gpt2(model, meta, hf_dir, cfg.dtype)
     c = model.config

@@ -29,7 +29,7 @@ import shutil
 import torch
 
 from configurator import UserError
-from model import GPT, GPTConfig, head_problems
+from model import GPT, GPT2_OPTIONS, GPTConfig, head_problems
 from tokendata import GPT2_META
 from tokenizer import EOT, BPETokenizer, bpe_json_problems, bytes_to_unicode, mismatch, spec_problems
 
@@ -52,12 +52,20 @@ EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 # ----------------------------------------------------------------------------------------------------------------
 # weights and config, both ways
 
-def _layout(config):
-    """{key: shape} of our state dict for `config` with biases: what a GPT-2 file holds, before the Conv1D
-    transposes and vocabulary cut. Built on the meta device, so it costs no memory even for gpt2-xl."""
-    with torch.device("meta"):
-        model = GPT(dataclasses.replace(config, bias=True))
-    return {key: value.shape for key, value in model.state_dict().items()}
+def gpt2_layout(config):
+    """{key: shape} of the tensors of a GPT-2 of config's size, with biases, in our state dict's names and shapes:
+    what a GPT-2 file holds, before the Conv1D transposes and the vocabulary cut. Written out from GPT-2's
+    definition, not taken from model.py: a weight that a changed model.py adds, reshapes or lacks is seen, not
+    exported as GPT-2's."""
+    n, rows = config.n_embd, config.padded_vocab_size
+    block = {"ln_1.weight": (n,), "ln_1.bias": (n,), "attn.c_attn.weight": (3 * n, n), "attn.c_attn.bias": (3 * n,),
+             "attn.c_proj.weight": (n, n), "attn.c_proj.bias": (n,), "ln_2.weight": (n,), "ln_2.bias": (n,),
+             "mlp.c_fc.weight": (4 * n, n), "mlp.c_fc.bias": (4 * n,), "mlp.c_proj.weight": (n, 4 * n),
+             "mlp.c_proj.bias": (n,)}
+    layout = {"transformer.wte.weight": (rows, n), "transformer.wpe.weight": (config.block_size, n),
+              **{f"transformer.h.{i}.{key}": shape for i in range(config.n_layer) for key, shape in block.items()},
+              "transformer.ln_f.weight": (n,), "transformer.ln_f.bias": (n,), "lm_head.weight": (rows, n)}
+    return {key: torch.Size(shape) for key, shape in layout.items()}
 
 
 def to_hf_state_dict(model, dtype="float32"):
@@ -65,14 +73,19 @@ def to_hf_state_dict(model, dtype="float32"):
     rows, zero biases where ours has none, no lm_head (tied). UserError when the model has something GPT-2 cannot
     express, or a weight too large for dtype."""
     cfg = model.config
+    # an option GPT-2 lacks at GPT-2's value; a field this file does not know (a fork's) at its default, its off
     unknown = [f"{f.name}={getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)
-               if f.name not in GPT2_FIELDS and getattr(cfg, f.name) != f.default]
+               if f.name not in GPT2_FIELDS and getattr(cfg, f.name) != GPT2_OPTIONS.get(f.name, f.default)]
     state = model.state_dict()
-    layout = _layout(cfg)
+    layout = gpt2_layout(cfg)
     extra = sorted(set(state) - set(layout))
-    if unknown or extra:
-        raise UserError(f"GPT-2 cannot express this model ({', '.join(unknown + extra[:5])}): transformers' "
-                        "GPT2LMHeadModel has no such option or weights, so there is no faithful export")
+    missing = sorted(k for k in set(layout) - set(state) if cfg.bias or not k.endswith(".bias"))
+    reshaped = [f"{k} of shape {tuple(state[k].shape)}, not {tuple(layout[k])}" for k in state
+                if k in layout and state[k].shape != layout[k]]
+    found = unknown or extra[:5] + [f"no {k}" for k in missing[:5]] + reshaped[:5]  # an option's weights follow it
+    if found:
+        raise UserError(f"GPT-2 cannot express this model ({', '.join(found)}): transformers' GPT2LMHeadModel has no "
+                        "such option or weights, so there is no faithful export")
     hf = {}
     for key, shape in layout.items():
         if key == "lm_head.weight":
@@ -100,7 +113,7 @@ def from_hf_state_dict(hf_state, config, where="the weights"):
     if lm_head is not None and wte is not None and not torch.equal(lm_head, wte):
         raise UserError(f"{where}: lm_head differs from the token embedding (untied); this GPT ties them, "
                         "as GPT-2 does, and cannot load an untied model")
-    layout = _layout(config)
+    layout = gpt2_layout(config)
     missing = sorted(set(layout) - set(state) - {"lm_head.weight"})
     extra = sorted(set(state) - set(layout))
     if missing or extra:

@@ -44,7 +44,7 @@ def load_model(init_from, out_dir, device):
     if init_from == "resume" or is_checkpoint(init_from):
         where = model_name(init_from, out_dir)
         checkpoint = load_checkpoint(where)
-        model = model_from_checkpoint(checkpoint, dropout=0.0)
+        model = model_from_checkpoint(checkpoint, where, dropout=0.0)
         meta, train_config = checkpoint_meta(checkpoint, where), checkpoint.get("config")
         if train_config is not None:
             told = {"processes": len(checkpoint.get("rng") or []) or None,

@@ -57,8 +57,7 @@ class GPTConfig:
 
     def departures(self):
         """{option: value} of the ARCH_OPTIONS this model sets otherwise than GPT-2 has them."""
-        return {name: getattr(self, name) for name in ARCH_OPTIONS
-                if getattr(self, name) != self.__dataclass_fields__[name].default}
+        return {name: getattr(self, name) for name, gpt2 in GPT2_OPTIONS.items() if getattr(self, name) != gpt2}
 
     @property
     def padded_vocab_size(self):
@@ -70,8 +69,11 @@ class GPTConfig:
 
 MLP_KINDS = ("gelu", "relu2")
 NORMS = ("layernorm", "rmsnorm")
-# the GPTConfig fields GPT-2 does not have: at their defaults the model is GPT-2's
-ARCH_OPTIONS = ("rope", "qk_norm", "mlp", "tie_embeddings", "n_kv_head", "norm", "logit_softcap", "embed_norm")
+# the GPTConfig fields GPT-2 does not have, at GPT-2's values: a model with all of them so is GPT-2's. Written out, not
+# taken from the defaults, which a fork may change (export would then write a model GPT-2 does not compute)
+GPT2_OPTIONS = {"rope": False, "qk_norm": False, "mlp": "gelu", "tie_embeddings": True, "n_kv_head": 0,
+                "norm": "layernorm", "logit_softcap": 0.0, "embed_norm": False}
+ARCH_OPTIONS = tuple(GPT2_OPTIONS)
 
 
 def head_problems(n_embd, n_head, rope=False, n_kv_head=0):

@@ -45,7 +45,7 @@ from generate import TEMPERATURE, TOP_K, Stop, generate
 from hf import GPT2_NAMES, check_dataset_tokenizer, fit_context, load_hf_gpt2, pretrained_config
 from inference import prompt_ids, read_prompt
 from lock import FolderLock
-from model import ARCH_OPTIONS, MLP_KINDS, NORMS, GPT, GPTConfig, head_problems, peak_flops_for
+from model import MLP_KINDS, NORMS, GPT, GPTConfig, head_problems, peak_flops_for
 from tokendata import SAMPLERS, BatchSampler, Dataset, EpochSampler, dataset_dir, first_tokens, window_batch, windows
 from tokenizer import mismatch, tokenizer_from_meta
 
@@ -88,24 +88,24 @@ class TrainConfig:
     dataset: str = "openwebtext"  # a folder under data_root (or a path to a prepared dataset)
     data_root: str = "data"
     batch_size: int = 12  # sequences per micro-step per process
-    block_size: int = 1024  # tokens per sequence
+    block_size: int = GPTConfig.block_size  # tokens per sequence
     total_batch_size: int = 0  # tokens per optimizer step over all processes; 0: use gradient_accumulation_steps
     gradient_accumulation_steps: int = 1  # micro-steps per optimizer step, summed over all processes (as nanoGPT)
     data_order: str = "random"  # 'random': windows at random places, with replacement (nanoGPT's); 'epochs': every block_size window of the train split once per epoch, shuffled anew each epoch (llm.c's and build-nanogpt's one pass); 'one_batch': the same batch every step, a debugging check (the loss should fall close to 0)
     # model
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0  # 0 for pretraining, try 0.1+ for fine-tuning
-    bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2
-    rope: bool = False  # rotary position embeddings (as LLaMA, nanochat) instead of GPT-2's learned position table; such a model cannot be exported to Hugging Face GPT-2
-    qk_norm: bool = False  # RMS-normalise each head's queries and keys (nanochat, modded-nanogpt): bounded attention logits; not exportable to GPT-2
-    mlp: str = "gelu"  # the MLP's nonlinearity: 'gelu' (GPT-2's) or 'relu2' (ReLU squared: Primer, nanochat); relu2 is not exportable to GPT-2
-    tie_embeddings: bool = True  # the output layer is the token embedding matrix, as GPT-2; False: its own (nanochat), which the parameter count then leaves out like the position table; not exportable to GPT-2
-    n_kv_head: int = 0  # heads of keys and values, each shared by n_head/n_kv_head query heads (grouped-query attention; 1: multi-query): a smaller KV cache for sampling; 0 (or n_head itself, which becomes 0): n_head, as GPT-2; fewer is not exportable to GPT-2
-    norm: str = "layernorm"  # 'layernorm' (GPT-2's) or 'rmsnorm' (RMSNorm with no learned gain: nanochat, modded-nanogpt); rmsnorm is not exportable to GPT-2
-    logit_softcap: float = 0.0  # > 0: soft-cap the logits at this value, c·tanh(logits/c) (Gemma 2; nanochat uses 15); 0: off, as GPT-2; not exportable to GPT-2
-    embed_norm: bool = False  # normalise the input embeddings (with `norm`) before the first block, as nanochat; not exportable to GPT-2
+    n_layer: int = GPTConfig.n_layer
+    n_head: int = GPTConfig.n_head
+    n_embd: int = GPTConfig.n_embd
+    dropout: float = GPTConfig.dropout  # 0 for pretraining, try 0.1+ for fine-tuning
+    bias: bool = GPTConfig.bias  # biases in Linear and LayerNorm layers, as GPT-2
+    rope: bool = GPTConfig.rope  # rotary position embeddings (as LLaMA, nanochat) instead of GPT-2's learned position table; such a model cannot be exported to Hugging Face GPT-2
+    qk_norm: bool = GPTConfig.qk_norm  # RMS-normalise each head's queries and keys (nanochat, modded-nanogpt): bounded attention logits; not exportable to GPT-2
+    mlp: str = GPTConfig.mlp  # the MLP's nonlinearity: 'gelu' (GPT-2's) or 'relu2' (ReLU squared: Primer, nanochat); relu2 is not exportable to GPT-2
+    tie_embeddings: bool = GPTConfig.tie_embeddings  # the output layer is the token embedding matrix, as GPT-2; False: its own (nanochat), which the parameter count then leaves out like the position table; not exportable to GPT-2
+    n_kv_head: int = GPTConfig.n_kv_head  # heads of keys and values, each shared by n_head/n_kv_head query heads (grouped-query attention; 1: multi-query): a smaller KV cache for sampling; 0 (or n_head itself, which becomes 0): n_head, as GPT-2; fewer is not exportable to GPT-2
+    norm: str = GPTConfig.norm  # 'layernorm' (GPT-2's) or 'rmsnorm' (RMSNorm with no learned gain: nanochat, modded-nanogpt); rmsnorm is not exportable to GPT-2
+    logit_softcap: float = GPTConfig.logit_softcap  # > 0: soft-cap the logits at this value, c·tanh(logits/c) (Gemma 2; nanochat uses 15); 0: off, as GPT-2; not exportable to GPT-2
+    embed_norm: bool = GPTConfig.embed_norm  # normalise the input embeddings (with `norm`) before the first block, as nanochat; not exportable to GPT-2
     # optimizer
     optimizer: str = "adamw"  # 'adamw', or 'muon': Muon (torch.optim.Muon) for the blocks' weight matrices and AdamW for embeddings, gains and biases, at the same learning_rate and weight_decay (Muon's updates are scaled to AdamW's size)
     learning_rate: float = 6e-4  # peak learning rate
@@ -140,8 +140,15 @@ class TrainConfig:
             self.n_kv_head = 0
 
 
+# the model's settings: every GPTConfig field but the vocabulary's size, which the dataset gives. Each is a TrainConfig
+# field of the same name (and default), which model_config passes on: a field added to GPTConfig alone would be
+# neither settable nor saved
+MODEL_KEYS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size")
+if set(MODEL_KEYS) - set(TrainConfig.__dataclass_fields__):  # a fork's new field: settable once it is here too
+    raise TypeError(f"model.py's GPTConfig fields {sorted(set(MODEL_KEYS) - set(TrainConfig.__dataclass_fields__))} "
+                    "need a field each, of the same name, in train.py's TrainConfig")
 # what must match between a checkpoint and the run that resumes it; everything else may change (and is reported)
-SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", *ARCH_OPTIONS)
+SHAPE_KEYS = tuple(k for k in MODEL_KEYS if k != "dropout")
 LR_SCHEDULES = ("cosine", "linear", "wsd")
 SCHEDULE_KEYS = ("learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "lr_schedule", "cooldown_frac")
 DATA_ORDERS = {"random": "windows drawn at random, with replacement", "epochs": "each window once per epoch, shuffled",
@@ -234,9 +241,7 @@ def validate(cfg):
 
 def model_config(cfg, vocab_size):
     """The GPTConfig of a model trained from scratch with these settings."""
-    return GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                     bias=cfg.bias, vocab_size=vocab_size, dropout=cfg.dropout,
-                     **{k: getattr(cfg, k) for k in ARCH_OPTIONS})
+    return GPTConfig(vocab_size=vocab_size, **{k: getattr(cfg, k) for k in MODEL_KEYS})
 
 
 # set by slurm/train.sbatch: a run whose out_dir holds its checkpoint resumes it, whatever --init_from says
@@ -1119,9 +1124,9 @@ def train(cfg, sources, launch, device, stop, kernels_note, lock):
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     if checkpoint is not None:
-        model = model_from_checkpoint(checkpoint, dropout=cfg.dropout)
+        model = model_from_checkpoint(checkpoint, ckpt_path, dropout=cfg.dropout)
     elif start_from is not None:
-        model = model_from_checkpoint(start_from, dropout=cfg.dropout)
+        model = model_from_checkpoint(start_from, pretrained, dropout=cfg.dropout)
         trained_at = model.config.block_size
         fit_context(model, cfg.block_size, pretrained)
         if cfg.block_size > trained_at:  # a rope model's

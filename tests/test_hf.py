@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 from checkpoint import save_checkpoint
 from configurator import UserError, parse
 from conftest import generated_text, gpt2_bpe_available, run_here, run_script
-from hf import check_dataset_tokenizer, hf_tokenizer_meta, load_hf_gpt2, save_hf_gpt2
+from hf import check_dataset_tokenizer, hf_tokenizer_meta, load_hf_gpt2, save_hf_gpt2, to_hf_state_dict
 from model import GPT, GPTConfig
 from tokendata import GPT2_META
 from tokenizer import CharTokenizer, TiktokenTokenizer
@@ -365,6 +365,32 @@ def test_export_refuses_what_gpt2_cannot_express():
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20, rope=True))
     with pytest.raises(UserError, match="GPT-2 cannot express this model \\(rope=True\\)"):
         save_hf_gpt2(model, GPT2_META, "never-written")
+    assert not os.path.exists("never-written")
+
+
+def test_export_checks_gpt2_not_this_model_py(monkeypatch):
+    """What GPT-2 is comes from GPT-2, not from model.py, which a researcher's fork changes (trial): a weight a
+    changed block adds, or one it reshapes, is refused, where the layout made from model.py itself took it in and
+    transformers dropped it; and a default changed to relu2 does not make GPT-2's GELU a departure, nor relu2 GPT-2."""
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=20)
+    model = GPT(config)
+    model.transformer.h[1].res_gain = torch.nn.Parameter(torch.ones(1))  # a fork's new weight
+    with pytest.raises(UserError, match=r"GPT-2 cannot express this model \(transformer\.h\.1\.res_gain\)"):
+        save_hf_gpt2(model, GPT2_META, "never-written")
+    model = GPT(config)
+    model.transformer.h[0].mlp.c_fc = torch.nn.Linear(16, 32)  # a fork's narrower MLP, no field saying so
+    model.transformer.h[0].mlp.c_proj = torch.nn.Linear(32, 16)
+    with pytest.raises(UserError, match=r"transformer\.h\.0\.mlp\.c_fc\.weight of shape \(32, 16\), not \(64, 16\)"):
+        save_hf_gpt2(model, GPT2_META, "never-written")
+    del model.transformer.h[0].ln_2  # a fork's block without its second norm
+    with pytest.raises(UserError, match=r"no transformer\.h\.0\.ln_2\.bias, no transformer\.h\.0\.ln_2\.weight"):
+        save_hf_gpt2(model, GPT2_META, "never-written")
+    monkeypatch.setattr(GPTConfig.__dataclass_fields__["mlp"], "default", "relu2")
+    assert GPT(config).config.departures() == {}
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=16, n_positions=8, vocab_size=20)).state_dict()
+    assert set(to_hf_state_dict(GPT(config))) == set(gpt2) - {"lm_head.weight"}  # written tied
+    with pytest.raises(UserError, match=r"cannot express this model \(mlp='relu2'\)"):
+        to_hf_state_dict(GPT(dataclasses.replace(config, mlp="relu2")))
     assert not os.path.exists("never-written")
 
 

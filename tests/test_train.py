@@ -189,6 +189,44 @@ def test_resume_checks_the_shape_the_model_has():
         check_resume(checkpoint, TrainConfig(rope=True), {"tokenizer": char}, said.append)
 
 
+def test_model_settings_are_gptconfigs_own():
+    """Every model setting reaches the model, with GPTConfig's default: a researcher's new GPTConfig field (trial)
+    was taken on the command line and saved in the config, but not passed to the model, and a default changed in
+    model.py was undone by train.py's copy of it."""
+    from dataclasses import fields
+
+    from train import MODEL_KEYS, SHAPE_KEYS, TrainConfig, model_config
+    assert set(MODEL_KEYS) == {f.name for f in fields(GPTConfig)} - {"vocab_size"} and "dropout" not in SHAPE_KEYS
+    defaults = TrainConfig()
+    assert all(getattr(defaults, f.name) == f.default for f in fields(GPTConfig) if f.name in MODEL_KEYS)
+    others = {"block_size": 64, "n_layer": 3, "n_head": 4, "n_embd": 64, "dropout": 0.1, "bias": False, "rope": True,
+              "qk_norm": True, "mlp": "relu2", "tie_embeddings": False, "n_kv_head": 2, "norm": "rmsnorm",
+              "logit_softcap": 15.0, "embed_norm": True}
+    assert set(others) == set(MODEL_KEYS)  # a new field: give it a value other than its default here
+    config = model_config(TrainConfig(**others), vocab_size=70)
+    assert {k: getattr(config, k) for k in MODEL_KEYS} == others and config.vocab_size == 70
+
+
+def test_a_checkpoint_of_another_model_py_is_refused(data_dir, monkeypatch, capsys):  # noqa: F811
+    """A checkpoint whose model sets a field this model.py does not know (a fork's, trained on a branch) was read as
+    another model, its setting dropped: resumed, sampled, evaluated and exported without a word (trial). Each script
+    refuses it now, naming the setting."""
+    monkeypatch.chdir(data_dir)
+    train_here(capsys, *ARGS, "--max_iters=2", "--eval_interval=2", "--out_dir=out")
+    checkpoint = load_checkpoint("out/ckpt.pt")
+    save_checkpoint("out/ckpt.pt", {**checkpoint, "model_args": {**checkpoint["model_args"], "parallel_block": True}})
+    for script, *args in (("train.py", *ARGS, "--max_iters=4", "--out_dir=out", "--init_from=auto"),
+                          ("train.py", *ARGS, "--max_iters=4", "--out_dir=new", "--init_from=out"),
+                          ("sample.py", "--out_dir=out", "--device=cpu", "--max_new_tokens=2", "--num_samples=1"),
+                          ("evaluate.py", "--out_dir=out", "--task=val_loss", "--device=cpu"),
+                          ("export.py", "--out_dir=out")):
+        proc = run_here(script, *args, cwd=data_dir, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (script, proc.stderr[-2000:])
+        assert "'s model sets parallel_block=True, which this model.py does not know: it was trained by other code" \
+            in proc.stderr, (script, proc.stderr)
+    assert not os.path.exists("new") and not os.path.exists("out-hf")
+
+
 def test_failed_plot_leaves_no_half_written_file(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     from matplotlib.figure import Figure
@@ -479,7 +517,7 @@ def test_shape_from_weights():
     cfg, sources = shape_from_weights(TrainConfig(n_layer=6, n_head=4, block_size=256, rope=True),
                                       {**recipe, "rope": "config/x.py"}, model_args, "pre", notes.append)
     assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.bias, cfg.rope) == (2, 4, 64, 64, False, False)
-    assert notes == ["note: the model's shape comes from pre: n_layer=2, not 6 (config/x.py), block_size=64, not 256 "
+    assert notes == ["note: the model's shape comes from pre: block_size=64, not 256 (config/x.py), n_layer=2, not 6 "
                      "(config/x.py), rope=False, not True (config/x.py)"]  # the recipe's own model, continued
     assert sources["n_embd"] == sources["block_size"] == "the weights of pre"
     assert shape_from_weights(TrainConfig(), {}, model_args, "pre", notes.append)[0].block_size == 64
