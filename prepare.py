@@ -946,9 +946,9 @@ class ShardWriter:
         self.n = 0
 
 
-def shard_intact(work_dir, shard, dtype):
-    """Whether a shard a previous run finished is still exactly what it wrote (header, size and checksum)."""
-    path = os.path.join(work_dir, shard["file"])
+def shard_intact(folder, shard, dtype):
+    """Whether a shard a previous run finished is in `folder`, exactly what it wrote (header, size and checksum)."""
+    path = os.path.join(folder, shard["file"])
     try:
         file_dtype, count, offset = read_header(path)
     except TokenFileError:
@@ -1041,11 +1041,11 @@ HALF_WRITTEN = r".*\.tmp\d*"  # a file a killed run was writing under its tempor
 OUTPUTS = r"(train|val|test)_\d{6}\.bin|meta\.json|resume\.json|resume-.*\.part|" + HALF_WRITTEN
 
 
-def clear_outputs(folder, pattern=OUTPUTS):
-    """Remove the files whose names match pattern: by default what earlier preparations wrote here (shards,
-    meta.json, resume state); downloads stay."""
+def clear_outputs(folder, pattern=OUTPUTS, keep=()):
+    """Remove the files whose names match pattern, but those in `keep`: by default what earlier preparations wrote
+    here (shards, meta.json, resume state); downloads stay."""
     for name in os.listdir(folder):
-        if re.fullmatch(pattern, name):
+        if re.fullmatch(pattern, name) and name not in keep:
             os.remove(os.path.join(folder, name))
 
 
@@ -1069,13 +1069,35 @@ def discard(work_dir):
 def publish(work_dir, out_dir, meta):
     """Move the finished dataset from work_dir into out_dir, over the one there. The old meta.json goes first and the
     new one comes last, so a folder with a meta.json always holds the dataset it describes: a kill in between leaves
-    shards without one, which train.py refuses, and running the command again prepares it again."""
+    shards without one, which train.py refuses, and the same command finishes the move (moved_in_part). A shard no
+    longer in work_dir is one such a killed move put into out_dir already, as moved_in_part has checked."""
+    shards = sorted(s["file"] for split in meta["shards"].values() for s in split)
+    moved = {name for name in shards if not os.path.exists(os.path.join(work_dir, name))}
     clear_outputs(out_dir, r"meta\.json")
-    clear_outputs(out_dir)  # the old dataset's shards, and any resume state an older prepare.py left here
-    for name in sorted(s["file"] for shards in meta["shards"].values() for s in shards):
-        os.replace(os.path.join(work_dir, name), os.path.join(out_dir, name))
+    clear_outputs(out_dir, keep=moved)  # the old dataset's shards, and any resume state an older prepare.py left here
+    for name in shards:
+        if name not in moved:
+            os.replace(os.path.join(work_dir, name), os.path.join(out_dir, name))
     os.replace(os.path.join(work_dir, "meta.json"), os.path.join(out_dir, "meta.json"))
     discard(work_dir)
+
+
+def moved_in_part(work_dir, out_dir, fp):
+    """The meta of the dataset a killed run of this same preparation (fp, as its resume.json has it) had finished and
+    was moving into out_dir, if each of its shards is intact in one folder or the other; else None. (A trial's kill
+    in that moment cost the whole tokenization, done again.)"""
+    try:
+        with open(os.path.join(work_dir, "meta.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+        with open(os.path.join(work_dir, "resume.json"), encoding="utf-8") as f:
+            if json.load(f).get("fingerprint") != json.loads(json.dumps(fp)):
+                return None
+        dtype = np.dtype(meta["token_dtype"])
+        shards = [s for split in meta["shards"].values() for s in split]
+        intact = all(shard_intact(work_dir, s, dtype) or shard_intact(out_dir, s, dtype) for s in shards)
+        return meta if intact else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none there, or not what this run writes
+        return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1239,6 +1261,12 @@ def prepare(cfg, recipe, out_dir, work_dir, val_fraction, tokenizer_name, num_pr
     docs = functools.partial(document_stream, cfg, recipe, val_fraction)  # read twice for a char vocabulary or BPE
 
     fp = fingerprint(cfg, recipe, val_fraction)
+    meta = moved_in_part(work_dir, out_dir, fp)
+    if meta is not None:
+        publish(work_dir, out_dir, meta)
+        print(f"wrote {out_dir}: the dataset a killed run of this command had prepared, moved into place (nothing to "
+              "tokenize again)")
+        return
     tokenizer, writers, skip, stream = start_or_resume(cfg, work_dir, fp, tokenizer_name, docs, num_proc)
     dtype = writers["train"].dtype
     save = lambda next_piece: save_resume_state(work_dir, fp, tokenizer, dtype, next_piece, writers)  # noqa: E731

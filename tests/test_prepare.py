@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, gpt2_bpe_available, run_script
+from conftest import REPO, generated_text, gpt2_bpe_available, run_script
 from tokendata import read_tokens
 
 needs_bpe = pytest.mark.skipif(not gpt2_bpe_available(), reason="GPT-2 BPE files not available offline")
@@ -408,6 +408,48 @@ def test_resume_after_kill_gives_same_bytes(tmp_path, sig, tokenizer, kill_sourc
     assert (tmp_path / "data/docs/meta.json").read_text() == (clean / "docs/meta.json").read_text()
     assert {f: os.path.getmtime(tmp_path / "data/docs" / f) for f in kept_mtimes} == kept_mtimes  # not rewritten
     assert not [p for p in os.listdir(tmp_path / "data/docs") if "resume" in p or ".tmp" in p or "unfinished" in p]
+
+
+# prepare.py, killed (SIGKILL: no handler runs) as it moves the Nth file into data/<name>/ itself
+KILLED_AT_MOVE = """
+import os, runpy, signal, sys
+n, out_dir, replace, moves = int(sys.argv[1]), os.path.abspath(sys.argv[2]), os.replace, [0]
+def killing_replace(src, dst, *args, **kwargs):
+    if os.path.dirname(os.path.abspath(dst)) == out_dir:
+        moves[0] += 1
+        if moves[0] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return replace(src, dst, *args, **kwargs)
+os.replace = killing_replace
+sys.argv = sys.argv[3:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))  # as `python prepare.py` has it
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("earlier", [False, True])
+def test_kill_while_the_dataset_moves_into_place(tmp_path, earlier):
+    """A kill while the finished dataset's files move from unfinished/ into the folder (the old dataset's gone
+    already): the same command finishes the move, tokenizing nothing again (a trial's rerun started over, hours for
+    a big corpus), and the folder holds what an uninterrupted run writes."""
+    (tmp_path / "text.txt").write_text(generated_text(60_000, seed=1))
+    args = ["prepare.py", "mine", "--source=text.txt", "--tokenizer=char", "--shard_size=5000", "--val_fraction=0.2"]
+    run_script(*args, "--out_root=clean", cwd=tmp_path)
+    if earlier:  # a dataset there before, of other text, whose shards have the same names
+        (tmp_path / "old.txt").write_text(generated_text(60_000, seed=2))
+        run_script(*args[:2], "--source=old.txt", *args[3:], cwd=tmp_path)
+    (tmp_path / "kill.py").write_text(KILLED_AT_MOVE)
+    killed = subprocess.run([sys.executable, "kill.py", "4", "data/mine", os.path.join(REPO, "prepare.py"),
+                             *args[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    folder = tmp_path / "data/mine"
+    assert not (folder / "meta.json").exists() and len(shard_bytes(folder)) >= 3  # moved in part: no dataset
+    again = run_script(*args, cwd=tmp_path)
+    assert "the dataset a killed run of this command had prepared, moved into place (nothing to tokenize again)" \
+        in again.stdout and "tokenizer char" not in again.stdout, again.stdout
+    assert shard_bytes(folder) == shard_bytes(tmp_path / "clean/mine") and len(shard_bytes(folder)) > 8
+    assert (folder / "meta.json").read_text() == (tmp_path / "clean/mine/meta.json").read_text()
+    assert sorted(os.listdir(folder)) == sorted(os.listdir(tmp_path / "clean/mine"))  # unfinished/ gone
 
 
 def test_uint32_vocabulary(tmp_path):
