@@ -150,15 +150,15 @@ def link_or_copy(source, target):
     """target becomes source's contents at once (a hard link: no extra space; a copy where there are none)."""
     tmp = target + LINK_SUFFIX
     try:
-        os.link(source, tmp)
-    except OSError:  # no hard links on this file system
         try:
+            os.link(source, tmp)
+        except OSError:  # no hard links on this file system
             shutil.copyfile(source, tmp)
-        except BaseException:  # a full disk: no half-copied file left behind
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-    os.replace(tmp, target)
+        os.replace(tmp, target)
+    except BaseException:  # a full disk, a folder in the way: no half-made file left behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def kept_for_good(step, keep_every):
@@ -175,11 +175,13 @@ def save_training_checkpoint(out_dir, checkpoint, step, keep_last_n, keep_every=
     had (a resume that drops or changes it never deletes the milestones kept before). best: it is also best.pt, which
     no later save replaces unless it is best.
     """
-    latest = os.path.join(out_dir, "ckpt.pt")
-    save_checkpoint(latest, checkpoint)
-    link_or_copy(latest, os.path.join(out_dir, f"ckpt_{step:08d}.pt"))
+    numbered = os.path.join(out_dir, f"ckpt_{step:08d}.pt")
+    save_checkpoint(numbered, checkpoint)
     if best:
-        link_or_copy(latest, os.path.join(out_dir, BEST))
+        link_or_copy(numbered, os.path.join(out_dir, BEST))
+    # ckpt.pt last: the save a resume reads has every file in place (a kill just before best.pt's link once left it
+    # at an older, worse step than the one ckpt.pt recorded as the best; trial)
+    link_or_copy(numbered, os.path.join(out_dir, "ckpt.pt"))
     numbered_all = step_checkpoints(out_dir)
     for s, path in numbered_all[:max(len(numbered_all) - keep_last_n, 0)]:
         if not kept_for_good(s, keep_every):

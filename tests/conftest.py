@@ -108,6 +108,32 @@ def run_script(script, *args, cwd, check=True, timeout=600, env=None):
     return proc
 
 
+def killed_at_replace(n, pattern, script, *args, cwd):
+    """Run a script in a process of its own that SIGKILLs itself (no handler runs: as the OOM killer, a lost node)
+    just before its nth os.replace onto a path (relative to `cwd`) that the regular expression `pattern` matches whole:
+    a kill at an exact moment of a file's life, which a kill at a random time finds only now and then."""
+    proc = subprocess.run([sys.executable, "-c", _KILL_AT_REPLACE, str(n), pattern, os.path.join(REPO, script),
+                           *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, f"not killed at replace {n} onto {pattern}:\n{proc.stderr[-3000:]}"
+    return proc
+
+
+_KILL_AT_REPLACE = """
+import os, re, runpy, signal, sys
+n, pattern, replace, seen = int(sys.argv[1]), re.compile(sys.argv[2]), os.replace, [0]
+def replace_or_die(src, dst, *args, **kwargs):
+    if pattern.fullmatch(os.path.relpath(os.path.abspath(dst))):
+        seen[0] += 1
+        if seen[0] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return replace(src, dst, *args, **kwargs)
+os.replace = replace_or_die
+sys.argv = sys.argv[3:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))  # as `python script.py` has it
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def run_here(script, *args, cwd, check=True, env=None):
     """run_script in this process: the script runs as __main__ with these arguments, from `cwd`, with `env`'s
     variables, its output captured and its exit as a process's exit code. It saves an interpreter start (about 1.7 s,

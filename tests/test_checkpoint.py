@@ -15,7 +15,7 @@ import torch
 
 from checkpoint import (CheckpointError, load_checkpoint, save_checkpoint, save_training_checkpoint, snapshot,
                         step_checkpoints)
-from conftest import REPO, free_port, run_here, run_script
+from conftest import REPO, free_port, killed_at_replace, run_here, run_script
 from test_distributed import prepare_tiny, run_torchrun, train_losses
 
 ARGS = ["--dataset=shakespeare_char", "--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=32",
@@ -308,6 +308,23 @@ def test_kill_during_save_keeps_previous(tmp_path):
         ckpt = load_checkpoint(str(path))
         assert torch.equal(ckpt["model"]["w"], torch.full((4_000_000,), float(ckpt["step"])))
         assert ckpt["step"] >= saves
+
+
+@pytest.mark.parametrize("n, target", [(2, "best"), (2, "ckpt"), (1, "ckpt_00000004")])
+def test_kill_within_a_save_leaves_best_no_worse_than_the_latest_says(data_dir, n, target):
+    """A kill between a save's files (here before the nth replace onto one of them, at step 4's save): ckpt.pt, which
+    a resume reads, names a save whose files are all in place, so best.pt is never an older, worse checkpoint than the
+    best ckpt.pt records (it was, with a kill just before best.pt's link; trial). Resumed, the run ends with best.pt
+    at its best evaluation."""
+    args = [*ARGS, "--max_iters=6", "--eval_interval=2", "--always_save_checkpoint=False", "--learning_rate=3e-3",
+            "--warmup_iters=0", "--out_dir=out"]
+    killed_at_replace(n, rf"out/{target}\.pt", "train.py", *args, cwd=data_dir)
+    latest, best = (load_checkpoint(str(data_dir / "out" / name)) for name in ("ckpt.pt", "best.pt"))
+    assert best["best_val_loss"] <= latest["best_val_loss"] and best["step"] <= 4, (best["step"], latest["step"])
+    run_here("train.py", *args, "--init_from=auto", cwd=data_dir)
+    evals = {r["step"]: r["val_loss"] for r in log_records(data_dir / "out") if "val_loss" in r}
+    assert len(evals) == 4 and evals[6] < evals[4] < evals[2]  # each one a better save (the test's premise)
+    assert load_checkpoint(str(data_dir / "out/best.pt"))["step"] == 6
 
 
 def test_unfinished_checkpoint_files_are_removed(data_dir, monkeypatch, capsys):
@@ -701,13 +718,14 @@ def test_writer_raises_a_failure_only_when_asked(background, capsys):
 @pytest.mark.parametrize("async_save", [True, False])
 def test_failed_checkpoint_write_stops_the_run(data_dir, async_save):
     """A checkpoint that cannot be written (here ckpt.pt is a folder) ends the run with one message, not silently,
-    also when it is written in the background; no temporary file is left behind."""
+    also when it is written in the background; no temporary file is left behind (the step's numbered checkpoint,
+    written before ckpt.pt's link, is whole)."""
     os.makedirs(data_dir / "out/ckpt.pt")
     proc = run_here("train.py", *ARGS, "--max_iters=8", "--eval_interval=2", f"--async_save={async_save}",
                     "--out_dir=out", cwd=data_dir, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "error: could not write a checkpoint to out" in proc.stderr and "Traceback" not in proc.stderr
-    assert sorted(os.listdir(data_dir / "out")) == ["ckpt.pt", "log.jsonl", "train.lock"]
+    assert sorted(os.listdir(data_dir / "out")) == ["ckpt.pt", "ckpt_00000002.pt", "log.jsonl", "train.lock"]
 
 
 def test_failed_background_write_stops_the_run_at_once(data_dir):

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, generated_text, gpt2_bpe_available, run_script
+from conftest import REPO, generated_text, gpt2_bpe_available, killed_at_replace, run_script
 from tokendata import read_tokens
 
 needs_bpe = pytest.mark.skipif(not gpt2_bpe_available(), reason="GPT-2 BPE files not available offline")
@@ -410,23 +410,6 @@ def test_resume_after_kill_gives_same_bytes(tmp_path, sig, tokenizer, kill_sourc
     assert not [p for p in os.listdir(tmp_path / "data/docs") if "resume" in p or ".tmp" in p or "unfinished" in p]
 
 
-# prepare.py, killed (SIGKILL: no handler runs) as it moves the Nth file into data/<name>/ itself
-KILLED_AT_MOVE = """
-import os, runpy, signal, sys
-n, out_dir, replace, moves = int(sys.argv[1]), os.path.abspath(sys.argv[2]), os.replace, [0]
-def killing_replace(src, dst, *args, **kwargs):
-    if os.path.dirname(os.path.abspath(dst)) == out_dir:
-        moves[0] += 1
-        if moves[0] == n:
-            os.kill(os.getpid(), signal.SIGKILL)
-    return replace(src, dst, *args, **kwargs)
-os.replace = killing_replace
-sys.argv = sys.argv[3:]
-sys.path.insert(0, os.path.dirname(sys.argv[0]))  # as `python prepare.py` has it
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
 @pytest.mark.parametrize("earlier", [False, True])
 def test_kill_while_the_dataset_moves_into_place(tmp_path, earlier):
     """A kill while the finished dataset's files move from unfinished/ into the folder (the old dataset's gone
@@ -438,10 +421,7 @@ def test_kill_while_the_dataset_moves_into_place(tmp_path, earlier):
     if earlier:  # a dataset there before, of other text, whose shards have the same names
         (tmp_path / "old.txt").write_text(generated_text(60_000, seed=2))
         run_script(*args[:2], "--source=old.txt", *args[3:], cwd=tmp_path)
-    (tmp_path / "kill.py").write_text(KILLED_AT_MOVE)
-    killed = subprocess.run([sys.executable, "kill.py", "4", "data/mine", os.path.join(REPO, "prepare.py"),
-                             *args[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    killed_at_replace(4, r"data/mine/[^/]+", *args, cwd=tmp_path)  # the 4th file into data/mine itself
     folder = tmp_path / "data/mine"
     assert not (folder / "meta.json").exists() and len(shard_bytes(folder)) >= 3  # moved in part: no dataset
     again = run_script(*args, cwd=tmp_path)
