@@ -310,8 +310,9 @@ def run(main, cls, validate=None, argv=None):
                  errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path"}
         if e.errno not in fixes:
             raise
-        sys.stderr.write(f"error: {e.filename or 'a file'}: {e.strerror}; {fixes[e.errno]} (--out_dir, --out_root, "
-                         "--data_root)\n")
+        folders = [f"--{f.name}" for f in dataclasses.fields(cls) if f.name.endswith(("_dir", "_root"))]  # its own
+        sys.stderr.write(f"error: {e.filename or 'a file'}: {e.strerror}; {fixes[e.errno]}" +
+                         (f" ({', '.join(folders)})" if folders else "") + "\n")
         sys.exit(2)
     except KeyboardInterrupt as e:
         print(f"\ninterrupted{f': {e}' if str(e) else ''}", file=sys.stderr)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import configurator
 from checkpoint import best_elsewhere, checkpoint_meta, load_checkpoint, model_from_checkpoint
-from hf import EXPORT_DTYPES, save_hf_gpt2
+from hf import EXPORT_DTYPES, remove_killed_exports, save_hf_gpt2
 from tokenizer import describe
 
 
@@ -53,6 +53,8 @@ def main(cfg, sources):
     meta = checkpoint_meta(checkpoint, cfg.out_dir)
     model = model_from_checkpoint(checkpoint, cfg.out_dir)
     del checkpoint
+    for path in remove_killed_exports(hf_dir):
+        print(f"note: removed {path}, what an export killed before it finished left")
     files = save_hf_gpt2(model, meta, hf_dir, cfg.dtype)
     c = model.config
     kind = "GPT-2 BPE" if meta["tokenizer"]["type"] == "tiktoken" else describe(meta["tokenizer"])

@@ -24,6 +24,7 @@ import dataclasses
 import errno
 import json
 import os
+import re
 import shutil
 
 import torch
@@ -444,6 +445,33 @@ def write_tokenizer(meta, folder, max_length):
 def _write_text(folder, name, text):
     with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
         f.write(text)
+
+
+def remove_killed_exports(hf_dir):
+    """Remove the folders an export to hf_dir leaves when it is killed (no handler runs), each as large as a model:
+    <hf_dir>.tmp<pid>, the one it was writing, and <hf_dir>.old<pid>, the export it was replacing, when a kill came
+    between its two renames; only those whose process has ended and that hold only files an export writes. Returns
+    their paths."""
+    parent, name = os.path.split(os.path.abspath(hf_dir))
+    removed = []
+    for entry in sorted(os.listdir(parent)):
+        found = re.fullmatch(re.escape(name) + r"\.(tmp|old)(\d+)", entry)
+        path = os.path.join(parent, entry)
+        if found and not process_alive(int(found.group(2))) and os.path.isdir(path) and not os.path.islink(path) \
+                and set(os.listdir(path)) <= EXPORT_FILES:
+            shutil.rmtree(path)
+            removed.append(path)
+    return removed
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def save_hf_gpt2(model, meta, hf_dir, dtype="float32"):

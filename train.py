@@ -1600,8 +1600,11 @@ def disk_error(what, error, ckpt_path):
             cause = f": the disk is probably full ({free / 2**20:,.1f} MiB free there now, the unfinished file removed)"
         except OSError:
             cause = ": the disk is probably full"
-    return UserError(f"{what} ({error}){cause}; {ckpt_path}, if there, is still a complete earlier checkpoint: free "
-                     "some space or fix the folder, then resume with --init_from=resume")
+    if not os.path.isfile(ckpt_path):  # the run's first save (a trial was told to resume a run that had none)
+        return UserError(f"{what} ({error}){cause}; nothing was saved yet: free some space or fix the folder, then run "
+                         "the same command again")
+    return UserError(f"{what} ({error}){cause}; {ckpt_path} is still a complete earlier checkpoint: free some space "
+                     "or fix the folder, then resume with --init_from=resume")
 
 
 def matplotlib_available(say):

@@ -787,6 +787,14 @@ def test_full_disk_stops_the_run_with_a_message(data_dir, small_disk, async_save
     assert proc.returncode == 2 and f"error: could not write a checkpoint to {small_disk}" in proc.stderr, \
         proc.stderr[-2000:]
     assert "the disk is probably full (" in proc.stderr  # torch's own words say only "unexpected pos"
+    assert "nothing was saved yet: free some space or fix the folder, then run the same command again" in proc.stderr
+    # not resumed when there is nothing to resume (a trial was told to); when there is, said so
+    import train
+    (data_dir / "out").mkdir()
+    (data_dir / "out/ckpt.pt").write_bytes(b"an earlier save")
+    said = str(train.disk_error("could not write", OSError(28, "No space left on device"), data_dir / "out/ckpt.pt"))
+    assert said.endswith(f"{data_dir}/out/ckpt.pt is still a complete earlier checkpoint: free some space or fix the folder, then "
+                         "resume with --init_from=resume")
     assert "Traceback" not in proc.stderr and sorted(os.listdir(small_disk)) == ["log.jsonl", "train.lock"]
 
 

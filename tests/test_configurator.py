@@ -166,6 +166,9 @@ def test_a_folder_that_cannot_be_written_is_one_line(error, fix, capsys):
     @dataclass
     class Settings:
         out_dir: str = "out"
+        hf_dir: str = ""
+        data_root: str = "data"
+        dtype: str = "float32"
 
     def main(cfg, sources):
         raise error
@@ -173,8 +176,8 @@ def test_a_folder_that_cannot_be_written_is_one_line(error, fix, capsys):
     with pytest.raises(SystemExit) as stop:
         run(main, Settings, argv=[])
     assert stop.value.code == 2
-    assert capsys.readouterr().err == (f"error: /data/out: {error.strerror}; {fix} (--out_dir, --out_root, "
-                                       "--data_root)\n")
+    # the script's own folder settings, not another's (export.py named prepare.py's --out_root: a trial)
+    assert capsys.readouterr().err == f"error: /data/out: {error.strerror}; {fix} (--out_dir, --hf_dir, --data_root)\n"
     with pytest.raises(FileNotFoundError):  # any other OSError is not assumed to be the user's
         run(lambda cfg, sources: open("/no/such/file"), Settings, argv=[])
 

@@ -6,6 +6,8 @@ and transformers itself is the reference for everything we export.
 import dataclasses
 import json
 import os
+import re
+import subprocess
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 
 from checkpoint import save_checkpoint
 from configurator import UserError, parse
-from conftest import generated_text, gpt2_bpe_available, run_here, run_script
+from conftest import generated_text, gpt2_bpe_available, killed_at_replace, run_here, run_script
 from hf import check_dataset_tokenizer, hf_tokenizer_meta, load_hf_gpt2, save_hf_gpt2, to_hf_state_dict
 from model import GPT, GPTConfig
 from tokendata import GPT2_META
@@ -287,6 +289,33 @@ def test_gpt2_tokenizer_export(tmp_path, shakespeare_path):
     text = transformers.pipeline("text-generation", model=str(tmp_path / "hf"))(
         "Hello", max_new_tokens=5, do_sample=False)[0]["generated_text"]
     assert text.startswith("Hello") and len(text) > len("Hello")
+
+
+@pytest.mark.parametrize("again", [False, True])
+def test_killed_export_leaves_what_the_next_one_removes(tmp_path, again):
+    """An export killed before its last rename (no handler runs) leaves its temporary folder, and one that was
+    replacing an earlier export, that export set aside too (and no hf_dir): each as large as a model, which nothing
+    removed (trial). The next export to that folder removes them, saying so; another process's, or one holding other
+    files, stays."""
+    chars = "\n abcdefghijklmnopqrstuvwxyz"
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=len(chars))
+    meta = {"tokenizer": {"type": "char", "chars": chars, "eot": False}, "vocab_size": len(chars), "eot_id": None}
+    save_checkpoint(str(tmp_path / "out/ckpt.pt"),
+                    {"model": GPT(config).state_dict(), "model_args": dataclasses.asdict(config), "meta": meta})
+    if again:
+        run_here("export.py", "--out_dir=out", "--hf_dir=hf", cwd=tmp_path)
+    killed_at_replace(1, "hf", "export.py", "--out_dir=out", "--hf_dir=hf", cwd=tmp_path)
+    left = sorted(p for p in os.listdir(tmp_path) if p.startswith("hf"))
+    assert [re.sub(r"\d+$", "", p) for p in left] == (["hf.old", "hf.tmp"] if again else ["hf.tmp"])
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    (tmp_path / f"hf.tmp{os.getppid()}").mkdir()  # a live process's: an export under way
+    (tmp_path / f"hf.old{ended.pid}").mkdir()  # no export's: a file an export does not write
+    (tmp_path / f"hf.old{ended.pid}/notes.txt").write_text("mine")
+    out = run_here("export.py", "--out_dir=out", "--hf_dir=hf", cwd=tmp_path).stdout
+    assert all(f"note: removed {tmp_path / p}, what an export killed before it finished left" in out for p in left)
+    assert sorted(p for p in os.listdir(tmp_path) if p.startswith("hf")) == sorted(
+        ["hf", f"hf.old{ended.pid}", f"hf.tmp{os.getppid()}"])
 
 
 def test_export_refusals_leave_nothing_behind(tmp_path):
