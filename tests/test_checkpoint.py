@@ -793,8 +793,8 @@ def test_full_disk_stops_the_run_with_a_message(data_dir, small_disk, async_save
     (data_dir / "out").mkdir()
     (data_dir / "out/ckpt.pt").write_bytes(b"an earlier save")
     said = str(train.disk_error("could not write", OSError(28, "No space left on device"), data_dir / "out/ckpt.pt"))
-    assert said.endswith(f"{data_dir}/out/ckpt.pt is still a complete earlier checkpoint: free some space or fix the folder, then "
-                         "resume with --init_from=resume")
+    assert said.endswith(f"{data_dir}/out/ckpt.pt is still a complete earlier checkpoint: free some space or fix "
+                         "the folder, then resume with --init_from=resume")
     assert "Traceback" not in proc.stderr and sorted(os.listdir(small_disk)) == ["log.jsonl", "train.lock"]
 
 
