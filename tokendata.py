@@ -57,12 +57,17 @@ def write_tokens(path, tokens, dtype=np.dtype("<u2")):
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = magic, version, len(tokens)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(memoryview(np.ascontiguousarray(tokens.astype(dtype, copy=False))))  # no copy of a 100M-token shard
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header.tobytes())
+            f.write(memoryview(np.ascontiguousarray(tokens.astype(dtype, copy=False))))  # no copy of a 100M-token shard
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk (a trial's error named no file, and left the half-written one to fill it)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OSError(e.errno, e.strerror, e.filename or path) from None
 
 
 def read_header(path):

@@ -96,6 +96,20 @@ def prepared_shakespeare(tmp_path_factory):
     return folder / "data"
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 128 KB file system (tmpfs), too small for a checkpoint or a dataset; skipped where mounting is not allowed."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root and permission to mount a tmpfs")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
 def run_script(script, *args, cwd, check=True, timeout=600, env=None):
     """Run one of the toolkit's scripts the way a user does, from `cwd` (env: variables to add or change); returns
     the CompletedProcess."""

@@ -764,20 +764,6 @@ def test_failed_write_on_rank_0_stops_every_rank(data_dir, async_save, max_iters
     assert last < 100 and "step 100 |" not in out0 and (max_iters > 4 or last == 4)
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 128 KB file system (tmpfs), too small for a checkpoint; skipped where mounting is not allowed."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(mount)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("needs root and permission to mount a tmpfs")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
-
-
 @pytest.mark.parametrize("async_save", [True, False])
 def test_full_disk_stops_the_run_with_a_message(data_dir, small_disk, async_save):
     """torch.save on a full disk raises a RuntimeError from its zip writer, not an OSError: the same message, and no

@@ -432,6 +432,18 @@ def test_kill_while_the_dataset_moves_into_place(tmp_path, earlier):
     assert sorted(os.listdir(folder)) == sorted(os.listdir(tmp_path / "clean/mine"))  # unfinished/ gone
 
 
+def test_full_disk_is_one_line_naming_the_file(tmp_path, small_disk):
+    """A disk that fills during a preparation: one line naming the file that could not be written (a trial's said
+    'a file') and the script's own folder setting; the half-written file is not left to fill the disk."""
+    (tmp_path / "text.txt").write_text(generated_text(400_000))
+    proc = run_script("prepare.py", "mine", "--source=text.txt", "--tokenizer=char", "--shard_size=20000",
+                      f"--out_root={small_disk}", cwd=tmp_path, check=False)
+    said = re.search(rf"\nerror: {re.escape(str(small_disk))}/mine/unfinished/\S+: No space left on device; free some "
+                     r"space, or choose a folder on another disk \(--out_root\)\n$", proc.stderr)
+    assert proc.returncode == 2 and said, proc.stderr[-2000:]
+    assert not [name for _, _, names in os.walk(small_disk) for name in names if ".tmp" in name]
+
+
 def test_uint32_vocabulary(tmp_path):
     """A character vocabulary past 65,535 ids gets uint32 shards (llm.c's version-7 header) and loses nothing."""
     points = [p for p in range(0x100, 0x100 + 70_500) if not 0xD800 <= p < 0xE000]
