@@ -116,12 +116,15 @@ class PrepareConfig:
     decode_errors: str = "strict"  # undecodable bytes: 'strict' stops with the file and offset, 'replace' uses U+FFFD
     out_root: str = "data"  # datasets land in out_root/<name>/
     list: bool = False  # print the recipes and exit
+    verify: bool = False  # check the prepared dataset <name> against the checksums in its meta.json and exit (after a copy to another machine, say): damaged or missing shards are named
 
 
 def validate(cfg):
     problems = []
     if cfg.list:
         return problems
+    if cfg.verify:
+        return [] if cfg.name else ["name the dataset to verify: python prepare.py NAME --verify"]
     if not cfg.name:
         problems.append("name the dataset: a recipe (python prepare.py shakespeare_char; see --list), or a name of "
                         "your own for your text: python prepare.py mytext --source=PATH")
@@ -1209,6 +1212,9 @@ def main(cfg, sources):
         for name, recipe in RECIPES.items():
             print(f"{name:18s} {recipe.description}")
         return
+    if cfg.verify:
+        verify(os.path.join(cfg.out_root, cfg.name))
+        return
     t0 = time.time()
     recipe = RECIPES.get(cfg.name) if not cfg.hf else None
     val_fraction = cfg.val_fraction if cfg.val_fraction is not None else (recipe.val_fraction if recipe else 0.1)
@@ -1237,6 +1243,27 @@ def main(cfg, sources):
                           "there" if kept else "no shard was finished yet; run the same command again to start over")
                 raise KeyboardInterrupt(advice) from None
             raise
+
+
+def verify(out_dir):
+    """Check each shard of the dataset in out_dir against what its meta.json records (header, size, sha256): a copy
+    to another machine cut short or damaged, a byte flipped on disk. Nothing else reads the checksums: a flipped token
+    still in the vocabulary trains and evaluates silently (trial). UserError naming the damaged shards."""
+    data = Dataset(out_dir)
+    if not data.prepared:
+        raise UserError(f"{out_dir} has no meta.json (nanoGPT's layout?): no checksums to verify its files against")
+    dtype = token_dtype(data.meta["vocab_size"])
+    shards = [s for split in data.meta["shards"].values() for s in split]
+    if not all(isinstance(s.get("sha256"), str) and isinstance(s.get("tokens"), int) for s in shards):
+        raise UserError(f"{out_dir}/meta.json records no checksum for some shards (the first prepare.py wrote none): "
+                        "prepare the dataset again to have them")
+    damaged = [s["file"] for s in tqdm(shards, desc="verify", unit="shard") if not shard_intact(out_dir, s, dtype)]
+    if damaged:
+        raise UserError(f"{len(damaged)} of the {len(shards)} shards in {out_dir} are missing or not what prepare.py "
+                        f"wrote: {', '.join(damaged[:5])}{', ...' if len(damaged) > 5 else ''}; copy them again, or "
+                        "prepare the dataset again")
+    tokens = sum(s["tokens"] for s in shards)
+    print(f"{out_dir}: all {len(shards)} shards ({tokens:,} tokens) are what prepare.py wrote")
 
 
 def stop_on_sigterm(signum, frame):

@@ -432,6 +432,27 @@ def test_kill_while_the_dataset_moves_into_place(tmp_path, earlier):
     assert sorted(os.listdir(folder)) == sorted(os.listdir(tmp_path / "clean/mine"))  # unfinished/ gone
 
 
+def test_verify_names_damaged_shards(tmp_path):
+    """--verify checks each shard against meta.json's checksums: a token flipped to another id of the vocabulary
+    trained and evaluated silently (trial), and a copy cut short is named along with it."""
+    (tmp_path / "text.txt").write_text(generated_text(60_000))
+    args = ["mine", "--source=text.txt", "--tokenizer=char", "--shard_size=5000"]
+    run_script("prepare.py", *args, cwd=tmp_path)
+    ok = run_script("prepare.py", "mine", "--verify", cwd=tmp_path)
+    assert re.search(r"data/mine: all \d+ shards \(60,\d{3} tokens\) are what prepare.py wrote\n$", ok.stdout), ok.stdout
+    folder = tmp_path / "data/mine"
+    with open(folder / "train_000002.bin", "r+b") as f:  # a token, one id up: still in the vocabulary
+        f.seek(2000)
+        token = f.read(2)
+        f.seek(2000)
+        f.write((int.from_bytes(token, "little") ^ 1).to_bytes(2, "little"))
+    os.truncate(folder / "val_000000.bin", 3000)
+    proc = run_script("prepare.py", "mine", "--verify", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and re.search(r"error: 2 of the \d+ shards in data/mine are missing or not what "
+                                              r"prepare.py wrote: train_000002.bin, val_000000.bin; copy them again",
+                                              proc.stderr), proc.stderr
+
+
 def test_full_disk_is_one_line_naming_the_file(tmp_path, small_disk):
     """A disk that fills during a preparation: one line naming the file that could not be written (a trial's said
     'a file') and the script's own folder setting; the half-written file is not left to fill the disk."""
