@@ -44,6 +44,14 @@ def count(n):
     return f"{n:,} item{'s' * (n != 1)}"
 
 
+def label_of(value):
+    """An item's label, a whole number as HellaSwag's file has it (or its digits, as the Hub's copy does); a float or
+    true is no label (int() made 1.7 and true a 1: a trial)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"label {value!r}")
+    return int(value)
+
+
 def read_items(path):
     """(context, endings, label, line number) of each item of a HellaSwag jsonl file; anything else is refused by its
     line number."""
@@ -55,7 +63,7 @@ def read_items(path):
                 continue
             try:
                 item = json.loads(raw.decode("utf-8"))
-                context, endings, label = item["ctx"], item["endings"], int(item["label"])
+                context, endings, label = item["ctx"], item["endings"], label_of(item["label"])
                 if not (isinstance(context, str) and isinstance(endings, list) and len(endings) >= 2
                         and all(isinstance(e, str) for e in endings) and 0 <= label < len(endings)):
                     raise ValueError

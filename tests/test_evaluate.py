@@ -270,6 +270,8 @@ def test_ranks_split_the_work(out_dir):  # noqa: F811
     # a trial's: tracebacks, where a byte that is not UTF-8 or a label of 1e400 was read
     (["--task=hellaswag", "--source=hs/latin1.jsonl"], "hs/latin1.jsonl:2 is not a HellaSwag item"),
     (["--task=hellaswag", "--source=hs/inf.jsonl"], "hs/inf.jsonl:1 is not a HellaSwag item"),
+    (["--task=hellaswag", "--source=hs/fraction.jsonl"], "hs/fraction.jsonl:2 is not a HellaSwag item"),
+    (["--task=hellaswag", "--source=hs/true.jsonl"], "hs/true.jsonl:2 is not a HellaSwag item"),  # int() read 1
     # its endings' first tokens would have nothing before them: NaN scores, and argmin picking ending 0
     (["--task=hellaswag", "--source=hs/no_ctx.jsonl"], "has an empty ctx, and this model's tokenizer has no end-of"),
     (["--task=hellaswag", "--source=hs/oov.jsonl"], "hs/oov.jsonl:2: text has characters outside this model's"),
@@ -294,6 +296,9 @@ def test_bad_input(out_dir, args, message):  # noqa: F811
     latin1 = json.dumps(good) + "\n" + json.dumps({**good, "ctx": "caf\u00e9"}, ensure_ascii=False)
     (out_dir / "hs/latin1.jsonl").write_bytes(latin1.encode("latin-1"))
     (out_dir / "hs/inf.jsonl").write_text(json.dumps(good).replace('"label": 0', '"label": 1e400'))
+    for name, label in (("fraction", 1.7), ("true", True)):  # after an item with the Hub's label, digits
+        (out_dir / f"hs/{name}.jsonl").write_text(json.dumps({**good, "label": "1"}) + "\n" +
+                                                  json.dumps({**good, "label": label}))
     (out_dir / "hs/no_ctx.jsonl").write_text(json.dumps({**good, "ctx": "", "endings": ["A", "B"]}))
     (out_dir / "hs/oov.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({**good, "endings": ["Ay", "\u2603"]}))
     proc = run_here("evaluate.py", "--out_dir=out", "--device=cpu", *args, cwd=out_dir, check=False)
