@@ -247,6 +247,7 @@ def model_config(cfg, vocab_size):
 # set by slurm/train.sbatch: a run whose out_dir holds its checkpoint resumes it, whatever --init_from says
 RESUME_VARIABLE = "GPT_RESUME_RUN"
 IMPROVED = "val loss improved"
+FIRST_VAL = "first val loss measured"  # of the run, or since a resume that changed what the val loss is measured on
 SOURCE_RANK = {None: 0, "command line": 2}  # a config file's: 1
 
 
@@ -1343,14 +1344,14 @@ def train(cfg, sources, launch, device, stop, kernels_note, lock):
     def write_checkpoint(state, reason):
         try:
             save_training_checkpoint(cfg.out_dir, state, state["step"], cfg.keep_last_n, state["keep_every"],
-                                     best=not cfg.always_save_checkpoint and reason == IMPROVED)
+                                     best=not cfg.always_save_checkpoint and reason in (IMPROVED, FIRST_VAL))
         except (OSError, RuntimeError) as e:
             # torch.save's zip writer reports a full disk as "[enforce fail at inline_container.cc:...] unexpected
             # pos" (or "PytorchStreamWriter failed writing"); any other RuntimeError is a real error, with its trace
             if isinstance(e, RuntimeError) and not ("inline_container" in str(e) or "PytorchStreamWriter" in str(e)):
                 raise
             raise disk_error(f"could not write a checkpoint to {cfg.out_dir}", e, ckpt_path) from None
-        best = "" if cfg.always_save_checkpoint else f"; also {BEST}" if reason == IMPROVED else \
+        best = "" if cfg.always_save_checkpoint else f"; also {BEST}" if reason in (IMPROVED, FIRST_VAL) else \
             f"; the best val loss stays in {BEST}" if os.path.exists(os.path.join(cfg.out_dir, BEST)) else ""
         say(f"saved checkpoint {ckpt_path} at step {state['step']} ({reason}{best})")
 
@@ -1420,9 +1421,10 @@ def train(cfg, sources, launch, device, stop, kernels_note, lock):
                 if cfg.eval_only:
                     say(json.dumps(record))
                 improved = losses["val"] < best_val_loss
+                why = (IMPROVED if best_val_loss < float("inf") else FIRST_VAL) if improved else "always_save_checkpoint"
                 best_val_loss = min(best_val_loss, losses["val"])
                 if step > 0 and not cfg.eval_only and (improved or cfg.always_save_checkpoint):
-                    save(batches.state_dict(), IMPROVED if improved else "always_save_checkpoint")
+                    save(batches.state_dict(), why)
                 if plot:
                     writer.submit(write_plot)
                 if sample_from is not None and step > 0 and launch.is_master:  # while the checkpoint is written

@@ -888,7 +888,8 @@ def test_resume_applies_changed_settings(data_dir, shakespeare_path, monkeypatch
                      "--beta1=0.8", "--beta2=0.99", "--dtype=float16")  # float32's scaler was off
     assert "weight_decay 0.1 -> 0.01" in out and "beta2 0.95 -> 0.99" in out
     assert "note: the val loss is now measured on other tokens (batch_size 4 -> 8)" in out, out
-    assert "saved checkpoint out/ckpt.pt at step 8 (val loss improved; also best.pt)" in out
+    # not "improved": there is nothing on this measure to improve on (a trial)
+    assert "saved checkpoint out/ckpt.pt at step 8 (first val loss measured; also best.pt)" in out
     checkpoint = torch.load(data_dir / "out/ckpt.pt", weights_only=False)
     groups = checkpoint["optimizer"]["param_groups"]
     assert [(g["weight_decay"], tuple(g["betas"])) for g in groups] == [(0.01, (0.8, 0.99)), (0.0, (0.8, 0.99))]
