@@ -1421,7 +1421,8 @@ def train(cfg, sources, launch, device, stop, kernels_note, lock):
                 if cfg.eval_only:
                     say(json.dumps(record))
                 improved = losses["val"] < best_val_loss
-                why = (IMPROVED if best_val_loss < float("inf") else FIRST_VAL) if improved else "always_save_checkpoint"
+                why = "always_save_checkpoint" if not improved else IMPROVED if best_val_loss < float("inf") else \
+                    FIRST_VAL
                 best_val_loss = min(best_val_loss, losses["val"])
                 if step > 0 and not cfg.eval_only and (improved or cfg.always_save_checkpoint):
                     save(batches.state_dict(), why)
