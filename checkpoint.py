@@ -294,6 +294,9 @@ def load_checkpoint(path):
     Read a checkpoint written by save_checkpoint (or an older nanoGPT ckpt.pt) from a file or an out_dir. A truncated
     or corrupted file is refused with a message that names the newest other checkpoint to fall back to.
     """
+    if os.path.isfile(path) and not path.endswith(".pt"):  # it was 'no checkpoint at notes.txt/ckpt.pt' (a trial)
+        raise CheckpointError(f"{path} is a file, not a run's folder (nor a .pt checkpoint): give the folder that "
+                              "holds ckpt.pt, or the checkpoint file")
     if os.path.isdir(path) or not path.endswith(".pt"):  # an out_dir
         path = os.path.join(path, "ckpt.pt")
     if not os.path.exists(path):

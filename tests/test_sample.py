@@ -126,6 +126,7 @@ def test_stop_escapes():
     (["--max_new_tokens=0", "--top_p=0", "--stop=[\"a\", 1.5]", "--stream", "--num_beams=2"],
      "max_new_tokens=0 must be at least 1"),
     (["--out_dir=nowhere"], "no checkpoint at nowhere/ckpt.pt"),
+    (["--out_dir=latin1.txt"], "latin1.txt is a file, not a run's folder (nor a .pt checkpoint): give the folder"),
     (["--out_dir=hf"], "no checkpoint at hf/ckpt.pt: hf holds a Hugging Face model; give --init_from=hf to sample"),
     (["--init_from=out/ckpt_1.pt"], "no checkpoint file out/ckpt_1.pt; did you mean out/ckpt.pt? (out holds ckpt.pt)"),
     (["--start=FILE:missing.txt"], "cannot read the --start file missing.txt"),
