@@ -116,7 +116,7 @@ def best_elsewhere(where, flag):
     if folder is None:
         return None
     latest, best = os.path.join(folder, "ckpt.pt"), os.path.join(folder, BEST)
-    if not (os.path.isfile(latest) and os.path.isfile(best)) or os.path.samefile(latest, best):
+    if not (os.path.isfile(latest) and os.path.isfile(best)) or same_save(latest, best):
         return None
     return (f"note: {latest} is the run's latest state; its best val loss is in {best} (always_save_checkpoint="
             f"False): {flag}={best} for that one")
@@ -161,6 +161,31 @@ def link_or_copy(source, target):
         raise
 
 
+def best_linked(out_dir, checkpoint):
+    """Make best.pt the checkpoint ckpt.pt holds, if that is the best and a kill between the save's files kept it
+    from being linked (best.pt stayed an older, worse step than ckpt.pt recorded as the best: a trial). A later
+    best.pt is another branch's, which the resume sets aside (train.set_aside_later). Whether it was needed."""
+    latest, best = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, BEST)
+    if not checkpoint.get("best") or os.path.exists(best) and (saved_step(best) or -1) >= checkpoint["step"]:
+        return False
+    link_or_copy(latest, best)
+    return True
+
+
+def saved_step(path):
+    """The step of the checkpoint file at path, read without its tensors; None where it cannot be read."""
+    try:
+        return step_of(torch.load(path, map_location="cpu", mmap=True, weights_only=False))
+    except Exception:  # not a checkpoint, or damaged: load_checkpoint says which, where it is read
+        return None
+
+
+def same_save(a, b):
+    """Whether checkpoint files a and b hold one save: the same file (hard links), or copies of it (a copy of a run
+    that did not keep its links, cp -r: a trial), told by their steps."""
+    return os.path.samefile(a, b) or saved_step(a) is not None and saved_step(a) == saved_step(b)
+
+
 def kept_for_good(step, keep_every):
     """Whether a numbered checkpoint at `step` is a milestone of the rules in `keep_every`: pairs (interval, the last
     step it covers or None)."""
@@ -175,13 +200,11 @@ def save_training_checkpoint(out_dir, checkpoint, step, keep_last_n, keep_every=
     had (a resume that drops or changes it never deletes the milestones kept before). best: it is also best.pt, which
     no later save replaces unless it is best.
     """
-    numbered = os.path.join(out_dir, f"ckpt_{step:08d}.pt")
-    save_checkpoint(numbered, checkpoint)
+    latest = os.path.join(out_dir, "ckpt.pt")
+    save_checkpoint(latest, {**checkpoint, "best": best})  # first: what a resume reads (best_linked mends the rest)
+    link_or_copy(latest, os.path.join(out_dir, f"ckpt_{step:08d}.pt"))
     if best:
-        link_or_copy(numbered, os.path.join(out_dir, BEST))
-    # ckpt.pt last: the save a resume reads has every file in place (a kill just before best.pt's link once left it
-    # at an older, worse step than the one ckpt.pt recorded as the best; trial)
-    link_or_copy(numbered, os.path.join(out_dir, "ckpt.pt"))
+        link_or_copy(latest, os.path.join(out_dir, BEST))
     numbered_all = step_checkpoints(out_dir)
     for s, path in numbered_all[:max(len(numbered_all) - keep_last_n, 0)]:
         if not kept_for_good(s, keep_every):
@@ -431,8 +454,8 @@ def _fallback_hint(bad_path):
 def model_from_checkpoint(checkpoint, where, **overrides):
     """Rebuild the GPT a checkpoint (read from `where`) holds, on CPU, in float32; `overrides` change GPTConfig
     fields such as dropout."""
-    from model import GPT, GPTConfig
-    args = dict(checkpoint["model_args"])
+    from model import GPT, GPT2_OPTIONS, GPTConfig
+    args = {**GPT2_OPTIONS, **checkpoint["model_args"]}  # nanoGPT's, and older ones, have no options: GPT-2's
     unknown = [f"{k}={v!r}" for k, v in args.items() if k not in GPTConfig.__dataclass_fields__]
     if unknown:  # left out, the model would be another one, silently: a fork's checkpoint read by this code
         raise CheckpointError(f"{where}'s model sets {', '.join(unknown)}, which this model.py does not know: it was "

@@ -194,7 +194,7 @@ def hellaswag_task(cfg, model, tokenizer, device, autocast, launch, say):
     return {"task": "hellaswag", **result}
 
 
-def val_loss(cfg, model, tokenizer, train_config, device, autocast, launch, say):
+def val_loss(cfg, sources, model, tokenizer, train_config, device, autocast, launch, say):
     """train.py's estimate_loss over what its evaluations score, with the checkpoint's training settings."""
     from train import estimate_loss, evaluation_sets, saved_config, to_device
     tc = saved_config({"config": train_config})
@@ -202,7 +202,7 @@ def val_loss(cfg, model, tokenizer, train_config, device, autocast, launch, say)
         tc = dataclasses.replace(tc, block_size=model.config.block_size)
     if cfg.dataset:
         tc = dataclasses.replace(tc, dataset=cfg.dataset, data_root=cfg.data_root)
-    elif cfg.data_root != EvalConfig.data_root:  # the run's dataset, moved under another root
+    elif "data_root" in sources:  # the run's dataset, moved under another root (given as the default too: a trial)
         tc = dataclasses.replace(tc, data_root=cfg.data_root)
     if tc.block_size > model.config.block_size:
         raise UserError(f"block_size={tc.block_size} of the training settings is longer than the model's "
@@ -257,7 +257,7 @@ def evaluate(cfg, launch, device, sources):
     elif cfg.task == "hellaswag":
         result = hellaswag_task(cfg, model, tokenizer, device, autocast, launch, say)
     else:
-        result = val_loss(cfg, model, tokenizer, train_config, device, autocast, launch, say)
+        result = val_loss(cfg, sources, model, tokenizer, train_config, device, autocast, launch, say)
     say(json.dumps({**result, "model": model_name(cfg.init_from, cfg.out_dir),
                     "step": (train_config or {}).get("step")}))
     return result

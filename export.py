@@ -53,9 +53,9 @@ def main(cfg, sources):
     meta = checkpoint_meta(checkpoint, cfg.out_dir)
     model = model_from_checkpoint(checkpoint, cfg.out_dir)
     del checkpoint
-    for path in remove_killed_exports(hf_dir):
-        print(f"note: removed {path}, what an export killed before it finished left")
     files = save_hf_gpt2(model, meta, hf_dir, cfg.dtype)
+    for path in remove_killed_exports(hf_dir):  # now that this one is whole: a leftover may be the only export
+        print(f"note: removed {path}, what an export killed before it finished left")
     c = model.config
     kind = "GPT-2 BPE" if meta["tokenizer"]["type"] == "tiktoken" else describe(meta["tokenizer"])
     print(f"wrote {hf_dir}: GPT-2 with n_layer={c.n_layer}, n_head={c.n_head}, n_embd={c.n_embd}, "

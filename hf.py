@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import socket
 
 import torch
 
@@ -153,7 +154,7 @@ def config_from_hf(hf, where="config.json"):
     if problems:
         raise UserError(f"{where}: not a GPT-2 this GPT can load: {'; '.join(problems)}")
     return GPTConfig(block_size=hf.get("n_positions", 1024), vocab_size=hf.get("vocab_size", 50257),
-                     n_layer=hf.get("n_layer", 12), n_head=n_head, n_embd=n_embd, bias=True)
+                     n_layer=hf.get("n_layer", 12), n_head=n_head, n_embd=n_embd, bias=True, **GPT2_OPTIONS)
 
 
 def hf_config(config, eot_id, dtype="float32"):
@@ -447,18 +448,25 @@ def _write_text(folder, name, text):
         f.write(text)
 
 
+def export_sibling(hf_dir, kind):
+    """The folder beside hf_dir an export of this process writes (kind 'partial') or sets the export it replaces
+    aside in ('replaced'): named by host and process, so that only this machine's dead ones are taken for leftovers.
+    A sibling: the final rename stays on one file system."""
+    return f"{os.path.abspath(hf_dir)}.{kind}-export.{socket.gethostname()}.{os.getpid()}"
+
+
 def remove_killed_exports(hf_dir):
     """Remove the folders an export to hf_dir leaves when it is killed (no handler runs), each as large as a model:
-    <hf_dir>.tmp<pid>, the one it was writing, and <hf_dir>.old<pid>, the export it was replacing, when a kill came
-    between its two renames; only those whose process has ended and that hold only files an export writes. Returns
-    their paths."""
+    its partial export, and the export it was replacing, when a kill came between its two renames (hf_dir is gone
+    then); only this machine's, whose process has ended, holding only files an export writes. For after an export
+    to hf_dir succeeded. Returns their paths."""
     parent, name = os.path.split(os.path.abspath(hf_dir))
     removed = []
     for entry in sorted(os.listdir(parent)):
-        found = re.fullmatch(re.escape(name) + r"\.(tmp|old)(\d+)", entry)
+        found = re.fullmatch(re.escape(name) + r"\.(partial|replaced)-export\.(.+)\.(\d+)", entry)
         path = os.path.join(parent, entry)
-        if found and not process_alive(int(found.group(2))) and os.path.isdir(path) and not os.path.islink(path) \
-                and set(os.listdir(path)) <= EXPORT_FILES:
+        if found and found.group(2) == socket.gethostname() and not process_alive(int(found.group(3))) and \
+                os.path.isdir(path) and not os.path.islink(path) and set(os.listdir(path)) <= EXPORT_FILES:
             shutil.rmtree(path)
             removed.append(path)
     return removed
@@ -497,7 +505,7 @@ def save_hf_gpt2(model, meta, hf_dir, dtype="float32"):
                             "choose a new --hf_dir, or move them away")
     tensors = to_hf_state_dict(model, dtype)  # refuses what GPT-2 cannot express before anything is written
     eot_id = meta.get("eot_id")
-    tmp = f"{os.path.abspath(hf_dir)}.tmp{os.getpid()}"  # a sibling: the final rename stays on one file system
+    tmp = export_sibling(hf_dir, "partial")
     os.makedirs(tmp)
     try:
         write_tokenizer(meta, tmp, model.config.block_size)
@@ -519,7 +527,7 @@ def save_hf_gpt2(model, meta, hf_dir, dtype="float32"):
         os.chmod(os.path.join(tmp, "model.safetensors"), 0o666 & ~umask)  # the rest of a shared cluster can read it
         written = sorted(os.listdir(tmp))
         if os.path.exists(hf_dir):  # swap: the old export stays whole until the new one is in place
-            old = f"{os.path.abspath(hf_dir)}.old{os.getpid()}"
+            old = export_sibling(hf_dir, "replaced")
             os.replace(hf_dir, old)
             os.replace(tmp, hf_dir)
             shutil.rmtree(old)

@@ -969,7 +969,9 @@ def shard_intact(folder, shard, dtype):
 def fingerprint(cfg, recipe, val_fraction):
     """What a resumed run must share with the interrupted one: every setting that changes the tokens, and the size
     and modification time of each local source file, those of an --hf folder included."""
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("num_proc", "list")}
+    # not the settings that change no token: a new one left out changes every fingerprint, and runs killed before an
+    # upgrade start over (verify did: review)
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("num_proc", "list", "verify")}
     local = all_source_files(cfg)
     if cfg.hf and os.path.isdir(cfg.hf):  # a local copy of a Hub dataset (its hidden cache folders aside)
         local += sorted(f for f in glob.glob(os.path.join(cfg.hf, "**", "*"), recursive=True) if os.path.isfile(f))

@@ -35,9 +35,9 @@ import torch.distributed
 
 import configurator
 import hellaswag
-from checkpoint import (BEST, Writer, checkpoint_meta, is_checkpoint, kept_for_good, load_checkpoint,
-                        model_from_checkpoint, save_training_checkpoint, snapshot, step_checkpoints, step_of,
-                        unfinished_files)
+from checkpoint import (BEST, Writer, best_linked, checkpoint_meta, is_checkpoint, kept_for_good, load_checkpoint,
+                        model_from_checkpoint, save_training_checkpoint, saved_step, snapshot, step_checkpoints,
+                        step_of, unfinished_files)
 from configurator import UserError
 from distributed import (ATTENTION_CHOICES, BACKENDS, DTYPES, all_reduce_sum, cleanup_distributed, detect_launch,
                          fast_kernels, init_distributed, pick_device, pick_dtype)
@@ -45,7 +45,7 @@ from generate import TEMPERATURE, TOP_K, Stop, generate
 from hf import GPT2_NAMES, check_dataset_tokenizer, fit_context, load_hf_gpt2, pretrained_config
 from inference import prompt_ids, read_prompt
 from lock import FolderLock
-from model import MLP_KINDS, NORMS, GPT, GPTConfig, head_problems, peak_flops_for
+from model import GPT2_OPTIONS, MLP_KINDS, NORMS, GPT, GPTConfig, head_problems, peak_flops_for
 from tokendata import SAMPLERS, BatchSampler, Dataset, EpochSampler, dataset_dir, first_tokens, window_batch, windows
 from tokenizer import mismatch, tokenizer_from_meta
 
@@ -730,9 +730,9 @@ def forget_gathered_state(optimizer):
 
 
 def weights_shape(model_args):
-    """The SHAPE_KEYS of a model as its checkpoint's model_args give them (rope is False in checkpoints from before
-    it)."""
-    return {k: model_args.get(k, GPTConfig.__dataclass_fields__[k].default) for k in SHAPE_KEYS}
+    """The SHAPE_KEYS of a model as its checkpoint's model_args give them (an option a checkpoint does not name, as
+    nanoGPT's and those from before it, has GPT-2's value)."""
+    return {k: model_args.get(k, GPT2_OPTIONS.get(k, GPTConfig.__dataclass_fields__[k].default)) for k in SHAPE_KEYS}
 
 
 def config_files_of(sources):
@@ -858,7 +858,7 @@ def set_aside_later(out_dir, step, log_path):
     folder = free_name(os.path.join(out_dir, f"after_{step:08d}"))  # an earlier return's branch stays whole
     os.makedirs(folder)
     best = os.path.join(out_dir, BEST)
-    moved = later + [best] if os.path.isfile(best) and any(os.path.samefile(best, p) for p in later) else later
+    moved = later + [best] if os.path.isfile(best) and (saved_step(best) or -1) > step else later  # a copy, too
     for path in moved:
         os.replace(path, os.path.join(folder, os.path.basename(path)))
     if os.path.exists(log_path):
@@ -1063,6 +1063,9 @@ def train(cfg, sources, launch, device, stop, kernels_note, lock):
         say(f"{why}: resuming from {ckpt_path}, not --init_from={cfg.init_from} (to start over, give the job another "
             "--out_dir)")
         cfg, sources, resume = dataclasses.replace(cfg, init_from="resume"), {**sources, "init_from": why}, True
+    if cfg.init_from == "auto" and not resume and not cfg.eval_only:  # from another folder, a relative out_dir is
+        # another run's: said, with where it looked (a trial's resume started anew without a word)
+        say(f"init_from=auto: no checkpoint at {os.path.abspath(ckpt_path)}: a new run starts from scratch")
     if not resume and not cfg.eval_only:
         refuse_to_overwrite(cfg.out_dir, ckpt_path)
     if cfg.eval_only and not resume and not pretrained_name(cfg) and os.path.isfile(ckpt_path):
@@ -1072,6 +1075,9 @@ def train(cfg, sources, launch, device, stop, kernels_note, lock):
     if checkpoint is not None and "step" not in checkpoint:
         raise UserError(f"{ckpt_path} holds no training state to resume (a nanoGPT checkpoint?): sample from it, "
                         f"evaluate it, or train on from its weights in another --out_dir with --init_from={ckpt_path}")
+    if checkpoint is not None and lock.file is not None and best_linked(cfg.out_dir, checkpoint):
+        say(f"note: {os.path.join(cfg.out_dir, BEST)} is now {ckpt_path}'s step {checkpoint['step']}, the best, "
+            "which a killed save had not linked yet")
     pretrained = pretrained_name(cfg)
     start_from = None  # a checkpoint of this toolkit whose weights, and nothing else, this run starts from
     if pretrained and is_checkpoint(pretrained):
@@ -1606,8 +1612,8 @@ def disk_error(what, error, ckpt_path):
     if not os.path.isfile(ckpt_path):  # the run's first save (a trial was told to resume a run that had none)
         return UserError(f"{what} ({error}){cause}; nothing was saved yet: free some space or fix the folder, then run "
                          "the same command again")
-    return UserError(f"{what} ({error}){cause}; {ckpt_path} is still a complete earlier checkpoint: free some space "
-                     "or fix the folder, then resume with --init_from=resume")
+    return UserError(f"{what} ({error}){cause}; {ckpt_path} is a complete checkpoint (this save's, when only a link "
+                     "of it failed): free some space or fix the folder, then resume with --init_from=resume")
 
 
 def matplotlib_available(say):

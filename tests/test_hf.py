@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import re
+import socket
 import subprocess
 
 import pytest
@@ -293,29 +294,41 @@ def test_gpt2_tokenizer_export(tmp_path, shakespeare_path):
 
 @pytest.mark.parametrize("again", [False, True])
 def test_killed_export_leaves_what_the_next_one_removes(tmp_path, again):
-    """An export killed before its last rename (no handler runs) leaves its temporary folder, and one that was
-    replacing an earlier export, that export set aside too (and no hf_dir): each as large as a model, which nothing
-    removed (trial). The next export to that folder removes them, saying so; another process's, or one holding other
-    files, stays."""
+    """An export killed before its last rename (no handler runs) leaves its partial folder, and one that was
+    replacing an earlier export leaves that export set aside too (and no hf_dir): each as large as a model, which
+    nothing removed (trial). The next export to that folder that succeeds removes them, saying so; one that fails
+    leaves them (the set-aside export may be the only one); a live process's, another machine's, a folder holding
+    other files, and a user's own copy stay."""
     chars = "\n abcdefghijklmnopqrstuvwxyz"
-    config = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=len(chars))
-    meta = {"tokenizer": {"type": "char", "chars": chars, "eot": False}, "vocab_size": len(chars), "eot_id": None}
-    save_checkpoint(str(tmp_path / "out/ckpt.pt"),
-                    {"model": GPT(config).state_dict(), "model_args": dataclasses.asdict(config), "meta": meta})
+    for name, rope in (("out", False), ("rope", True)):  # rope: an export refused
+        config = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=len(chars), rope=rope)
+        meta = {"tokenizer": {"type": "char", "chars": chars, "eot": False}, "vocab_size": len(chars), "eot_id": None}
+        save_checkpoint(str(tmp_path / name / "ckpt.pt"),
+                        {"model": GPT(config).state_dict(), "model_args": dataclasses.asdict(config), "meta": meta})
     if again:
         run_here("export.py", "--out_dir=out", "--hf_dir=hf", cwd=tmp_path)
     killed_at_replace(1, "hf", "export.py", "--out_dir=out", "--hf_dir=hf", cwd=tmp_path)
     left = sorted(p for p in os.listdir(tmp_path) if p.startswith("hf"))
-    assert [re.sub(r"\d+$", "", p) for p in left] == (["hf.old", "hf.tmp"] if again else ["hf.tmp"])
+    host = socket.gethostname()
+    assert [re.sub(r"\d+$", "", p) for p in left] == [f"hf.partial-export.{host}."] + \
+        [f"hf.replaced-export.{host}."] * again
+    assert run_here("export.py", "--out_dir=rope", "--hf_dir=hf", cwd=tmp_path, check=False).returncode == 2
+    assert sorted(p for p in os.listdir(tmp_path) if p.startswith("hf")) == left  # kept: the export failed
     ended = subprocess.Popen(["true"])
     ended.wait()
-    (tmp_path / f"hf.tmp{os.getppid()}").mkdir()  # a live process's: an export under way
-    (tmp_path / f"hf.old{ended.pid}").mkdir()  # no export's: a file an export does not write
-    (tmp_path / f"hf.old{ended.pid}/notes.txt").write_text("mine")
+    kept = [f"hf.partial-export.{host}.{os.getppid()}",  # a live process's: an export under way
+            f"hf.partial-export.another-node.{ended.pid}",  # on a shared file system: its process is not ours to see
+            f"hf.replaced-export.{host}.{ended.pid}",  # with a file an export does not write
+            "hf.old2024"]  # a user's copy
+    for name in kept:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    (tmp_path / kept[2] / "notes.txt").write_text("mine")
     out = run_here("export.py", "--out_dir=out", "--hf_dir=hf", cwd=tmp_path).stdout
     assert all(f"note: removed {tmp_path / p}, what an export killed before it finished left" in out for p in left)
-    assert sorted(p for p in os.listdir(tmp_path) if p.startswith("hf")) == sorted(
-        ["hf", f"hf.old{ended.pid}", f"hf.tmp{os.getppid()}"])
+    assert sorted(p for p in os.listdir(tmp_path) if p.startswith("hf")) == sorted(["hf", *kept])
+    # into a folder that does not exist yet: made, and nothing to look for beside it (it was a traceback once)
+    assert "wrote new/sub/hf:" in run_here("export.py", "--out_dir=out", "--hf_dir=new/sub/hf", cwd=tmp_path).stdout
 
 
 def test_export_refusals_leave_nothing_behind(tmp_path):
@@ -390,6 +403,29 @@ def test_export_into_a_full_disk_or_a_mount_point(tmp_path, monkeypatch):
         save_hf_gpt2(model, meta, tmp_path / "mine" / "notes.txt")
 
 
+def test_import_takes_gpt2s_options_not_model_pys(monkeypatch):
+    """A GPT-2 imported, or a checkpoint that names no options (nanoGPT's, and older ones of this toolkit), is GPT-2's
+    model whatever defaults a fork gives GPTConfig (review: a fork defaulting to a logit softcap imported GPT-2 with
+    one, logits off by up to 222)."""
+    import checkpoint
+    import hf
+    import model
+
+    @dataclasses.dataclass
+    class Fork(GPTConfig):
+        logit_softcap: float = 15.0
+
+    monkeypatch.setattr(hf, "GPTConfig", Fork)
+    monkeypatch.setattr(model, "GPTConfig", Fork)  # where model_from_checkpoint takes it from
+    config = hf.config_from_hf({"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 16, "n_positions": 8,
+                                "vocab_size": 20})
+    assert isinstance(config, Fork) and config.departures() == {}
+    args = {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 8, "bias": True, "vocab_size": 20, "dropout": 0.0}
+    nano = {"model": GPT(GPTConfig(**args)).state_dict(), "model_args": args}  # as nanoGPT saves them
+    assert checkpoint.model_from_checkpoint(nano, "nano").config.departures() == {}
+    assert Fork(**args).departures() == {"logit_softcap": 15.0}  # the fork's own default, where none is given
+
+
 def test_export_refuses_what_gpt2_cannot_express():
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20, rope=True))
     with pytest.raises(UserError, match="GPT-2 cannot express this model \\(rope=True\\)"):
@@ -397,7 +433,7 @@ def test_export_refuses_what_gpt2_cannot_express():
     assert not os.path.exists("never-written")
 
 
-def test_export_checks_gpt2_not_this_model_py(monkeypatch):
+def test_export_checks_gpt2_not_this_model_py(tmp_path, monkeypatch):
     """What GPT-2 is comes from GPT-2, not from model.py, which a researcher's fork changes (trial): a weight a
     changed block adds, or one it reshapes, is refused, where the layout made from model.py itself took it in and
     transformers dropped it; and a default changed to relu2 does not make GPT-2's GELU a departure, nor relu2 GPT-2."""
@@ -405,22 +441,22 @@ def test_export_checks_gpt2_not_this_model_py(monkeypatch):
     model = GPT(config)
     model.transformer.h[1].res_gain = torch.nn.Parameter(torch.ones(1))  # a fork's new weight
     with pytest.raises(UserError, match=r"GPT-2 cannot express this model \(transformer\.h\.1\.res_gain\)"):
-        save_hf_gpt2(model, GPT2_META, "never-written")
+        save_hf_gpt2(model, GPT2_META, tmp_path / "never-written")
     model = GPT(config)
     model.transformer.h[0].mlp.c_fc = torch.nn.Linear(16, 32)  # a fork's narrower MLP, no field saying so
     model.transformer.h[0].mlp.c_proj = torch.nn.Linear(32, 16)
     with pytest.raises(UserError, match=r"transformer\.h\.0\.mlp\.c_fc\.weight of shape \(32, 16\), not \(64, 16\)"):
-        save_hf_gpt2(model, GPT2_META, "never-written")
+        save_hf_gpt2(model, GPT2_META, tmp_path / "never-written")
     del model.transformer.h[0].ln_2  # a fork's block without its second norm
     with pytest.raises(UserError, match=r"no transformer\.h\.0\.ln_2\.bias, no transformer\.h\.0\.ln_2\.weight"):
-        save_hf_gpt2(model, GPT2_META, "never-written")
+        save_hf_gpt2(model, GPT2_META, tmp_path / "never-written")
     monkeypatch.setattr(GPTConfig.__dataclass_fields__["mlp"], "default", "relu2")
     assert GPT(config).config.departures() == {}
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=16, n_positions=8, vocab_size=20)).state_dict()
     assert set(to_hf_state_dict(GPT(config))) == set(gpt2) - {"lm_head.weight"}  # written tied
     with pytest.raises(UserError, match=r"cannot express this model \(mlp='relu2'\)"):
         to_hf_state_dict(GPT(dataclasses.replace(config, mlp="relu2")))
-    assert not os.path.exists("never-written")
+    assert not os.path.exists(tmp_path / "never-written")
 
 
 def test_export_in_half_precision(tmp_path):

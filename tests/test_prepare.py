@@ -617,6 +617,20 @@ def test_hf_local_folder_changes_are_noticed_on_resume(tmp_path, monkeypatch):
     assert prepare.fingerprint(cfg, None, 0.0) != before
 
 
+def test_fingerprint_settings_are_those_of_earlier_versions(tmp_path):
+    """A killed preparation resumes across an upgrade only if its fingerprint is the same: a setting that changes no
+    token must not be in it (adding --verify changed every fingerprint, so a killed run started over: review). The
+    settings below are those of every resume.json written so far: a new one that changes the tokens goes here too."""
+    import prepare
+    source = tmp_path / "a.txt"
+    source.write_text("fine text\n" * 100)
+    cfg = prepare.PrepareConfig(name="mine", source=str(source), tokenizer="char", num_proc=3)
+    settings = prepare.fingerprint(cfg, None, 0.1)["settings"]
+    assert sorted(settings) == sorted(["name", "source", "val_source", "test_source", "hf", "hf_config", "split",
+                                       "text_field", "tokenizer", "bpe_train_chars", "val_fraction", "seed",
+                                       "shard_size", "decode_errors", "out_root"])
+
+
 def test_name_like_a_recipe_gets_a_note(tmp_path):
     """Any name goes with --source, but one a letter away from a recipe is pointed out, with the tokenizer used (GPT-2
     BPE, not the recipe's characters); the run goes on either way."""

@@ -189,6 +189,19 @@ def test_resume_checks_the_shape_the_model_has():
         check_resume(checkpoint, TrainConfig(rope=True), {"tokenizer": char}, said.append)
 
 
+def test_evaluate_takes_a_data_root_given_as_the_default(data_dir, monkeypatch, capsys):  # noqa: F811
+    """A run trained under --data_root=elsewhere, whose data came back to data/: evaluate.py --data_root=data reads
+    it there. The default given by hand was taken for no setting, and the run's old root read (a trial)."""
+    monkeypatch.chdir(data_dir)
+    shutil.copytree("data", "elsewhere")
+    train_here(capsys, *ARGS, "--max_iters=2", "--eval_interval=2", "--data_root=elsewhere", "--out_dir=out")
+    shutil.rmtree("elsewhere")
+    proc = run_here("evaluate.py", "--out_dir=out", "--task=val_loss", "--device=cpu", "--data_root=data",
+                    cwd=data_dir)
+    logged = [r["val_loss"] for r in log_records("out") if r.get("step") == 2 and "val_loss" in r]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["loss"] == pytest.approx(logged[0], abs=1e-6)
+
+
 def test_model_settings_are_gptconfigs_own():
     """Every model setting reaches the model, with GPTConfig's default: a researcher's new GPTConfig field (trial)
     was taken on the command line and saved in the config, but not passed to the model, and a default changed in
