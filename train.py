@@ -1226,8 +1226,12 @@ def train(cfg, sources, launch, device, stop, kernels_note, lock):
             changed = [f"{k} {getattr(before, k)!r} -> {getattr(cfg, k)!r}" for k in SCHEDULE_KEYS
                        if getattr(before, k) != getattr(cfg, k)]
             now, then = told_apart(lr_at(step, cfg), lr_at(step, before))
+            # a key no command line gave: a longer run's that follows it, or a default changed by an update of this
+            # toolkit (lr_decay_iters 600000 -> max_iters), which the user did not change (a trial): how to keep it
+            keep = [f"--{k}={getattr(before, k)}" for k in SCHEDULE_KEYS
+                    if getattr(before, k) != getattr(cfg, k) and sources.get(k) != "command line"]
             say(f"note: the schedule changed ({', '.join(changed)}): the learning rate at step {step} is {now}, "
-                f"not {then}")
+                f"not {then}" + (f"; {' '.join(keep)} keeps the checkpoint's" if keep else ""))
         changes = evaluation_changes(checkpoint, cfg, launch.world_size, val_data)
         if changes and best_val_loss < float("inf"):  # not to be compared: a save could wait for a number out of reach
             say(f"note: the val loss is now measured on other tokens ({', '.join(changes)}); the next evaluation "

@@ -662,7 +662,7 @@ def test_run_length_in_tokens(data_dir, monkeypatch, capsys):  # noqa: F811
     assert "max_iters 8 -> 12" in out and "lr_decay_iters 8 -> 12" in out
     new = train.lr_at(8, train.TrainConfig(learning_rate=6e-4, min_lr=6e-5, warmup_iters=5, lr_decay_iters=12))
     assert f"note: the schedule changed (lr_decay_iters 8 -> 12): the learning rate at step 8 is {new:.3g}, not " \
-           "6e-05" in out
+           "6e-05; --lr_decay_iters=8 keeps the checkpoint's" in out  # not given: maybe a default an update changed
     assert [r["tokens"] for r in log_records("out") if "loss" in r][-4:] == [1280, 1536, 1792, 2048]
     out = train_here(capsys, *FREE_ARGS, "--max_tokens=2000", "--batch_size=8", "--init_from=resume", "--out_dir=out")
     assert "max_iters is 12 (from max_tokens=2,000); raise --max_tokens to train on" in out
