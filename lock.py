@@ -67,7 +67,11 @@ class FolderLock:
         if self.file is None:
             return
         folder = os.path.dirname(self.path)
-        if self.made_folder and os.listdir(folder) == [os.path.basename(self.path)]:  # nothing came of the run
+        try:
+            alone = self.made_folder and os.listdir(folder) == [os.path.basename(self.path)]
+        except FileNotFoundError:  # the folder moved or removed under its holder: nothing here to clean
+            alone = False
+        if alone:  # nothing came of the run
             os.remove(self.path)  # still locked: a process that opened it meanwhile is refused, then finds it gone
             try:
                 os.rmdir(folder)

@@ -1020,6 +1020,7 @@ def train(cfg, sources, launch, device, stop, kernels_note, lock):
     data = Dataset(dataset_dir(cfg.dataset, cfg.data_root))
     train_shards, val_shards = data.shards("train"), data.shards("val")
     val_data = data.fingerprint("val")  # recorded in checkpoints: a resume tells other val tokens by it
+    train_data = data.fingerprint("train")  # and other train tokens under the same name
     config_files = config_files_of(sources)  # recorded too: a resume tells another experiment's config file by it
     meta = {k: data.meta.get(k) for k in ("tokenizer", "vocab_size", "eot_id")}
     try:  # for HellaSwag, the samples and bits per byte; a GPT-2 BPE that cannot load (offline) costs only the last two
@@ -1232,6 +1233,14 @@ def train(cfg, sources, launch, device, stop, kernels_note, lock):
                     if getattr(before, k) != getattr(cfg, k) and sources.get(k) != "command line"]
             say(f"note: the schedule changed ({', '.join(changed)}): the learning rate at step {step} is {now}, "
                 f"not {then}" + (f"; {' '.join(keep)} keeps the checkpoint's" if keep else ""))
+        old = checkpoint.get("config") or {}
+        if checkpoint.get("train_data") not in (None, train_data) and \
+                (old.get("dataset"), old.get("data_root")) == (cfg.dataset, cfg.data_root):
+            # the same names, other tokens: from another folder (a relative data_root), or prepared anew (a trial's
+            # resume trained on them without a word)
+            say(f"note: the train split in {os.path.abspath(data.data_dir)} is not the one the run trained on (its "
+                "shards' digests differ: another folder by that name, or the dataset prepared anew): training goes on "
+                "over other tokens")
         changes = evaluation_changes(checkpoint, cfg, launch.world_size, val_data)
         if changes and best_val_loss < float("inf"):  # not to be compared: a save could wait for a number out of reach
             say(f"note: the val loss is now measured on other tokens ({', '.join(changes)}); the next evaluation "
@@ -1342,7 +1351,7 @@ def train(cfg, sources, launch, device, stop, kernels_note, lock):
                 "model_args": model_args, "step": step, "best_val_loss": best_val_loss,
                 "config": dataclasses.asdict(cfg), "meta": meta, "sampler": sampler_state, "rng": rngs,
                 "wandb_run_id": wandb_id, "tokens_seen": tokens_seen, "evaluated": last_eval == step,
-                "spikes": spikes.state_dict(), "keep_every": keep_every, "val_data": val_data,
+                "spikes": spikes.state_dict(), "keep_every": keep_every, "val_data": val_data, "train_data": train_data,
                 "config_files": config_files,
             }
             if sharded:
@@ -1352,6 +1361,12 @@ def train(cfg, sources, launch, device, stop, kernels_note, lock):
             writer.submit(write_checkpoint, state, reason)
 
     def write_checkpoint(state, reason):
+        # not by inode, which FUSE mounts may renumber: a folder moved or removed is no longer there
+        if not os.path.isdir(cfg.out_dir):  # a save would make a new, empty folder there: the run in two
+            raise UserError(f"{cfg.out_dir} was moved or removed while this run was going, its checkpoints and log "
+                            "with it: this save, and any after it, would start another folder by that name (a trial's "
+                            f"run went on in two); resume the run where it is now: --out_dir=<its place> "
+                            "--init_from=auto")
         try:
             save_training_checkpoint(cfg.out_dir, state, state["step"], cfg.keep_last_n, state["keep_every"],
                                      best=not cfg.always_save_checkpoint and reason in (IMPROVED, FIRST_VAL))

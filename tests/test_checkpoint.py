@@ -331,6 +331,26 @@ def test_kill_within_a_save_then_best_is_the_best(data_dir, n, target, saved):
         == (saved == 4)
 
 
+def test_out_dir_moved_while_training_stops_the_run(data_dir):
+    """A run's folder moved away while it trains (mv out elsewhere): its next save made a new, empty folder by the old
+    name, and the run went on in two, its log in one and its later checkpoints in the other (trial). It stops
+    instead, saying so, and nothing is made at the old path."""
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), *ARGS, "--max_iters=100000", "--eval_interval=5",
+           "--lr_decay_iters=100000", "--out_dir=out"]
+    proc = subprocess.Popen(cmd, cwd=data_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("saved checkpoint out/ckpt.pt at step 5"):
+                break
+        os.rename(data_dir / "out", data_dir / "moved")
+        assert proc.wait(timeout=120) == 2
+    finally:
+        proc.kill()
+    err = proc.stderr.read()
+    assert "error: out was moved or removed while this run was going, its checkpoints and log with it" in err, err
+    assert not (data_dir / "out").exists() and (data_dir / "moved/ckpt_00000005.pt").exists()
+
+
 def test_unfinished_checkpoint_files_are_removed(data_dir, monkeypatch, capsys):
     """What a kill -9 in a checkpoint write leaves (ckpt.pt.tmp<pid>, a numbered checkpoint's link not yet renamed)
     is removed by the next run in the folder, which holds its lock: a GPT-2 run killed by the out-of-memory killer

@@ -189,6 +189,26 @@ def test_resume_checks_the_shape_the_model_has():
         check_resume(checkpoint, TrainConfig(rope=True), {"tokenizer": char}, said.append)
 
 
+def test_resume_on_other_train_tokens_by_the_same_name_says_so(data_dir, monkeypatch, capsys):  # noqa: F811
+    """A resume from another folder, whose relative data_root holds another dataset by the same name (or one
+    prepared anew with the same val split): the changed settings list nothing, and a trial's run trained on other
+    tokens without a word. The train split's digests, in the checkpoint, tell it."""
+    monkeypatch.chdir(data_dir)
+    args = [*ARGS, "--eval_interval=100", f"--out_dir={data_dir / 'out'}"]
+    train_here(capsys, *args, "--max_iters=2")
+    assert "not the one the run trained on" not in train_here(capsys, *args, "--max_iters=3", "--init_from=auto")
+    shutil.copytree("data", "elsewhere/data")
+    meta_path = data_dir / "elsewhere/data/shakespeare_char/meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["shards"]["train"][0]["sha256"] = "0" * 64  # another preparation's train split, val's the same
+    meta_path.write_text(json.dumps(meta))
+    monkeypatch.chdir(data_dir / "elsewhere")
+    out = train_here(capsys, *args, "--max_iters=4", "--init_from=auto")
+    assert f"note: the train split in {data_dir / 'elsewhere/data/shakespeare_char'} is not the one the run trained " \
+        "on (its shards' digests differ: another folder by that name, or the dataset prepared anew)" in out
+    assert "measured on other tokens" not in out  # val is the same
+
+
 def test_evaluate_takes_a_data_root_given_as_the_default(data_dir, monkeypatch, capsys):  # noqa: F811
     """A run trained under --data_root=elsewhere, whose data came back to data/: evaluate.py --data_root=data reads
     it there. The default given by hand was taken for no setting, and the run's old root read (a trial)."""
