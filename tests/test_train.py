@@ -887,6 +887,27 @@ def test_going_back_to_an_earlier_checkpoint_sets_the_later_ones_aside(data_dir,
     assert steps == sorted(steps) and steps[-1] == 12 and len(steps) == len(set(steps))
 
 
+def test_a_copy_that_broke_the_hard_links_tells_its_checkpoints_apart_by_step(data_dir, monkeypatch,
+                                                                             capsys):  # noqa: F811
+    """A run copied without its hard links (cp -r, shutil.copytree): ckpt.pt and best.pt of one save are two files.
+    The scripts no longer say the best is elsewhere when it is not, and going back to an earlier checkpoint sets
+    the later branch's best.pt aside with it (a trial: both went by inode)."""
+    monkeypatch.chdir(data_dir)
+    args = [*ARGS, "--eval_interval=2", "--always_save_checkpoint=False", "--learning_rate=3e-3", "--warmup_iters=0"]
+    train_here(capsys, *args, "--max_iters=6", "--out_dir=out")
+    assert load_checkpoint("out/best.pt")["step"] == 6  # the last save is the best: ckpt.pt and best.pt are one
+    shutil.copytree("out", "copy")  # every link a file of its own
+    assert not os.path.samefile("copy/ckpt.pt", "copy/best.pt")
+    said = run_here("sample.py", "--out_dir=copy", "--device=cpu", "--max_new_tokens=2", "--num_samples=1",
+                    cwd=data_dir).stderr
+    assert "its best val loss is in" not in said
+    os.remove("copy/ckpt.pt")
+    shutil.copy("copy/ckpt_00000004.pt", "copy/ckpt.pt")  # back to step 4, by a copy too
+    out = train_here(capsys, *args, "--max_iters=6", "--learning_rate=1e-6", "--init_from=auto", "--out_dir=copy")
+    assert "note: the run had gone past step 4 (ckpt_00000006.pt, best.pt)" in out
+    assert load_checkpoint("copy/after_00000004/best.pt")["step"] == 6
+
+
 def test_keep_every_off_the_save_steps_is_said(data_dir, monkeypatch, capsys):  # noqa: F811
     """Checkpoints are written at evaluations and save_interval's steps only: keep_every=3 with evaluations every 2
     steps kept steps 6 and 12 of 12 without a word (a trial asked for 50 and got 100 and 200). A note says which come,
