@@ -183,7 +183,10 @@ def saved_step(path):
 def same_save(a, b):
     """Whether checkpoint files a and b hold one save: the same file (hard links), or copies of it (a copy of a run
     that did not keep its links, cp -r: a trial), told by their steps."""
-    return os.path.samefile(a, b) or saved_step(a) is not None and saved_step(a) == saved_step(b)
+    if os.path.samefile(a, b):
+        return True
+    step = saved_step(a)
+    return step is not None and step == saved_step(b)
 
 
 def kept_for_good(step, keep_every):

@@ -473,6 +473,7 @@ def remove_killed_exports(hf_dir):
 
 
 def process_alive(pid):
+    """Whether a process of this number runs on this machine (another user's too)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

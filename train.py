@@ -1364,9 +1364,8 @@ def train(cfg, sources, launch, device, stop, kernels_note, lock):
         # not by inode, which FUSE mounts may renumber: a folder moved or removed is no longer there
         if not os.path.isdir(cfg.out_dir):  # a save would make a new, empty folder there: the run in two
             raise UserError(f"{cfg.out_dir} was moved or removed while this run was going, its checkpoints and log "
-                            "with it: this save, and any after it, would start another folder by that name (a trial's "
-                            f"run went on in two); resume the run where it is now: --out_dir=<its place> "
-                            "--init_from=auto")
+                            "with it: a save would start another folder by that name, and the run would go on in two; "
+                            "resume it where it is now: --out_dir=<its new place> --init_from=auto")
         try:
             save_training_checkpoint(cfg.out_dir, state, state["step"], cfg.keep_last_n, state["keep_every"],
                                      best=not cfg.always_save_checkpoint and reason in (IMPROVED, FIRST_VAL))

@@ -887,8 +887,7 @@ def test_going_back_to_an_earlier_checkpoint_sets_the_later_ones_aside(data_dir,
     assert steps == sorted(steps) and steps[-1] == 12 and len(steps) == len(set(steps))
 
 
-def test_a_copy_that_broke_the_hard_links_tells_its_checkpoints_apart_by_step(data_dir, monkeypatch,
-                                                                             capsys):  # noqa: F811
+def test_a_copy_without_hard_links_tells_checkpoints_apart(data_dir, monkeypatch, capsys):  # noqa: F811
     """A run copied without its hard links (cp -r, shutil.copytree): ckpt.pt and best.pt of one save are two files.
     The scripts no longer say the best is elsewhere when it is not, and going back to an earlier checkpoint sets
     the later branch's best.pt aside with it (a trial: both went by inode)."""
