@@ -980,6 +980,11 @@ def fingerprint(cfg, recipe, val_fraction):
             "recipe": asdict(recipe) if recipe else None}
 
 
+def same_preparation(state, fp):
+    """Whether a resume.json's state is of the preparation whose fingerprint is fp (compared as JSON keeps it)."""
+    return state.get("fingerprint") == json.loads(json.dumps(fp))
+
+
 def load_resume_state(work_dir, expected_fingerprint):
     """The state a killed run left, if it belongs to this same preparation and its finished shards are intact;
     else None (and the reason printed)."""
@@ -992,7 +997,7 @@ def load_resume_state(work_dir, expected_fingerprint):
     except (OSError, json.JSONDecodeError):
         print(f"{path} is unreadable: starting over")
         return None
-    if state.get("fingerprint") != json.loads(json.dumps(expected_fingerprint)):
+    if not same_preparation(state, expected_fingerprint):
         print(f"{path} is from a preparation with other settings or source files: starting over")
         return None
     try:
@@ -1095,7 +1100,7 @@ def moved_in_part(work_dir, out_dir, fp):
         with open(os.path.join(work_dir, "meta.json"), encoding="utf-8") as f:
             meta = json.load(f)
         with open(os.path.join(work_dir, "resume.json"), encoding="utf-8") as f:
-            if json.load(f).get("fingerprint") != json.loads(json.dumps(fp)):
+            if not same_preparation(json.load(f), fp):
                 return None
         dtype = np.dtype(meta["token_dtype"])
         shards = [s for split in meta["shards"].values() for s in split]

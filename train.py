@@ -1233,9 +1233,8 @@ def train(cfg, sources, launch, device, stop, kernels_note, lock):
                     if getattr(before, k) != getattr(cfg, k) and sources.get(k) != "command line"]
             say(f"note: the schedule changed ({', '.join(changed)}): the learning rate at step {step} is {now}, "
                 f"not {then}" + (f"; {' '.join(keep)} keeps the checkpoint's" if keep else ""))
-        old = checkpoint.get("config") or {}
         if checkpoint.get("train_data") not in (None, train_data) and \
-                (old.get("dataset"), old.get("data_root")) == (cfg.dataset, cfg.data_root):
+                (before.dataset, before.data_root) == (cfg.dataset, cfg.data_root):
             # the same names, other tokens: from another folder (a relative data_root), or prepared anew (a trial's
             # resume trained on them without a word)
             say(f"note: the train split in {os.path.abspath(data.data_dir)} is not the one the run trained on (its "

@@ -116,6 +116,11 @@ def run_script(script, *args, cwd, check=True, timeout=600, env=None):
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     proc = subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+    return _checked(proc, script, args, check)
+
+
+def _checked(proc, script, args, check):
+    """proc, unless check and it failed: then an AssertionError with the end of what it printed."""
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(map(str, args))} exited {proc.returncode}:\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -161,17 +166,16 @@ def run_here(script, *args, cwd, check=True, env=None):
             runpy.run_path(path, run_name="__main__")
             code = 0
         except SystemExit as e:  # as the interpreter reads it: None is 0, a message is printed and exits 1
-            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-            if not isinstance(e.code, (int, type(None))):
+            if e.code is None or isinstance(e.code, int):
+                code = e.code or 0
+            else:
                 print(e.code, file=sys.stderr)
+                code = 1
         except BaseException:
             traceback.print_exc()
             code = 1
     proc = subprocess.CompletedProcess([sys.executable, path, *map(str, args)], code, out.getvalue(), err.getvalue())
-    if check and code != 0:
-        raise AssertionError(f"{script} {' '.join(map(str, args))} exited {code}:\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-3000:]}")
-    return proc
+    return _checked(proc, script, args, check)
 
 
 @contextlib.contextmanager
