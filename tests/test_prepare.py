@@ -465,6 +465,22 @@ def test_full_disk_is_one_line_naming_the_file(tmp_path, small_disk):
     assert not [name for _, _, names in os.walk(small_disk) for name in names if ".tmp" in name]
 
 
+@pytest.mark.parametrize("moving", [False, True])
+def test_a_killed_run_of_other_settings_is_not_taken_up(tmp_path, moving):
+    """What a killed preparation left (shards in unfinished/, or a dataset half moved into place) is taken up only by
+    a run of the same settings: another --val_fraction starts over, and writes what an uninterrupted run of its
+    own settings writes."""
+    (tmp_path / "text.txt").write_text(generated_text(60_000, seed=1))
+    args = ["prepare.py", "mine", "--source=text.txt", "--tokenizer=char", "--shard_size=5000", "--num_proc=1"]
+    run_script(*args, "--val_fraction=0.3", "--out_root=clean", cwd=tmp_path)
+    where = r"data/mine/[^/]+" if moving else r"data/mine/unfinished/train_\d+\.bin"
+    killed_at_replace(3, where, *args, "--val_fraction=0.2", cwd=tmp_path)
+    again = run_script(*args, "--val_fraction=0.3", cwd=tmp_path)
+    assert "resume.json is from a preparation with other settings or source files: starting over" in again.stdout
+    assert "moved into place" not in again.stdout
+    assert shard_bytes(tmp_path / "data/mine") == shard_bytes(tmp_path / "clean/mine")
+
+
 def test_uint32_vocabulary(tmp_path):
     """A character vocabulary past 65,535 ids gets uint32 shards (llm.c's version-7 header) and loses nothing."""
     points = [p for p in range(0x100, 0x100 + 70_500) if not 0xD800 <= p < 0xE000]
